@@ -1,0 +1,53 @@
+"""Fields every stage shares (DESIGN §3 'shared contracts'); stage configs start from `base_config`."""
+from __future__ import annotations
+
+import ml_collections
+
+from melody_jax.training.sharding import DEFAULT_RULES
+
+PRESETS = ("tiny", "small", "base", "paper")
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000  # also the horizon of the learning-rate schedule
+    c.train.stop_at_step = 0  # >0: checkpoint and exit there (time-sliced jobs); resume later
+    c.train.batch_size = 32  # global
+    c.train.log_every = 10
+    c.train.eval_every = 500
+    c.train.eval_batches = 4
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.max_bad_steps = 10  # consecutive non-finite steps before the run stops
+    c.train.tensorboard = True
+    c.train.progress_bar = True
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 3e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.schedule = "cosine"  # cosine | constant | exponential
+    c.optim.warmup_steps = 0
+    c.optim.decay_rate = 0.999  # exponential: factor per `decay_steps`
+    c.optim.decay_steps = 1000
+    c.optim.grad_clip_norm = 1.0  # 0 disables
+
+    c.data = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+    return c
+
+
+def check_preset(arg: str | None) -> str:
+    preset = arg or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    return preset

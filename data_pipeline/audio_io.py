@@ -1,0 +1,146 @@
+"""Decode once, check, resample and cut real audio for preparation; every rejection has a reason.
+
+Files are decoded with soundfile (libsndfile: wav, flac, ogg/vorbis/opus, mp3, aiff, au) in blocks,
+downmixed to mono and resampled with a streaming soxr resampler, so a long file never sits in memory
+at its original rate and channel count. Anything wrong raises `BadAudio(reason, detail)`; callers
+skip the file and count the reason, so a bad file never crashes preparation and never turns into a
+silently wrong example.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+# Reasons a file (or a segment of one) is skipped, as they appear in the preparation report.
+MISSING = "missing file"
+NOT_A_FILE = "not a regular file"
+EMPTY_FILE = "empty file"
+UNSUPPORTED = "unsupported format"
+CORRUPT = "unreadable or corrupt"
+NO_AUDIO = "zero-length audio"
+NON_FINITE = "NaN/Inf samples"
+SILENT = "silent"
+TOO_SHORT = "shorter than minimum"
+BAD_RANGE = "time range outside file"
+BAD_ENTRY = "bad metadata entry"
+
+# Extensions libsndfile decodes; other audio extensions are listed so they are reported, not ignored.
+DECODABLE = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au"})
+AUDIO_EXTENSIONS = DECODABLE | {".m4a", ".aac", ".wma", ".webm", ".mp4"}
+
+_BLOCK_SECONDS = 20.0
+
+
+class BadAudio(Exception):
+    """A file or segment that must be skipped: `reason` is one of the constants above."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def check_file(path: str) -> None:
+    """Raises BadAudio unless `path` is a non-empty regular file (a FIFO would block a reader)."""
+    if not os.path.lexists(path):
+        raise BadAudio(MISSING, path)
+    if not os.path.isfile(path):
+        raise BadAudio(NOT_A_FILE, path)
+    if os.path.getsize(path) == 0:
+        raise BadAudio(EMPTY_FILE)
+
+
+def duration(path: str) -> float:
+    """Seconds of audio in `path` from its header (raises BadAudio if it cannot be opened)."""
+    check_file(path)
+    return _open(path, lambda f: f.frames / f.samplerate)
+
+
+def _open(path: str, fn):
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        with sf.SoundFile(path) as f:
+            return fn(f)
+    except BadAudio:
+        raise
+    except (sf.SoundFileError, RuntimeError, ValueError, TypeError, OSError, MemoryError) as e:
+        raise BadAudio(CORRUPT if ext in DECODABLE else UNSUPPORTED, f"{type(e).__name__}: {e}") from e
+
+
+def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
+    """Mono float32 audio of `path` (optionally only [start_s, end_s)) at `sample_rate`."""
+    check_file(path)
+
+    def read(f: sf.SoundFile) -> np.ndarray:
+        if f.frames <= 0:
+            raise BadAudio(NO_AUDIO)
+        start = 0 if start_s is None else int(round(start_s * f.samplerate))
+        stop = f.frames if end_s is None else int(round(end_s * f.samplerate))
+        if start < 0 or start >= f.frames or stop <= start or stop > f.frames + f.samplerate // 10:
+            raise BadAudio(BAD_RANGE, f"[{start_s}, {end_s}) s of a {f.frames / f.samplerate:.2f}-s file")
+        stop = min(stop, f.frames)
+        if start:
+            f.seek(start)
+        resampler = soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype="float32") if f.samplerate != sample_rate else None
+        block = max(1, int(_BLOCK_SECONDS * f.samplerate))
+        pieces, remaining = [], stop - start
+        while remaining > 0:
+            x = f.read(min(block, remaining), dtype="float32", always_2d=True)
+            if len(x) == 0:
+                break  # header promised more frames than the file holds: keep what decoded
+            remaining -= len(x)
+            if not np.all(np.isfinite(x)):
+                raise BadAudio(NON_FINITE, f"at {(stop - start - remaining) / f.samplerate:.2f} s")
+            mono = x.mean(axis=1, dtype=np.float32)
+            pieces.append(resampler.resample_chunk(mono) if resampler else mono)
+        if resampler:
+            pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+
+    audio = _open(path, read)
+    if audio.size == 0:
+        raise BadAudio(NO_AUDIO)
+    return audio
+
+
+def check_audio(audio: np.ndarray, sample_rate: int, min_seconds: float, silence_db: float) -> None:
+    """Raises BadAudio for empty, non-finite, too short or silent (peak below `silence_db` dBFS) audio."""
+    if audio.size == 0:
+        raise BadAudio(NO_AUDIO)
+    if not np.all(np.isfinite(audio)):
+        raise BadAudio(NON_FINITE)
+    if audio.size < min_seconds * sample_rate:
+        raise BadAudio(TOO_SHORT, f"{audio.size / sample_rate:.2f} s < {min_seconds} s")
+    peak = float(np.max(np.abs(audio)))
+    if peak <= 10.0 ** (silence_db / 20.0):
+        level = 20.0 * np.log10(peak) if peak > 0 else -np.inf
+        raise BadAudio(SILENT, f"peak {level:.1f} dBFS <= {silence_db} dBFS")
+
+
+def split_segments(n: int, segment: int, minimum: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most `segment` samples covering n; a tail shorter than `minimum`
+    joins the previous segment instead of being dropped. segment <= 0 means one range."""
+    if segment <= 0 or n <= segment:
+        return [(0, n)]
+    starts = list(range(0, n, segment))
+    if n - starts[-1] < minimum:
+        starts.pop()
+    return [(b, starts[i + 1] if i + 1 < len(starts) else n) for i, b in enumerate(starts)]
+
+
+def limit_peak(audio: np.ndarray) -> np.ndarray:
+    """Audio whose peak exceeds full scale (float files) is scaled down to 1.0, never clipped."""
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    return audio / np.float32(peak) if peak > 1.0 else audio
+
+
+def to_pcm(audio: np.ndarray, dtype: str) -> np.ndarray:
+    """Float audio in [-1, 1] → stored PCM: int16 (round to nearest of ±32767) or float32."""
+    if dtype == "int16":
+        return np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+    if dtype == "float32":
+        return audio.astype(np.float32)
+    raise ValueError(f"pcm dtype must be 'int16' or 'float32', got {dtype!r}")

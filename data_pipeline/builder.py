@@ -1,0 +1,281 @@
+"""Preparation as a TFDS GeneratorBasedBuilder: decode once, resample, downmix, write TFRecord shards.
+
+`prepare(settings, out_dir)` lists a source, decodes each item in a small thread pool (soundfile and
+soxr release the GIL; results are consumed in listing order, so the output is deterministic),
+checks and cuts it into segments of at most `segment_seconds`, and writes one example per segment:
+
+    audio       int16 (or float32) PCM, mono, at `sample_rate`, stored as raw bytes
+    caption     str ("" when the source has none)
+    tags        list[str]
+    attributes  JSON object as a string (synthetic: the drawn attributes; others: extra metadata)
+    source      the item's key (relative path, manifest line, ytid@start, synthetic index)
+    offset_s    where the segment starts in the source item
+    id          int, unique within the split, in preparation order
+
+The dataset lands in `out_dir/prepared_audio/1.0.0/`; its settings are stored in the dataset's
+metadata, so preparing again into the same folder reuses it (same settings) or refuses (different
+ones, unless `overwrite`). TFDS is never allowed to look for the dataset on GCS.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from data_pipeline import audio_io, sources
+from data_pipeline.report import PrepareReport
+from data_pipeline.tf_setup import hide_gpus_from_tensorflow
+from melody_jax.training.errors import UserError
+
+DATASET_NAME = "prepared_audio"
+REPORT_FILE = "prepare_report.json"
+
+
+class PrepareError(UserError, ValueError):
+    """Preparation cannot run or produced nothing usable; the message says why."""
+
+
+class EmptySplitError(PrepareError):
+    """No usable example for a split: every item of it was skipped (the report says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareSettings:
+    """Everything that determines the prepared data (stored in the dataset's metadata)."""
+
+    source: str  # folder | manifest | musiccaps | synthetic
+    input: str = ""  # folder, JSONL manifest or MusicCaps CSV
+    audio_dir: str = ""  # MusicCaps audio files
+    num_clips: int = 0  # synthetic
+    seed: int = 0  # synthetic
+    clip_seconds: float = 10.0  # synthetic
+    sample_rate: int = 24000
+    pcm: str = "int16"  # int16 | float32
+    min_seconds: float = 1.0  # shorter audio is skipped
+    segment_seconds: float = 30.0  # longer audio is cut into segments of at most this (0 = never)
+    silence_db: float = -60.0  # audio whose peak is at or below this is skipped as silent
+    val_fraction: float = 0.0  # share of items (by a hash of their key) in the 'validation' split
+    workers: int = 2  # decoding threads
+
+    def validate(self) -> None:
+        if self.source not in sources.SOURCES:
+            raise PrepareError(f"source must be one of {sources.SOURCES}, got {self.source!r}")
+        if self.pcm not in ("int16", "float32"):
+            raise PrepareError(f"pcm must be 'int16' or 'float32', got {self.pcm!r}")
+        if self.sample_rate < 1000:
+            raise PrepareError(f"sample_rate must be at least 1000 Hz, got {self.sample_rate}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise PrepareError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.min_seconds <= 0 or self.segment_seconds < 0 or self.workers < 1:
+            raise PrepareError("min_seconds must be > 0, segment_seconds >= 0 and workers >= 1")
+        if self.segment_seconds and self.segment_seconds < self.min_seconds:
+            raise PrepareError("segment_seconds must be 0 or at least min_seconds")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change the data (not `workers`)."""
+        out = dataclasses.asdict(self)
+        out.pop("workers")
+        return out
+
+
+def _hash_fraction(key: str) -> float:
+    """A stable uniform number in [0, 1) for an item key (split assignment)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """fn over items in a thread pool, results in input order, at most 2·workers in flight."""
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class PreparedAudio(tfds.core.GeneratorBasedBuilder):
+    """Captioned mono audio prepared from one source (see the module docstring for the features)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Mono PCM, caption, tags, JSON attributes, source key, offset, id."}
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        """No checksum or metadata files live beside this builder; returning None also keeps TFDS
+        from importing `importlib_resources` (not a declared dependency) to look for them."""
+        return None
+
+    def __init__(self, *, settings: PrepareSettings, items: list[sources.SourceItem], report: PrepareReport,
+                 data_dir: str, progress: bool = True):
+        self._settings = settings
+        self._items = items
+        self._report = report
+        self._progress = progress
+        super().__init__(data_dir=data_dir)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s = self._settings
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Captioned mono audio at {s.sample_rate} Hz prepared from source '{s.source}'.",
+            features=tfds.features.FeaturesDict({
+                "audio": tfds.features.Tensor(shape=(None,), dtype=np.dtype(s.pcm), encoding="bytes"),
+                "caption": tfds.features.Text(),
+                "tags": tfds.features.Sequence(tfds.features.Text()),
+                "attributes": tfds.features.Text(),
+                "source": tfds.features.Text(),
+                "offset_s": np.float32,
+                "id": np.int64,
+            }),
+            metadata=tfds.core.MetadataDict(settings=s.fingerprint()),
+        )
+
+    def _split_generators(self, dl_manager) -> dict[str, Iterator]:
+        s, items = self._settings, self._items
+        if not s.val_fraction:
+            return {"train": self._generate_examples(items, "train")}
+        score = {it.key: _hash_fraction(it.key) for it in items}
+        val = [it for it in items if score[it.key] < s.val_fraction]
+        if not val and len(items) > 1:  # a small dataset still gets one validation item
+            val = [min(items, key=lambda it: score[it.key])]
+        val_keys = {it.key for it in val}
+        train = [it for it in items if it.key not in val_keys]
+        return {"train": self._generate_examples(train, "train"), "validation": self._generate_examples(val, "validation")}
+
+    def _load(self, item: sources.SourceItem) -> tuple[sources.SourceItem, tuple | audio_io.BadAudio]:
+        try:
+            return item, sources.load_item(item, self._settings.sample_rate)
+        except audio_io.BadAudio as e:
+            return item, e
+
+    def _generate_examples(self, items: list[sources.SourceItem], split: str) -> Iterator[tuple[str, dict]]:
+        s, report = self._settings, self._report
+        sr = s.sample_rate
+        segment, minimum = int(s.segment_seconds * sr), int(np.ceil(s.min_seconds * sr))
+        next_id = 0
+        bar = tqdm.tqdm(total=len(items), desc=f"preparing {split}", unit="item", disable=not self._progress)
+        for item, loaded in _ordered_map(self._load, items, s.workers):
+            bar.update()
+            report.items_read += 1
+            if isinstance(loaded, audio_io.BadAudio):
+                report.skip(item.key, loaded.reason, loaded.detail)
+                continue
+            audio, caption, tags, attributes = loaded
+            try:
+                audio_io.check_audio(audio, sr, s.min_seconds, s.silence_db)
+            except audio_io.BadAudio as e:
+                report.skip(item.key, e.reason, e.detail)
+                continue
+            audio = audio_io.limit_peak(audio)  # once per item, so its segments keep one gain
+            ranges = audio_io.split_segments(len(audio), segment, minimum)
+            for k, (start, stop) in enumerate(ranges):
+                piece = audio[start:stop]
+                if len(ranges) > 1:
+                    try:
+                        audio_io.check_audio(piece, sr, s.min_seconds, s.silence_db)
+                    except audio_io.BadAudio as e:
+                        report.skip(item.key, e.reason, e.detail, segment=k)
+                        continue
+                report.wrote(split, len(piece) / sr)
+                yield f"{item.key}#{k}", {
+                    "audio": audio_io.to_pcm(piece, s.pcm), "caption": caption, "tags": list(tags),
+                    "attributes": json.dumps(attributes, sort_keys=True, default=str),
+                    "source": item.key, "offset_s": start / sr, "id": next_id,
+                }
+                next_id += 1
+        bar.close()
+        if not next_id:
+            raise EmptySplitError(f"split {split!r} has no usable examples: all {len(items)} items were skipped")
+
+
+def dataset_dir(out_dir: str) -> str:
+    return os.path.join(out_dir, DATASET_NAME, str(PreparedAudio.VERSION))
+
+
+def find_prepared(path: str) -> str:
+    """The prepared dataset directory for `path`: either that directory or a prepare --out folder."""
+    if os.path.exists(os.path.join(path, "dataset_info.json")):
+        return path
+    found = sorted(glob.glob(os.path.join(path, DATASET_NAME, "*", "dataset_info.json")))
+    if not found:
+        raise FileNotFoundError(
+            f"no prepared dataset in {path!r}; create one with "
+            f"`python -m launch.prepare_data --source=... --out={path}`")
+    return os.path.dirname(found[-1])
+
+
+def load_report(out_dir: str) -> PrepareReport:
+    with open(os.path.join(out_dir, REPORT_FILE), encoding="utf-8") as f:
+        return PrepareReport.from_json(json.load(f))
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """TFDS's own progress bars off while ours runs (they would interleave with it)."""
+    tfds.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tfds.enable_progress_bar()
+
+
+def prepare(settings: PrepareSettings, out_dir: str, *, overwrite: bool = False, progress: bool = True) -> PrepareReport:
+    """Prepares `settings` into `out_dir` (reusing an identical earlier preparation); returns the report."""
+    settings.validate()
+    hide_gpus_from_tensorflow()
+    existing = dataset_dir(out_dir)
+    if os.path.exists(os.path.join(existing, "dataset_info.json")):
+        stored = tfds.builder_from_directory(existing).info.metadata.get("settings")
+        if stored == settings.fingerprint() and not overwrite:
+            report = load_report(out_dir)
+            report.reused = True
+            return report
+        if not overwrite:
+            raise PrepareError(f"{out_dir} already holds a dataset prepared with other settings ({stored}); "
+                             "choose another --out or pass --overwrite")
+    if overwrite:
+        shutil.rmtree(os.path.join(out_dir, DATASET_NAME), ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        items = list(sources.list_items(settings.source, input_path=settings.input, audio_dir=settings.audio_dir,
+                                        num_clips=settings.num_clips, seed=settings.seed,
+                                        clip_seconds=settings.clip_seconds))
+    except (ValueError, OSError) as e:
+        raise PrepareError(str(e)) from e
+    if not items:
+        raise PrepareError(f"source {settings.source!r} lists no audio in {settings.input!r}")
+    report = PrepareReport()
+    builder = PreparedAudio(settings=settings, items=items, report=report, data_dir=out_dir, progress=progress)
+    try:
+        with _quiet_tfds():
+            builder.download_and_prepare(
+                download_dir=os.path.join(out_dir, "downloads"),
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+            )
+    except EmptySplitError as e:
+        raise EmptySplitError(f"{e}; the reasons are in {os.path.join(out_dir, REPORT_FILE)}") from e
+    finally:  # the report is written even when nothing usable was found
+        report.elapsed_s = time.perf_counter() - start
+        report.save(os.path.join(out_dir, REPORT_FILE))
+    return report

@@ -1,0 +1,197 @@
+"""The four sources of preparation: an audio folder, a JSONL manifest, a MusicCaps CSV, the synthetic set.
+
+Listing a source is cheap (no decoding) and yields `SourceItem`s in a stable order; an entry that is
+broken before any audio is touched (an unparsable manifest line, a CSV row naming a file that is
+not there, an unreadable sidecar) is still yielded, carrying its skip reason in `error`, so the
+preparation report names it. `load_item` then decodes (or synthesises) the audio of one item.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import audio_io
+from data_pipeline.synthetic import clip_seed, generate_clip
+
+SOURCES = ("folder", "manifest", "musiccaps", "synthetic")
+# A MusicCaps file shorter than the CSV's end time but this close to (end - start) is taken to be
+# the already-cut 10-s clip (a common way these files are distributed).
+PRECUT_TOLERANCE_S = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceItem:
+    key: str  # unique and stable: the name in the report and the example's `source` feature
+    path: str | None = None  # audio file; None for synthetic items
+    caption: str = ""
+    tags: tuple[str, ...] = ()
+    attributes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    start_s: float | None = None
+    end_s: float | None = None
+    error: tuple[str, str] | None = None  # (reason, detail): skip without decoding
+    synthetic: tuple[int, int, float] | None = None  # (dataset seed, clip index, seconds)
+
+
+def _tags(value: Any) -> tuple[str, ...]:
+    """Tags given as a list or as one comma-separated string."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"tags must be a list or a comma-separated string, got {type(value).__name__}")
+    return tuple(str(t).strip() for t in value if str(t).strip())
+
+
+def _described(key: str, path: str, meta: Mapping[str, Any], **extra: Any) -> SourceItem:
+    """An item whose caption/tags/extra attributes come from a JSON-like mapping."""
+    caption = meta.get("caption") or ""
+    if not isinstance(caption, str):
+        raise ValueError(f"caption must be a string, got {type(caption).__name__}")
+    rest = {k: v for k, v in meta.items() if k not in ("path", "caption", "tags", "start_s", "end_s")}
+    return SourceItem(key=key, path=path, caption=caption.strip(), tags=_tags(meta.get("tags")),
+                      attributes=rest, **extra)
+
+
+def folder_items(root: str) -> Iterator[SourceItem]:
+    """Audio files under `root` (recursively, sorted), each with an optional sidecar caption:
+    `x.json` ({"caption": ..., "tags": [...] | "a, b", other keys → attributes}) or `x.txt`."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in audio_io.AUDIO_EXTENSIONS:
+                continue
+            path = os.path.join(dirpath, name)
+            key = os.path.relpath(path, root)
+            side = os.path.join(dirpath, stem)
+            try:
+                if os.path.exists(side + ".json"):
+                    with open(side + ".json", encoding="utf-8") as f:
+                        meta = json.load(f)
+                    if not isinstance(meta, dict):
+                        raise ValueError("sidecar JSON must be an object")
+                    yield _described(key, path, meta)
+                elif os.path.exists(side + ".txt"):
+                    with open(side + ".txt", encoding="utf-8") as f:
+                        yield SourceItem(key=key, path=path, caption=f.read().strip())
+                else:
+                    yield SourceItem(key=key, path=path)
+            except (OSError, ValueError, UnicodeDecodeError) as e:
+                yield SourceItem(key=key, path=path, error=(audio_io.BAD_ENTRY, f"sidecar: {e}"))
+
+
+def manifest_items(manifest: str) -> Iterator[SourceItem]:
+    """One JSON object per line: `path` (relative to the manifest's folder unless absolute),
+    optional `caption`, `tags`, `start_s`/`end_s`; other keys become attributes."""
+    base = os.path.dirname(os.path.abspath(manifest))
+    with open(manifest, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key = f"{os.path.basename(manifest)}:{lineno}"
+            try:
+                meta = json.loads(line)
+                if not isinstance(meta, dict) or not isinstance(meta.get("path"), str) or not meta["path"]:
+                    raise ValueError("each line must be a JSON object with a string 'path'")
+                path = os.path.join(base, meta["path"])
+                start = None if meta.get("start_s") is None else float(meta["start_s"])
+                end = None if meta.get("end_s") is None else float(meta["end_s"])
+                yield _described(f"{key}:{meta['path']}", path, meta, start_s=start, end_s=end)
+            except (ValueError, TypeError) as e:
+                yield SourceItem(key=key, error=(audio_io.BAD_ENTRY, str(e)))
+
+
+def _find_ytid(audio_dir: str, ytid: str) -> str | None:
+    for ext in sorted(audio_io.AUDIO_EXTENSIONS):
+        path = os.path.join(audio_dir, ytid + ext)
+        if os.path.lexists(path):
+            return path
+    return None
+
+
+def musiccaps_items(csv_path: str, audio_dir: str) -> Iterator[SourceItem]:
+    """Rows of a MusicCaps CSV (ytid, start_s, end_s, aspect_list, caption, ...) over files named
+    `<ytid>.<ext>` in `audio_dir`; the row's time range selects the segment. aspect_list → tags,
+    the other columns → attributes."""
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"ytid", "start_s", "end_s"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{csv_path} is not a MusicCaps CSV: missing columns {sorted(missing)}")
+        for rowno, row in enumerate(reader, 2):
+            key = f"{row.get('ytid') or 'row'}@{row.get('start_s')}"
+            try:
+                start, end = float(row["start_s"]), float(row["end_s"])
+                if not row["ytid"] or end <= start:
+                    raise ValueError(f"row {rowno}: need a ytid and end_s > start_s")
+                aspects = row.get("aspect_list") or "[]"
+                tags = ast.literal_eval(aspects) if aspects.lstrip().startswith("[") else aspects
+                meta = {k: v for k, v in row.items() if k not in ("ytid", "aspect_list") and k is not None}
+                meta.update(tags=tags, ytid=row["ytid"])
+            except (ValueError, SyntaxError, TypeError) as e:
+                yield SourceItem(key=key, error=(audio_io.BAD_ENTRY, str(e)))
+                continue
+            path = _find_ytid(audio_dir, row["ytid"])
+            if path is None:
+                yield SourceItem(key=key, error=(audio_io.MISSING, f"{row['ytid']}.* in {audio_dir}"))
+                continue
+            try:  # an already-cut clip: use all of it
+                length = audio_io.duration(path)
+                if length < end and abs(length - (end - start)) <= PRECUT_TOLERANCE_S:
+                    start, end = None, None
+            except audio_io.BadAudio:
+                pass  # decoding reports it
+            try:
+                yield _described(key, path, meta, start_s=start, end_s=end)
+            except ValueError as e:
+                yield SourceItem(key=key, error=(audio_io.BAD_ENTRY, str(e)))
+
+
+def synthetic_items(num_clips: int, seed: int, clip_seconds: float) -> Iterator[SourceItem]:
+    for i in range(num_clips):
+        yield SourceItem(key=f"synthetic/{seed}/{i:07d}", synthetic=(seed, i, clip_seconds))
+
+
+def list_items(source: str, *, input_path: str = "", audio_dir: str = "", num_clips: int = 0, seed: int = 0,
+               clip_seconds: float = 10.0) -> Iterator[SourceItem]:
+    """Items of one source (see SOURCES); raises ValueError/FileNotFoundError for a bad --input."""
+    if source == "synthetic":
+        if num_clips <= 0:
+            raise ValueError("--source=synthetic needs --num_clips > 0")
+        return synthetic_items(num_clips, seed, clip_seconds)
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+    if not input_path or not os.path.exists(input_path):
+        raise FileNotFoundError(f"--input {input_path!r} does not exist")
+    if source == "folder":
+        if not os.path.isdir(input_path):
+            raise ValueError(f"--source=folder needs a directory, got {input_path!r}")
+        return folder_items(input_path)
+    if source == "manifest":
+        return manifest_items(input_path)
+    if not audio_dir or not os.path.isdir(audio_dir):
+        raise FileNotFoundError(f"--source=musiccaps needs --audio_dir, a directory (got {audio_dir!r})")
+    return musiccaps_items(input_path, audio_dir)
+
+
+def load_item(item: SourceItem, sample_rate: int) -> tuple[np.ndarray, str, tuple[str, ...], dict[str, Any]]:
+    """(mono float32 audio at sample_rate, caption, tags, attributes); raises audio_io.BadAudio."""
+    if item.error:
+        raise audio_io.BadAudio(*item.error)
+    if item.synthetic:
+        seed, index, seconds = item.synthetic
+        clip = generate_clip(clip_seed(seed, index), seconds, sample_rate)
+        return clip.audio, clip.caption, tuple(clip.tags), clip.attributes
+    audio = audio_io.decode(item.path, sample_rate, item.start_s, item.end_s)
+    attributes = dict(item.attributes)
+    if item.start_s is not None:
+        attributes.update(start_s=item.start_s, end_s=item.end_s)
+    return audio, item.caption, item.tags, attributes

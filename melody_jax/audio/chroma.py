@@ -1,0 +1,36 @@
+"""Chromagrams for MusicGen melody conditioning (§6), computed with librosa at data time (numpy).
+
+Follows audiocraft's `ChromaExtractor`: power-2 STFT with n_fft = 2**12, hop n_fft / 4, chroma
+filters at tuning 0, max-normalised per frame, then reduced to a one-hot argmax per frame. (audiocraft
+first isolates the melodic stems with Demucs; no separation model is available here, so the
+chromagram is taken from the full mix.)
+"""
+from __future__ import annotations
+
+from typing import TypeVar
+
+import jax
+import librosa
+import numpy as np
+
+NUM_CHROMA = 12
+
+Array = TypeVar("Array", np.ndarray, jax.Array)
+
+
+def chromagram(audio: np.ndarray, sample_rate: int, n_fft: int = 4096, hop_length: int | None = None) -> np.ndarray:
+    """`[..., T]` waveform → `float32 [..., frames, 12]` chroma, bin 0 = C, each frame max-normalised."""
+    hop_length = n_fft // 4 if hop_length is None else hop_length
+    chroma = librosa.feature.chroma_stft(
+        y=np.asarray(audio, np.float32), sr=sample_rate, n_fft=n_fft, hop_length=hop_length,
+        tuning=0.0, n_chroma=NUM_CHROMA, norm=np.inf,
+    )
+    return np.swapaxes(chroma, -1, -2).astype(np.float32)
+
+
+def chroma_onehot(chroma: Array) -> Array:
+    """`[..., 12]` chroma → one-hot of its argmax (float32), numpy or JAX arrays alike.
+
+    A silent frame (all zeros) maps to bin 0, as in audiocraft.
+    """
+    return (chroma.argmax(axis=-1)[..., None] == np.arange(NUM_CHROMA)).astype(np.float32)

@@ -1,0 +1,59 @@
+"""LLaMA-style decoder: the toy LM now, the semantic LM (DESIGN §4.4) and MusicGen's backbone later.
+
+Pre-norm blocks of RMSNorm → causal rotary self-attention → RMSNorm → SwiGLU, no biases.
+`decode=True` switches every attention layer to its KV cache (see `melody_jax.nn.attention`).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from melody_jax.nn.attention import Attention
+from melody_jax.nn.init import dense
+from melody_jax.nn.mlp import SwiGLU
+from melody_jax.nn.norms import RMSNorm
+
+
+class DecoderBlock(nn.Module):
+    num_heads: int
+    mlp_dim: int
+    dtype: jnp.dtype = jnp.float32
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        h = RMSNorm(dtype=self.dtype, name="attn_norm")(x)
+        x = x + Attention(self.num_heads, dtype=self.dtype, decode=self.decode, name="attn")(
+            h, mask=mask, causal=True)
+        h = RMSNorm(dtype=self.dtype, name="mlp_norm")(x)
+        x = x + SwiGLU(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class DecoderLM(nn.Module):
+    """tokens int32 [B, T] → logits float32 [B, T, vocab_size]."""
+
+    vocab_size: int
+    num_layers: int
+    embed_dim: int
+    num_heads: int
+    mlp_dim: int
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        embed = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+            (self.vocab_size, self.embed_dim),
+        )
+        x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
+        for i in range(self.num_layers):
+            x = block(self.num_heads, self.mlp_dim, self.dtype, self.decode, name=f"layer_{i}")(x, mask)
+        x = RMSNorm(dtype=self.dtype, name="final_norm")(x)
+        logits = dense(self.vocab_size, ("embed", "vocab"), self.dtype, name="head")(x)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))

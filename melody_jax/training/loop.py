@@ -1,0 +1,232 @@
+"""The one training loop: any task, any mesh; resumable, preemptible, NaN-guarded.
+
+Order of work: validate → mesh → shapes (`jax.eval_shape`) → shardings → restore or sharded init
+(`jax.jit(init, out_shardings=…)`) → jitted, donated step → log / eval / checkpoint.
+Step k's metrics are read on the host while step k+1 runs, so logging never stalls the device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import linen as nn
+from tqdm import tqdm
+
+from melody_jax.training import config as config_lib
+from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
+from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
+from melody_jax.training.metrics import MetricsWriter
+from melody_jax.training.sharding import activate, batch_divisor, make_mesh, rules_from_config
+from melody_jax.training.state import TrainState
+from melody_jax.training.task import Task, get_task
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Fails before any compute if the workdir cannot take checkpoints."""
+    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> Task:
+    config_lib.validate_common(config)
+    task = get_task(config)
+    task.validate()
+    return task
+
+
+def sharded_abstract_state(task: Task, mesh: jax.sharding.Mesh, rules, rng: jax.Array):
+    """(abstract unboxed state with shardings, sharding tree) without materialising anything."""
+    boxed = jax.eval_shape(task.init_state, rng)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    unboxed = jax.tree.map(lambda a: a.value if isinstance(a, nn.meta.AxisMetadata) else a, boxed,
+                           is_leaf=lambda a: isinstance(a, nn.meta.AxisMetadata))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
+    return abstract, shardings
+
+
+def init_sharded_state(task: Task, shardings, rng: jax.Array) -> TrainState:
+    return jax.jit(lambda r: nn.meta.unbox(task.init_state(r)), out_shardings=shardings)(rng)
+
+
+def guarded(task: Task, step_rng: jax.Array):
+    """Wraps the task's step: a non-finite loss or gradient leaves the state as it was, counted."""
+
+    def step(state: TrainState, batch):
+        new_state, metrics = task.train_step(state, batch, jax.random.fold_in(step_rng, state.step))
+        finite = jnp.isfinite(metrics["loss"])
+        if "grad_norm" in metrics:
+            finite &= jnp.isfinite(metrics["grad_norm"])
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        bad = jnp.logical_not(finite).astype(jnp.int32)
+        kept = kept.replace(step=state.step + 1, bad_steps=state.bad_steps + bad,
+                            bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
+        return kept, {**metrics, "bad_steps": kept.bad_steps, "bad_streak": kept.bad_streak}
+
+    return step
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the current step and returns (exit code 0)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: the caller handles signals
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _evaluate(task: Task, params, mesh, eval_fn, config, rng) -> dict[str, float]:
+    it = task.eval_iterator(mesh)
+    if it is None:
+        return {}
+    totals: dict[str, float] = {}
+    n = 0
+    for i, batch in zip(range(config.train.eval_batches), it):
+        for k, v in jax.device_get(eval_fn(params, batch, jax.random.fold_in(rng, i))).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        n += 1
+    return {f"eval_{k}": v / max(n, 1) for k, v in totals.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = None) -> dict[str, Any]:
+    """Trains (or resumes) the stage `config.stage` in `workdir`; returns the final metrics.
+
+    `task` overrides the registry (tests wrap a stage's task to inject faults).
+    """
+    if task is None:
+        task = validate(config)
+    else:
+        config_lib.validate_common(config)
+        task.validate()
+    prepare_workdir(workdir)
+    mesh = make_mesh(config.mesh)
+    rules = rules_from_config(config.sharding_rules)
+    if config.train.batch_size % batch_divisor(mesh):
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
+                          f"mesh data×fsdp={batch_divisor(mesh)}")
+    is_main = jax.process_index() == 0
+
+    with activate(mesh, rules):
+        init_rng, step_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+        abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)
+        signature = param_signature(abstract.params)
+        meta = {"stage": config.stage, "param_signature": signature}
+        ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
+        train_it = task.train_iterator(mesh)
+        latest = ckpt.latest_step()
+        if latest is not None:
+            check_compatible(ckpt.read_meta(latest), config.stage, signature, f"workdir {workdir}")
+            state, data_state = ckpt.restore(latest, abstract)
+            train_it.set_state(data_state)
+            logging.info("resumed from step %d", latest)
+        else:
+            state = init_sharded_state(task, shardings, init_rng)
+            if is_main:
+                counts = task.describe(state.params)
+                logging.info("parameters: %s (total %d)", counts, sum(counts.values()))
+        if is_main:  # only now: a refused workdir keeps the config of the run it holds
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config_lib.to_json(config))
+        start = int(jax.device_get(state.step))
+        writer = MetricsWriter(workdir, enabled=is_main, tensorboard=config.train.tensorboard,
+                               resume_step=latest)
+        step_fn = jax.jit(guarded(task, step_rng), out_shardings=(shardings, None), donate_argnums=(0,))
+        eval_fn = jax.jit(task.eval_step)
+        summary: dict[str, Any] = {"step": start}
+        try:
+            summary = _run(task, config, mesh, state, start, train_it, step_fn, eval_fn, eval_rng,
+                           ckpt, meta, writer, is_main)
+        finally:
+            ckpt.wait()
+            ckpt.close()
+            writer.close()
+    if is_main and summary.get("status") == "done":
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+    return summary
+
+
+def _run(task, config, mesh, state, start, train_it, step_fn, eval_fn, eval_rng, ckpt, meta, writer, is_main):
+    num_steps = config.train.num_steps
+    last_step = min(num_steps, config.train.stop_at_step or num_steps)
+    log_every = config.train.log_every
+    bar = tqdm(total=num_steps, initial=start, disable=not (is_main and config.train.progress_bar),
+               desc=config.stage, dynamic_ncols=True)
+    pending: tuple[int, Any] | None = None
+    last: dict[str, float] = {}
+    evals_at: dict[int, dict[str, float]] = {}
+    tick, tick_step = time.perf_counter(), start
+
+    def consume(step: int, metrics) -> None:
+        nonlocal last, tick, tick_step
+        extra = evals_at.pop(step, {})
+        if step % log_every and step != last_step and not extra and int(metrics["bad_streak"]) == 0:
+            return
+        values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        if values["bad_streak"] >= config.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"training stopped at step {step}: {int(values['bad_streak'])} consecutive non-finite "
+                f"steps (loss or gradients); they were skipped, so the parameters and the last "
+                f"checkpoint (step {ckpt.latest_step()}) are intact")
+        values.update(extra)
+        if step % log_every == 0 or step == last_step or extra:
+            now = time.perf_counter()
+            values["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
+            values["examples_per_sec"] = values["steps_per_sec"] * config.train.batch_size
+            tick, tick_step = now, step
+            writer.write(step, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+        last = values
+
+    with _Preemption() as preemption:
+        status = "done"
+        for step in range(start + 1, last_step + 1):
+            state, metrics = step_fn(state, next(train_it))
+            if pending is not None:
+                consume(*pending)
+            pending = (step, metrics)
+            bar.update(1)
+            ckpt.save(step, state, train_it.get_state(), meta)
+            if step % config.train.eval_every == 0 or step == num_steps:
+                evals_at[step] = _evaluate(task, state.params, mesh, eval_fn, config, eval_rng)
+            stop = (ckpt.reached_preemption(step) if jax.process_count() > 1 else preemption.requested)
+            if stop and step < num_steps:
+                status = "preempted"
+                break
+        if status == "done" and last_step < num_steps:
+            status = "stopped"
+        if pending is not None:
+            consume(*pending)
+        final_step = int(jax.device_get(state.step))
+        if ckpt.latest_step() != final_step:
+            ckpt.save(final_step, state, train_it.get_state(), meta, force=True)
+        bar.close()
+    if status == "preempted":
+        logging.warning("preempted: saved step %d", final_step)
+    return {**last, "step": final_step, "status": status}

@@ -1,0 +1,31 @@
+"""Optimizers and learning-rate schedules from `config.optim`."""
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+
+def schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    warmup = int(optim.warmup_steps)
+    if optim.schedule == "constant":
+        main = optax.constant_schedule(optim.lr)
+    elif optim.schedule == "cosine":
+        main = optax.cosine_decay_schedule(optim.lr, max(num_steps - warmup, 1))
+    else:  # exponential: HiFi-GAN's per-epoch decay, expressed per `decay_steps` steps
+        main = optax.exponential_decay(optim.lr, optim.decay_steps, optim.decay_rate)
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), main], [warmup])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    lr = schedule(optim, num_steps)
+    if optim.name == "sgd":
+        core = optax.sgd(lr, momentum=optim.b1)
+    elif optim.name == "adam":
+        core = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    else:
+        core = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), core)
+    return core

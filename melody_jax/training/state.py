@@ -1,0 +1,27 @@
+"""The training state: one pytree the loop shards, donates, checkpoints and restores."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    """`params`/`opt_state` are any pytrees (a GAN keeps generator and discriminator side by side).
+
+    `bad_steps` counts skipped non-finite updates in total; `bad_streak` the current run of them.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    bad_steps: jax.Array
+    bad_streak: jax.Array
+
+    @classmethod
+    def create(cls, params: Any, opt_state: Any) -> "TrainState":
+        zero = jnp.zeros((), jnp.int32)
+        return cls(step=zero, params=params, opt_state=opt_state, bad_steps=zero, bad_streak=zero)

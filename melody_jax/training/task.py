@@ -1,0 +1,101 @@
+"""The contract between a training stage and the generic loop (the loop knows no model).
+
+A task joins a model to a loss and to its data. The default `train_step` is one optimizer over
+`loss`; a task with several optimizers (the VAE-GAN) overrides `init_state` and `train_step`.
+Iterators yield dicts of global `jax.Array`s only (host-side preprocessing such as caption
+tokenisation happens inside the task's iterator) and expose `get_state()`/`set_state()` with a
+small JSON-serialisable position, stored in every checkpoint.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import optax
+
+from melody_jax.training.optim import make_optimizer
+from melody_jax.training.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class DataIterator(Protocol):
+    def __iter__(self) -> Iterator[Batch]: ...
+    def __next__(self) -> Batch: ...
+    def get_state(self) -> dict[str, Any]: ...
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+class Task(abc.ABC):
+    """Base class of every stage; subclasses set `name` and implement the abstract parts."""
+
+    name: str = ""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    # --- what every stage implements -----------------------------------------------------------
+    def validate(self) -> None:
+        """Stage-specific config checks; raise ConfigError naming the field."""
+
+    @abc.abstractmethod
+    def init_params(self, rng: jax.Array) -> Any:
+        """Boxed (logically partitioned) parameters, e.g. `module.init(...)["params"]`."""
+
+    @abc.abstractmethod
+    def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:
+        """(total loss, metrics); `train=False` for evaluation (no dropout, no CFG dropout)."""
+
+    @abc.abstractmethod
+    def train_iterator(self, mesh: jax.sharding.Mesh) -> DataIterator:
+        """Endless batches for training, positioned by `set_state` on resume."""
+
+    def eval_iterator(self, mesh: jax.sharding.Mesh) -> Iterator[Batch] | None:
+        """A fresh finite iterator of held-out batches, or None for no evaluation."""
+        return None
+
+    # --- defaults: one optimizer over `loss` ---------------------------------------------------
+    def optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(self.config.optim, self.config.train.num_steps)
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        """Boxed state: optax keeps the params' logical-axis boxes, so its state shards alike."""
+        params = self.init_params(rng)
+        return TrainState.create(params, self.optimizer().init(params))
+
+    def train_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        """Must return metrics with the total `loss`; `grad_norm` if gradients exist."""
+        (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = self.optimizer().update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(params=params, opt_state=opt_state), metrics
+
+    def eval_step(self, params: Any, batch: Batch, rng: jax.Array) -> Metrics:
+        loss, metrics = self.loss(params, batch, rng, train=False)
+        return {**metrics, "loss": loss}
+
+    def describe(self, params: Any) -> dict[str, int]:
+        """Parameter count per top-level module, printed at start."""
+        return {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in params.items()}
+
+
+# Stage name → "module:Class"; modules import lazily so a CLI pays only for its own stage.
+REGISTRY: dict[str, str] = {
+    "toy_lm": "melody_jax.tasks.toy_lm:ToyLMTask",
+}
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+    from melody_jax.training.errors import ConfigError
+
+    stage = config.get("stage")
+    if stage not in REGISTRY:
+        raise ConfigError(f"config.stage={stage!r} is not a registered stage; known: {sorted(REGISTRY)}")
+    module, cls = REGISTRY[stage].split(":")
+    return getattr(importlib.import_module(module), cls)(config)
