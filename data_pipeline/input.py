@@ -63,18 +63,21 @@ class AudioBatchIterator:
         audio  float32 [B, crop_samples]   in [-1, 1), zero after the clip's end
         mask   float32 [B, crop_samples]   1 where `audio` is real, 0 where it is padding
         index  int32   [B]                 the example's `id` in the prepared split
-    and, as numpy object arrays of Python str holding this host's rows only (strings cannot be
-    jax.Arrays): caption [B_local], tags [B_local] (", "-joined), attributes [B_local] (JSON).
+    and, unless `with_text=False`, numpy object arrays of Python str holding this host's rows only
+    (strings cannot be jax.Arrays): caption [B_local], tags [B_local] (", "-joined), attributes
+    [B_local] (JSON). A text-conditioned task tokenises those into global arrays in its own
+    iterator; audio-only stages pass `with_text=False` and get jax.Arrays only.
     """
 
     def __init__(self, data_config: Mapping[str, Any], *, global_batch_size: int, mesh: jax.sharding.Mesh,
-                 seed: int, split: str = "train", process_index: int | None = None,
+                 seed: int, split: str = "train", with_text: bool = True, process_index: int | None = None,
                  process_count: int | None = None):
         hide_gpus_from_tensorflow()
         cfg = dict(default_data_config().to_dict(), **dict(data_config.items()))
         self.mesh = mesh
         self.seed = int(seed)
         self.split = split
+        self.with_text = with_text
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if global_batch_size % self.process_count:
@@ -187,13 +190,14 @@ class AudioBatchIterator:
     def __next__(self) -> dict[str, Any]:
         local = self.next_local()
         out: dict[str, Any] = host_to_global({k: local[k] for k in GLOBAL_KEYS}, self.mesh)
-        out.update({k: v for k, v in local.items() if k not in GLOBAL_KEYS})
+        if self.with_text:
+            out.update({k: v for k, v in local.items() if k not in GLOBAL_KEYS})
         return out
 
 
 def make_train_iterator(data_config: Mapping[str, Any], *, global_batch_size: int, mesh: jax.sharding.Mesh,
-                        seed: int, split: str = "train", process_index: int | None = None,
+                        seed: int, split: str = "train", with_text: bool = True, process_index: int | None = None,
                         process_count: int | None = None) -> AudioBatchIterator:
     """The training input of every stage; `process_index/count` default to JAX's (tests inject them)."""
     return AudioBatchIterator(data_config, global_batch_size=global_batch_size, mesh=mesh, seed=seed, split=split,
-                              process_index=process_index, process_count=process_count)
+                              with_text=with_text, process_index=process_index, process_count=process_count)

@@ -47,8 +47,8 @@ MOODS = {
 DYNAMICS = {"soft": (0.35, 0.5), "moderate": (0.55, 0.7), "loud": (0.75, 0.9)}  # peak level ranges
 ATTRIBUTE_KEYS = ("tempo_bpm", "tonic", "mode", "lead", "accompaniment", "bass", "drums",
                   "progression", "dynamics", "contour", "mood", "genre")
-GAINS = {"lead": 0.9, "accompaniment": 0.45, "bass": 0.75, "kick": 0.9, "snare": 0.55,
-         "hat": 0.18, "open hat": 0.15, "crash": 0.25}
+GAINS = {"lead": 0.9, "accompaniment": 0.45, "bass": 0.75, "kick": 0.6, "snare": 0.45,
+         "hat": 0.15, "open hat": 0.12, "crash": 0.2}
 
 
 class SyntheticClip(NamedTuple):
@@ -352,12 +352,12 @@ def generate_clip(
     calm = tempo_band(bpm) == "slow"
     mix = _reverb(mix, sample_rate, rng, rt60=float(rng.uniform(0.8, 1.6) if calm else rng.uniform(0.4, 0.9)),
                   wet=float(rng.uniform(0.12, 0.25)))
-    lo, hi = DYNAMICS[a["dynamics"]]
-    peak = float(np.max(np.abs(mix))) or 1.0
-    mix *= np.float32(rng.uniform(lo, hi) / peak)
     n_in, n_out = max(1, int(0.005 * sample_rate)), max(1, int(0.03 * sample_rate))
     mix[:n_in] *= np.linspace(0.0, 1.0, n_in, dtype=np.float32)
     mix[-n_out:] *= np.linspace(1.0, 0.0, n_out, dtype=np.float32)
+    lo, hi = DYNAMICS[a["dynamics"]]
+    peak = float(np.max(np.abs(mix))) or 1.0
+    mix *= np.float32(rng.uniform(lo, hi) / peak)
     a["duration_s"] = float(duration_s)
     caption, tags = describe(a, rng)
     return SyntheticClip(mix, a, caption, tags)

@@ -1,6 +1,7 @@
 """Shared test utilities: tiny configs and subprocess runs of the CLIs."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -12,15 +13,18 @@ from melody_jax.training.config import apply_overrides
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def toy_config(**overrides) -> ml_collections.ConfigDict:
-    """The tiny toy-LM config with `a__b=value` keyword overrides (double underscore = dot)."""
-    from configs import toy_lm
-
-    c = toy_lm.get_config("tiny")
+def stage_config(stage: str, preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
+    """configs/<stage>.py:<preset>, quiet, logging every step, with `a__b=value` overrides (__ = dot)."""
+    module = importlib.import_module(f"configs.{stage}")
+    c = module.get_config(preset)
     c.train.tensorboard = False
     c.train.progress_bar = False
     c.train.log_every = 1
     return apply_overrides(c, {k.replace("__", "."): str(v) for k, v in overrides.items()})
+
+
+def toy_config(**overrides) -> ml_collections.ConfigDict:
+    return stage_config("toy_lm", **overrides)
 
 
 def cli_env(devices: int = 8) -> dict[str, str]:

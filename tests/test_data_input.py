@@ -70,6 +70,11 @@ def test_global_batch_shapes_and_sharding(dataset, mesh, stored):
         assert any(np.array_equal(stored[int(i)][s : s + crop], row) for s in starts)
 
 
+def test_audio_only_batches_hold_jax_arrays_only(dataset, mesh):
+    batch = next(make_train_iterator(config(dataset), global_batch_size=8, mesh=mesh, seed=0, with_text=False))
+    assert set(batch) == {"audio", "mask", "index"} and all(isinstance(v, jax.Array) for v in batch.values())
+
+
 def test_short_clips_are_padded_with_mask(dataset, mesh):
     it = make_train_iterator(config(dataset, crop_seconds=4.0), global_batch_size=8, mesh=mesh, seed=0)
     batch = next(it)

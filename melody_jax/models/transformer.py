@@ -31,7 +31,7 @@ class DecoderBlock(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """tokens int32 [B, T] → logits float32 [B, T, vocab_size]."""
+    """tokens int32 [B, T] → logits float32 [B, T, output_size or vocab_size]."""
 
     vocab_size: int
     num_layers: int
@@ -41,6 +41,7 @@ class DecoderLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     decode: bool = False
+    output_size: int | None = None  # head width when the model embeds more ids than it predicts
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -55,5 +56,5 @@ class DecoderLM(nn.Module):
         for i in range(self.num_layers):
             x = block(self.num_heads, self.mlp_dim, self.dtype, self.decode, name=f"layer_{i}")(x, mask)
         x = RMSNorm(dtype=self.dtype, name="final_norm")(x)
-        logits = dense(self.vocab_size, ("embed", "vocab"), self.dtype, name="head")(x)
+        logits = dense(self.output_size or self.vocab_size, ("embed", "vocab"), self.dtype, name="head")(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -88,6 +88,8 @@ class Task(abc.ABC):
 # Stage name → "module:Class"; modules import lazily so a CLI pays only for its own stage.
 REGISTRY: dict[str, str] = {
     "toy_lm": "melody_jax.tasks.toy_lm:ToyLMTask",
+    "dpd": "melody_jax.tasks.dpd:DPDTask",
+    "semantic_lm": "melody_jax.tasks.semantic_lm:SemanticLMTask",
 }
 
 

@@ -1,0 +1,136 @@
+"""KV-cache sampling for decoder LMs (DESIGN §4.4, §4.6): one jit per shape, no Python loop per token.
+
+Works for any Linen LM whose `decode=True` clone keeps its KV cache in the `cache` collection and
+whose sampled outputs are its next inputs (`DecoderLM`, `SemanticLM`). The cache is preallocated
+for prefix + new tokens, the prefix is prefilled in one call, and the tokens come from a
+`jax.lax.scan`. Row b draws from keys folded from (key, b, step), so a row's tokens do not depend on
+the other rows of the batch. Call inside `melody_jax.training.sharding.activate(mesh, rules)` to
+sample with sharded parameters; the active rules are part of the compilation key.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """logits / temperature, with every token outside the top-k and then the top-p set at -inf.
+
+    top_k = 0 and top_p = 1 disable the filters; ties at the k-th logit are all kept; the top-p set
+    is the smallest prefix (by probability) whose mass reaches top_p, always at least one token.
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        ordered = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        kept = jnp.cumsum(probs, axis=-1) - probs < top_p
+        threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def sample_from_logits(key: jax.Array, logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0) -> jax.Array:
+    """One token per row of logits [..., V]; temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+def _compute_dtype_params(params, dtype: jnp.dtype):
+    """Matrices cast once to the compute dtype, so each step reads half the bytes in bfloat16.
+
+    Layers cast their kernels to the compute dtype anyway; 1-D scales stay float32 as in training.
+    """
+    if dtype == jnp.float32:
+        return params
+    return jax.tree.map(lambda p: p.astype(dtype) if p.ndim >= 2 else p, params)
+
+
+def _decode(model: nn.Module, params, prefix: jax.Array, num_tokens: int,
+            pick: Callable[[jax.Array, jax.Array], jax.Array], keep_logits: bool):
+    """Prefill `prefix`, then `num_tokens` steps; pick(logits [B, V], step) → next tokens [B]."""
+    dec = model.clone(decode=True)
+    batch, length = prefix.shape
+    shapes = jax.eval_shape(dec.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((batch, length + num_tokens), jnp.int32))["cache"]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    params = _compute_dtype_params(params, jnp.dtype(model.dtype))
+
+    def forward(cache, tokens):
+        logits, updated = dec.apply({"params": params, "cache": cache}, tokens, mutable=["cache"])
+        return updated["cache"], logits[:, -1]
+
+    cache, logits = forward(cache, prefix)
+    first = pick(logits, jnp.int32(0))
+
+    def step(carry, i):
+        cache, token = carry
+        cache, logits = forward(cache, token[:, None])
+        token = pick(logits, i)
+        return (cache, token), (token, logits if keep_logits else None)
+
+    _, (rest, rest_logits) = jax.lax.scan(step, (cache, first), jnp.arange(1, num_tokens, dtype=jnp.int32))
+    tokens = jnp.concatenate([first[:, None], rest.T], axis=1)
+    if not keep_logits:
+        return tokens, None
+    return tokens, jnp.concatenate([logits[:, None], jnp.swapaxes(rest_logits, 0, 1)], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p", "rules"))
+def _sample(model, params, prefix, key, *, num_tokens, temperature, top_k, top_p, rules):
+    del rules  # only part of the compilation key
+    row_keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(prefix.shape[0]))
+
+    def pick(logits, step):
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        return jax.vmap(lambda k, row: sample_from_logits(k, row, temperature, top_k, top_p))(keys, logits)
+
+    return _decode(model, params, prefix, num_tokens, pick, keep_logits=False)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rules"))
+def _teacher_forced(model, params, prefix, tokens, *, rules):
+    del rules
+    return _decode(model, params, prefix, tokens.shape[1], lambda _, step: tokens[:, step], keep_logits=True)[1]
+
+
+def _active_rules() -> tuple:
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in nn.get_logical_axis_rules())
+
+
+def sample(model: nn.Module, params, prefix: jax.Array, num_tokens: int, key: jax.Array, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """int32 [B, num_tokens] drawn after prefix int32 [B, P]; same key ⇒ same tokens."""
+    if num_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need num_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
+                         f"{num_tokens}, {temperature}, {top_k}, {top_p}")
+    return _sample(model, params, jnp.asarray(prefix, jnp.int32), key, num_tokens=int(num_tokens),
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), rules=_active_rules())
+
+
+def continue_tokens(model: nn.Module, params, prefix: jax.Array, context_tokens: jax.Array, num_new: int,
+                    key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """int32 [B, num_new] following prefix ⊕ context_tokens.
+
+    Continuation (DESIGN §4.6): prefix = the 12 MuLan tokens, context = the last T_ST − M_ST semantic
+    tokens, num_new = M_ST, so positions stay within the trained length.
+    """
+    stream = jnp.concatenate([jnp.asarray(prefix, jnp.int32), jnp.asarray(context_tokens, jnp.int32)], axis=1)
+    return sample(model, params, stream, num_new, key, temperature, top_k, top_p)
+
+
+def teacher_forced_logits(model: nn.Module, params, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
+    """float32 [B, N, V]: the sampler's cached logits for each of tokens [B, N], fed instead of samples.
+
+    Row n predicts tokens[:, n]; it equals the uncached forward on prefix ⊕ tokens at position P − 1 + n.
+    """
+    return _teacher_forced(model, params, jnp.asarray(prefix, jnp.int32), jnp.asarray(tokens, jnp.int32),
+                           rules=_active_rules())
