@@ -11,7 +11,6 @@ benchmarks/results/data_pipeline.json. Figures:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -21,12 +20,12 @@ import jax
 import numpy as np
 import soundfile as sf
 
+from benchmarks.report import write_json
 from data_pipeline.builder import PrepareSettings, prepare
 from data_pipeline.input import default_data_config, make_train_iterator
 from data_pipeline.synthetic import clip_seed, generate_clip, synthetic_clips
 from melody_jax.training.sharding import make_mesh
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_pipeline.json")
 
 
 def bench_synthetic(num_clips: int) -> dict[str, float]:
@@ -99,10 +98,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer clips and files")
     results = run(parser.parse_args().quick)
     print(markdown(results))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {RESULTS}")
+    print("wrote", write_json("data_pipeline", results))
 
 
 if __name__ == "__main__":

@@ -68,13 +68,17 @@ def run(quick: bool = False) -> dict:
     return {"matmul_peak_flops_per_s": peak, "rows": rows}
 
 
+def markdown(result: dict) -> str:
+    return (f"matmul peak (float32, measured): {result['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s\n\n"
+            + markdown_table(result["rows"], ["preset", "batch", "seq_len", "compile_s", "step_s", "examples_per_s",
+                                              "analytic_flops", "flops_ratio_xla_over_analytic", "mfu"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     result = run(parser.parse_args().quick)
-    print(f"matmul peak (float32): {result['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
-    print(markdown_table(result["rows"], ["preset", "batch", "seq_len", "compile_s", "step_s", "examples_per_s",
-                                          "analytic_flops", "flops_ratio_xla_over_analytic", "mfu"]))
+    print(markdown(result))
     print("wrote", write_json("train_step", result))
 
 

@@ -37,7 +37,8 @@ def get_config(arg: str | None = None):
     c.model.mlp_dim = ffn
     c.model.angle_dim = angle
     c.model.vocab_size = vocab
-    c.model.parallel_sru = True
+    c.model.align_tokens = True  # add each frame's token embedding to its input [choice, see models/dpd.py]
+    c.model.parallel_sru = preset != "tiny"  # same math; at K = 16 the sequential scan compiles faster
     c.model.remat = preset == "paper"
     c.model.dtype = "float32" if on_cpu else "bfloat16"
     c.model.num_chunks = 4  # M: multi-chunk training [paper]
@@ -45,13 +46,17 @@ def get_config(arg: str | None = None):
     c.data.source = "synthetic"
     c.data.latent_length = length  # L frames at 250 Hz (2500 = 10 s)
     c.data.token_length = tokens  # T_ST semantic tokens at 25 Hz (250 = 10 s)
-    c.data.pattern_scale = 0.5  # synthetic: std of each token's latent pattern
-    c.data.drift_scale = 0.3  # synthetic: std of the slowly varying component's amplitudes
+    # Synthetic latents: std of each token's pattern and of the slow drift's amplitudes. At 0.4 / 0.4
+    # the part the tokens give and the part the network must infer carry about equal variance.
+    c.data.pattern_scale = 0.4
+    c.data.drift_scale = 0.4
     c.train.batch_size = batch
     c.train.num_steps = 100 if preset == "tiny" else 20000
     c.train.log_every = 10
     c.train.eval_every = 100 if preset == "tiny" else 1000
     c.train.checkpoint_every = 100 if preset == "tiny" else 1000
-    c.optim.lr = 3e-3 if on_cpu else 1e-4
-    c.optim.warmup_steps = 10 if on_cpu else 1000
+    # The post-norm dual-path blocks want warm-up; tiny's 1e-2 is where both the DPD and the conv
+    # baseline of tests/test_dpd_stage.py train best in 300 steps (swept 3e-3 … 1.5e-2).
+    c.optim.lr = {"tiny": 1e-2, "small": 2e-3}.get(preset, 1e-4)
+    c.optim.warmup_steps = 100 if preset == "tiny" else 1000
     return c

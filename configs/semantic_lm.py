@@ -39,10 +39,10 @@ def get_config(arg: str | None = None):
     c.data.shuffle_buffer = 1024
 
     c.train.batch_size = batch
-    c.train.num_steps = 300 if preset == "tiny" else 20000
+    c.train.num_steps = 150 if preset == "tiny" else 20000
     c.train.log_every = 10
-    c.train.eval_every = 100 if preset == "tiny" else 1000
-    c.train.checkpoint_every = 100 if preset == "tiny" else 1000
+    c.train.eval_every = 50 if preset == "tiny" else 1000
+    c.train.checkpoint_every = 50 if preset == "tiny" else 1000
     c.optim.lr = 3e-3 if preset == "tiny" else 3e-4
     c.optim.warmup_steps = 10 if preset == "tiny" else 1000
     c.optim.weight_decay = 0.0 if preset == "tiny" else 0.1

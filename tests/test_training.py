@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from melody_jax.tasks.toy_lm import StrideIterator, ToyLMTask
+from data_pipeline.indexed import IndexedBatches
+from melody_jax.tasks.toy_lm import ToyLMTask
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import TrainingDiverged, WorkdirError
 from melody_jax.training.loop import sharded_abstract_state, train
@@ -69,37 +70,29 @@ def test_resume_continues_bit_for_bit(tmp_path):
 def test_iterator_position_is_restored(tmp_path):
     config = toy_config()
     mesh = make_mesh(config.mesh)
-    it = StrideIterator(config, mesh, seed=0)
+    it = ToyLMTask(config).train_iterator(mesh)
     next(it), next(it)
     saved = it.get_state()
     expected = np.asarray(next(it)["tokens"])
-    fresh = StrideIterator(config, mesh, seed=0)
+    fresh = ToyLMTask(config).train_iterator(mesh)
     fresh.set_state(json.loads(json.dumps(saved)))
     np.testing.assert_array_equal(np.asarray(next(fresh)["tokens"]), expected)
 
 
-class PoisonedIterator(StrideIterator):
-    """Adds `poison` (NaN or 0) to each batch; the toy loss adds it, so chosen steps go non-finite."""
-
-    def __init__(self, config, mesh, seed, bad_batches):
-        super().__init__(config, mesh, seed)
-        self.bad_batches = bad_batches
-
-    def __next__(self):
-        index = self.index
-        batch = super().__next__()
-        value = np.nan if index in self.bad_batches else 0.0
-        poison = np.full((self.config.train.batch_size,), value, np.float32)
-        from melody_jax.training.sharding import host_to_global, process_rows
-        batch.update(host_to_global({"poison": poison[process_rows(len(poison))]}, self.mesh))
-        return batch
-
-
 class PoisonedTask(ToyLMTask):
+    """Adds `poison` (NaN or 0) to chosen batches; the toy loss adds it, so those steps go non-finite."""
+
     bad_batches: set = set()
 
     def train_iterator(self, mesh):
-        return PoisonedIterator(self.config, mesh, self.config.seed, self.bad_batches)
+        clean = self.batches(mesh, self.config.seed).make_batch
+
+        def make(index):
+            batch = clean(index)
+            value = np.nan if index in self.bad_batches else 0.0
+            return {**batch, "poison": np.full((len(batch["tokens"]),), value, np.float32)}
+
+        return IndexedBatches(make, self.config.train.batch_size, mesh)
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path):

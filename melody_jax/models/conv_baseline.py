@@ -1,11 +1,10 @@
 """A 1-D convolutional velocity network: the backbone baseline of the DPD ablation (DESIGN §4.5).
 
-Same interface and the same condition embeddings as `DPD` (angle slerp MLP, token MLP), so a
-comparison isolates the backbone. A convolution cannot attend, so the tokens enter the way a
-conv net takes them: each frame adds the embedding of the token it lies in (nearest-token
-upsampling, T_ST → L), which gives it the time alignment that the DPD has to find by attention.
-The stack is residual, pre-norm, with dilations doubling per layer (1, 2, 4, … then repeating)
-so its receptive field grows quickly, like a UNet's would.
+Same interface and the same input embedding as `DPD` with `align_tokens`: Linear(z_noisy) + E_δ +
+each frame's token embedding, so a comparison isolates the backbone (the DPD also cross-attends
+to the tokens and FiLMs by their mean; a convolution cannot attend). The stack is residual,
+pre-norm, with dilations doubling per layer (1, 2, 4, … then repeating) so its receptive field
+grows quickly, like a UNet's would.
 """
 from __future__ import annotations
 
@@ -13,10 +12,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from melody_jax.models.dpd import AngleEmbedding, EmbeddingMLP
+from melody_jax.models.dpd import AngleEmbedding, EmbeddingMLP, frame_tokens
 from melody_jax.nn.init import dense
 from melody_jax.nn.norms import RMSNorm
 
@@ -62,12 +60,8 @@ class ConvBaseline(nn.Module):
         table = self.param("token_embed", nn.with_logical_partitioning(
             nn.initializers.normal(1.0), ("vocab", "embed")), (self.vocab_size, d))
         e_st = EmbeddingMLP(d, self.dtype, name="token_mlp")(jnp.take(table, tokens, axis=0))
-        if uncond is not None:
-            e_st = jnp.where(uncond[:, None, None], 0.0, e_st).astype(e_st.dtype)
-        aligned = e_st[:, np.arange(length) * tokens.shape[1] // length]
-
         x = dense(d, ("latent", "embed"), self.dtype, use_bias=True, name="input")(z_noisy)
-        x = x + e_delta + aligned
+        x = x + e_delta + frame_tokens(e_st, length, uncond)
         dilation = 1
         for i in range(self.num_layers):
             x = ConvBlock(self.kernel_size, dilation, self.dtype, name=f"conv_{i}")(x)

@@ -2,7 +2,9 @@
 
 The KV cache lives in Linen's `cache` collection. Initialise with `decode=True` on an input of the
 full length to allocate it; then each call appends its keys/values at `cache_index`, so a prefix can
-be pre-filled in one call and the rest decoded one token at a time inside a `jax.lax` loop.
+be pre-filled in one call and the rest decoded one token at a time inside a `jax.lax` loop. The cache
+is stored heads-major, [B, H, S, D]: attention reads it in place as B·H contiguous [S, D] matrices,
+whereas a [B, S, H, D] cache made XLA transpose all of it at every decode step.
 """
 from __future__ import annotations
 
@@ -32,6 +34,19 @@ def combine_masks(*masks: jnp.ndarray | None) -> jnp.ndarray | None:
     for m in present[1:]:
         out = jnp.logical_and(out, m)
     return out
+
+
+def cached_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None,
+                     scale: float) -> jnp.ndarray:
+    """q [B, T, H, D] against a heads-major cache k, v [B, H, S, D] → [B, T, H, D].
+
+    The math of `jax.nn.dot_product_attention` (float32 scores and softmax), on the cache's layout.
+    """
+    scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bhsd->bthd", probs, v)
 
 
 class Attention(nn.Module):
@@ -84,32 +99,34 @@ class Attention(nn.Module):
             if self.use_rotary:
                 q, k = apply_rotary(q, q_pos, self.rotary_base), apply_rotary(k, q_pos, self.rotary_base)
             k, v = self._update_cache(k, v, index)
-            mask = combine_masks(mask, causal_mask(q_pos, jnp.arange(k.shape[1])))
+            mask = combine_masks(mask, causal_mask(q_pos, jnp.arange(k.shape[2])))
+            out = cached_attention(q, k, v, mask, head_dim**-0.5)
         else:
             if is_self and self.use_rotary:
                 pos = jnp.arange(t) if positions is None else positions
                 q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
             if causal:
                 mask = combine_masks(mask, causal_mask(jnp.arange(t), jnp.arange(t)))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5)
         out = nn.with_logical_constraint(out, act)
         return dense(d_model, ("heads", "kv", "embed"), self.dtype, axis=(-2, -1),
                      use_bias=self.use_bias, name="out")(out)
 
     def _update_cache(self, k: jnp.ndarray, v: jnp.ndarray, index) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Writes this call's (rotated) keys/values at the cache index; returns the whole cache.
+        """Writes this call's (rotated) keys/values at the cache index; returns the whole cache [B, H, S, D].
 
         The first (allocation) pass sizes the cache from its input and attends causally as usual.
         """
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         is_initialized = self.has_variable("cache", "cached_key")
         cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         if not is_initialized:
             return k, v
-        start = (0, index.value, 0, 0)
+        start = (0, 0, index.value, 0)
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
-        index.value = index.value + k.shape[1]
-        act = ("batch", "length", "heads", "kv")
-        return (nn.with_logical_constraint(cached_k.value, act),
-                nn.with_logical_constraint(cached_v.value, act))
+        index.value = index.value + k.shape[2]
+        layout = ("batch", "heads", "length", "kv")
+        return (nn.with_logical_constraint(cached_k.value, layout),
+                nn.with_logical_constraint(cached_v.value, layout))

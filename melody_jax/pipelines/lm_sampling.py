@@ -20,17 +20,17 @@ from flax import linen as nn
 def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """logits / temperature, with every token outside the top-k and then the top-p set at -inf.
 
-    top_k = 0 and top_p = 1 disable the filters; ties at the k-th logit are all kept; the top-p set
-    is the smallest prefix (by probability) whose mass reaches top_p, always at least one token.
+    top_k = 0 (or ≥ V) and top_p = 1 disable the filters; ties at the k-th logit are all kept; the
+    top-p set is the smallest prefix (by probability) whose mass reaches top_p, at least one token.
     """
     logits = logits.astype(jnp.float32) / temperature
-    if top_k:
+    if 0 < top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         ordered = -jnp.sort(-logits, axis=-1)
         probs = jax.nn.softmax(ordered, axis=-1)
-        kept = jnp.cumsum(probs, axis=-1) - probs < top_p
+        kept = (jnp.cumsum(probs, axis=-1) - probs < top_p) & (probs > 0)  # rounding never revives -inf
         threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return logits
@@ -38,10 +38,25 @@ def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, t
 
 def sample_from_logits(key: jax.Array, logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0) -> jax.Array:
-    """One token per row of logits [..., V]; temperature 0 is greedy (argmax)."""
+    """One token per row of logits [..., V]; temperature 0 is greedy (the first maximum).
+
+    Inverse-CDF sampling: one uniform per row, where Gumbel-max would draw V of them (on CPU the
+    random bits cost more than the model step at batch 8). A token outside the kept set has weight 0,
+    so the cumulative sum does not rise there and the token is never drawn.
+    """
     if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+        return _argmax(logits)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    cdf = jnp.cumsum(jnp.exp(filtered - filtered.max(axis=-1, keepdims=True)), axis=-1)
+    threshold = jax.random.uniform(key, cdf.shape[:-1] + (1,)) * cdf[..., -1:]  # < cdf[..., -1]
+    return jnp.sum(cdf <= threshold, axis=-1).astype(jnp.int32)
+
+
+def _argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax as two plain reductions: XLA:CPU runs argmax's (value, index) reduce ~10× slower."""
+    size = logits.shape[-1]
+    is_max = logits == logits.max(axis=-1, keepdims=True)
+    return jnp.min(jnp.where(is_max, jnp.arange(size), size), axis=-1).astype(jnp.int32)
 
 
 def _compute_dtype_params(params, dtype: jnp.dtype):

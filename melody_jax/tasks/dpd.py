@@ -22,13 +22,13 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from data_pipeline.indexed import IndexedBatches
 from melody_jax.diffusion.angles import Schedule, add_noise, multi_chunk_noising, predict_clean, velocity
 from melody_jax.diffusion.guidance import classifier_free_guidance
 from melody_jax.diffusion.samplers import generate
 from melody_jax.models.dpd import DPD, guidance_conditions, velocity_fn
 from melody_jax.training.config import non_negative, positive, require
 from melody_jax.training.errors import ConfigError
-from melody_jax.training.sharding import host_to_global, process_rows
 from melody_jax.training.task import Batch, Metrics, Task
 
 EVAL_ANGLE = math.pi / 4
@@ -40,6 +40,16 @@ def token_patterns(seed: int, vocab_size: int, latent_dim: int, scale: float) ->
     return np.random.default_rng([seed, 0xD9D]).normal(0.0, scale, (vocab_size, latent_dim)).astype(np.float32)
 
 
+def token_content(patterns: np.ndarray, tokens: np.ndarray, length: int) -> np.ndarray:
+    """The tokens' part of the latents [B, L, D]: patterns interpolated (raised cosine) to L frames."""
+    token_length = tokens.shape[1]
+    pos = (np.arange(length) + 0.5) * token_length / length - 0.5  # frame centres in token units
+    left = np.floor(pos)
+    w = ((1 - np.cos(np.pi * (pos - left))) / 2)[None, :, None]
+    lo, hi = (np.clip(i, 0, token_length - 1).astype(int) for i in (left, left + 1))
+    return (1 - w) * patterns[tokens[:, lo]] + w * patterns[tokens[:, hi]]
+
+
 def synthetic_batch(
     patterns: np.ndarray, seed: int, split: int, index: int, batch: int, length: int, token_length: int,
     drift_scale: float,
@@ -47,42 +57,25 @@ def synthetic_batch(
     """(latents float32 [B, L, D] in [-1, 1], tokens int32 [B, T_ST]) for one global batch."""
     rng = np.random.default_rng([seed, split, index])
     tokens = rng.integers(0, len(patterns), (batch, token_length)).astype(np.int32)
-    pos = (np.arange(length) + 0.5) * token_length / length - 0.5  # frame centres in token units
-    left = np.floor(pos)
-    w = ((1 - np.cos(np.pi * (pos - left))) / 2)[None, :, None]
-    lo, hi = (np.clip(i, 0, token_length - 1).astype(int) for i in (left, left + 1))
-    content = (1 - w) * patterns[tokens[:, lo]] + w * patterns[tokens[:, hi]]
     amplitude = rng.normal(0.0, drift_scale, (batch, 2, 1, patterns.shape[1]))
     phase = rng.uniform(0.0, 2 * np.pi, (batch, 2, 1, patterns.shape[1]))
     cycles = np.arange(1, 3)[None, :, None, None] * np.arange(length)[None, None, :, None] / length
     drift = (amplitude * np.sin(2 * np.pi * cycles + phase)).sum(1)
-    return np.clip(content + drift, -1.0, 1.0).astype(np.float32), tokens
+    latents = np.clip(token_content(patterns, tokens, length) + drift, -1.0, 1.0)
+    return latents.astype(np.float32), tokens
 
 
-class SyntheticLatents:
-    """Endless global batches {"latents", "tokens"}; `get_state()` is the number handed out."""
+def synthetic_latents(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, split: int) -> IndexedBatches:
+    """Endless global batches {"latents", "tokens"}; the position is the batch index."""
+    c = config
+    patterns = token_patterns(c.seed, c.model.vocab_size, c.model.latent_dim, c.data.pattern_scale)
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, split: int, index: int = 0):
-        self.config, self.mesh, self.split, self.index = config, mesh, split, index
-        self.patterns = token_patterns(config.seed, config.model.vocab_size, config.model.latent_dim,
-                                       config.data.pattern_scale)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        c = self.config
-        latents, tokens = synthetic_batch(self.patterns, c.seed, self.split, self.index, c.train.batch_size,
+    def make(index: int) -> dict[str, np.ndarray]:
+        latents, tokens = synthetic_batch(patterns, c.seed, split, index, c.train.batch_size,
                                           c.data.latent_length, c.data.token_length, c.data.drift_scale)
-        self.index += 1
-        rows = process_rows(c.train.batch_size)
-        return host_to_global({"latents": latents[rows], "tokens": tokens[rows]}, self.mesh)
+        return {"latents": latents, "tokens": tokens}
 
-    def get_state(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
+    return IndexedBatches(make, c.train.batch_size, mesh)
 
 
 def si_snr(estimate: jax.Array, reference: jax.Array) -> jax.Array:
@@ -142,8 +135,8 @@ class DPDTask(Task):
         return DPD(latent_dim=m.latent_dim, hidden_dim=m.hidden_dim, num_blocks=m.num_blocks,
                    segment_length=m.segment_length, merge_lengths=tuple(m.merge_lengths) or None,
                    num_heads=m.num_heads, roformer_layers=m.roformer_layers, mlp_dim=m.mlp_dim,
-                   angle_dim=m.angle_dim, vocab_size=m.vocab_size, parallel_sru=m.parallel_sru,
-                   remat=m.remat, dtype=jnp.dtype(m.dtype))
+                   angle_dim=m.angle_dim, vocab_size=m.vocab_size, align_tokens=m.align_tokens,
+                   parallel_sru=m.parallel_sru, remat=m.remat, dtype=jnp.dtype(m.dtype))
 
     def init_params(self, rng: jax.Array) -> Any:
         d = self.config.data
@@ -176,11 +169,11 @@ class DPDTask(Task):
         fixed = self.fixed_angle_metrics(params, batch, jax.random.fold_in(rng, 1), EVAL_ANGLE)
         return {**super().eval_step(params, batch, rng), **fixed}
 
-    def train_iterator(self, mesh: jax.sharding.Mesh) -> SyntheticLatents:
-        return SyntheticLatents(self.config, mesh, TRAIN_SPLIT)
+    def train_iterator(self, mesh: jax.sharding.Mesh) -> IndexedBatches:
+        return synthetic_latents(self.config, mesh, TRAIN_SPLIT)
 
-    def eval_iterator(self, mesh: jax.sharding.Mesh) -> SyntheticLatents:
-        return SyntheticLatents(self.config, mesh, EVAL_SPLIT)
+    def eval_iterator(self, mesh: jax.sharding.Mesh) -> IndexedBatches:
+        return synthetic_latents(self.config, mesh, EVAL_SPLIT)
 
     def sample(
         self, params: Any, tokens: jax.Array, key: jax.Array, *, num_steps: int = 20, cfg_scale: float = 2.5,

@@ -1,13 +1,15 @@
 """Semantic LM stage (DESIGN §4.4, §7): next-token loss on semantic tokens after 12 MuLan tokens.
 
 Data sources (`config.data.source`):
-- "synthetic": a rule that a small model can learn and a test can check. With K = data.synthetic_codes,
-  S = data.num_strides and M MuLan tokens m_q ~ U[0, K): s_t = (s_{t-1} + b_t) mod K, s_{-1} = 0, with
-  steps b_t = 1 + (m_{t mod M} mod S). Each token depends on the previous one and on a prefix token, and
-  the steps cannot be read off earlier tokens. Batches are a pure function of (seed, batch index), so
-  the iterator's position is one integer.
+- "synthetic": a rule that the tiny preset learns in 150 steps and a test can check. With K =
+  data.synthetic_codes and a start c ~ U[0, K) and stride b ~ U{1..data.num_strides} per example, the
+  stream x_i = (c + i·b) mod K is cut into the M MuLan codes and the T semantic codes, so
+  s_t = (s_{t-1} + b) mod K with s_{-1} = m_{M-1} and b = m_{M-1} − m_{M-2}: the first semantic token
+  is a function of the prefix alone, later ones of the prefix and the previous token. Batches are a
+  pure function of (seed, batch index), so the iterator's position is one integer.
 - "cached": TFRecords from `melody_jax.tokenizers.token_records.write_token_records`.
-- "frozen_models": tokenising audio inside the step needs stages that do not exist yet (refused).
+- "frozen_models": tokenising audio inside the step with the frozen stages; not implemented yet, so
+  it is refused with a ConfigError that names the stages still missing.
 """
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from data_pipeline.indexed import IndexedBatches
 from melody_jax.models.semantic_lm import SemanticLM
-from melody_jax.tokenizers.token_records import TokenRecordIterator
 from melody_jax.training.config import one_of, positive, require
-from melody_jax.training.sharding import host_to_global, process_rows
-from melody_jax.training.task import Batch, Task
+from melody_jax.training.task import REGISTRY, Batch, Task
 
 SOURCES = ("synthetic", "cached", "frozen_models")
+FROZEN_STAGES = ("mulan", "rvq", "ssl", "kmeans")  # MuLan tokens: mulan + rvq; semantic tokens: ssl + kmeans
 EVAL_SEED_OFFSET = 1_000_003
 
 
@@ -45,28 +47,16 @@ def rule_targets(mulan: np.ndarray, semantic: np.ndarray, codes: int) -> np.ndar
     return (previous + stride) % codes
 
 
-class SyntheticTokenIterator:
-    """Endless global batches of the synthetic rule; `get_state()` is the number handed out."""
+def synthetic_batches(config, mesh, seed: int) -> IndexedBatches:
+    """Endless global batches of the synthetic rule; the position is the batch index."""
+    c = config
 
-    def __init__(self, config, mesh, seed: int, index: int = 0):
-        self.config, self.mesh, self.seed, self.index = config, mesh, seed, index
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        c = self.config
-        mulan, semantic = synthetic_tokens(self.seed, self.index, c.train.batch_size, c.model.num_mulan_tokens,
+    def make(index: int) -> dict[str, np.ndarray]:
+        mulan, semantic = synthetic_tokens(seed, index, c.train.batch_size, c.model.num_mulan_tokens,
                                            c.data.semantic_len, c.data.synthetic_codes, c.data.num_strides)
-        self.index += 1
-        rows = process_rows(c.train.batch_size)
-        return host_to_global({"mulan_tokens": mulan[rows], "semantic_tokens": semantic[rows]}, self.mesh)
+        return {"mulan_tokens": mulan, "semantic_tokens": semantic}
 
-    def get_state(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
+    return IndexedBatches(make, c.train.batch_size, mesh)
 
 
 class SemanticLMTask(Task):
@@ -76,10 +66,11 @@ class SemanticLMTask(Task):
         c = self.config
         m, d = c.model, c.data
         one_of(c, "data.source", SOURCES)
+        missing = [stage for stage in FROZEN_STAGES if stage not in REGISTRY]
         require(d.source != "frozen_models",
-                "config.data.source='frozen_models' needs the frozen stages mulan + rvq (MuLan tokens) and "
-                "ssl + kmeans (semantic tokens), which do not exist yet; use 'synthetic', or 'cached' with "
-                "records from melody_jax.tokenizers.token_records.write_token_records")
+                "config.data.source='frozen_models' (tokenising audio in the step with the frozen mulan + rvq "
+                f"and ssl + kmeans stages) is not implemented yet; missing stages: {', '.join(missing) or 'none'}; "
+                "use 'synthetic', or 'cached' with records from melody_jax.tokenizers.token_records")
         positive(c, "model.num_layers", "model.embed_dim", "model.num_heads", "model.mlp_dim",
                  "model.num_mulan_tokens", "model.mulan_codebook_size", "model.semantic_vocab_size",
                  "data.semantic_len", "data.shuffle_buffer")
@@ -91,7 +82,11 @@ class SemanticLMTask(Task):
         if d.source == "synthetic":
             positive(c, "data.synthetic_codes", "data.num_strides")
             require(d.synthetic_codes <= min(m.mulan_codebook_size, m.semantic_vocab_size),
-                    f"config.data.synthetic_codes={d.synthetic_codes} exceeds the MuLan codebook or semantic vocabulary")
+                    f"config.data.synthetic_codes={d.synthetic_codes} exceeds the MuLan codebook or the "
+                    "semantic vocabulary")
+            require(d.num_strides < d.synthetic_codes,
+                    f"config.data.num_strides={d.num_strides} must be < data.synthetic_codes={d.synthetic_codes}")
+            require(m.num_mulan_tokens >= 2, "config.model.num_mulan_tokens must be >= 2 for the synthetic rule")
         else:
             require(bool(d.path), "config.data.path is empty; data.source='cached' needs a TFRecord file or glob")
 
@@ -114,7 +109,9 @@ class SemanticLMTask(Task):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, semantic).mean()
         return loss, {"accuracy": (logits.argmax(-1) == semantic).mean()}
 
-    def _records(self, mesh, path: str) -> TokenRecordIterator:
+    def _records(self, mesh, path: str):
+        from melody_jax.tokenizers.token_records import TokenRecordIterator  # TensorFlow: only when used
+
         c = self.config
         return TokenRecordIterator(path, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
                                    num_mulan_tokens=c.model.num_mulan_tokens, semantic_len=c.data.semantic_len,
@@ -124,12 +121,12 @@ class SemanticLMTask(Task):
     def train_iterator(self, mesh):
         if self.config.data.source == "cached":
             return self._records(mesh, self.config.data.path)
-        return SyntheticTokenIterator(self.config, mesh, self.config.seed)
+        return synthetic_batches(self.config, mesh, self.config.seed)
 
     def eval_iterator(self, mesh):
         if self.config.data.source == "cached":
             return self._records(mesh, self.config.data.eval_path) if self.config.data.eval_path else None
-        return SyntheticTokenIterator(self.config, mesh, self.config.seed + EVAL_SEED_OFFSET)
+        return synthetic_batches(self.config, mesh, self.config.seed + EVAL_SEED_OFFSET)
 
     def describe(self, params: Any) -> dict[str, int]:
         return super().describe(params["decoder"])

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from data_pipeline.indexed import IndexedBatches
 from melody_jax.models.transformer import DecoderLM
 from melody_jax.training.config import positive, require
-from melody_jax.training.sharding import host_to_global, process_rows
 from melody_jax.training.task import Batch, Task
 
 
@@ -23,29 +23,6 @@ def stride_sequences(seed: int, index: int, batch: int, seq_len: int, vocab: int
     start = rng.integers(0, vocab, (batch, 1))
     stride = rng.integers(1, num_strides + 1, (batch, 1))
     return ((start + stride * np.arange(seq_len)[None]) % vocab).astype(np.int32)
-
-
-class StrideIterator:
-    """Endless global batches; `get_state()` is the number of batches handed out."""
-
-    def __init__(self, config, mesh, seed: int, index: int = 0):
-        self.config, self.mesh, self.seed, self.index = config, mesh, seed, index
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        c = self.config
-        tokens = stride_sequences(self.seed, self.index, c.train.batch_size, c.data.seq_len,
-                                  c.model.vocab_size, c.data.num_strides)
-        self.index += 1
-        return host_to_global({"tokens": tokens[process_rows(c.train.batch_size)]}, self.mesh)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
 
 
 class ToyLMTask(Task):
@@ -80,8 +57,17 @@ class ToyLMTask(Task):
         accuracy = (logits.argmax(-1) == tokens[:, 1:]).mean()
         return loss, {"accuracy": accuracy}
 
+    def batches(self, mesh, seed: int) -> IndexedBatches:
+        c = self.config
+
+        def make(index: int) -> dict[str, np.ndarray]:
+            return {"tokens": stride_sequences(seed, index, c.train.batch_size, c.data.seq_len,
+                                               c.model.vocab_size, c.data.num_strides)}
+
+        return IndexedBatches(make, c.train.batch_size, mesh)
+
     def train_iterator(self, mesh):
-        return StrideIterator(self.config, mesh, self.config.seed)
+        return self.batches(mesh, self.config.seed)
 
     def eval_iterator(self, mesh):
-        return StrideIterator(self.config, mesh, self.config.seed + 1_000_003)
+        return self.batches(mesh, self.config.seed + 1_000_003)

@@ -54,8 +54,8 @@ class TokenRecordIterator:
         if not self.files:
             raise ConfigError(f"config.data.path={pattern!r} matches no files")
         self.mesh, self.seed, self.vocab_sizes, self.shuffle_buffer = mesh, int(seed), vocab_sizes, shuffle_buffer
-        self.rows = process_rows(global_batch_size)
-        self.local_batch = self.rows.stop - self.rows.start
+        rows = process_rows(global_batch_size)
+        self.local_batch = rows.stop - rows.start
         self.features = {"mulan_tokens": tf.io.FixedLenFeature([num_mulan_tokens], tf.int64),
                          "semantic_tokens": tf.io.FixedLenFeature([semantic_len], tf.int64)}
         self.epoch_size = int(self._host_records().reduce(np.int64(0), lambda n, _: n + 1))
@@ -66,8 +66,8 @@ class TokenRecordIterator:
         found = {k: int(v.dense_shape[0]) for k, v in first.items()}
         expected = {"mulan_tokens": num_mulan_tokens, "semantic_tokens": semantic_len}
         if found != expected:
-            raise ConfigError(f"config.data.path={pattern!r} holds token lengths {found}, the config expects {expected} "
-                              "(model.num_mulan_tokens, data.semantic_len)")
+            raise ConfigError(f"config.data.path={pattern!r} holds token lengths {found}, the config expects "
+                              f"{expected} (model.num_mulan_tokens, data.semantic_len)")
         self.batches = 0
         self._iterator = None
 

@@ -90,6 +90,8 @@ REGISTRY: dict[str, str] = {
     "toy_lm": "melody_jax.tasks.toy_lm:ToyLMTask",
     "dpd": "melody_jax.tasks.dpd:DPDTask",
     "semantic_lm": "melody_jax.tasks.semantic_lm:SemanticLMTask",
+    "mulan": "melody_jax.tasks.mulan:MuLanTask",
+    "rvq": "melody_jax.tasks.rvq:RVQTask",
 }
 
 

@@ -1,0 +1,185 @@
+"""MuLan (DESIGN §4.3): an audio tower and a text tower into one 128-d L2-normalised space.
+
+No pretrained AST/BERT can be downloaded here, so both towers are small pre-norm transformer
+encoders trained from scratch [choice]:
+- audio: log-mel → (patch_frames × patch_mels) patches → linear → + a learned embedding of the
+  patch's mel band → bidirectional rotary attention over the patches (rotary position = the patch's
+  time index, so any clip length works) → mean pool → projection (AST-like);
+- text: byte tokens (`melody_jax.tokenizers.text`) → embedding → encoder with a padding mask →
+  masked mean pool → projection.
+Training is the symmetric InfoNCE of CLIP/MuLan over the global batch with a learned temperature.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from melody_jax.audio.mel import log_mel_spectrogram
+from melody_jax.nn.attention import Attention, padding_mask
+from melody_jax.nn.init import dense
+from melody_jax.nn.mlp import GeluMLP
+from melody_jax.nn.norms import RMSNorm
+from melody_jax.nn.quantizers import nearest_code
+from melody_jax.tokenizers.text import VOCAB_SIZE
+
+MAX_LOG_SCALE = math.log(100.0)  # CLIP's clip: logits at most 100 × cosine
+INIT_LOG_SCALE = math.log(1.0 / 0.07)
+LOG_MEL_SHIFT, LOG_MEL_SCALE = 5.0, 4.0  # natural-log mel ∈ [log 1e-5, ~3] → roughly unit range
+
+
+class EncoderBlock(nn.Module):
+    num_heads: int
+    mlp_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array) -> jax.Array:
+        h = RMSNorm(dtype=self.dtype, name="attn_norm")(x)
+        x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(h, mask=mask, positions=positions)
+        h = RMSNorm(dtype=self.dtype, name="mlp_norm")(x)
+        x = x + GeluMLP(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+    """Pre-norm bidirectional blocks, then masked mean pool and a projection to the shared space."""
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    out_dim: int
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid: jax.Array, positions: jax.Array) -> jax.Array:
+        block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+        mask = padding_mask(valid)
+        for i in range(self.num_layers):
+            x = block(self.num_heads, self.mlp_dim, self.dtype, name=f"layer_{i}")(x, mask, positions)
+        x = RMSNorm(dtype=self.dtype, name="final_norm")(x).astype(jnp.float32)
+        w = valid.astype(jnp.float32)[..., None]
+        pooled = (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+        out = dense(self.out_dim, ("embed", None), name="proj")(pooled)
+        return nn.with_logical_constraint(l2_normalize(out), ("batch", None))
+
+
+class MuLan(nn.Module):
+    """`embed_audio(audio [B, T]) → [B, out_dim]`, `embed_text(tokens, mask) → [B, out_dim]`, unit norm."""
+
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    patch_frames: int
+    patch_mels: int
+    audio_layers: int
+    text_layers: int
+    embed_dim: int
+    num_heads: int
+    mlp_dim: int
+    out_dim: int = 128
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        tower = functools.partial(Encoder, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
+                                  dtype=self.dtype, remat=self.remat)
+        self.audio_encoder = tower(self.audio_layers)
+        self.text_encoder = tower(self.text_layers)
+        self.patch_proj = dense(self.embed_dim, (None, "embed"), self.dtype, use_bias=True)
+        self.band_embedding = self.param("band_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (None, "embed")), (self.n_mels // self.patch_mels, self.embed_dim))
+        self.token_embedding = self.param("token_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), ("vocab", "embed")), (VOCAB_SIZE, self.embed_dim))
+        self.log_scale = self.param("log_scale", nn.with_logical_partitioning(
+            nn.initializers.constant(INIT_LOG_SCALE), ()), ())
+
+    def patches(self, audio: jax.Array) -> jax.Array:
+        """audio [B, T] → normalised log-mel patches [B, time patches, bands, patch_frames · patch_mels]."""
+        mel = log_mel_spectrogram(audio.astype(jnp.float32), self.sample_rate, self.n_fft, self.hop_length,
+                                  self.n_mels)
+        mel = (mel + LOG_MEL_SHIFT) / LOG_MEL_SCALE
+        b, frames, _ = mel.shape
+        t, f = frames // self.patch_frames, self.n_mels // self.patch_mels
+        if t == 0:
+            raise ValueError(f"audio of {audio.shape[1]} samples is shorter than one patch "
+                             f"({self.patch_frames} frames of hop {self.hop_length})")
+        mel = mel[:, : t * self.patch_frames].reshape(b, t, self.patch_frames, f, self.patch_mels)
+        return mel.transpose(0, 1, 3, 2, 4).reshape(b, t, f, self.patch_frames * self.patch_mels)
+
+    def embed_audio(self, audio: jax.Array) -> jax.Array:
+        p = self.patches(audio)
+        b, t, f, _ = p.shape
+        x = self.patch_proj(p) + self.band_embedding.astype(self.dtype)
+        x = nn.with_logical_constraint(x.reshape(b, t * f, self.embed_dim), ("batch", "length", "embed"))
+        positions = jnp.repeat(jnp.arange(t), f)
+        return self.audio_encoder(x, jnp.ones((b, t * f), bool), positions)
+
+    def embed_text(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        x = jnp.take(self.token_embedding, tokens, axis=0).astype(self.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return self.text_encoder(x, mask.astype(bool), jnp.arange(tokens.shape[1]))
+
+    def __call__(self, audio: jax.Array, tokens: jax.Array, mask: jax.Array):
+        """(audio embeddings, text embeddings, clipped log logit scale)."""
+        return self.embed_audio(audio), self.embed_text(tokens, mask), jnp.clip(self.log_scale, 0.0, MAX_LOG_SCALE)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def similarity(text_emb: jax.Array, audio_emb: jax.Array, log_scale: jax.Array) -> jax.Array:
+    """[B_text, B_audio] logits exp(log_scale) · cosine over the whole (global) batch."""
+    sims = jnp.matmul(text_emb, audio_emb.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.exp(log_scale) * sims
+
+
+def contrastive_loss(text_emb: jax.Array, audio_emb: jax.Array, log_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(symmetric InfoNCE, [B, B] logits): row i's positive is column i, both directions averaged."""
+    logits = similarity(text_emb, audio_emb, log_scale)
+    labels = jnp.arange(logits.shape[0])
+    loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+    return loss, logits
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed_audio(model: MuLan, params, audio: jax.Array) -> jax.Array:
+    """[B, T] audio at `model.sample_rate` → [B, out_dim] unit vectors."""
+    return model.apply({"params": params}, audio, method=MuLan.embed_audio)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed_text(model: MuLan, params, text_tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Byte tokens [B, L] and their mask → [B, out_dim] unit vectors."""
+    return model.apply({"params": params}, text_tokens, mask, method=MuLan.embed_text)
+
+
+def rvq_levels(codebooks: jax.Array, embedding: jax.Array):
+    """Scans the residual through codebooks [Q, K, D]: (codes [Q, B], quantized parts [Q, B, D])."""
+    def level(residual, codebook):
+        codes = nearest_code(residual, codebook)
+        part = codebook[codes]
+        return residual - part, (codes, part)
+
+    return jax.lax.scan(level, jnp.asarray(embedding, jnp.float32), codebooks)[1]
+
+
+@jax.jit
+def mulan_tokens(codebooks: jax.Array, embedding: jax.Array) -> jax.Array:
+    """RVQ codes int32 [B, Q] of embeddings [B, D] under codebooks [Q, K, D] (the LM's prefix)."""
+    return rvq_levels(codebooks, embedding)[0].T
+
+
+@jax.jit
+def dequantize(codebooks: jax.Array, tokens: jax.Array) -> jax.Array:
+    """int [B, q] → [B, D]: the sum of the first q levels' codebook rows."""
+    rows = jax.vmap(lambda cb, c: cb[c])(codebooks[: tokens.shape[1]], tokens.T)
+    return rows.sum(0)

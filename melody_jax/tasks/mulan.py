@@ -1,0 +1,130 @@
+"""MuLan stage (DESIGN §4.3, §7): contrastive audio–text training on a prepared captioned dataset.
+
+The data pipeline's crops arrive with this host's captions and tag lists as strings; the iterator
+pairs each crop with its caption or its tag list at random (a pure function of seed, batch index
+and row, so resume and multi-host runs agree), tokenises on the host and hands the loop global
+arrays only: `audio [B, crop]`, `text_tokens int32 [B, L]`, `text_mask bool [B, L]`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from data_pipeline.builder import find_prepared
+from data_pipeline.input import AudioBatchIterator, make_train_iterator
+from melody_jax.evaluation.mcc import mulan_cycle_consistency
+from melody_jax.models.mulan import MuLan, contrastive_loss
+from melody_jax.tokenizers.text import tokenize
+from melody_jax.training.config import positive, require
+from melody_jax.training.sharding import host_to_global, process_rows
+from melody_jax.training.task import Batch, Task
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def pick_texts(captions: np.ndarray, tags: np.ndarray, use_caption: np.ndarray) -> list[str]:
+    """Caption where `use_caption` (and the caption is not empty), else the tag list."""
+    return [c if (u and c) or not t else t for c, t, u in zip(captions, tags, use_caption)]
+
+
+class TextAudioIterator:
+    """Wraps the audio iterator; state = the audio iterator's position plus the batch index."""
+
+    def __init__(self, audio: AudioBatchIterator, mesh: jax.sharding.Mesh, *, seed: int, global_batch_size: int,
+                 caption_probability: float, max_text_length: int):
+        self.audio, self.mesh, self.seed = audio, mesh, seed
+        self.batch_size, self.p, self.max_length = global_batch_size, caption_probability, max_text_length
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self.audio)
+        use_caption = np.random.default_rng([self.seed, self.index]).random(self.batch_size) < self.p
+        self.index += 1
+        texts = pick_texts(batch["caption"], batch["tags"], use_caption[process_rows(self.batch_size)])
+        tokens, mask = tokenize(texts, self.max_length)
+        return {"audio": batch["audio"], **host_to_global({"text_tokens": tokens, "text_mask": mask}, self.mesh)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"audio": self.audio.get_state(), "index": self.index}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.audio.set_state(state["audio"])
+        self.index = int(state["index"])
+
+
+def mulan_model(model_config, sample_rate: int) -> MuLan:
+    m = model_config
+    return MuLan(sample_rate=sample_rate, n_fft=m.n_fft, hop_length=m.hop_length, n_mels=m.n_mels,
+                 patch_frames=m.patch_frames, patch_mels=m.patch_mels, audio_layers=m.audio_layers,
+                 text_layers=m.text_layers, embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+                 out_dim=m.out_dim, dtype=jnp.dtype(m.dtype), remat=m.remat)
+
+
+class MuLanTask(Task):
+    name = "mulan"
+
+    def validate(self) -> None:
+        c = self.config
+        m, d = c.model, c.data
+        positive(c, "model.out_dim", "model.audio_layers", "model.text_layers", "model.embed_dim", "model.num_heads",
+                 "model.mlp_dim", "model.n_fft", "model.hop_length", "model.n_mels", "model.patch_frames",
+                 "model.patch_mels", "model.max_text_length", "data.sample_rate", "data.crop_seconds")
+        require(bool(d.path), "config.data.path is empty; prepare a dataset with `python -m launch.prepare_data`")
+        require(m.n_mels % m.patch_mels == 0,
+                f"config.model.patch_mels={m.patch_mels} does not divide n_mels={m.n_mels}")
+        require(m.embed_dim % m.num_heads == 0 and (m.embed_dim // m.num_heads) % 2 == 0,
+                f"config.model.embed_dim={m.embed_dim} / num_heads={m.num_heads} must be an even integer (rotary)")
+        frames = 1 + self.crop_samples // m.hop_length
+        require(frames >= m.patch_frames, f"config.data.crop_seconds={d.crop_seconds} gives {frames} frames, "
+                                          f"fewer than model.patch_frames={m.patch_frames}")
+        require(0.0 <= d.caption_probability <= 1.0,
+                f"config.data.caption_probability={d.caption_probability} must lie in [0, 1]")
+        require(m.dtype in ("float32", "bfloat16"), f"config.model.dtype={m.dtype!r} must be float32 or bfloat16")
+
+    @property
+    def crop_samples(self) -> int:
+        return int(round(self.config.data.crop_seconds * self.config.data.sample_rate))
+
+    @property
+    def model(self) -> MuLan:
+        return mulan_model(self.config.model, self.config.data.sample_rate)
+
+    def init_params(self, rng: jax.Array) -> Any:
+        length = self.config.model.max_text_length
+        return self.model.init(rng, jnp.zeros((1, self.crop_samples)), jnp.zeros((1, length), jnp.int32),
+                               jnp.ones((1, length), bool))["params"]
+
+    def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
+        audio_emb, text_emb, log_scale = self.model.apply(
+            {"params": params}, batch["audio"], batch["text_tokens"], batch["text_mask"])
+        loss, logits = contrastive_loss(text_emb, audio_emb, log_scale)
+        accuracy = (logits.argmax(-1) == jnp.arange(logits.shape[0])).mean()
+        return loss, {"accuracy": accuracy, "logit_scale": jnp.exp(log_scale),
+                      "mcc": mulan_cycle_consistency(text_emb, audio_emb)}
+
+    def _iterator(self, mesh, split: str, seed: int) -> TextAudioIterator:
+        c = self.config
+        audio = make_train_iterator(c.data, global_batch_size=c.train.batch_size, mesh=mesh, seed=seed, split=split)
+        return TextAudioIterator(audio, mesh, seed=seed, global_batch_size=c.train.batch_size,
+                                 caption_probability=c.data.caption_probability,
+                                 max_text_length=c.model.max_text_length)
+
+    def train_iterator(self, mesh):
+        return self._iterator(mesh, "train", self.config.seed)
+
+    def eval_iterator(self, mesh):
+        split = self.config.data.eval_split
+        if not split:
+            return None
+        if split not in tfds.builder_from_directory(find_prepared(self.config.data.path)).info.splits:
+            logging.warning("no evaluation: %s has no split %r (config.data.eval_split)", self.config.data.path, split)
+            return None
+        return self._iterator(mesh, split, self.config.seed + EVAL_SEED_OFFSET)

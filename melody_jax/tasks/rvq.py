@@ -1,0 +1,202 @@
+"""RVQ stage (DESIGN §4.3, §7): 12 × 1024 codebooks fitted by k-means per residual level on the
+frozen MuLan's audio embeddings of the training set.
+
+It runs through the generic loop honestly: one training step fits one level (the state's `step`
+is the level), so `num_steps` = `num_quantizers`, every level is checkpointed (Orbax) and a rerun
+resumes at the next level. Unfitted levels are zero codebooks, which quantize every residual to
+zero, so the residual entering level `step` is simply what all levels leave. The iterator embeds the
+training set once (each clip: mean of its `window_seconds` windows' embeddings, re-normalised to
+the unit sphere where text embeddings live) and hands the same global [N, D] matrix to every step.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from data_pipeline.builder import find_prepared
+from melody_jax.models.mulan import MuLan, embed_audio, l2_normalize, rvq_levels
+from melody_jax.nn.quantizers import kmeans, perplexity
+from melody_jax.tasks.mulan import MuLanTask
+from melody_jax.training import config as config_lib
+from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
+from melody_jax.training.config import positive, require
+from melody_jax.training.errors import WorkdirError
+from melody_jax.training.sharding import batch_divisor, host_to_global, rules_from_config
+from melody_jax.training.state import TrainState
+from melody_jax.training.task import Batch, Task
+
+
+def load_mulan(mulan_workdir: str, mesh: jax.sharding.Mesh, rules) -> tuple[MuLanTask, Any]:
+    """(the MuLan task as configured there, its latest parameters restored sharded onto `mesh`)."""
+    from melody_jax.training.loop import sharded_abstract_state  # the loop imports the task registry
+
+    path = os.path.join(mulan_workdir, "config.json")
+    if not os.path.exists(path):
+        raise WorkdirError(f"config.model.mulan_workdir={mulan_workdir!r} has no config.json "
+                           "(train the mulan stage there)")
+    with open(path) as f:
+        task = MuLanTask(config_lib.from_json(f.read()))
+    ckpt = Checkpointer(mulan_workdir, keep=1, every=1)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise WorkdirError(f"config.model.mulan_workdir={mulan_workdir!r} holds no checkpoint")
+        abstract, _ = sharded_abstract_state(task, mesh, rules, jax.random.key(0))
+        check_compatible(ckpt.read_meta(step), "mulan", param_signature(abstract.params), mulan_workdir)
+        state, _ = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    return task, state.params
+
+
+def windows(audio: np.ndarray, window: int) -> np.ndarray:
+    """[n, window]: the clip's whole windows (the tail shorter than a window is dropped; a clip
+    shorter than one window is zero-padded to one)."""
+    n = max(1, len(audio) // window)
+    return np.pad(audio[: n * window], (0, max(0, window - len(audio)))).reshape(n, window)
+
+
+def clip_embeddings(model: MuLan, params, clips: list[np.ndarray], window: int, global_batch: int,
+                    mesh: jax.sharding.Mesh) -> np.ndarray:
+    """[len(clips), D]: per clip the re-normalised mean of its windows' audio embeddings.
+
+    Each host passes its own clips; all hosts run the same number of (padded) global batches.
+    """
+    pieces = [windows(c, window) for c in clips]
+    stacked = np.concatenate(pieces) if pieces else np.zeros((0, window), np.float32)
+    local = global_batch // jax.process_count()
+    batches = int(np.max(multihost_utils.process_allgather(np.array(math.ceil(len(stacked) / local)))))
+    stacked = np.pad(stacked, ((0, batches * local - len(stacked)), (0, 0))).astype(np.float32)
+    embed = jax.jit(lambda p, a: embed_audio(model, p, a), out_shardings=NamedSharding(mesh, PartitionSpec()))
+    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    out = []
+    for i in range(batches):
+        audio = host_to_global({"audio": stacked[i * local:(i + 1) * local]}, mesh)["audio"]
+        out.append(np.asarray(embed(params, audio))[rows])
+    out = np.concatenate(out)
+    counts = np.array([len(p) for p in pieces])
+    sums = np.zeros((len(clips), out.shape[1]), np.float32)
+    np.add.at(sums, np.repeat(np.arange(len(clips)), counts), out[: counts.sum()])
+    means = sums / np.maximum(counts, 1)[:, None]
+    return np.asarray(l2_normalize(jnp.asarray(means)))
+
+
+def read_clips(data_config, split: str = "train") -> list[dict[str, Any]]:
+    """This host's share of a prepared split as dicts of float32 `audio`, `caption`, `tags`, `attributes`;
+    `data_config.sample_rate` must be the rate the data was prepared at."""
+    builder = tfds.builder_from_directory(find_prepared(data_config.path))
+    rate = builder.info.metadata["settings"]["sample_rate"]
+    require(rate == data_config.sample_rate,
+            f"{data_config.path} was prepared at {rate} Hz, not the model's {data_config.sample_rate} Hz")
+    ds = builder.as_dataset(split=tfds.split_for_jax_process(split))
+    return [{"audio": ex["audio"].astype(np.float32) / (32768.0 if ex["audio"].dtype == np.int16 else 1.0),
+             "caption": ex["caption"].decode("utf-8"), "tags": [t.decode("utf-8") for t in ex["tags"]],
+             "attributes": ex["attributes"].decode("utf-8")} for ex in tfds.as_numpy(ds)]
+
+
+class EmbeddingIterator:
+    """The training set's clip embeddings as one global [N, D] batch, every step (N: a multiple of the
+    mesh's batch axes; at most that many − 1 clips per host are left out)."""
+
+    def __init__(self, config, mesh: jax.sharding.Mesh):
+        c = config
+        task, params = load_mulan(c.model.mulan_workdir, mesh, rules_from_config(c.sharding_rules))
+        window = int(round(c.data.window_seconds * task.config.data.sample_rate))
+        data = task.config.data.copy_and_resolve_references()
+        data.path = c.data.path or data.path
+        clips = [x["audio"] for x in read_clips(data)]
+        emb = clip_embeddings(task.model, params, clips, window, c.data.embed_batch_size, mesh)
+        require(emb.shape[1] == c.model.embed_dim, f"config.model.embed_dim={c.model.embed_dim} but the MuLan in "
+                                                   f"{c.model.mulan_workdir} embeds to {emb.shape[1]}")
+        per_host = max(1, batch_divisor(mesh) // jax.process_count())
+        keep = int(np.min(multihost_utils.process_allgather(np.array(len(emb) // per_host * per_host))))
+        require(keep > 0, f"the training set has fewer clips than the mesh's batch axes need ({per_host} per host)")
+        self.batch = host_to_global({"embeddings": emb[:keep]}, mesh)
+        self.index = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        self.index += 1
+        return self.batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"index": self.index}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.index = int(state["index"])
+
+
+def reconstruction(codebooks: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(quantized [N, D], mean squared error per vector, codes of every level [Q, N])."""
+    codes, parts = rvq_levels(codebooks, x)
+    quantized = parts.sum(0)
+    return quantized, jnp.mean(jnp.sum((x - quantized) ** 2, -1)), codes
+
+
+class RVQTask(Task):
+    name = "rvq"
+
+    def validate(self) -> None:
+        c = self.config
+        positive(c, "model.num_quantizers", "model.codebook_size", "model.kmeans_iters", "data.window_seconds",
+                 "data.embed_batch_size")
+        require(c.train.num_steps == c.model.num_quantizers,
+                f"config.train.num_steps={c.train.num_steps} must equal model.num_quantizers={c.model.num_quantizers} "
+                "(one step fits one level)")
+        require(bool(c.model.mulan_workdir), "config.model.mulan_workdir is empty; name the mulan stage's workdir")
+
+    def init_params(self, rng: jax.Array) -> Any:
+        m = self.config.model
+        zeros = jnp.zeros((m.num_quantizers, m.codebook_size, m.embed_dim), jnp.float32)
+        return {"codebooks": nn.LogicallyPartitioned(zeros, (None, "vocab", None))}
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        return TrainState.create(self.init_params(rng), ())
+
+    def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
+        x = batch["embeddings"]
+        quantized, error, _ = reconstruction(params["codebooks"], x)
+        return error, {"cosine": jnp.mean(jnp.sum(x * l2_normalize(quantized), -1))}
+
+    def train_step(self, state: TrainState, batch: Batch, rng: jax.Array):
+        m = self.config.model
+        x, codebooks = batch["embeddings"], state.params["codebooks"]
+        residual = x - reconstruction(codebooks, x)[0]
+        fitted = kmeans(residual, m.codebook_size, rng, m.kmeans_iters)
+        codebooks = jax.lax.dynamic_update_index_in_dim(codebooks, fitted, state.step, 0)
+        loss, metrics = self.loss({"codebooks": codebooks}, batch, rng)
+        counts = jnp.zeros(m.codebook_size).at[reconstruction(codebooks, x)[2][state.step]].add(1.0)
+        metrics = {**metrics, "loss": loss, "level": state.step + 1, "usage": jnp.mean(counts > 0),
+                   "perplexity": perplexity(counts)}
+        return state.replace(params={"codebooks": codebooks}), metrics
+
+    def train_iterator(self, mesh):
+        return EmbeddingIterator(self.config, mesh)
+
+
+def load_codebooks(workdir: str) -> np.ndarray:
+    """[Q, K, D] codebooks of the rvq stage's latest checkpoint in `workdir`."""
+    ckpt = Checkpointer(workdir, keep=1, every=1)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise WorkdirError(f"{workdir} holds no rvq checkpoint")
+        stage = ckpt.read_meta(step).get("stage")
+        if stage != "rvq":
+            raise WorkdirError(f"{workdir} holds a checkpoint of stage {stage!r}, not 'rvq'")
+        state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        ckpt.close()
+    return np.asarray(state["params"]["codebooks"])

@@ -1,0 +1,199 @@
+"""Semantic LM (DESIGN §4.4): KV-cache sampling, logit filters, the synthetic rule learnt, cached records, meshes."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+from melody_jax.models.semantic_lm import stream_ids
+from melody_jax.pipelines.lm_sampling import continue_tokens, sample, sample_from_logits, teacher_forced_logits
+from melody_jax.tasks.semantic_lm import SemanticLMTask, rule_targets, synthetic_tokens
+from melody_jax.tokenizers.token_records import write_token_records
+from melody_jax.training.checkpoint import Checkpointer
+from melody_jax.training.errors import ConfigError
+from melody_jax.training.loop import sharded_abstract_state, train
+from melody_jax.training.metrics import read_metrics
+from melody_jax.training.sharding import activate, make_mesh, rules_from_config
+from tests.helpers import stage_config
+
+CODES = 32  # data.synthetic_codes of the tiny preset
+
+
+def layout(config):
+    """(task, mesh, rules, abstract train state with shardings, sharding tree) for the config's mesh."""
+    task = SemanticLMTask(config)
+    mesh, rules = make_mesh(config.mesh), rules_from_config(config.sharding_rules)
+    with activate(mesh, rules):
+        abstract, shardings = sharded_abstract_state(task, mesh, rules, jax.random.key(0))
+    return task, mesh, rules, abstract, shardings
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    task = SemanticLMTask(stage_config("semantic_lm"))
+    return task.model, nn.meta.unbox(task.init_params(jax.random.key(0)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("trained")
+    config = stage_config("semantic_lm")
+    summary = train(config, str(workdir))
+    task, mesh, rules, abstract, _ = layout(config)
+    ckpt = Checkpointer(str(workdir), keep=3, every=1)
+    with activate(mesh, rules):
+        state, _ = ckpt.restore(config.train.num_steps, abstract)
+    ckpt.close()
+    return summary, read_metrics(workdir), task.model, jax.device_get(state.params)
+
+
+def test_paper_preset_matches_the_paper_size():
+    task = SemanticLMTask(stage_config("semantic_lm", "paper"))
+    shapes = jax.eval_shape(task.init_params, jax.random.key(0))
+    count = sum(x.size for x in jax.tree.leaves(shapes))
+    print(f"semantic LM paper preset: {count / 1e6:.1f}M parameters (paper: 429.5M)")
+    assert abs(count / 429.5e6 - 1) < 0.05, count  # 417.3M: 24 × 16.8M blocks + 13.6M embeddings + 1M head
+    assert shapes["decoder"]["embedding"].value.shape == (13 * 1024, 1024)
+    assert shapes["decoder"]["head"]["kernel"].value.shape == (1024, 1024)
+
+
+def test_stream_ids_offset_each_vocabulary():
+    codes = jnp.array([[5] * 14])
+    ids = stream_ids(codes, jnp.arange(14), num_prefix=12, prefix_codebook_size=1024)
+    np.testing.assert_array_equal(ids[0], [1024 * q + 5 for q in range(12)] + [12 * 1024 + 5] * 2)
+
+
+def test_cached_decoding_equals_full_forward(random_model):
+    model, params = random_model
+    mulan, semantic = synthetic_tokens(9, 0, 4, 12, 20, CODES, 4)
+    full = model.apply({"params": params}, np.concatenate([mulan, semantic], 1)[:, :-1])[:, 11:]
+    cached = teacher_forced_logits(model, params, mulan, semantic)
+    assert cached.shape == (4, 20, 1024)
+    err = float(jnp.abs(cached - full).max())
+    assert err < 1e-4 * float(jnp.abs(full).max()), f"cached logits differ by {err}"
+
+
+def truncated_softmax(logits, temperature, top_k, top_p):
+    """Reference in numpy: softmax(logits / T) restricted to the top-k, then the top-p set."""
+    z = logits / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros(len(z), bool)
+    keep[order[:top_k or len(z)]] = True
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    mass_before = np.cumsum(p[order]) - p[order]
+    keep[order[mass_before >= top_p]] = False
+    p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.8), (1.5, 6, 0.9)])
+def test_filters_draw_the_truncated_softmax(temperature, top_k, top_p):
+    logits = np.array([2.0, 1.5, 1.2, 1.0, 0.8, 0.5, 0.3, 0.0, -0.5, -1.0, -1.5, -3.0])
+    n = 40_000
+    draws = np.asarray(sample_from_logits(jax.random.key(0), jnp.broadcast_to(jnp.asarray(logits, jnp.float32),
+                                                                             (n, len(logits))),
+                                          temperature, top_k, top_p))
+    expected = truncated_softmax(logits, temperature, top_k, top_p)
+    empirical = np.bincount(draws, minlength=len(logits)) / n
+    assert empirical[expected == 0].sum() == 0, "drew a token outside the top-k / top-p set"
+    # a frequency's standard error is at most sqrt(0.25 / n) = 0.0025; allow 4 of them
+    assert np.abs(empirical - expected).max() < 0.01, (empirical, expected)
+
+
+def test_greedy_and_tiny_top_p_take_the_argmax():
+    logits = jax.random.normal(jax.random.key(1), (64, 1024))
+    best = np.asarray(jnp.argmax(logits, -1))
+    np.testing.assert_array_equal(sample_from_logits(jax.random.key(2), logits, temperature=0.0), best)
+    np.testing.assert_array_equal(sample_from_logits(jax.random.key(2), logits, top_p=1e-6), best)
+    np.testing.assert_array_equal(sample_from_logits(jax.random.key(2), logits, top_k=1), best)
+
+
+def test_sampling_is_deterministic_and_rows_are_independent(random_model):
+    model, params = random_model
+    mulan, _ = synthetic_tokens(3, 0, 4, 12, 1, CODES, 4)
+    key = jax.random.key(5)
+    tokens = np.asarray(sample(model, params, mulan, 8, key))
+    assert tokens.shape == (4, 8) and tokens.dtype == np.int32 and (tokens >= 0).all() and (tokens < 1024).all()
+    np.testing.assert_array_equal(sample(model, params, mulan, 8, key), tokens)
+    assert (np.asarray(sample(model, params, mulan, 8, jax.random.key(6))) != tokens).mean() > 0.5
+    # a row's tokens depend on (key, row index, its own prefix) only
+    np.testing.assert_array_equal(sample(model, params, mulan[:2], 8, key), tokens[:2])
+    others = mulan.copy()
+    others[1:] = (others[1:] + 5) % CODES
+    changed = np.asarray(sample(model, params, others, 8, key))
+    np.testing.assert_array_equal(changed[0], tokens[0])
+    assert (changed[1:] != tokens[1:]).any()
+
+
+def test_trained_model_follows_the_rule(trained):
+    summary, log, model, params = trained
+    losses = {m["step"]: m["loss"] for m in log}
+    # seen at 150 steps: loss 7.49 → 0.012, greedy 100 % on the rule, continuations 100 %
+    assert losses[1] > 2.0 and summary["loss"] < 0.1, f"loss went from {losses[1]:.3f} to {summary['loss']:.3f}"
+    mulan, semantic = synthetic_tokens(123, 0, 64, 12, 20, CODES, 4)  # unseen seed
+    greedy = np.asarray(sample(model, params, mulan, 20, jax.random.key(0), temperature=0.0))
+    follows = greedy == rule_targets(mulan, greedy, CODES)
+    assert follows.mean() > 0.95 and follows[:, 0].mean() > 0.9, f"greedy tokens follow the rule {follows.mean():.1%}"
+    # continuation (DESIGN §4.6): MuLan tokens ⊕ the last 10 tokens → the next 10
+    new = np.asarray(continue_tokens(model, params, mulan, semantic[:, :10], 10, jax.random.key(2), temperature=0.0))
+    matches = (new == semantic[:, 10:]).mean()
+    assert matches > 0.9, f"continuations match the rule {matches:.1%}"
+
+
+def test_sampling_under_a_mesh_equals_one_device(random_model):
+    model, params = random_model
+    mulan, semantic = synthetic_tokens(9, 0, 4, 12, 20, CODES, 4)  # shapes as above: compiled already
+    key = jax.random.key(5)
+    single = np.asarray(sample(model, params, mulan, 8, key))
+    single_logits = np.asarray(teacher_forced_logits(model, params, mulan, semantic))
+    _, mesh, rules, _, shardings = layout(stage_config("semantic_lm", mesh__data=2, mesh__fsdp=2, mesh__tensor=2))
+    sharded = jax.device_put(params, shardings.params)
+    assert sharded["decoder"]["layer_0"]["mlp"]["gate"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    with activate(mesh, rules):
+        meshed = np.asarray(sample(model, sharded, mulan, 8, key))
+        meshed_logits = np.asarray(teacher_forced_logits(model, sharded, mulan, semantic))
+    np.testing.assert_allclose(meshed_logits, single_logits, atol=1e-4)
+    np.testing.assert_array_equal(meshed, single)
+
+
+def test_cached_records_round_trip(tmp_path):
+    mulan, semantic = synthetic_tokens(0, 0, 64, 12, 20, CODES, 4)
+    path = str(tmp_path / "tokens.tfrecord")
+    assert write_token_records(path, mulan, semantic) == 64
+    config = stage_config("semantic_lm", data__source="cached", data__path=path, train__num_steps=3,
+                          train__checkpoint_every=3)
+    mesh = make_mesh(config.mesh)
+    it = SemanticLMTask(config).train_iterator(mesh)
+    straight = [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(6)]
+    # 64 records / 16 per batch: the first epoch holds each record exactly once
+    rows = np.concatenate([np.concatenate([b["mulan_tokens"], b["semantic_tokens"]], 1) for b in straight[:4]])
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, np.concatenate([mulan, semantic], 1)))
+    assert json.loads(json.dumps(it.get_state())) == {"batches": 6}
+    for consumed in (2, 4, 5):  # mid-epoch, at the epoch boundary, in the second epoch
+        fresh = SemanticLMTask(config).train_iterator(mesh)
+        fresh.set_state({"batches": consumed})
+        for k, v in next(fresh).items():
+            np.testing.assert_array_equal(np.asarray(v), straight[consumed][k])
+    other_seed = SemanticLMTask(stage_config("semantic_lm", seed=1, data__source="cached", data__path=path))
+    assert not np.array_equal(np.asarray(next(other_seed.train_iterator(mesh))["semantic_tokens"]),
+                              straight[0]["semantic_tokens"])
+
+    summary = train(config, str(tmp_path / "run"))
+    assert summary["status"] == "done" and np.isfinite(summary["loss"])
+    ckpt = Checkpointer(str(tmp_path / "run"), keep=3, every=1)
+    assert ckpt.manager.restore(3, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] == {"batches": 3}
+    ckpt.close()
+
+    with pytest.raises(ConfigError, match=r"token lengths .*'semantic_tokens': 20.*expects .*'semantic_tokens': 21"):
+        SemanticLMTask(stage_config("semantic_lm", data__source="cached", data__path=path,
+                                    data__semantic_len=21)).train_iterator(mesh)
+
+
+def test_frozen_model_tokens_are_refused_with_the_missing_stages():
+    with pytest.raises(ConfigError, match=r"frozen_models.*not implemented yet; missing stages: (.*, )?ssl, kmeans;"):
+        SemanticLMTask(stage_config("semantic_lm", data__source="frozen_models")).validate()
