@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from melody_jax.models.dpd import AngleEmbedding, EmbeddingMLP, frame_tokens
+from melody_jax.models.dpd import embed_inputs, frame_tokens
 from melody_jax.nn.init import dense
 from melody_jax.nn.norms import RMSNorm
 
@@ -55,13 +55,8 @@ class ConvBaseline(nn.Module):
     def __call__(
         self, z_noisy: jax.Array, delta: jax.Array, tokens: jax.Array, uncond: jax.Array | None = None
     ) -> jax.Array:
-        d, length = self.hidden_dim, z_noisy.shape[1]
-        e_delta = AngleEmbedding(d, self.angle_dim, self.dtype, name="angle_embed")(delta)
-        table = self.param("token_embed", nn.with_logical_partitioning(
-            nn.initializers.normal(1.0), ("vocab", "embed")), (self.vocab_size, d))
-        e_st = EmbeddingMLP(d, self.dtype, name="token_mlp")(jnp.take(table, tokens, axis=0))
-        x = dense(d, ("latent", "embed"), self.dtype, use_bias=True, name="input")(z_noisy)
-        x = x + e_delta + frame_tokens(e_st, length, uncond)
+        x, _, e_st = embed_inputs(self, z_noisy, delta, tokens)
+        x = x + frame_tokens(e_st, z_noisy.shape[1], uncond)
         dilation = 1
         for i in range(self.num_layers):
             x = ConvBlock(self.kernel_size, dilation, self.dtype, name=f"conv_{i}")(x)

@@ -130,6 +130,23 @@ def frame_tokens(e_st: jax.Array, length: int, uncond: jax.Array | None) -> jax.
     return jnp.where(uncond[:, None, None], 0.0, aligned).astype(aligned.dtype)
 
 
+def embed_inputs(module: nn.Module, z_noisy: jax.Array, delta: jax.Array,
+                 tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The input stem every velocity network shares: (Linear(z_noisy) + E_δ, E_δ, E_ST).
+
+    Called from a compact `__call__` of `module` (which has hidden_dim, angle_dim, vocab_size, dtype):
+    the parameters live directly under that module, as if written inline.
+    """
+    d = module.hidden_dim
+    e_delta = AngleEmbedding(d, module.angle_dim, module.dtype, name="angle_embed")(delta)
+    table = module.param("token_embed", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ("vocab", "embed")), (module.vocab_size, d))
+    e_st = EmbeddingMLP(d, module.dtype, name="token_mlp")(jnp.take(table, tokens, axis=0))
+    e_st = nn.with_logical_constraint(e_st, ("batch", "length", "embed"))
+    x = dense(d, ("latent", "embed"), module.dtype, use_bias=True, name="input")(z_noisy) + e_delta
+    return x, e_delta, e_st
+
+
 def default_merge_lengths(segment_length: int, num_blocks: int) -> tuple[int, ...]:
     """K_MS(i) = K / 2^min(i−1, N−i), i = 1…N: widest at both ends, narrowest in the middle."""
     return tuple(max(1, segment_length >> min(i, num_blocks - 1 - i)) for i in range(num_blocks))
@@ -168,14 +185,8 @@ class DPD(nn.Module):
     def __call__(
         self, z_noisy: jax.Array, delta: jax.Array, tokens: jax.Array, uncond: jax.Array | None = None
     ) -> jax.Array:
-        d, length = self.hidden_dim, z_noisy.shape[1]
-        e_delta = AngleEmbedding(d, self.angle_dim, self.dtype, name="angle_embed")(delta)
-        table = self.param("token_embed", nn.with_logical_partitioning(
-            nn.initializers.normal(1.0), ("vocab", "embed")), (self.vocab_size, d))
-        e_st = EmbeddingMLP(d, self.dtype, name="token_mlp")(jnp.take(table, tokens, axis=0))
-        e_st = nn.with_logical_constraint(e_st, ("batch", "length", "embed"))
-
-        x = dense(d, ("latent", "embed"), self.dtype, use_bias=True, name="input")(z_noisy) + e_delta
+        length = z_noisy.shape[1]
+        x, e_delta, e_st = embed_inputs(self, z_noisy, delta, tokens)
         if self.align_tokens:
             x = x + frame_tokens(e_st, length, uncond)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

@@ -86,7 +86,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
     """Returns a copy with `a.b=value` overrides applied, keeping each field's type discipline."""
     config = ml_collections.ConfigDict(config.to_dict())
     for dotted, text in overrides.items():
-        get_field(config, dotted)
         value = parse_value(text)
         current = get_field(config, dotted)
         if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
