@@ -92,6 +92,11 @@ REGISTRY: dict[str, str] = {
     "semantic_lm": "melody_jax.tasks.semantic_lm:SemanticLMTask",
     "mulan": "melody_jax.tasks.mulan:MuLanTask",
     "rvq": "melody_jax.tasks.rvq:RVQTask",
+    "vae_gan": "melody_jax.tasks.vae_gan:VAEGANTask",
+    "ssl": "melody_jax.tasks.ssl:SSLTask",
+    "kmeans": "melody_jax.tasks.kmeans:KMeansTask",
+    "codec": "melody_jax.tasks.codec:CodecTask",
+    "musicgen": "melody_jax.tasks.musicgen:MusicGenTask",
 }
 
 
