@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: test demo bench install clean
+.PHONY: test demo bench bench-peer install clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -21,6 +21,19 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The PyTorch peer (benchmarks/peer.py): its own venv, never a dependency of melody-jax.
+PEER_VENV := benchmarks/peers/.venv
+PEER_STAMP := $(PEER_VENV)/.installed
+PEER_PIP_ARGS ?= --retries 1
+
+$(PEER_STAMP): benchmarks/peers/requirements.txt
+	test -x $(PEER_VENV)/bin/python || python3 -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q $(PEER_PIP_ARGS) -r benchmarks/peers/requirements.txt
+	touch $(PEER_STAMP)
+
+bench-peer: $(PEER_STAMP) $(STAMP)
+	$(PY) -m benchmarks.peer $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

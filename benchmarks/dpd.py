@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.limits import matmul_peak, memory_bandwidth
-from benchmarks.report import compiled_flops, markdown_table, median_time, write_json
+from benchmarks.report import chosen_presets, compiled_flops, markdown_table, median_time, write_json
 from melody_jax.models.dpd import DPD
 from melody_jax.nn.segment import num_segments
 from melody_jax.tasks.dpd import DPDTask
@@ -70,7 +70,7 @@ def run(quick: bool, dtype: str = "float32") -> dict[str, Any]:
     repeats = 3 if quick else 10
     peak = matmul_peak(jnp.dtype(dtype), repeats=repeats)
     rows = []
-    for preset in ("small",) if quick else ("small", "base"):
+    for preset in chosen_presets(("small",) if quick else ("small", "base")):
         row = measure(preset, dtype, repeats)
         row["flops_ratio_xla_over_analytic"] = row["xla_flops"] / row["analytic_flops"]
         row["achieved_flops_per_s"] = row["analytic_flops"] / row["forward_s"]

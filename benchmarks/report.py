@@ -48,16 +48,33 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines)
 
 
-def write_json(name: str, payload: dict[str, Any]) -> str:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
+def chosen_presets(default: Sequence[str]) -> tuple[str, ...]:
+    """`BENCH_PRESETS=tiny,small` (or `run.py --presets`) overrides a section's presets, e.g. for tests."""
+    names = os.environ.get("BENCH_PRESETS", "").strip()
+    return tuple(n.strip() for n in names.split(",") if n.strip()) if names else tuple(default)
+
+
+def write_json(name: str, payload: dict[str, Any], directory: str | None = None) -> str:
+    directory = directory or RESULTS_DIR
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}.json")
     with open(path, "w") as f:
         json.dump({"machine": machine(), **payload}, f, indent=2, sort_keys=True, default=str)
     return path
 
 
+def partitions(compiled) -> int:
+    """Devices an SPMD program runs on: the largest device set among its input and output shardings."""
+    shardings = jax.tree.leaves((compiled.input_shardings, compiled.output_shardings))
+    return max((len(s.device_set) for s in shardings), default=1)
+
+
 def compiled_flops(compiled) -> float:
-    """XLA's own FLOP count of a compiled computation (cost_analysis)."""
+    """XLA's own FLOP count of a compiled computation (cost_analysis), summed over its partitions.
+
+    cost_analysis describes one partition of an SPMD program, so on a mesh of n devices it reports
+    about 1/n of the work; the total is what an analytic count of the whole computation compares with.
+    """
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
+    return float(cost.get("flops", 0.0)) * partitions(compiled)

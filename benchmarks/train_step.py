@@ -12,7 +12,7 @@ import time
 import jax
 
 from benchmarks.limits import matmul_peak
-from benchmarks.report import compiled_flops, markdown_table, median_time, write_json
+from benchmarks.report import chosen_presets, compiled_flops, markdown_table, median_time, write_json
 from melody_jax.tasks.toy_lm import ToyLMTask
 from melody_jax.training.config import apply_overrides
 from melody_jax.training.loop import guarded, init_sharded_state, sharded_abstract_state
@@ -59,7 +59,7 @@ def measure(preset: str, *, repeats: int, overrides: dict[str, str] | None = Non
 def run(quick: bool = False) -> dict:
     peak = matmul_peak(repeats=3 if quick else 10)
     rows = []
-    for preset in ("tiny", "small") if quick else ("tiny", "small", "base"):
+    for preset in chosen_presets(("tiny", "small") if quick else ("tiny", "small", "base")):
         row = measure(preset, repeats=3 if quick else 10)
         row["flops_ratio_xla_over_analytic"] = row["xla_flops"] / row["analytic_flops"]
         row["achieved_flops_per_s"] = row["analytic_flops"] / row["step_s"]

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from melody_jax.training.sharding import DEFAULT_RULES
-
 PRESETS = ("tiny", "small", "base", "paper")
 
 
@@ -13,7 +11,11 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.stage = stage
     c.seed = 0
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
+    # Data parallel, FSDP and tensor parallel differ only in mesh shape and these rules (DESIGN §8).
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.strategy = "fsdp_tp"  # dp | fsdp | tp | fsdp_tp (see training/sharding.py STRATEGIES)
+    c.sharding.min_sharded_size = 1 << 20  # fsdp: arrays this large must be split over fsdp, or init fails
+    c.sharding_rules = []  # [[logical name, mesh axis or list or None], ...] overriding the strategy's
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000  # also the horizon of the learning-rate schedule

@@ -43,7 +43,10 @@ def get_config(arg: str | None = None):
     c.model.dtype = "float32" if on_cpu else "bfloat16"
     c.model.num_chunks = 4  # M: multi-chunk training [paper]
     c.model.cfg_dropout = 0.1  # [paper]
-    c.data.source = "synthetic"
+    c.data.source = "synthetic"  # synthetic | cached (VAE-GAN latents + semantic tokens from launch.tokenize)
+    c.data.path = ""  # cached: TFRecord file or glob
+    c.data.eval_path = ""  # cached: held-out records ("" = no evaluation)
+    c.data.shuffle_buffer = 256
     c.data.latent_length = length  # L frames at 250 Hz (2500 = 10 s)
     c.data.token_length = tokens  # T_ST semantic tokens at 25 Hz (250 = 10 s)
     # Synthetic latents: std of each token's pattern and of the slow drift's amplitudes. At 0.4 / 0.4

@@ -26,6 +26,7 @@ SILENT = "silent"
 TOO_SHORT = "shorter than minimum"
 BAD_RANGE = "time range outside file"
 BAD_ENTRY = "bad metadata entry"
+OUT_OF_RANGE = "sample values out of range"
 
 # Extensions libsndfile decodes; other audio extensions are listed so they are reported, not ignored.
 DECODABLE = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au"})
@@ -62,7 +63,7 @@ def duration(path: str) -> float:
 def _open(path: str, fn):
     ext = os.path.splitext(path)[1].lower()
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:  # bytes: names that are not UTF-8 open too
             return fn(f)
     except BadAudio:
         raise
@@ -94,11 +95,14 @@ def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: flo
             remaining -= len(x)
             if not np.all(np.isfinite(x)):
                 raise BadAudio(NON_FINITE, f"at {(stop - start - remaining) / f.samplerate:.2f} s")
-            mono = x.mean(axis=1, dtype=np.float32)
+            mono = x.mean(axis=1, dtype=np.float64).astype(np.float32)  # float32 sums overflow near 3e38
             pieces.append(resampler.resample_chunk(mono) if resampler else mono)
         if resampler:
             pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
-        return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        out = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        if not np.all(np.isfinite(out)):  # the input was finite, so resampling overflowed float32
+            raise BadAudio(OUT_OF_RANGE, "samples near the float32 limit overflow when resampled")
+        return out
 
     audio = _open(path, read)
     if audio.size == 0:

@@ -11,6 +11,7 @@ import ast
 import csv
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -24,6 +25,8 @@ SOURCES = ("folder", "manifest", "musiccaps", "synthetic")
 # A MusicCaps file shorter than the CSV's end time but this close to (end - start) is taken to be
 # the already-cut 10-s clip (a common way these files are distributed).
 PRECUT_TOLERANCE_S = 0.5
+# Far beyond any real caption (MusicCaps: ~300 characters); a longer one is a broken entry.
+MAX_CAPTION_CHARS = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +58,36 @@ def _described(key: str, path: str, meta: Mapping[str, Any], **extra: Any) -> So
     caption = meta.get("caption") or ""
     if not isinstance(caption, str):
         raise ValueError(f"caption must be a string, got {type(caption).__name__}")
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise ValueError(f"caption of {len(caption)} characters is longer than {MAX_CAPTION_CHARS}")
+    tags = _tags(meta.get("tags"))
+    for text in (caption, *tags):
+        _utf8(text, "caption or tag")
     rest = {k: v for k, v in meta.items() if k not in ("path", "caption", "tags", "start_s", "end_s")}
-    return SourceItem(key=key, path=path, caption=caption.strip(), tags=_tags(meta.get("tags")),
-                      attributes=rest, **extra)
+    return SourceItem(key=key, path=path, caption=caption.strip(), tags=tags, attributes=rest, **extra)
+
+
+def _seconds(value: Any, name: str) -> float | None:
+    """A time in seconds from metadata: None, or a finite number (NaN/inf would break decoding)."""
+    if value is None:
+        return None
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name}={value!r} is not a finite number")
+    return seconds
+
+
+def _utf8(text: str, where: str) -> str:
+    """`text` unless it holds a lone surrogate (from bytes that were not UTF-8, read with
+    errors='surrogateescape', or a JSON '\\ud800' escape), which no UTF-8 writer accepts → ValueError."""
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        raise ValueError(f"{where} is not valid UTF-8")
+    return text
+
+
+def _printable(name: str) -> str:
+    """A key that encodes as UTF-8 whatever bytes a file name holds (bad bytes as \\xNN escapes)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def folder_items(root: str) -> Iterator[SourceItem]:
@@ -70,7 +100,7 @@ def folder_items(root: str) -> Iterator[SourceItem]:
             if ext.lower() not in audio_io.AUDIO_EXTENSIONS:
                 continue
             path = os.path.join(dirpath, name)
-            key = os.path.relpath(path, root)
+            key = _printable(os.path.relpath(path, root))
             side = os.path.join(dirpath, stem)
             try:
                 if os.path.exists(side + ".json"):
@@ -81,10 +111,10 @@ def folder_items(root: str) -> Iterator[SourceItem]:
                     yield _described(key, path, meta)
                 elif os.path.exists(side + ".txt"):
                     with open(side + ".txt", encoding="utf-8") as f:
-                        yield SourceItem(key=key, path=path, caption=f.read().strip())
+                        yield _described(key, path, {"caption": f.read()})
                 else:
                     yield SourceItem(key=key, path=path)
-            except (OSError, ValueError, UnicodeDecodeError) as e:
+            except (OSError, ValueError, RecursionError) as e:
                 yield SourceItem(key=key, path=path, error=(audio_io.BAD_ENTRY, f"sidecar: {e}"))
 
 
@@ -92,21 +122,22 @@ def manifest_items(manifest: str) -> Iterator[SourceItem]:
     """One JSON object per line: `path` (relative to the manifest's folder unless absolute),
     optional `caption`, `tags`, `start_s`/`end_s`; other keys become attributes."""
     base = os.path.dirname(os.path.abspath(manifest))
-    with open(manifest, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(manifest, "rb") as f:  # decoded per line, so one line of bad bytes skips only itself
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             key = f"{os.path.basename(manifest)}:{lineno}"
             try:
-                meta = json.loads(line)
+                meta = json.loads(raw.decode("utf-8"))
                 if not isinstance(meta, dict) or not isinstance(meta.get("path"), str) or not meta["path"]:
                     raise ValueError("each line must be a JSON object with a string 'path'")
-                path = os.path.join(base, meta["path"])
-                start = None if meta.get("start_s") is None else float(meta["start_s"])
-                end = None if meta.get("end_s") is None else float(meta["end_s"])
-                yield _described(f"{key}:{meta['path']}", path, meta, start_s=start, end_s=end)
-            except (ValueError, TypeError) as e:
-                yield SourceItem(key=key, error=(audio_io.BAD_ENTRY, str(e)))
+                path = os.path.join(base, _utf8(meta["path"], "path"))
+                start, end = _seconds(meta.get("start_s"), "start_s"), _seconds(meta.get("end_s"), "end_s")
+                yield _described(_printable(f"{key}:{meta['path']}"), path, meta, start_s=start, end_s=end)
+            except UnicodeDecodeError:
+                yield SourceItem(key=key, error=(audio_io.BAD_ENTRY, "line is not valid UTF-8"))
+            except (ValueError, TypeError, RecursionError) as e:
+                yield SourceItem(key=key, error=(audio_io.BAD_ENTRY, str(e).splitlines()[0] if str(e) else type(e).__name__))
 
 
 def _find_ytid(audio_dir: str, ytid: str) -> str | None:
@@ -121,15 +152,17 @@ def musiccaps_items(csv_path: str, audio_dir: str) -> Iterator[SourceItem]:
     """Rows of a MusicCaps CSV (ytid, start_s, end_s, aspect_list, caption, ...) over files named
     `<ytid>.<ext>` in `audio_dir`; the row's time range selects the segment. aspect_list → tags,
     the other columns → attributes."""
-    with open(csv_path, encoding="utf-8", newline="") as f:
+    with open(csv_path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         missing = {"ytid", "start_s", "end_s"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{csv_path} is not a MusicCaps CSV: missing columns {sorted(missing)}")
         for rowno, row in enumerate(reader, 2):
-            key = f"{row.get('ytid') or 'row'}@{row.get('start_s')}"
+            key = f"{row.get('ytid') or 'row'}@{row.get('start_s')}".encode("utf-8", "replace").decode("utf-8")
             try:
-                start, end = float(row["start_s"]), float(row["end_s"])
+                for value in row.values():
+                    _utf8(value if isinstance(value, str) else "", f"row {rowno}")
+                start, end = _seconds(row["start_s"], "start_s"), _seconds(row["end_s"], "end_s")
                 if not row["ytid"] or end <= start:
                     raise ValueError(f"row {rowno}: need a ytid and end_s > start_s")
                 aspects = row.get("aspect_list") or "[]"

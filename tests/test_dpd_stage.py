@@ -78,8 +78,8 @@ def test_synthetic_source_is_deterministic_resumable_and_token_driven():
     a, b = next(it), next(fresh)
     np.testing.assert_array_equal(np.asarray(a["latents"]), np.asarray(b["latents"]))
     held_out = next(synthetic_latents(config, mesh, EVAL_SPLIT))
-    assert not np.array_equal(np.asarray(held_out["tokens"]), np.asarray(a["tokens"]))
-    z, tokens = np.asarray(a["latents"]), np.asarray(a["tokens"])
+    assert not np.array_equal(np.asarray(held_out["semantic_tokens"]), np.asarray(a["semantic_tokens"]))
+    z, tokens = np.asarray(a["latents"]), np.asarray(a["semantic_tokens"])
     assert z.shape == (8, 160, 16) and tokens.shape == (8, 16) and np.abs(z).max() <= 1.0
     patterns = token_patterns(config.seed, config.model.vocab_size, config.model.latent_dim, config.data.pattern_scale)
     corr = np.corrcoef(z.ravel(), token_content(patterns, tokens, 160).ravel())[0, 1]

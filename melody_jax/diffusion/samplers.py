@@ -18,6 +18,21 @@ from melody_jax.diffusion.angles import Schedule, angle_step, sampling_angles
 from melody_jax.diffusion.guidance import VelocityFn
 
 
+def noise_like(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """ε of `shape` [B, ...] from one key, or from one key per row (`key` of shape [B]): then a row's
+    noise does not depend on the batch it is drawn in, so batched sampling equals one-by-one."""
+    if key.ndim == 0:
+        return jax.random.normal(key, shape, dtype)
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(key)
+
+
+def split_keys(key: jax.Array, num: int) -> jax.Array:
+    """`num` keys on a leading axis, from one key or from per-row keys [B] (→ [num, B])."""
+    if key.ndim == 0:
+        return jax.random.split(key, num)
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num))(key), 0, 1)
+
+
 def _denoise(
     velocity_fn: VelocityFn,
     z: jax.Array,
@@ -54,8 +69,8 @@ def generate(
     num_steps: int,
     schedule: Schedule = "paper",
 ) -> jax.Array:
-    """Samples latents [B, L, D] from z_{π/2} = ε, ε = jax.random.normal(key, shape)."""
-    noise = jax.random.normal(key, shape, jnp.float32)
+    """Samples latents [B, L, D] from z_{π/2} = ε = noise_like(key, shape) (key: one, or one per row)."""
+    noise = noise_like(key, shape)
     mask = jnp.ones(shape[:2], bool)
     return _denoise(velocity_fn, noise, jnp.zeros_like(noise), mask, cond, num_steps, schedule)
 
@@ -72,10 +87,10 @@ def inpaint(
 ) -> jax.Array:
     """Fills the frames of z [B, L, D] where mask ([B, L] or [L], bool) is true, keeps the rest.
 
-    The region starts from ε = jax.random.normal(key, z.shape) at angle π/2.
+    The region starts from ε = noise_like(key, z.shape) at angle π/2.
     """
     mask = jnp.broadcast_to(mask, z.shape[:2])
-    noise = jax.random.normal(key, z.shape, z.dtype)
+    noise = noise_like(key, z.shape, z.dtype)
     start = jnp.where(mask[..., None], noise, z)
     return _denoise(velocity_fn, start, z, mask, cond, num_steps, schedule)
 
@@ -96,13 +111,13 @@ def continue_window(
     schedule: Schedule = "paper",
 ) -> jax.Array:
     """One step of Algorithm 2: drops the first `chunk_length` frames of window [B, L, D],
-    appends as many new frames (from ε = jax.random.normal(key, [B, chunk_length, D])) and
+    appends as many new frames (from ε = noise_like(key, [B, chunk_length, D])) and
     denoises only those, with angle vector [0]×(L−L_M) ⊕ [δ_t]×L_M. Returns the new window.
     """
     batch, length, dim = window.shape
     if not 0 < chunk_length < length:
         raise ValueError(f"chunk_length must be in (0, {length}), got {chunk_length}")
-    noise = jax.random.normal(key, (batch, chunk_length, dim), window.dtype)
+    noise = noise_like(key, (batch, chunk_length, dim), window.dtype)
     start = jnp.concatenate([window[:, chunk_length:], noise], axis=1)
     mask = jnp.broadcast_to(jnp.arange(length) >= length - chunk_length, (batch, length))
     return _denoise(velocity_fn, start, start, mask, cond, num_steps, schedule)
@@ -138,7 +153,7 @@ def continue_latents(
         )
         return window, window[:, -chunk_length:]
 
-    keys = jax.random.split(key, num_windows)
+    keys = split_keys(key, num_windows)
     _, chunks = jax.lax.scan(step, z[:, -window_length:], (keys, conds))
     new = jnp.moveaxis(chunks, 0, 1).reshape(z.shape[0], num_windows * chunk_length, z.shape[2])
     return jnp.concatenate([z, new], axis=1)

@@ -47,7 +47,10 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Pre-norm bidirectional blocks, then masked mean pool and a projection to the shared space."""
+    """Pre-norm bidirectional blocks, then masked mean pool and a projection to the shared space.
+
+    `pool=False` returns the normed sequence [B, T, D] instead (MusicGen's text encoder, §6).
+    """
 
     num_layers: int
     num_heads: int
@@ -55,6 +58,7 @@ class Encoder(nn.Module):
     out_dim: int
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    pool: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, valid: jax.Array, positions: jax.Array) -> jax.Array:
@@ -63,6 +67,8 @@ class Encoder(nn.Module):
         for i in range(self.num_layers):
             x = block(self.num_heads, self.mlp_dim, self.dtype, name=f"layer_{i}")(x, mask, positions)
         x = RMSNorm(dtype=self.dtype, name="final_norm")(x).astype(jnp.float32)
+        if not self.pool:
+            return nn.with_logical_constraint(x, ("batch", "length", "embed"))
         w = valid.astype(jnp.float32)[..., None]
         pooled = (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
         out = dense(self.out_dim, ("embed", None), name="proj")(pooled)

@@ -3,8 +3,8 @@
 Works for any Linen LM whose `decode=True` clone keeps its KV cache in the `cache` collection and
 whose sampled outputs are its next inputs (`DecoderLM`, `SemanticLM`). The cache is preallocated
 for prefix + new tokens, the prefix is prefilled in one call, and the tokens come from a
-`jax.lax.scan`. Row b draws from keys folded from (key, b, step), so a row's tokens do not depend on
-the other rows of the batch. Call inside `melody_jax.training.sharding.activate(mesh, rules)` to
+`jax.lax.scan`. Row b draws from keys folded from (key, b, step) — or from its own key — so a row's
+tokens do not depend on the other rows of the batch. Call inside `melody_jax.training.sharding.activate(mesh, rules)` to
 sample with sharded parameters; the active rules are part of the compilation key.
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _decode(model: nn.Module, params, prefix: jax.Array, num_tokens: int,
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p", "rules"))
 def _sample(model, params, prefix, key, *, num_tokens, temperature, top_k, top_p, rules):
     del rules  # only part of the compilation key
-    row_keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(prefix.shape[0]))
+    row_keys = key if key.ndim else jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(prefix.shape[0]))
 
     def pick(logits, step):
         keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
@@ -123,7 +123,11 @@ def _active_rules() -> tuple:
 
 def sample(model: nn.Module, params, prefix: jax.Array, num_tokens: int, key: jax.Array, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """int32 [B, num_tokens] drawn after prefix int32 [B, P]; same key ⇒ same tokens."""
+    """int32 [B, num_tokens] drawn after prefix int32 [B, P]; same key ⇒ same tokens.
+
+    `key` is one key (row b draws from fold_in(key, b)) or one key per row, shape [B]: then a row's
+    tokens are the same whatever batch it is sampled in.
+    """
     if num_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need num_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
                          f"{num_tokens}, {temperature}, {top_k}, {top_p}")

@@ -1,7 +1,7 @@
 """Dual-path diffusion stage (DESIGN §4.5): multi-chunk velocity MSE with CFG token dropout.
 
-Data: until the VAE-GAN can encode audio, latents come from a synthetic source whose latents are
-a known function of the tokens plus structure the tokens do not give: each 25-Hz token selects a
+Data: `cached` reads VAE-GAN latents with their semantic tokens from the records `launch.tokenize`
+writes. `synthetic` (tests, benchmarks) makes latents that are a known function of the tokens plus structure the tokens do not give: each 25-Hz token selects a
 fixed random 16-d pattern, patterns are interpolated smoothly (raised-cosine) to the latent frame
 rate, and a slow drift (two sinusoids per channel, one and two cycles per clip, random amplitude
 and phase per example) is added; the sum is clipped to [-1, 1] like real latents. Batches are a
@@ -25,7 +25,7 @@ from flax import linen as nn
 from data_pipeline.indexed import IndexedBatches
 from melody_jax.diffusion.angles import Schedule, add_noise, multi_chunk_noising, predict_clean, velocity
 from melody_jax.diffusion.guidance import classifier_free_guidance
-from melody_jax.diffusion.samplers import generate
+from melody_jax.diffusion.samplers import continue_latents, generate, inpaint
 from melody_jax.models.dpd import DPD, guidance_conditions, velocity_fn
 from melody_jax.training.config import non_negative, positive, require
 from melody_jax.training.errors import ConfigError
@@ -73,7 +73,7 @@ def synthetic_latents(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     def make(index: int) -> dict[str, np.ndarray]:
         latents, tokens = synthetic_batch(patterns, c.seed, split, index, c.train.batch_size,
                                           c.data.latent_length, c.data.token_length, c.data.drift_scale)
-        return {"latents": latents, "tokens": tokens}
+        return {"latents": latents, "semantic_tokens": tokens}
 
     return IndexedBatches(make, c.train.batch_size, mesh)
 
@@ -99,13 +99,39 @@ def sample_latents(
     return generate(vfn, key, guidance_conditions(tokens), shape, num_steps=num_steps, schedule=schedule)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "window_length", "chunk_length", "num_steps", "schedule"))
+def continue_sampled_latents(
+    model: nn.Module, params: Any, z: jax.Array, window_tokens: jax.Array, key: jax.Array,
+    cfg_scale: float | jax.Array, *, window_length: int, chunk_length: int, num_steps: int, schedule: Schedule,
+) -> jax.Array:
+    """Continuation (Algorithm 2): z [B, L0, latent] extended by N chunks; window_tokens [N, B, T_ST]
+    are the semantic tokens of each new window. The first L0 frames come back unchanged."""
+    vfn = classifier_free_guidance(velocity_fn(model, {"params": params}), cfg_scale)
+    conds = jax.vmap(guidance_conditions)(window_tokens)
+    return continue_latents(vfn, key, z, conds, window_length=window_length, chunk_length=chunk_length,
+                            num_steps=num_steps, schedule=schedule)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_steps", "schedule"))
+def inpaint_sampled_latents(
+    model: nn.Module, params: Any, z: jax.Array, mask: jax.Array, tokens: jax.Array, key: jax.Array,
+    cfg_scale: float | jax.Array, *, num_steps: int, schedule: Schedule,
+) -> jax.Array:
+    """Fills the frames of z [B, L, latent] where mask [B, L] is true; the others come back unchanged."""
+    vfn = classifier_free_guidance(velocity_fn(model, {"params": params}), cfg_scale)
+    return inpaint(vfn, key, z, mask, guidance_conditions(tokens), num_steps=num_steps, schedule=schedule)
+
+
 class DPDTask(Task):
     name = "dpd"
 
     def validate(self) -> None:
         m, d = self.config.model, self.config.data
-        require(d.source == "synthetic", f"config.data.source={d.source!r}: only 'synthetic' exists; real "
-                "latents need the VAE-GAN stage to encode audio first")
+        require(d.source in ("synthetic", "cached"), f"config.data.source={d.source!r} must be 'synthetic' or "
+                "'cached' (records of VAE-GAN latents and semantic tokens written by `python -m launch.tokenize`)")
+        if d.source == "cached":
+            require(bool(d.path), "config.data.path is empty; data.source='cached' needs the records that "
+                    "`python -m launch.tokenize` writes")
         positive(self.config, "model.latent_dim", "model.hidden_dim", "model.num_blocks", "model.segment_length",
                  "model.num_heads", "model.roformer_layers", "model.mlp_dim", "model.angle_dim",
                  "model.vocab_size", "model.num_chunks", "data.latent_length", "data.token_length")
@@ -150,8 +176,8 @@ class DPDTask(Task):
         noisy = multi_chunk_noising(noise_key, batch["latents"], m.num_chunks)
         uncond = None
         if train and m.cfg_dropout > 0:
-            uncond = jax.random.bernoulli(drop_key, m.cfg_dropout, (batch["tokens"].shape[0],))
-        v_hat = self.model.apply({"params": params}, noisy.z_noisy, noisy.delta, batch["tokens"], uncond)
+            uncond = jax.random.bernoulli(drop_key, m.cfg_dropout, (batch["semantic_tokens"].shape[0],))
+        v_hat = self.model.apply({"params": params}, noisy.z_noisy, noisy.delta, batch["semantic_tokens"], uncond)
         return jnp.mean(jnp.square(v_hat - noisy.target)), {}
 
     def fixed_angle_metrics(self, params: Any, batch: Batch, rng: jax.Array, angle: float) -> Metrics:
@@ -160,7 +186,7 @@ class DPDTask(Task):
         eps = jax.random.normal(rng, z.shape, z.dtype)
         delta = jnp.full(z.shape[:2], angle, jnp.float32)
         z_delta = add_noise(z, eps, delta)
-        v_hat = self.model.apply({"params": params}, z_delta, delta, batch["tokens"])
+        v_hat = self.model.apply({"params": params}, z_delta, delta, batch["semantic_tokens"])
         z_hat = predict_clean(z_delta, v_hat, delta)
         return {"velocity_mse_quarter_pi": jnp.mean(jnp.square(v_hat - velocity(z, eps, delta))),
                 "si_snri_db_quarter_pi": jnp.mean(si_snr(z_hat, z) - si_snr(z_delta, z))}
@@ -169,10 +195,23 @@ class DPDTask(Task):
         fixed = self.fixed_angle_metrics(params, batch, jax.random.fold_in(rng, 1), EVAL_ANGLE)
         return {**super().eval_step(params, batch, rng), **fixed}
 
-    def train_iterator(self, mesh: jax.sharding.Mesh) -> IndexedBatches:
+    def _records(self, mesh: jax.sharding.Mesh, path: str):
+        from melody_jax.tokenizers.token_records import Field, RecordIterator  # TensorFlow: only when used
+
+        c = self.config
+        fields = {"latents": Field((c.data.latent_length, c.model.latent_dim)),
+                  "semantic_tokens": Field((c.data.token_length,), c.model.vocab_size)}
+        return RecordIterator(path, fields, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
+                              shuffle_buffer=c.data.shuffle_buffer)
+
+    def train_iterator(self, mesh: jax.sharding.Mesh):
+        if self.config.data.source == "cached":
+            return self._records(mesh, self.config.data.path)
         return synthetic_latents(self.config, mesh, TRAIN_SPLIT)
 
-    def eval_iterator(self, mesh: jax.sharding.Mesh) -> IndexedBatches:
+    def eval_iterator(self, mesh: jax.sharding.Mesh):
+        if self.config.data.source == "cached":
+            return self._records(mesh, self.config.data.eval_path) if self.config.data.eval_path else None
         return synthetic_latents(self.config, mesh, EVAL_SPLIT)
 
     def sample(

@@ -11,13 +11,11 @@ the unit sphere where text embeddings live) and hands the same global [N, D] mat
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 from flax import linen as nn
 from jax.experimental import multihost_utils
@@ -27,36 +25,17 @@ from data_pipeline.builder import find_prepared
 from melody_jax.models.mulan import MuLan, embed_audio, l2_normalize, rvq_levels
 from melody_jax.nn.quantizers import kmeans, perplexity
 from melody_jax.tasks.mulan import MuLanTask
-from melody_jax.training import config as config_lib
-from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.config import positive, require
-from melody_jax.training.errors import WorkdirError
-from melody_jax.training.sharding import batch_divisor, host_to_global, rules_from_config
+from melody_jax.training.frozen import load_stage
+from melody_jax.training.sharding import DEFAULT_RULES, batch_divisor, host_to_global, make_mesh, rules_from_config
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Batch, Task
 
 
 def load_mulan(mulan_workdir: str, mesh: jax.sharding.Mesh, rules) -> tuple[MuLanTask, Any]:
     """(the MuLan task as configured there, its latest parameters restored sharded onto `mesh`)."""
-    from melody_jax.training.loop import sharded_abstract_state  # the loop imports the task registry
-
-    path = os.path.join(mulan_workdir, "config.json")
-    if not os.path.exists(path):
-        raise WorkdirError(f"config.model.mulan_workdir={mulan_workdir!r} has no config.json "
-                           "(train the mulan stage there)")
-    with open(path) as f:
-        task = MuLanTask(config_lib.from_json(f.read()))
-    ckpt = Checkpointer(mulan_workdir, keep=1, every=1)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise WorkdirError(f"config.model.mulan_workdir={mulan_workdir!r} holds no checkpoint")
-        abstract, _ = sharded_abstract_state(task, mesh, rules, jax.random.key(0))
-        check_compatible(ckpt.read_meta(step), "mulan", param_signature(abstract.params), mulan_workdir)
-        state, _ = ckpt.restore(step, abstract)
-    finally:
-        ckpt.close()
-    return task, state.params
+    task, params, _ = load_stage(mulan_workdir, "mulan", mesh, rules, field="config.model.mulan_workdir")
+    return task, params
 
 
 def windows(audio: np.ndarray, window: int) -> np.ndarray:
@@ -188,15 +167,6 @@ class RVQTask(Task):
 
 def load_codebooks(workdir: str) -> np.ndarray:
     """[Q, K, D] codebooks of the rvq stage's latest checkpoint in `workdir`."""
-    ckpt = Checkpointer(workdir, keep=1, every=1)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise WorkdirError(f"{workdir} holds no rvq checkpoint")
-        stage = ckpt.read_meta(step).get("stage")
-        if stage != "rvq":
-            raise WorkdirError(f"{workdir} holds a checkpoint of stage {stage!r}, not 'rvq'")
-        state = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    finally:
-        ckpt.close()
-    return np.asarray(state["params"]["codebooks"])
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})  # codebooks are small: replicated
+    _, params, _ = load_stage(workdir, "rvq", mesh, DEFAULT_RULES, field="rvq workdir")
+    return np.asarray(params["codebooks"])

@@ -23,10 +23,9 @@ import optax
 from data_pipeline.indexed import IndexedBatches
 from melody_jax.models.semantic_lm import SemanticLM
 from melody_jax.training.config import one_of, positive, require
-from melody_jax.training.task import REGISTRY, Batch, Task
+from melody_jax.training.task import Batch, Task
 
 SOURCES = ("synthetic", "cached", "frozen_models")
-FROZEN_STAGES = ("mulan", "rvq", "ssl", "kmeans")  # MuLan tokens: mulan + rvq; semantic tokens: ssl + kmeans
 EVAL_SEED_OFFSET = 1_000_003
 
 
@@ -66,11 +65,9 @@ class SemanticLMTask(Task):
         c = self.config
         m, d = c.model, c.data
         one_of(c, "data.source", SOURCES)
-        missing = [stage for stage in FROZEN_STAGES if stage not in REGISTRY]
         require(d.source != "frozen_models",
-                "config.data.source='frozen_models' (tokenising audio in the step with the frozen mulan + rvq "
-                f"and ssl + kmeans stages) is not implemented yet; missing stages: {', '.join(missing) or 'none'}; "
-                "use 'synthetic', or 'cached' with records from melody_jax.tokenizers.token_records")
+                "config.data.source='frozen_models' (tokenising audio inside the step) is not available yet; cache "
+                "the tokens once with `python -m launch.tokenize` and use data.source='cached'")
         positive(c, "model.num_layers", "model.embed_dim", "model.num_heads", "model.mlp_dim",
                  "model.num_mulan_tokens", "model.mulan_codebook_size", "model.semantic_vocab_size",
                  "data.semantic_len", "data.shuffle_buffer")
@@ -110,13 +107,13 @@ class SemanticLMTask(Task):
         return loss, {"accuracy": (logits.argmax(-1) == semantic).mean()}
 
     def _records(self, mesh, path: str):
-        from melody_jax.tokenizers.token_records import TokenRecordIterator  # TensorFlow: only when used
+        from melody_jax.tokenizers.token_records import Field, RecordIterator  # TensorFlow: only when used
 
         c = self.config
-        return TokenRecordIterator(path, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
-                                   num_mulan_tokens=c.model.num_mulan_tokens, semantic_len=c.data.semantic_len,
-                                   vocab_sizes=(c.model.mulan_codebook_size, c.model.semantic_vocab_size),
-                                   shuffle_buffer=c.data.shuffle_buffer)
+        fields = {"mulan_tokens": Field((c.model.num_mulan_tokens,), c.model.mulan_codebook_size),
+                  "semantic_tokens": Field((c.data.semantic_len,), c.model.semantic_vocab_size)}
+        return RecordIterator(path, fields, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
+                              shuffle_buffer=c.data.shuffle_buffer)
 
     def train_iterator(self, mesh):
         if self.config.data.source == "cached":

@@ -33,11 +33,17 @@ def check_compatible(meta: dict[str, Any], stage: str, signature: dict[str, list
                                "use another --workdir")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, every: int):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True, create=True)
+            max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True, create=True,
+            cleanup_tmp_directories=True)  # saves a kill -9 interrupted: never complete, never read
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -49,7 +55,14 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta)), force=force)
 
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign step directory
+            raise WorkdirError(f"checkpoint {self.directory}/{step} could not be read: {_first_line(e)}; "
+                               "delete that step directory to resume from an earlier one") from e
+        if not isinstance(meta, dict):
+            raise WorkdirError(f"checkpoint {self.directory}/{step} is not a melody-jax checkpoint (no meta)")
+        return meta
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         try:
@@ -57,8 +70,20 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - any failure here is a damaged checkpoint for the user
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {msg}") from e
+            raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {msg}; "
+                               "delete that step directory to resume from an earlier one") from e
         return out["state"], out["data"]
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only `state.params` of a step (for frozen use and bundles): no optimizer state is read."""
+        item = {"params": abstract_params}
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+        except Exception as e:  # noqa: BLE001 - any failure here is a damaged checkpoint for the user
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {msg}") from e
+        return out["state"]["params"]
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 from melody_jax.training.errors import ConfigError
-from melody_jax.training.sharding import rules_from_config
+from melody_jax.training.sharding import config_rules
 
 
 def require(cond: bool, message: str) -> None:
@@ -18,13 +20,13 @@ def require(cond: bool, message: str) -> None:
 def positive(config: ml_collections.ConfigDict, *fields: str) -> None:
     for field in fields:
         value = get_field(config, field)
-        require(isinstance(value, (int, float)) and value > 0, f"config.{field}={value!r} must be > 0")
+        require(_finite(value) and value > 0, f"config.{field}={value!r} must be > 0")
 
 
 def non_negative(config: ml_collections.ConfigDict, *fields: str) -> None:
     for field in fields:
         value = get_field(config, field)
-        require(isinstance(value, (int, float)) and value >= 0, f"config.{field}={value!r} must be >= 0")
+        require(_finite(value) and value >= 0, f"config.{field}={value!r} must be >= 0")
 
 
 def one_of(config: ml_collections.ConfigDict, field: str, choices: tuple[str, ...]) -> None:
@@ -32,11 +34,17 @@ def one_of(config: ml_collections.ConfigDict, field: str, choices: tuple[str, ..
     require(value in choices, f"config.{field}={value!r} must be one of {choices}")
 
 
+def _finite(value: Any) -> bool:
+    """A real number (not a bool, NaN or ±inf): `lr=inf` must fail validation, not training."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
-        if part not in node:
-            raise ConfigError(f"config.{dotted} is missing")
+        if not isinstance(node, (Mapping, ml_collections.ConfigDict)) or part not in node:
+            name = dotted if dotted.isprintable() and len(dotted) <= 120 else _short(dotted)
+            raise ConfigError(f"config.{name} is missing")
         node = node[part]
     return node
 
@@ -45,20 +53,32 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     """The shared contract of DESIGN §3: fields every stage has."""
     for field in ("seed", "stage", "mesh", "train.num_steps", "train.batch_size", "optim.lr"):
         get_field(config, field)
+    require(isinstance(config.seed, int) and not isinstance(config.seed, bool),
+            f"config.seed={config.seed!r} must be an integer")
     positive(config, "train.num_steps", "train.batch_size", "train.log_every", "train.eval_every",
              "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps", "optim.lr")
     non_negative(config, "train.stop_at_step", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip_norm")
     one_of(config, "optim.schedule", ("cosine", "constant", "exponential"))
     one_of(config, "optim.name", ("adamw", "adam", "sgd"))
-    require(0 <= config.optim.b1 < 1 and 0 <= config.optim.b2 < 1,
+    require(_finite(config.optim.b1) and _finite(config.optim.b2) and 0 <= config.optim.b1 < 1
+            and 0 <= config.optim.b2 < 1,
             f"config.optim.b1={config.optim.b1}, b2={config.optim.b2} must lie in [0, 1)")
     for axis, size in config.mesh.items():
         require(isinstance(size, int) and (size > 0 or size == -1),
                 f"config.mesh.{axis}={size!r} must be a positive int or -1")
     try:
-        rules_from_config(config.sharding_rules)
+        config_rules(config)
     except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
+        message = " ".join(str(e).split())
+        raise ConfigError(message if message.startswith("config.") else
+                          f"config.sharding_rules={' '.join(repr(config.get('sharding_rules')).split())[:120]}: "
+                          f"each rule must be [logical name, mesh axis or list or null] ({message})") from None
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """One line, bounded: error messages quote user text, which may be huge or hold newlines."""
+    quoted = repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+    return " ".join(quoted.split())
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -78,7 +98,7 @@ def parse_value(text: str) -> Any:
         return None
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or too deep / too many digits to be a config value
         return text
 
 
@@ -89,13 +109,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
         value = parse_value(text)
         current = get_field(config, dotted)
         if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ConfigError(f"config.{dotted}={_short(text)} is too large for a float") from None
+        if isinstance(value, bool) and isinstance(current, (int, float)) and not isinstance(current, bool):
+            raise ConfigError(f"config.{dotted}={_short(text)} must be of type {type(current).__name__}, not bool")
         parent, _, leaf = dotted.rpartition(".")
         node = get_field(config, parent) if parent else config
         try:
             node[leaf] = value
-        except TypeError as e:
-            raise ConfigError(f"config.{dotted}={text!r}: {e}") from None
+        except (TypeError, ValueError, AttributeError, KeyError):  # ConfigDict's own type discipline
+            raise ConfigError(f"config.{dotted}={_short(text)} must be of type {type(current).__name__}, "
+                              f"not {type(value).__name__}") from None
     return config
 
 

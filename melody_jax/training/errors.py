@@ -15,3 +15,7 @@ class WorkdirError(UserError):
 
 class TrainingDiverged(UserError):
     """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+class BundleError(UserError):
+    """A bundle is incomplete, or its stages do not fit together (rates, sizes, vocabularies)."""

@@ -24,7 +24,7 @@ from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
 from melody_jax.training.metrics import MetricsWriter
-from melody_jax.training.sharding import activate, batch_divisor, make_mesh, rules_from_config
+from melody_jax.training.sharding import activate, assert_sharded, batch_divisor, config_rules, make_mesh, sharded_shapes
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Task, get_task
 
@@ -50,12 +50,7 @@ def validate(config: ml_collections.ConfigDict) -> Task:
 
 def sharded_abstract_state(task: Task, mesh: jax.sharding.Mesh, rules, rng: jax.Array):
     """(abstract unboxed state with shardings, sharding tree) without materialising anything."""
-    boxed = jax.eval_shape(task.init_state, rng)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    unboxed = jax.tree.map(lambda a: a.value if isinstance(a, nn.meta.AxisMetadata) else a, boxed,
-                           is_leaf=lambda a: isinstance(a, nn.meta.AxisMetadata))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, shardings)
-    return abstract, shardings
+    return sharded_shapes(task.init_state, rng, mesh, rules)
 
 
 def init_sharded_state(task: Task, shardings, rng: jax.Array) -> TrainState:
@@ -70,6 +65,11 @@ def guarded(task: Task, step_rng: jax.Array):
         finite = jnp.isfinite(metrics["loss"])
         if "grad_norm" in metrics:
             finite &= jnp.isfinite(metrics["grad_norm"])
+        # Also the result itself: a task whose metrics carry no grad_norm (or whose gradients went
+        # non-finite in a part the norm misses) must not write NaN into the parameters either.
+        for leaf in jax.tree.leaves(new_state.params):
+            if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                finite &= jnp.isfinite(leaf).all()
         kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         bad = jnp.logical_not(finite).astype(jnp.int32)
         kept = kept.replace(step=state.step + 1, bad_steps=state.bad_steps + bad,
@@ -126,7 +126,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
         task.validate()
     prepare_workdir(workdir)
     mesh = make_mesh(config.mesh)
-    rules = rules_from_config(config.sharding_rules)
+    rules = config_rules(config)
     if config.train.batch_size % batch_divisor(mesh):
         raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
                           f"mesh data×fsdp={batch_divisor(mesh)}")
@@ -135,14 +135,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
     with activate(mesh, rules):
         init_rng, step_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
         abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)
+        assert_sharded(abstract, config)  # before any memory is spent on a layout that would not fit
         signature = param_signature(abstract.params)
         meta = {"stage": config.stage, "param_signature": signature}
         ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
         train_it = task.train_iterator(mesh)
         latest = ckpt.latest_step()
         if latest is not None:
-            check_compatible(ckpt.read_meta(latest), config.stage, signature, f"workdir {workdir}")
-            state, data_state = ckpt.restore(latest, abstract)
+            try:
+                check_compatible(ckpt.read_meta(latest), config.stage, signature, f"workdir {workdir}")
+                state, data_state = ckpt.restore(latest, abstract)
+            except BaseException:
+                ckpt.close()  # a refused workdir must not leave Orbax's threads behind
+                raise
             train_it.set_state(data_state)
             logging.info("resumed from step %d", latest)
         else:
@@ -151,8 +156,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
                 counts = task.describe(state.params)
                 logging.info("parameters: %s (total %d)", counts, sum(counts.values()))
         if is_main:  # only now: a refused workdir keeps the config of the run it holds
-            with open(os.path.join(workdir, "config.json"), "w") as f:
+            with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
                 f.write(config_lib.to_json(config))
+            os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
         start = int(jax.device_get(state.step))
         writer = MetricsWriter(workdir, enabled=is_main, tensorboard=config.train.tensorboard,
                                resume_step=latest)
@@ -190,6 +196,7 @@ def _run(task, config, mesh, state, start, train_it, step_fn, eval_fn, eval_rng,
             return
         values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
         if values["bad_streak"] >= config.train.max_bad_steps:
+            bar.close()  # ends the bar's line, so the CLI's `error:` line starts a line of its own
             raise TrainingDiverged(
                 f"training stopped at step {step}: {int(values['bad_streak'])} consecutive non-finite "
                 f"steps (loss or gradients); they were skipped, so the parameters and the last "

@@ -14,6 +14,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one logged line; None for a blank or torn line (a kill -9 mid-write)."""
+    try:
+        record = json.loads(line)
+        return int(record["step"]) if line.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsWriter:
     """On resume, log lines past the restored step are dropped so the file is one trajectory."""
 
@@ -25,10 +34,12 @@ class MetricsWriter:
             return
         kept = []
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-        with open(self.path, "w") as f:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
+        tmp = self.path + ".tmp"  # replaced in one rename: a kill here never loses the kept lines
+        with open(tmp, "w") as f:
             f.writelines(kept)
+        os.replace(tmp, self.path)
         if tensorboard:
             import tensorflow as tf  # only the logging process pays for the import
 

@@ -1,0 +1,68 @@
+"""wav2vec 2.0-Conformer pre-training (DESIGN §4.2): the semantic tokenizer's encoder, before k-means.
+
+Parameter counts (from `jax.eval_shape` of the model): tiny 0.15M, small 6.7M, base 57.2M, paper 200.6M
+against the paper's 199.5M (paper: D 768, 14 Conformer blocks, FFN 3072, 12 heads, conv kernel 31,
+5 × 512-channel feature convs, G = 2 × V = 320 codes of 768 dims). Gumbel temperature anneals
+exponentially from `gumbel_start` to `gumbel_end` over `gumbel_anneal_steps` (wav2vec 2.0: 2 → 0.5;
+fairseq's ×0.999995 per step reaches 0.5 after ~277k steps). `tiny` is 1.6-s crops, 200 steps on CPU in minutes;
+set data.path (a dataset prepared at 24 kHz) for every preset.
+"""
+from configs.common import base_config, check_preset
+from data_pipeline.input import default_data_config
+
+SIZES = {  # conv channels, embed, layers, heads, mlp, conv kernel, vars, codevector/final dim, batch, crop s
+    "tiny": (16, 64, 2, 4, 128, 7, 16, 64, 16, 1.6),
+    "small": (128, 256, 4, 4, 1024, 15, 64, 128, 16, 5.0),
+    "base": (512, 512, 8, 8, 2048, 31, 320, 256, 64, 10.0),
+    "paper": (512, 768, 14, 12, 3072, 31, 320, 768, 128, 10.0),
+}
+
+
+def get_config(arg: str | None = None):
+    preset = check_preset(arg)
+    channels, embed, layers, heads, mlp, kernel, num_vars, code_dim, batch, crop = SIZES[preset]
+    tiny = preset == "tiny"
+    c = base_config("ssl")
+    c.preset = preset
+    m = c.model
+    m.conv_channels = [channels] * 5
+    m.conv_strides = [5, 4, 4, 4, 3]  # total 960: 25 Hz at 24 kHz
+    m.embed_dim = embed
+    m.num_layers = layers
+    m.num_heads = heads
+    m.mlp_dim = mlp
+    m.conv_kernel = kernel
+    m.num_groups = 2
+    m.num_vars = num_vars
+    m.codevector_dim = code_dim
+    m.final_dim = code_dim
+    m.dropout = 0.0 if tiny else 0.1
+    m.mask_prob = 0.65  # fairseq meaning: a span starts at a frame with probability mask_prob / mask_length
+    m.mask_length = 2 if tiny else 10  # tiny: short gaps, learnable in 200 CPU steps
+    m.num_negatives = 10 if tiny else 100  # K distractors; chance accuracy = 1 / (K + 1)
+    m.logit_temperature = 0.1
+    m.diversity_weight = 0.2 if tiny else 0.1  # tiny: keeps the 32-code book from collapsing
+    m.feature_penalty_weight = 1.0 if tiny else 10.0  # wav2vec 2.0 base: 10 × L2 of the conv features
+    m.gumbel_start = 2.0
+    m.gumbel_end = 0.5
+    m.gumbel_anneal_steps = 200 if tiny else 20000 if preset == "small" else 277000
+    m.normalize_audio = True
+    m.dtype = "float32" if preset in ("tiny", "small") else "bfloat16"
+    m.remat = preset == "paper"
+
+    c.data.update(default_data_config())
+    c.data.sample_rate = 24000
+    c.data.crop_seconds = crop
+    c.data.shuffle_buffer = 64 if tiny else 256
+    c.data.eval_split = "validation"  # "" = no evaluation; needs prepare_data --val_fraction > 0
+
+    c.train.batch_size = batch
+    c.train.num_steps = 200 if tiny else 20000 if preset == "small" else 400000
+    c.train.eval_every = 100 if tiny else 2000
+    c.train.checkpoint_every = 100 if tiny else 2000
+    c.optim.lr = 2e-3 if tiny else 5e-4 if preset == "small" else 3e-4
+    c.optim.warmup_steps = 20 if tiny else 2000 if preset == "small" else 32000
+    c.optim.b2 = 0.98
+    c.optim.weight_decay = 0.0 if tiny else 0.01
+    c.optim.grad_clip_norm = 10.0
+    return c

@@ -1,0 +1,78 @@
+"""Audio VAE-GAN (DESIGN §4.1): 24 kHz ↔ 250 Hz × 16 latents, HiFi-GAN decoder, MPD + MRD.
+
+Widths: encoder stage i maps channels[i] → 2·channels[i] (strided conv) and runs its MRF there;
+decoder stage i maps 2·channels[i] → channels[i] (transposed conv) and runs its MRF there. `block`
+is HiFi-GAN's ResBlock1 (two convs per dilation) or ResBlock2 (one).
+
+Parameter count of `paper` (logged at the start of training, tested in tests/test_vae_gan.py):
+encoder 45,386,528 (ResBlock1 MRFs at 64…512) and decoder 63,243,073 (ResBlock2 MRFs at
+768…96), 108.6M in all against the paper's 100.1M (40M + 60.1M). The paper gives rates, widths
+and kernels but not the block type or where the widths sit; this reading is the closest of the
+HiFi-GAN layouts we counted (the others: 12.6M or 45.4M encoders, 28M or 112M decoders).
+
+`tiny` (tests, CPU): 0.4-s crops (100 latent frames), small widths, all 7 MR-STFT resolutions
+(the 8192-point one still fits a 9600-sample crop) and the multi-period discriminator only: XLA:CPU
+runs the spectrogram discriminator's 2-D convs on a few channels at well under 1 GFLOP/s (≈0.8 s
+per step even at 4 channels and one resolution), more than the rest of the step together; the MRD
+is tested on its own (tests/test_vae_gan.py) and is on in every other preset. Tiny's MRFs have
+one kernel (7) and two dilations, its MPD two conv layers: XLA:CPU compile time grows with every
+distinct conv, and the tests compile this step three times. Every preset needs a prepared 24 kHz dataset
+in `data.path` (`python -m launch.prepare_data --source=synthetic ...` makes one).
+"""
+from configs.common import base_config, check_preset
+from data_pipeline.input import default_data_config
+
+PRESETS = {  # encoder channels, block; decoder channels, block; MRF dilations; MPD channels, MRD channels; batch, crop
+    "tiny": ((4, 8, 8, 16), 2, (32, 16, 16, 8), 2, (1, 3), (8, 16), 4, 8, 0.4),
+    "small": ((8, 16, 32, 64), 1, (256, 128, 64, 32), 2, (1, 3, 5), (16, 64, 128, 128), 16, 8, 1.0),
+    "base": ((16, 32, 64, 128), 1, (512, 256, 128, 64), 2, (1, 3, 5), (32, 128, 512, 1024, 1024), 32, 16, 1.0),
+    "paper": ((32, 64, 128, 256), 1, (768, 384, 192, 96), 2, (1, 3, 5), (32, 128, 512, 1024, 1024), 32, 16, 1.0),
+}
+
+
+def get_config(arg: str | None = None):
+    preset = check_preset(arg)
+    enc_ch, enc_block, dec_ch, dec_block, dilations, mpd_ch, mrd_ch, batch, crop = PRESETS[preset]
+    tiny = preset == "tiny"
+    mrf_kernels = [7] if tiny else [3, 7, 11]  # tiny: one receptive field (compile time, see above)
+    c = base_config("vae_gan")
+    c.preset = preset
+    c.model.latent_dim = 16
+    c.model.latent_scale = 3.0  # z = clip(z̄ / 3, -1, 1) [paper]
+    c.model.dtype = "float32" if preset in ("tiny", "small") else "bfloat16"
+    c.model.encoder = dict(rates=[2, 3, 4, 4], channels=list(enc_ch), kernels=[5, 7, 9, 9], block=enc_block,
+                           mrf_kernels=mrf_kernels, mrf_dilations=list(dilations))
+    c.model.decoder = dict(rates=[4, 4, 3, 2], channels=list(dec_ch), kernels=[9, 9, 5, 7], block=dec_block,
+                           mrf_kernels=mrf_kernels, mrf_dilations=list(dilations))
+
+    c.discriminator = dict(periods=[2, 3, 5, 7, 11], period_channels=list(mpd_ch),
+                           spectrogram_resolutions=([] if tiny else  # see the docstring
+                                                    [[1024, 120, 600], [2048, 240, 1200], [512, 50, 240]]),
+                           spectrogram_channels=mrd_ch, stft_resolutions=[], stft_channels=32,
+                           dtype=c.model.dtype)
+
+    c.loss = dict(mr_stft=50.0, feature_matching=20.0, adversarial=1.0, kl=5e-3,  # [paper]
+                  stft_n_ffts=[8192, 4096, 2048, 512, 128, 64, 32],  # [paper], all presets
+                  stft_hops=[2048, 1024, 512, 128, 32, 16, 8],
+                  stft_wins=[4096, 2048, 1024, 256, 64, 32, 16])
+
+    c.data.update(default_data_config())
+    c.data.sample_rate = 24000
+    c.data.crop_seconds = crop
+    c.data.shuffle_buffer = 64 if tiny else 256
+    c.data.eval_split = "validation"  # "" = no evaluation; needs prepare_data --val_fraction > 0
+
+    c.train.batch_size = batch
+    c.train.num_steps = 200 if tiny else 500_000
+    c.train.eval_every = 100 if tiny else 5000
+    c.train.checkpoint_every = 100 if tiny else 5000
+    # AdamW β = (0.8, 0.99), lr 2e-4, ×0.999 per epoch (HiFi-GAN's); both networks alike.
+    c.optim.lr = 2e-3 if tiny else 2e-4
+    c.optim.b1 = 0.8
+    c.optim.b2 = 0.99
+    c.optim.weight_decay = 0.01
+    c.optim.schedule = "exponential"
+    c.optim.decay_rate = 0.999
+    c.optim.decay_steps = 100 if tiny else 1000  # one "epoch" [choice: data sets differ in size]
+    c.optim.grad_clip_norm = 0.0  # HiFi-GAN clips nothing
+    return c

@@ -1,0 +1,39 @@
+"""`python -m launch.bundle --out=DIR --vae=... --ssl=... --kmeans=... --mulan=... --rvq=... --lm=... --dpd=...`.
+
+Checks that the trained stages fit together (sample rates, latent size, vocabularies, frame rates)
+and copies each one's config and newest parameters (no optimizer state) into one directory that
+`launch.sample` loads. `--model=musicgen` bundles `--codec`, `--mulan` and `--musicgen` instead.
+"""
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from launch.common import quiet_library_logs, run_user_errors
+
+_OUT = flags.DEFINE_string("out", None, "Bundle directory to create.")
+_MODEL = flags.DEFINE_enum("model", "melody", ["melody", "musicgen"], "Which system the bundle serves.")
+FLAG_STAGES = {"vae": "vae_gan", "ssl": "ssl", "kmeans": "kmeans", "mulan": "mulan", "rvq": "rvq",
+               "lm": "semantic_lm", "dpd": "dpd", "codec": "codec", "musicgen": "musicgen"}
+_DIRS = {flag: flags.DEFINE_string(flag, None, f"Workdir of the {stage} stage.") for flag, stage in FLAG_STAGES.items()}
+flags.mark_flags_as_required(["out"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    quiet_library_logs()
+    import jax
+
+    from melody_jax.pipelines.bundle import MELODY_STAGES, MUSICGEN_STAGES, assemble
+    from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
+
+    stages = MELODY_STAGES if _MODEL.value == "melody" else MUSICGEN_STAGES
+    sources = {FLAG_STAGES[f]: d.value for f, d in _DIRS.items() if d.value and FLAG_STAGES[f] in stages}
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])  # copying parameters needs no sharding
+    manifest = run_user_errors(lambda: assemble(_OUT.value, sources, mesh, DEFAULT_RULES, stages))
+    print(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

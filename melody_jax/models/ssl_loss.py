@@ -1,0 +1,61 @@
+"""The wav2vec 2.0 objective: contrastive loss over K distractors from the same utterance + diversity loss.
+
+Distractors for a masked frame t are K other masked frames of the same utterance, drawn uniformly
+with replacement (wav2vec 2.0 §3.2); a distractor whose codes equal the target's is the target
+itself and is dropped (−inf), as in fairseq. Similarities are cosines / κ computed once as a
+[B, T, T] matrix and gathered, so no [B, T, K, D] tensor of negatives is ever built.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e9
+
+
+def sample_negatives(rng: jax.Array, mask: jax.Array, num_negatives: int) -> jax.Array:
+    """int32 [B, T, K]: for each frame, K indices of masked frames of its utterance other than itself."""
+    b, t = mask.shape
+    masked_first = jnp.argsort(~mask, axis=1, stable=True)  # masked frames' indices, in time order
+    n = mask.sum(1)
+    rank = jnp.cumsum(mask, 1) - 1  # a masked frame's index among its utterance's masked frames
+    u = jax.random.randint(rng, (b, t, num_negatives), 0, jnp.maximum(n - 1, 1)[:, None, None])
+    u = u + (u >= rank[..., None])  # skip the frame itself
+    u = jnp.minimum(u, t - 1)
+    return jnp.take_along_axis(masked_first, u.reshape(b, -1), 1).reshape(b, t, num_negatives).astype(jnp.int32)
+
+
+def contrastive_logits(context: jax.Array, targets: jax.Array, codes: jax.Array, negatives: jax.Array,
+                       logit_temperature: float) -> jax.Array:
+    """[B, T, 1 + K] logits: cosine(c_t, q_t) then cosine(c_t, q_neg) for each distractor, over κ."""
+    def unit(x):
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-16))
+
+    sims = jnp.einsum("btd,bsd->bts", unit(context), unit(targets),
+                      precision=jax.lax.Precision.HIGHEST) / logit_temperature
+    pos = jnp.diagonal(sims, axis1=1, axis2=2)
+    neg = jnp.take_along_axis(sims, negatives, 2)
+    neg_codes = jax.vmap(lambda c, i: c[i])(codes, negatives)  # [B, T, K, G]
+    same = jnp.all(neg_codes == codes[:, :, None, :], -1)
+    return jnp.concatenate([pos[..., None], jnp.where(same, NEG_INF, neg)], -1)
+
+
+def wav2vec2_loss(out: dict[str, jax.Array], rng: jax.Array, *, num_negatives: int, logit_temperature: float,
+                  num_codes: int, diversity_weight: float, feature_penalty_weight: float
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(total loss, metrics) from the model's forward dict; frames count where masked in utterances with
+    at least two masked frames (one needs a distractor)."""
+    mask = out["mask"]
+    negatives = sample_negatives(rng, mask, num_negatives)
+    logits = contrastive_logits(out["context"], out["targets"], out["codes"], negatives, logit_temperature)
+    weight = (mask & (mask.sum(1, keepdims=True) >= 2)).astype(jnp.float32)
+    total = jnp.maximum(weight.sum(), 1.0)
+    ce = jax.nn.logsumexp(logits, -1) - logits[..., 0]
+    contrastive = jnp.sum(ce * weight) / total
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == 0) * weight) / total
+    diversity = (num_codes - out["prob_perplexity"]) / num_codes
+    loss = contrastive + diversity_weight * diversity + feature_penalty_weight * out["feature_penalty"]
+    return loss, {"contrastive_loss": contrastive, "accuracy": accuracy, "diversity_loss": diversity,
+                  "prob_perplexity": out["prob_perplexity"], "code_perplexity": out["code_perplexity"],
+                  "feature_penalty": out["feature_penalty"], "mask_fraction": jnp.mean(mask.astype(jnp.float32))}

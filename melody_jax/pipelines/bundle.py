@@ -1,0 +1,120 @@
+"""Bundles: one directory with every stage a sampler needs, checked to fit together.
+
+Layout: `BUNDLE/bundle.json` (stages, source workdirs, steps) and `BUNDLE/<stage>/` laid out like a
+training workdir — `config.json` and `checkpoints/<step>/` — but holding the parameters only, so
+`training.frozen.load_stage` reads a bundle's stage and a workdir alike and a bundle is a fraction
+of the size of the runs it came from.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from melody_jax.training.checkpoint import Checkpointer, param_signature
+from melody_jax.training.errors import BundleError, WorkdirError
+from melody_jax.training.frozen import load_stage, read_config
+
+MELODY_STAGES = ("vae_gan", "ssl", "kmeans", "mulan", "rvq", "semantic_lm", "dpd")
+MUSICGEN_STAGES = ("codec", "mulan", "musicgen")
+MANIFEST = "bundle.json"
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise BundleError(message)
+
+
+def check_fit(configs: Mapping[str, ml_collections.ConfigDict]) -> None:
+    """One clear error for the first way MeLoDy's stages do not fit together."""
+    missing = [s for s in MELODY_STAGES if s not in configs]
+    _need(not missing, f"bundle lacks the stage(s) {', '.join(missing)}")
+    vae, ssl, km, mulan, rvq, lm, dpd = (configs[s] for s in MELODY_STAGES)
+    rate = vae.data.sample_rate
+    for name in ("ssl", "mulan"):
+        other = configs[name].data.sample_rate
+        _need(other == rate, f"{name} works at {other} Hz but vae_gan at {rate} Hz")
+    _need(vae.model.latent_dim == dpd.model.latent_dim,
+          f"vae_gan latents have {vae.model.latent_dim} channels, dpd expects {dpd.model.latent_dim}")
+    _need(km.model.num_clusters == lm.model.semantic_vocab_size == dpd.model.vocab_size,
+          f"k-means has {km.model.num_clusters} clusters, semantic_lm a vocabulary of "
+          f"{lm.model.semantic_vocab_size} and dpd of {dpd.model.vocab_size}; all three must agree")
+    _need(rvq.model.num_quantizers == lm.model.num_mulan_tokens,
+          f"rvq has {rvq.model.num_quantizers} levels, semantic_lm expects {lm.model.num_mulan_tokens} MuLan tokens")
+    _need(rvq.model.codebook_size == lm.model.mulan_codebook_size,
+          f"rvq codebooks have {rvq.model.codebook_size} codes, semantic_lm expects {lm.model.mulan_codebook_size}")
+    _need(rvq.model.embed_dim == mulan.model.out_dim,
+          f"rvq quantizes {rvq.model.embed_dim}-d embeddings, mulan embeds to {mulan.model.out_dim}")
+    latent_rate = rate / math.prod(vae.model.encoder.rates)
+    token_rate = rate / math.prod(ssl.model.conv_strides)
+    frames = latent_rate / token_rate
+    _need(frames == round(frames), f"vae_gan latents ({latent_rate:g} Hz) are not a whole multiple of "
+                                   f"the semantic tokens ({token_rate:g} Hz)")
+    window = dpd.data.latent_length / dpd.data.token_length
+    _need(window == frames, f"dpd was trained with {window:g} latent frames per token, the vae_gan and ssl "
+                            f"give {frames:g}")
+
+
+def read_configs(directory: str) -> dict[str, ml_collections.ConfigDict]:
+    """{stage: config} of a bundle, with a clear error when it is not one."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        raise BundleError(f"{directory} is not a bundle (no {MANIFEST}); make one with `python -m launch.bundle`")
+    with open(path) as f:
+        try:
+            stages = json.load(f)["stages"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BundleError(f"{path} is damaged: {e}") from None
+    configs = {}
+    for stage in stages:
+        try:
+            configs[stage] = read_config(os.path.join(directory, stage), stage, f"bundle stage {stage}")
+        except WorkdirError as e:
+            raise BundleError(str(e)) from None
+    return configs
+
+
+def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules) -> int:
+    """Copies a stage's config and newest parameters (only) from a workdir into `out`; returns the step."""
+    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(source, "config.json")) as f, open(os.path.join(out, "config.json"), "w") as g:
+        g.write(f.read())
+    ckpt = Checkpointer(out, keep=1, every=1)
+    try:
+        ckpt.save(step, {"params": params}, {}, {"stage": stage, "param_signature": param_signature(params)},
+                  force=True)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    return step
+
+
+def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rules,
+             stages: tuple[str, ...] = MELODY_STAGES) -> dict[str, Any]:
+    """Checks the workdirs fit together, then writes the bundle; returns its manifest."""
+    missing = [s for s in stages if not sources.get(s)]
+    _need(not missing, f"bundle needs a workdir for: {', '.join(missing)}")
+    try:
+        configs = {s: read_config(sources[s], s, f"--{s}") for s in stages}
+    except WorkdirError as e:
+        raise BundleError(str(e)) from None
+    if stages == MELODY_STAGES:
+        check_fit(configs)
+    if os.path.exists(os.path.join(out, MANIFEST)):
+        raise BundleError(f"{out} already holds a bundle; choose another --out or remove it")
+    steps = {}
+    for s in stages:
+        try:
+            steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules)
+        except WorkdirError as e:
+            raise BundleError(str(e)) from None
+    manifest = {"stages": list(stages), "steps": steps, "sources": {s: os.path.abspath(sources[s]) for s in stages}}
+    with open(os.path.join(out, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest

@@ -1,0 +1,274 @@
+"""MeLoDy end to end (DESIGN §1, §4.6): text or audio → MuLan tokens → semantic LM → DPD → VAE decoder.
+
+Durations beyond one DPD window use Algorithm 2: the LM and the DPD move in lockstep by M_ST tokens
+(L_M = M_ST · frames-per-token latent frames) per step, so the audio can be continued to any length.
+Given audio (continuation, inpainting) is encoded by the frozen VAE and tokenised by SSL + k-means;
+its latents come back unchanged wherever they are known. Row b of a batch draws all its randomness
+from `seed_b` (an int seed s gives row b the seed s + b), so a batch equals its rows run one by one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from melody_jax.pipelines.bundle import check_fit, read_configs
+from melody_jax.pipelines.lm_sampling import continue_tokens, sample
+from melody_jax.pipelines.stages import frames, load_mulan, load_tokenizer, load_vae
+from melody_jax.pipelines.validation import check_duration, check_prompt
+from melody_jax.tasks.dpd import continue_sampled_latents, inpaint_sampled_latents, sample_latents
+from melody_jax.training.errors import UserError
+from melody_jax.training.frozen import load_stage
+from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
+
+MAX_SECONDS = 3600.0
+MAX_PROMPT_CHARS = 2000
+
+
+class AudioInputError(UserError, ValueError):
+    """Given audio (continuation, inpainting, prompting) cannot be used as asked."""
+
+
+@dataclasses.dataclass
+class Result:
+    """One batch of generated music and how it was made."""
+
+    audio: np.ndarray  # float32 [B, T] at sample_rate
+    sample_rate: int
+    latents: np.ndarray  # [B, L, 16] mapped VAE latents
+    semantic_tokens: np.ndarray  # int32 [B, N]
+    mulan_tokens: np.ndarray  # int32 [B, Q]
+    seconds: dict[str, float]  # wall time per stage (compilation included on first use)
+    forward_passes: dict[str, int]  # network evaluations per stage, per batch
+
+    @property
+    def real_time_factor(self) -> float:
+        """Audio seconds generated per wall second (> 1: faster than real time), whole batch."""
+        return self.audio.shape[0] * self.audio.shape[1] / self.sample_rate / max(sum(self.seconds.values()), 1e-9)
+
+
+def row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
+    seeds = [seed + b for b in range(batch)] if isinstance(seed, (int, np.integer)) else list(seed)
+    if len(seeds) != batch:
+        raise AudioInputError(f"got {len(seeds)} seeds for {batch} prompts")
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+
+
+def fold(keys: jax.Array, data: int) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
+
+
+class MeLoDy:
+    """A loaded bundle; every method samples with jit-compiled `lax` loops on `mesh` (default: one
+    device; pass a mesh to shard the stages' parameters by their logical axes)."""
+
+    def __init__(self, bundle: str, mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES,
+                 progress: bool = True):
+        configs = read_configs(bundle)
+        check_fit(configs)
+        # default: one device — a sampling batch of a few prompts gains nothing from being split
+        self.mesh = mesh or make_mesh({"data": 1}, jax.devices()[:1])
+        self.rules, self.progress = rules, progress
+        path = lambda stage: os.path.join(bundle, stage)  # noqa: E731
+        with activate(self.mesh, rules):
+            self.vae = load_vae(path("vae_gan"), self.mesh, rules)
+            self.tokenizer = load_tokenizer(path("ssl"), path("kmeans"), self.mesh, rules)
+            self.mulan = load_mulan(path("mulan"), path("rvq"), self.mesh, rules)
+            lm_task, self.lm_params, _ = load_stage(path("semantic_lm"), "semantic_lm", self.mesh, rules)
+            dpd_task, self.dpd_params, _ = load_stage(path("dpd"), "dpd", self.mesh, rules)
+        self.lm, self.dpd = lm_task.model, dpd_task.model
+        self.sample_rate = self.vae.sample_rate
+        self.frames_per_token = self.tokenizer.hop // self.vae.hop
+        self.token_rate = self.sample_rate / self.tokenizer.hop
+        self.lm_window = lm_task.config.data.semantic_len
+        self.window_tokens = dpd_task.config.data.token_length
+        self.chunk_tokens = math.ceil(self.window_tokens / dpd_task.config.model.num_chunks)  # M_ST
+        self.lm_context = max(0, min(self.lm_window, self.window_tokens) - self.chunk_tokens)
+
+    # --- public API -----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], duration_s: float, steps: int = 10, cfg: float = 2.5,
+                 seed: int | Sequence[int] = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+                 ) -> Result:
+        """Text → music of `duration_s` seconds for each prompt."""
+        prompts = [check_prompt(p, MAX_PROMPT_CHARS) for p in prompts]
+        duration = check_duration(duration_s, MAX_SECONDS)
+        return self._run(lambda: self.mulan.text_tokens(prompts), len(prompts), None, None, duration,
+                         steps, cfg, seed, (temperature, top_k, top_p))
+
+    def generate_from_audio_prompt(self, audio: np.ndarray, duration_s: float, steps: int = 10,
+                                   cfg: float = 2.5, seed: int | Sequence[int] = 0, **sampling) -> Result:
+        """Music prompting: the MuLan audio tower embeds `audio` [B, T] instead of a text."""
+        audio = self._check_audio(audio, min_seconds=0.0)
+        duration = check_duration(duration_s, MAX_SECONDS)
+        return self._run(lambda: self.mulan.audio_tokens(audio), len(audio), None, None, duration,
+                         steps, cfg, seed, self._sampling(**sampling))
+
+    def continue_audio(self, audio: np.ndarray, extra_s: float, prompts: Sequence[str] | None = None,
+                       steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0, **sampling) -> Result:
+        """`audio` [B, T] (trimmed to whole tokens) followed by `extra_s` new seconds; the prompt is
+        the text given, else the audio itself (MuLan audio tower). Its latents are kept unchanged."""
+        audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
+        audio = audio[:, : audio.shape[1] // self.tokenizer.hop * self.tokenizer.hop]
+        extra = check_duration(extra_s, MAX_SECONDS, name="extra")
+        prefix = self._prefix(prompts, audio)
+        total = audio.shape[1] / self.sample_rate + extra
+        return self._run(prefix, len(audio), self.vae.encode(audio), self.tokenizer(audio), total,
+                         steps, cfg, seed, self._sampling(**sampling))
+
+    def inpaint(self, audio: np.ndarray, start_s: float, end_s: float, prompts: Sequence[str] | None = None,
+                steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0, **sampling) -> Result:
+        """Regenerates [start_s, end_s) of `audio` [B, T] (widened to whole tokens); the latents outside
+        stay as encoded. The span's semantic tokens come from the LM, continuing the tokens before it."""
+        audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
+        audio = audio[:, : audio.shape[1] // self.tokenizer.hop * self.tokenizer.hop]
+        length = audio.shape[1] / self.sample_rate
+        if not 0 <= start_s < end_s <= length:
+            raise AudioInputError(f"inpainting span [{start_s:g}, {end_s:g}) s must lie within the audio's "
+                                  f"{length:g} s and be non-empty")
+        temperature, top_k, top_p = self._sampling(**sampling)
+        keys = row_keys(seed, len(audio))
+        t0, t1 = int(math.floor(start_s * self.token_rate)), frames(end_s, self.token_rate)
+        seconds: dict[str, float] = {}
+        with activate(self.mesh, self.rules):
+            prefix = self._timed(seconds, "mulan", self._prefix(prompts, audio))
+            tokens = np.asarray(self.tokenizer(audio))
+            z = self.vae.encode(audio)
+            context = tokens[:, max(0, t0 - self.lm_context):t0]
+            new = self._timed(seconds, "semantic_lm", lambda: self._lm(prefix, context, t1 - t0, fold(keys, 1),
+                                                                       temperature, top_k, top_p))
+            tokens = np.concatenate([tokens[:, :t0], np.asarray(new), tokens[:, t1:]], axis=1)
+            fpt = self.frames_per_token
+            mask = np.zeros(z.shape[:2], bool)
+            mask[:, t0 * fpt:t1 * fpt] = True
+            z = self._timed(seconds, "dpd", lambda: inpaint_sampled_latents(
+                self.dpd, self.dpd_params, z, jnp.asarray(mask), jnp.asarray(tokens), fold(keys, 2), cfg,
+                num_steps=steps, schedule="paper"))
+            audio_out = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
+        passes = {"mulan": 1, "semantic_lm": t1 - t0, "dpd": steps, "vae_decode": 1}
+        return Result(np.asarray(audio_out), self.sample_rate, np.asarray(z), tokens, np.asarray(prefix),
+                      seconds, passes)
+
+    # --- the shared path ------------------------------------------------------------------------
+    def _run(self, prefix_fn, batch: int, z0, tokens0, duration: float, steps: int, cfg: float, seed,
+             sampling: tuple[float, int, float]) -> Result:
+        if steps < 1 or not math.isfinite(cfg):
+            raise AudioInputError(f"need steps >= 1 and a finite cfg, got steps={steps}, cfg={cfg}")
+        keys = row_keys(seed, batch)
+        known = 0 if tokens0 is None else tokens0.shape[1]
+        wanted = frames(duration, self.token_rate)
+        total = self._token_plan(known, wanted)
+        seconds: dict[str, float] = {}
+        stages = tqdm(["mulan", "semantic_lm", "dpd", "vae_decode"], disable=not self.progress, leave=False)
+        with activate(self.mesh, self.rules):
+            stages.set_description("mulan")
+            prefix = self._timed(seconds, "mulan", prefix_fn)
+            stages.update(1)
+            stages.set_description("semantic_lm")
+            context = np.zeros((batch, 0), np.int32) if tokens0 is None else np.asarray(tokens0)
+            new = self._timed(seconds, "semantic_lm", lambda: self._lm(
+                prefix, context[:, max(0, known - self.lm_context):], total - known, fold(keys, 1), *sampling))
+            tokens = np.concatenate([context, np.asarray(new)], axis=1)
+            stages.update(1)
+            stages.set_description("dpd")
+            z = self._timed(seconds, "dpd", lambda: self._latents(z0, tokens, fold(keys, 2), steps, cfg))
+            stages.update(1)
+            stages.set_description("vae_decode")
+            audio = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
+            stages.update(1)
+        stages.close()
+        samples = int(round(duration * self.sample_rate))
+        windows = max(0, total - max(known, self.window_tokens)) // self.chunk_tokens
+        # CFG runs both branches as one batched call per step
+        passes = {"mulan": 1, "semantic_lm": total - known, "dpd": steps * (1 + windows), "vae_decode": 1}
+        return Result(np.asarray(audio)[:, :samples], self.sample_rate, np.asarray(z), tokens, np.asarray(prefix),
+                      seconds, passes)
+
+    def _token_plan(self, known: int, wanted: int) -> int:
+        """Tokens to generate up to: `wanted`, or, beyond one window, whole continuation chunks."""
+        start = max(known, self.window_tokens)
+        if wanted <= start:
+            return max(wanted, known)
+        return start + math.ceil((wanted - start) / self.chunk_tokens) * self.chunk_tokens
+
+    def _lm(self, prefix, context: np.ndarray, num_new: int, keys, temperature, top_k, top_p) -> jax.Array:
+        """num_new semantic tokens after `context`, window by window (each sees ≤ lm_context tokens)."""
+        out, have, i = [], np.asarray(context), 0
+        while sum(x.shape[1] for x in out) < num_new:
+            step_keys = fold(keys, i)
+            remaining = num_new - sum(x.shape[1] for x in out)
+            if have.shape[1] == 0:
+                new = sample(self.lm, self.lm_params, prefix, min(remaining, self.lm_window), step_keys,
+                             temperature, top_k, top_p)
+            else:
+                ctx = have[:, -self.lm_context:] if self.lm_context else have[:, :0]
+                new = continue_tokens(self.lm, self.lm_params, prefix, ctx, min(remaining, self.chunk_tokens),
+                                      step_keys, temperature, top_k, top_p)
+            new = np.asarray(new)
+            out.append(new)
+            have = np.concatenate([have, new], axis=1)
+            i += 1
+        return jnp.asarray(np.concatenate(out, axis=1) if out else np.zeros((len(context), 0), np.int32))
+
+    def _latents(self, z0, tokens: np.ndarray, keys, steps: int, cfg: float) -> jax.Array:
+        """Latents for all `tokens`; the frames of z0 (for the first tokens) come back unchanged."""
+        fpt, window, chunk = self.frames_per_token, self.window_tokens, self.chunk_tokens
+        n = tokens.shape[1]
+        known = 0 if z0 is None else z0.shape[1] // fpt
+        first = min(n, max(window, known))
+        if known == 0:
+            z = sample_latents(self.dpd, self.dpd_params, jnp.asarray(tokens[:, :first]), fold(keys, 0), cfg,
+                               length=first * fpt, num_steps=steps, schedule="paper")
+        elif known < first:
+            z = jnp.pad(jnp.asarray(z0)[:, : known * fpt], ((0, 0), (0, (first - known) * fpt), (0, 0)))
+            mask = jnp.broadcast_to(jnp.arange(first * fpt) >= known * fpt, z.shape[:2])
+            z = inpaint_sampled_latents(self.dpd, self.dpd_params, z, mask, jnp.asarray(tokens[:, :first]),
+                                        fold(keys, 0), cfg, num_steps=steps, schedule="paper")
+        else:
+            z = jnp.asarray(z0)[:, : known * fpt]
+        if n > first:
+            ends = range(first + chunk, n + 1, chunk)
+            conds = jnp.stack([jnp.asarray(tokens[:, e - window:e]) for e in ends])
+            z = continue_sampled_latents(self.dpd, self.dpd_params, z, conds, fold(keys, 1), cfg,
+                                         window_length=window * fpt, chunk_length=chunk * fpt, num_steps=steps,
+                                         schedule="paper")
+        return z
+
+    def _prefix(self, prompts: Sequence[str] | None, audio: np.ndarray):
+        if prompts is None:
+            return lambda: self.mulan.audio_tokens(audio)
+        prompts = [check_prompt(p, MAX_PROMPT_CHARS) for p in prompts]
+        if len(prompts) != len(audio):
+            raise AudioInputError(f"got {len(prompts)} prompts for {len(audio)} audio clips")
+        return lambda: self.mulan.text_tokens(prompts)
+
+    def _check_audio(self, audio: np.ndarray, min_seconds: float) -> np.ndarray:
+        audio = np.asarray(audio, np.float32)
+        if audio.ndim == 1:
+            audio = audio[None]
+        if audio.ndim != 2 or audio.shape[1] == 0:
+            raise AudioInputError(f"audio must be [samples] or [batch, samples], got shape {audio.shape}")
+        if not np.isfinite(audio).all():
+            raise AudioInputError("audio holds NaN or infinite samples")
+        if audio.shape[1] < max(min_seconds * self.sample_rate, self.tokenizer.hop):
+            raise AudioInputError(f"audio of {audio.shape[1] / self.sample_rate:.3f} s is shorter than one "
+                                  f"semantic token ({self.tokenizer.hop / self.sample_rate:.3f} s)")
+        return audio
+
+    @staticmethod
+    def _sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[float, int, float]:
+        return temperature, top_k, top_p
+
+    @staticmethod
+    def _timed(seconds: dict[str, float], name: str, fn) -> Any:
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        return out

@@ -1,0 +1,197 @@
+"""MusicGen stage (DESIGN §6, §7): next-step loss over pattern-interleaved codec codes, with CFG dropout.
+
+Batches: `codes int32 [B, K, T]`, `text_tokens int32 [B, L]`, `text_mask bool [B, L]` and, with
+melody conditioning, `chroma float32 [B, F, 12]` (one row per `model.chroma_hop_frames` codec frames).
+The loss is the cross-entropy of every real code of the pattern sequence (special slots excluded);
+in training each example's text is dropped with p = `train.cfg_dropout_text` and its melody with
+p = `train.cfg_dropout_melody`, independently, so the model also learns the null conditions that
+guided sampling subtracts.
+
+Data sources (`config.data.source`):
+- "synthetic": a rule a tiny model learns in a few hundred steps, with both conditions mattering.
+  Each example has an instrument i (from its caption, e.g. "violin solo") and a melody: random notes
+  (pitch class b ∈ [0, 12), 1..`data.max_note_frames` chroma frames each) whose chromagram is the
+  one-hot of b plus noise. Codebook 0 at frame t is b_t + 12·i; codebook k is (code_0 + 16·k) mod V.
+  So code_0 mod 12 — the "chroma" of the codes — follows the given melody, which a model can only
+  know from the melody prefix at each note change: the synthetic stand-in for "the chroma of the
+  generated audio follows the given chroma". Batches are a pure function of (seed, batch index).
+- "codec": codes of the frozen codec over the audio pipeline, chroma from librosa at data time;
+  refused with a ConfigError until `melody_jax/models/codec.py` exists and is wired here.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data_pipeline.indexed import IndexedBatches
+from melody_jax.audio.chroma import NUM_CHROMA
+from melody_jax.models.musicgen_lm import MusicGenLM
+from melody_jax.tokenizers.patterns import PATTERNS, Pattern, make_pattern
+from melody_jax.tokenizers.text import tokenize
+from melody_jax.training.config import non_negative, one_of, positive, require
+from melody_jax.training.task import Batch, Task
+
+SOURCES = ("synthetic", "codec")
+INSTRUMENTS = ("piano", "violin", "flute", "drums")
+TEMPLATES = ("{} solo", "a calm melody played on the {}", "upbeat {} music")
+FINE_STEP = 16  # codebook k holds (code_0 + FINE_STEP · k) mod V
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def synthetic_examples(seed: int, index: int, batch: int, *, frames: int, num_codebooks: int, codebook_size: int,
+                       chroma_hop: int, melody_frames: int, max_note_frames: int) -> dict[str, Any]:
+    """The rule of the module docstring: codes, chroma, texts, and the instrument and per-frame bin behind them."""
+    rng = np.random.default_rng([seed, index])
+    instrument = rng.integers(0, len(INSTRUMENTS), batch)
+    lengths = rng.integers(1, max_note_frames + 1, (batch, melody_frames))
+    pitches = rng.integers(0, NUM_CHROMA, (batch, melody_frames))
+    notes = np.stack([np.repeat(p, n)[:melody_frames] for p, n in zip(pitches, lengths)])  # [B, F] chroma frames
+    chroma = (np.eye(NUM_CHROMA, dtype=np.float32)[notes]
+              + rng.uniform(0.0, 0.5, (batch, melody_frames, NUM_CHROMA)).astype(np.float32))
+    bins = notes[:, np.arange(frames) // chroma_hop]  # [B, T]: the melody at each codec frame
+    code0 = bins + NUM_CHROMA * instrument[:, None]
+    codes = (code0[:, None, :] + FINE_STEP * np.arange(num_codebooks)[None, :, None]) % codebook_size
+    template = rng.integers(0, len(TEMPLATES), batch)
+    texts = [TEMPLATES[t].format(INSTRUMENTS[i]) for t, i in zip(template, instrument)]
+    return {"codes": codes.astype(np.int32), "chroma": chroma / chroma.max(-1, keepdims=True), "texts": texts,
+            "instrument": instrument, "bins": bins}
+
+
+def rule_agreement(codes: np.ndarray, instrument: np.ndarray, bins: np.ndarray, codebook_size: int) -> dict[str, float]:
+    """Shares of codes [B, K, T] following each part of the rule, and of samples following all of it."""
+    codes = np.asarray(codes)
+    code0 = codes[:, 0]
+    text = code0 // NUM_CHROMA == instrument[:, None]
+    melody = code0 % NUM_CHROMA == bins
+    expected = (code0[:, None] + FINE_STEP * np.arange(codes.shape[1])[None, :, None]) % codebook_size
+    fine = (codes == expected)[:, 1:].all(1)
+    whole = text & melody & fine
+    return {"text": float(text.mean()), "melody": float(melody.mean()), "fine": float(fine.mean()),
+            "samples": float(whole.all(1).mean())}
+
+
+def synthetic_batches(config, mesh, seed: int) -> IndexedBatches:
+    """Endless global batches of the synthetic rule; the position is the batch index."""
+    c = config
+
+    def make(index: int) -> dict[str, np.ndarray]:
+        ex = synthetic_examples(seed, index, c.train.batch_size, frames=c.data.frames,
+                                num_codebooks=c.model.num_codebooks, codebook_size=c.model.codebook_size,
+                                chroma_hop=c.model.chroma_hop_frames, melody_frames=c.model.melody_frames,
+                                max_note_frames=c.data.max_note_frames)
+        tokens, mask = tokenize(ex["texts"], c.model.max_text_length)
+        batch = {"codes": ex["codes"], "text_tokens": tokens, "text_mask": mask}
+        if c.model.use_melody:
+            batch["chroma"] = ex["chroma"]
+        return batch
+
+    return IndexedBatches(make, c.train.batch_size, mesh)
+
+
+def musicgen_model(model_config) -> MusicGenLM:
+    m = model_config
+    return MusicGenLM(num_codebooks=m.num_codebooks, codebook_size=m.codebook_size, num_layers=m.num_layers,
+                      embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim, text_layers=m.text_layers,
+                      text_embed_dim=m.text_embed_dim, text_heads=m.text_heads, text_mlp_dim=m.text_mlp_dim,
+                      use_melody=m.use_melody, dtype=jnp.dtype(m.dtype), remat=m.remat)
+
+
+def musicgen_pattern(model_config) -> Pattern:
+    return make_pattern(model_config.pattern, model_config.num_codebooks, model_config.delays)
+
+
+class MusicGenTask(Task):
+    name = "musicgen"
+
+    def validate(self) -> None:
+        c = self.config
+        m, d = c.model, c.data
+        one_of(c, "data.source", SOURCES)
+        one_of(c, "model.pattern", tuple(sorted(PATTERNS)))
+        one_of(c, "model.dtype", ("float32", "bfloat16"))
+        positive(c, "model.num_codebooks", "model.codebook_size", "model.num_layers", "model.embed_dim",
+                 "model.num_heads", "model.mlp_dim", "model.text_layers", "model.text_embed_dim", "model.text_heads",
+                 "model.text_mlp_dim", "model.max_text_length", "model.chroma_hop_frames", "model.melody_frames",
+                 "data.frames", "sample.window_frames")
+        non_negative(c, "sample.top_k", "sample.temperature", "sample.cfg_scale")
+        for width, heads in (("embed_dim", "num_heads"), ("text_embed_dim", "text_heads")):
+            require(m[width] % m[heads] == 0 and (m[width] // m[heads]) % 2 == 0,
+                    f"config.model.{width}={m[width]} / {heads}={m[heads]} must be an even integer (rotary)")
+        require(m.melody_frames * m.chroma_hop_frames >= d.frames,
+                f"config.model.melody_frames={m.melody_frames} × chroma_hop_frames={m.chroma_hop_frames} "
+                f"must cover data.frames={d.frames}")
+        for field in ("cfg_dropout_text", "cfg_dropout_melody"):
+            require(0.0 <= c.train[field] < 1.0, f"config.train.{field}={c.train[field]} must lie in [0, 1)")
+        require(0 <= c.sample.keep_frames < c.sample.window_frames <= d.frames,
+                f"config.sample: need 0 <= keep_frames ({c.sample.keep_frames}) < window_frames "
+                f"({c.sample.window_frames}) <= data.frames ({d.frames})")
+        try:
+            musicgen_pattern(m)
+        except ValueError as e:
+            require(False, f"config.model.pattern/delays: {e}")
+        if d.source == "synthetic":
+            need = NUM_CHROMA * len(INSTRUMENTS)
+            require(m.codebook_size >= need,
+                    f"config.model.codebook_size={m.codebook_size} must be >= {need} for the synthetic rule")
+            positive(c, "data.max_note_frames")
+        else:
+            present = importlib.util.find_spec("melody_jax.models.codec") is not None
+            require(False, "config.data.source='codec' (codes from the frozen codec stage, chroma from librosa at "
+                    "data time) is not wired yet; codec model "
+                    f"{'present but not yet connected' if present else 'melody_jax/models/codec.py missing'}; "
+                    "use 'synthetic'")
+
+    @property
+    def model(self) -> MusicGenLM:
+        return musicgen_model(self.config.model)
+
+    @property
+    def pattern(self) -> Pattern:
+        return musicgen_pattern(self.config.model)
+
+    def example_inputs(self, batch: int = 1) -> tuple[jax.Array, ...]:
+        """Zero inputs of the training shapes: (seq, text_tokens, text_mask, chroma or None)."""
+        m = self.config.model
+        seq = jnp.zeros((batch, m.num_codebooks, self.pattern.num_steps(self.config.data.frames)), jnp.int32)
+        tokens = jnp.zeros((batch, m.max_text_length), jnp.int32)
+        chroma = jnp.zeros((batch, m.melody_frames, NUM_CHROMA), jnp.float32) if m.use_melody else None
+        return seq, tokens, tokens > 0, chroma
+
+    def init_params(self, rng: jax.Array) -> Any:
+        return self.model.init(rng, *self.example_inputs())["params"]
+
+    def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
+        model, c = self.model, self.config
+        seq = self.pattern.build(batch["codes"], model.special_token)
+        drop_text = drop_melody = None
+        if train:
+            k_text, k_melody = jax.random.split(rng)
+            drop_text = jax.random.bernoulli(k_text, c.train.cfg_dropout_text, seq.shape[:1])
+            drop_melody = jax.random.bernoulli(k_melody, c.train.cfg_dropout_melody, seq.shape[:1])
+        logits = model.apply({"params": params}, seq, batch["text_tokens"], batch["text_mask"], batch.get("chroma"),
+                             drop_text, drop_melody)
+        valid = seq != model.special_token
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, seq, 0))
+        weight = valid.astype(jnp.float32)
+        loss = (ce * weight).sum() / weight.sum()
+        correct = (logits.argmax(-1) == seq) * weight
+        per_codebook = (ce * weight).sum((0, 2)) / weight.sum((0, 2))
+        metrics = {"accuracy": correct.sum() / weight.sum()}
+        metrics.update({f"ce_codebook_{k}": per_codebook[k] for k in range(per_codebook.shape[0])})
+        return loss, metrics
+
+    def train_iterator(self, mesh):
+        return synthetic_batches(self.config, mesh, self.config.seed)
+
+    def eval_iterator(self, mesh):
+        return synthetic_batches(self.config, mesh, self.config.seed + EVAL_SEED_OFFSET)
+
+    def describe(self, params: Any) -> dict[str, int]:
+        out = super().describe(params)
+        layers = {k: v for k, v in out.items() if k.startswith("layers_")}
+        return {"layers": sum(layers.values()), **{k: v for k, v in out.items() if k not in layers}}

@@ -1,0 +1,121 @@
+"""SSL stage (DESIGN §4.2, §7): wav2vec 2.0 pre-training of the Conformer encoder on unlabelled audio.
+
+The Gumbel temperature depends on the step, which `Task.loss` does not see, so `train_step` computes
+it from `state.step` and calls `objective`; evaluation quantizes without noise (temperature unused).
+Logged: accuracy (chance = 1/(K+1), logged as `chance`), contrastive/diversity losses, soft
+(`prob_perplexity`) and hard (`code_perplexity`, the codebook's) perplexities, temperature.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+import tensorflow_datasets as tfds
+from absl import logging
+
+from data_pipeline.builder import find_prepared
+from data_pipeline.input import make_train_iterator
+from melody_jax.models.conformer import Wav2Vec2Conformer
+from melody_jax.models.ssl_loss import wav2vec2_loss
+from melody_jax.training.config import positive, require
+from melody_jax.training.state import TrainState
+from melody_jax.training.task import Batch, Task
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def ssl_model(m) -> Wav2Vec2Conformer:
+    return Wav2Vec2Conformer(
+        conv_channels=tuple(m.conv_channels), conv_strides=tuple(m.conv_strides), embed_dim=m.embed_dim,
+        num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim, conv_kernel=m.conv_kernel,
+        num_groups=m.num_groups, num_vars=m.num_vars, codevector_dim=m.codevector_dim, final_dim=m.final_dim,
+        dropout=m.dropout, mask_prob=m.mask_prob, mask_length=m.mask_length, normalize_audio=m.normalize_audio,
+        dtype=jnp.dtype(m.dtype), remat=m.remat)
+
+
+def gumbel_temperature(m, step: jax.Array) -> jax.Array:
+    """Exponential from gumbel_start to gumbel_end over gumbel_anneal_steps, then constant."""
+    frac = jnp.minimum(step.astype(jnp.float32) / m.gumbel_anneal_steps, 1.0)
+    return m.gumbel_start * (m.gumbel_end / m.gumbel_start) ** frac
+
+
+class SSLTask(Task):
+    name = "ssl"
+
+    def validate(self) -> None:
+        c = self.config
+        m = c.model
+        positive(c, "model.embed_dim", "model.num_layers", "model.num_heads", "model.mlp_dim", "model.conv_kernel",
+                 "model.num_groups", "model.num_vars", "model.codevector_dim", "model.final_dim", "model.mask_length",
+                 "model.num_negatives", "model.logit_temperature", "model.gumbel_start", "model.gumbel_end",
+                 "model.gumbel_anneal_steps", "data.sample_rate", "data.crop_seconds")
+        require(bool(c.data.path), "config.data.path is empty; prepare a dataset with `python -m launch.prepare_data`")
+        require(len(m.conv_channels) == len(m.conv_strides) > 0,
+                f"config.model.conv_channels has {len(m.conv_channels)} entries, conv_strides {len(m.conv_strides)}")
+        require(m.embed_dim % m.num_heads == 0 and (m.embed_dim // m.num_heads) % 2 == 0,
+                f"config.model.embed_dim={m.embed_dim} / num_heads={m.num_heads} must be an even integer (rotary)")
+        require(m.codevector_dim % m.num_groups == 0,
+                f"config.model.codevector_dim={m.codevector_dim} must be divisible by num_groups={m.num_groups}")
+        require(m.conv_kernel % 2 == 1, f"config.model.conv_kernel={m.conv_kernel} must be odd")
+        require(0.0 < m.mask_prob <= m.mask_length, f"config.model.mask_prob={m.mask_prob} must lie in (0, mask_length]")
+        require(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout} must lie in [0, 1)")
+        require(m.dtype in ("float32", "bfloat16"), f"config.model.dtype={m.dtype!r} must be float32 or bfloat16")
+        frames = self.crop_samples // self.model.hop
+        require(frames >= 2 * m.mask_length, f"config.data.crop_seconds={c.data.crop_seconds} gives {frames} frames, "
+                                             f"fewer than 2 × model.mask_length={m.mask_length}")
+
+    @property
+    def crop_samples(self) -> int:
+        return int(round(self.config.data.crop_seconds * self.config.data.sample_rate))
+
+    @property
+    def model(self) -> Wav2Vec2Conformer:
+        return ssl_model(self.config.model)
+
+    def init_params(self, rng: jax.Array) -> Any:
+        k1, k2, k3 = jax.random.split(rng, 3)
+        audio = jnp.zeros((1, self.crop_samples))
+        return self.model.init({"params": k1, "mask": k2, "gumbel": k3}, audio, train=False)["params"]
+
+    def objective(self, params, batch: Batch, rng: jax.Array, train: bool, temperature: jax.Array):
+        m = self.config.model
+        mask_rng, gumbel_rng, drop_rng, neg_rng = jax.random.split(rng, 4)
+        out = self.model.apply({"params": params}, batch["audio"], temperature=temperature, train=train,
+                               rngs={"mask": mask_rng, "gumbel": gumbel_rng, "dropout": drop_rng})
+        loss, metrics = wav2vec2_loss(out, neg_rng, num_negatives=m.num_negatives,
+                                      logit_temperature=m.logit_temperature, num_codes=m.num_groups * m.num_vars,
+                                      diversity_weight=m.diversity_weight,
+                                      feature_penalty_weight=m.feature_penalty_weight)
+        return loss, {**metrics, "temperature": jnp.asarray(temperature, jnp.float32),
+                      "chance": jnp.asarray(1.0 / (m.num_negatives + 1), jnp.float32)}
+
+    def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
+        return self.objective(params, batch, rng, train, jnp.asarray(self.config.model.gumbel_end, jnp.float32))
+
+    def train_step(self, state: TrainState, batch: Batch, rng: jax.Array):
+        temperature = gumbel_temperature(self.config.model, state.step)
+        grad_fn = jax.value_and_grad(self.objective, has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng, True, temperature)
+        updates, opt_state = self.optimizer().update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(params=params, opt_state=opt_state), metrics
+
+    def _iterator(self, mesh, split: str, seed: int):
+        c = self.config
+        return make_train_iterator(c.data, global_batch_size=c.train.batch_size, mesh=mesh, seed=seed,
+                                   split=split, with_text=False)
+
+    def train_iterator(self, mesh):
+        return self._iterator(mesh, "train", self.config.seed)
+
+    def eval_iterator(self, mesh):
+        split = self.config.data.eval_split
+        if not split:
+            return None
+        if split not in tfds.builder_from_directory(find_prepared(self.config.data.path)).info.splits:
+            logging.warning("no evaluation: %s has no split %r (config.data.eval_split)", self.config.data.path, split)
+            return None
+        return self._iterator(mesh, split, self.config.seed + EVAL_SEED_OFFSET)

@@ -1,0 +1,126 @@
+"""End-to-end MeLoDy sampling on a bundle of tiny untrained stages (DESIGN §1, §4.6, §7).
+
+Checked: output lengths (10 s directly, 25 s by continuation windows), continuation and inpainting
+keep the known latents bit for bit, a batch equals its rows sampled one by one, and bundles whose
+parts do not fit are refused with a message naming the mismatch. Tiny DPD window: 16 tokens
+(0.64 s), so 10 s already needs 59 continuation windows.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from melody_jax.pipelines.bundle import check_fit, read_configs
+from melody_jax.pipelines.melody import AudioInputError, MeLoDy
+from melody_jax.pipelines.validation import DurationError, PromptError
+from melody_jax.training.errors import BundleError
+from tests.bundle_fixture import build_bundle, tiny_configs
+from tests.helpers import run_cli
+
+RATE = 24000
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> str:
+    return build_bundle(str(tmp_path_factory.mktemp("stages")))
+
+
+@pytest.fixture(scope="module")
+def melody(bundle) -> MeLoDy:
+    return MeLoDy(bundle, progress=False)
+
+
+def test_lengths_of_direct_and_continued_generation(melody):
+    short = melody.generate(["solo piano, slow"], 0.4, steps=2, seed=0)  # inside one DPD window
+    assert short.audio.shape == (1, int(0.4 * RATE))
+    assert short.semantic_tokens.shape == (1, 10) and short.latents.shape == (1, 100, 16)
+    ten = melody.generate(["drums and bass, fast"], 10.0, steps=2, seed=0)
+    assert ten.audio.shape == (1, 240000) and np.isfinite(ten.audio).all()
+    assert ten.latents.shape[1] >= 2500 and ten.semantic_tokens.shape[1] >= 250
+    assert np.abs(ten.latents).max() <= 1.0
+    longer = melody.generate(["drums and bass, fast"], 25.0, steps=2, seed=0)
+    assert longer.audio.shape == (1, 600000)
+    windows = (longer.semantic_tokens.shape[1] - melody.window_tokens) // melody.chunk_tokens
+    assert longer.forward_passes["dpd"] == 2 * (1 + windows) and windows >= (625 - 16) // 4
+
+
+def test_continuation_keeps_the_given_latents(melody):
+    audio = np.asarray(melody.generate(["strings"], 1.2, steps=2, seed=3).audio)
+    known = melody.vae.encode(audio[:, : audio.shape[1] // 960 * 960])
+    out = melody.continue_audio(audio, 1.0, ["strings"], steps=2, seed=4)
+    assert out.audio.shape == (1, (30 * 960) + RATE)  # 1.2 s → 30 whole tokens, plus 1 s
+    np.testing.assert_array_equal(out.latents[:, : known.shape[1]], np.asarray(known))
+    assert not np.allclose(out.latents[:, known.shape[1]:], 0)
+    prompted = melody.continue_audio(audio, 0.5, None, steps=2, seed=4)  # prompt from the audio itself
+    np.testing.assert_array_equal(prompted.latents[:, : known.shape[1]], np.asarray(known))
+
+
+def test_inpainting_changes_only_the_span(melody):
+    audio = np.asarray(melody.generate(["flute", "guitar"], 1.6, steps=2, seed=1).audio)
+    before = np.asarray(melody.vae.encode(audio))
+    out = melody.inpaint(audio, 0.4, 0.8, ["flute", "guitar"], steps=2, seed=2)
+    frames = np.arange(before.shape[1])
+    inside = (frames >= 100) & (frames < 200)  # 0.4–0.8 s at 250 Hz
+    np.testing.assert_array_equal(out.latents[:, ~inside], before[:, ~inside])
+    assert np.abs(out.latents[:, inside] - before[:, inside]).mean() > 1e-3
+    assert out.audio.shape == audio.shape
+
+
+def test_batch_equals_rows_one_by_one(melody):
+    prompts = ["violin, sad", "synth, happy, fast"]
+    batch = melody.generate(prompts, 1.0, steps=2, seed=7)
+    for i, prompt in enumerate(prompts):
+        alone = melody.generate([prompt], 1.0, steps=2, seed=7 + i)
+        np.testing.assert_array_equal(alone.semantic_tokens[0], batch.semantic_tokens[i])
+        np.testing.assert_allclose(alone.audio[0], batch.audio[i], atol=1e-5)
+    again = melody.generate(prompts, 1.0, steps=2, seed=7)
+    np.testing.assert_array_equal(again.audio, batch.audio)
+
+
+def test_bad_requests_get_one_line_errors(melody):
+    with pytest.raises(DurationError, match="must be > 0"):
+        melody.generate(["x"], 0.0)
+    with pytest.raises(DurationError, match="longer than the maximum"):
+        melody.generate(["x"], 1e9)
+    with pytest.raises(PromptError, match="characters; the maximum"):
+        melody.generate(["x" * 10_000], 1.0)
+    with pytest.raises(AudioInputError, match="inpainting span"):
+        melody.inpaint(np.zeros(RATE, np.float32), 0.8, 0.2)
+    with pytest.raises(AudioInputError, match="NaN"):
+        melody.continue_audio(np.full(RATE, np.nan, np.float32), 1.0)
+
+
+def test_mismatched_bundles_are_refused(bundle, tmp_path):
+    configs = read_configs(bundle)
+    check_fit(configs)
+    cases = [({"dpd": {"model.vocab_size": 64}}, "k-means has 32 clusters.*dpd of 64"),
+             ({"dpd": {"model.latent_dim": 8}}, "16 channels, dpd expects 8"),
+             ({"semantic_lm": {"model.num_mulan_tokens": 8}}, "rvq has 12 levels"),
+             ({"mulan": {"data.sample_rate": 16000}}, "mulan works at 16000 Hz"),
+             ({"dpd": {"data.token_length": 32}}, "5 latent frames per token")]
+    for changes, message in cases:
+        with pytest.raises(BundleError, match=message):
+            check_fit(tiny_configs(**changes))
+    partial = {k: v for k, v in configs.items() if k != "ssl"}
+    with pytest.raises(BundleError, match="lacks the stage"):
+        check_fit(partial)
+    with pytest.raises(BundleError, match="is not a bundle"):
+        MeLoDy(str(tmp_path))
+
+
+def test_sample_cli_writes_wavs_and_spectrograms(bundle, tmp_path):
+    out = str(tmp_path / "song.wav")
+    proc = run_cli("launch.sample", f"--bundle={bundle}", "--prompt=piano", "--prompt=drums", "--duration=1",
+                   "--steps=2", f"--out={out}", "--no_progress", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import soundfile as sf
+
+    for i in range(2):
+        audio, rate = sf.read(str(tmp_path / f"song_{i}.wav"))
+        assert rate == RATE and audio.shape == (RATE,)
+        assert os.path.getsize(tmp_path / f"song_{i}.png") > 1000
+    assert "real-time factor" in proc.stdout and "semantic_lm" in proc.stdout
+    bad = run_cli("launch.sample", f"--bundle={bundle}", "--prompt=x", "--duration=-1", timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --duration")
