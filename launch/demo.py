@@ -47,15 +47,15 @@ def stage_configs(data: str, root: str, scale: float) -> dict:
 
     w = lambda s: os.path.join(root, s)  # noqa: E731
     return {
-        "vae_gan": get("vae_gan", 300, **{"data.path": data}),
-        "ssl": get("ssl", 300, **{"data.path": data}),
-        "mulan": get("mulan", 300, **{"data.path": data, "data.sample_rate": 24000}),
+        "vae_gan": get("vae_gan", 200, **{"data.path": data}),
+        "ssl": get("ssl", 200, **{"data.path": data}),
+        "mulan": get("mulan", 200, **{"data.path": data, "data.sample_rate": 24000}),
         "kmeans": get("kmeans", 0, **{"model.ssl_workdir": w("ssl"), "model.num_clusters": VOCAB}),
         "rvq": get("rvq", 0, **{"model.mulan_workdir": w("mulan"), "model.codebook_size": MULAN_CODES}),
-        "semantic_lm": get("semantic_lm", 400, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
+        "semantic_lm": get("semantic_lm", 300, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
                                                   "data.semantic_len": 16, "model.semantic_vocab_size": VOCAB,
                                                   "model.mulan_codebook_size": MULAN_CODES}),
-        "dpd": get("dpd", 400, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
+        "dpd": get("dpd", 300, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
                                   "model.vocab_size": VOCAB}),
     }
 
