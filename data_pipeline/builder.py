@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 import tqdm
 
 from data_pipeline import audio_io, sources
@@ -222,6 +223,16 @@ def find_prepared(path: str) -> str:
             f"no prepared dataset in {path!r}; create one with "
             f"`python -m launch.prepare_data --source=... --out={path}`")
     return os.path.dirname(found[-1])
+
+
+def held_out_split(path: str, split: str) -> str | None:
+    """`split` when the prepared dataset at `path` has it; else None (a warning when one was asked for)."""
+    if not split:
+        return None
+    if split not in tfds.builder_from_directory(find_prepared(path)).info.splits:
+        logging.warning("no evaluation: %s has no split %r (config.data.eval_split)", path, split)
+        return None
+    return split
 
 
 def load_report(out_dir: str) -> PrepareReport:

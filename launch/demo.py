@@ -33,17 +33,13 @@ def stage_configs(data: str, root: str, scale: float) -> dict:
     """The tiny presets, made to fit together and to train in minutes on two cores."""
     import importlib
 
+    from melody_jax.training.config import apply_overrides
+
     def get(stage: str, steps: int, **fields):
         c = importlib.import_module(f"configs.{stage}").get_config("tiny")
         c.train.num_steps = max(1, int(steps * scale)) if stage not in ("rvq", "kmeans") else c.train.num_steps
         c.train.tensorboard = False
-        for key, value in fields.items():
-            node = c
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
-        return c
+        return apply_overrides(c, {key: str(value) for key, value in fields.items()})
 
     w = lambda s: os.path.join(root, s)  # noqa: E731
     return {
@@ -76,27 +72,18 @@ def train_stage(name: str, config, workdir: str, log: dict) -> None:
 
 
 def tokenize(root: str, data: str) -> None:
-    import ml_collections
-
-    from melody_jax.pipelines.stages import load_mulan, load_tokenizer, load_vae, tokenize_clips
-    from melody_jax.tasks.rvq import read_clips
-    from melody_jax.tokenizers.token_records import write_records
-    from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
     import jax
+
+    from melody_jax.pipelines.stages import tokenize_dataset
+    from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
     out = os.path.join(root, "tokens.tfrecord")
     if os.path.exists(out):
         return
     print("[demo] caching latents and tokens", flush=True)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    w = lambda s: os.path.join(root, s)  # noqa: E731
-    vae = load_vae(w("vae_gan"), mesh, DEFAULT_RULES)
-    tokenizer = load_tokenizer(w("ssl"), w("kmeans"), mesh, DEFAULT_RULES)
-    mulan = load_mulan(w("mulan"), w("rvq"), mesh, DEFAULT_RULES)
-    clips = [x["audio"] for x in read_clips(ml_collections.ConfigDict({"path": data, "sample_rate": 24000}))]
-    arrays = tokenize_clips(clips, vae, tokenizer, mulan, int(CROP_SECONDS * 24000), 16)
-    write_records(out + ".partial", arrays)
-    os.replace(out + ".partial", out)
+    dirs = {s: os.path.join(root, s) for s in ("vae_gan", "ssl", "kmeans", "mulan", "rvq")}
+    tokenize_dataset(data, "train", out, dirs, CROP_SECONDS, 16, make_mesh({"data": 1}, jax.devices()[:1]),
+                     DEFAULT_RULES)
 
 
 def write_report(path: str, log: dict, outputs: list[dict]) -> None:

@@ -38,3 +38,18 @@ def cli_env(devices: int = 8) -> dict[str, str]:
 def run_cli(module: str, *args: str, timeout: float = 300, devices: int = 8) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=cli_env(devices),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def stage_layout(config: ml_collections.ConfigDict):
+    """(task, mesh, rules, abstract train state with shardings, sharding tree) for the config's mesh."""
+    import jax
+
+    from melody_jax.training.loop import sharded_abstract_state
+    from melody_jax.training.sharding import activate, make_mesh, rules_from_config
+    from melody_jax.training.task import get_task
+
+    task = get_task(config)
+    mesh, rules = make_mesh(config.mesh), rules_from_config(config.sharding_rules)
+    with activate(mesh, rules):
+        abstract, shardings = sharded_abstract_state(task, mesh, rules, jax.random.key(0))
+    return task, mesh, rules, abstract, shardings

@@ -12,10 +12,10 @@ from melody_jax.tokenizers.patterns import make_pattern
 from melody_jax.tokenizers.text import tokenize
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import ConfigError
-from melody_jax.training.loop import sharded_abstract_state, train
+from melody_jax.training.loop import train
 from melody_jax.training.metrics import read_metrics
-from melody_jax.training.sharding import activate, make_mesh, rules_from_config
-from tests.helpers import stage_config
+from melody_jax.training.sharding import activate
+from tests.helpers import stage_config, stage_layout
 
 V = 64  # model.codebook_size of the tiny preset
 
@@ -29,14 +29,6 @@ def examples(seed, batch, config):
     return ex
 
 
-def layout(config):
-    task = MusicGenTask(config)
-    mesh, rules = make_mesh(config.mesh), rules_from_config(config.sharding_rules)
-    with activate(mesh, rules):
-        abstract, shardings = sharded_abstract_state(task, mesh, rules, jax.random.key(0))
-    return task, mesh, rules, abstract, shardings
-
-
 @pytest.fixture(scope="module")
 def random_model():
     task = MusicGenTask(stage_config("musicgen"))
@@ -48,7 +40,7 @@ def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("musicgen")
     config = stage_config("musicgen")
     summary = train(config, str(workdir))
-    task, mesh, rules, abstract, _ = layout(config)
+    task, mesh, rules, abstract, _ = stage_layout(config)
     ckpt = Checkpointer(str(workdir), keep=3, every=1)
     with activate(mesh, rules):
         state, _ = ckpt.restore(config.train.num_steps, abstract)
@@ -175,7 +167,7 @@ def test_sharded_loss_and_sampling_equal_one_device(random_model):
     single_loss, _ = loss_fn(params, batch, jax.random.key(2))
     single = generate(task.model, params, task.pattern, ex["tokens"], ex["mask"], 16, jax.random.key(3),
                       chroma=ex["chroma"]).codes
-    _, mesh, rules, _, shardings = layout(config)
+    _, mesh, rules, _, shardings = stage_layout(config)
     sharded = jax.device_put(params, shardings.params)
     assert sharded["layers_0"]["cross_attn"]["key"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
     assert sharded["embedding"].sharding.spec == P(None, None, "fsdp")  # 2049 rows: vocab not split

@@ -10,26 +10,18 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from melody_jax.models.semantic_lm import stream_ids
-from melody_jax.pipelines.lm_sampling import continue_tokens, sample, sample_from_logits, teacher_forced_logits
+from melody_jax.pipelines.lm_sampling import (continue_tokens, continue_windows, sample, sample_from_logits,
+                                              teacher_forced_logits)
 from melody_jax.tasks.semantic_lm import SemanticLMTask, rule_targets, synthetic_tokens
 from melody_jax.tokenizers.token_records import write_token_records
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import ConfigError
-from melody_jax.training.loop import sharded_abstract_state, train
+from melody_jax.training.loop import train
 from melody_jax.training.metrics import read_metrics
-from melody_jax.training.sharding import activate, make_mesh, rules_from_config
-from tests.helpers import stage_config
+from melody_jax.training.sharding import activate, make_mesh
+from tests.helpers import stage_config, stage_layout
 
 CODES = 32  # data.synthetic_codes of the tiny preset
-
-
-def layout(config):
-    """(task, mesh, rules, abstract train state with shardings, sharding tree) for the config's mesh."""
-    task = SemanticLMTask(config)
-    mesh, rules = make_mesh(config.mesh), rules_from_config(config.sharding_rules)
-    with activate(mesh, rules):
-        abstract, shardings = sharded_abstract_state(task, mesh, rules, jax.random.key(0))
-    return task, mesh, rules, abstract, shardings
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
     config = stage_config("semantic_lm")
     summary = train(config, str(workdir))
-    task, mesh, rules, abstract, _ = layout(config)
+    task, mesh, rules, abstract, _ = stage_layout(config)
     ckpt = Checkpointer(str(workdir), keep=3, every=1)
     with activate(mesh, rules):
         state, _ = ckpt.restore(config.train.num_steps, abstract)
@@ -151,7 +143,7 @@ def test_sampling_under_a_mesh_equals_one_device(random_model):
     key = jax.random.key(5)
     single = np.asarray(sample(model, params, mulan, 8, key))
     single_logits = np.asarray(teacher_forced_logits(model, params, mulan, semantic))
-    _, mesh, rules, _, shardings = layout(stage_config("semantic_lm", mesh__data=2, mesh__fsdp=2, mesh__tensor=2))
+    _, mesh, rules, _, shardings = stage_layout(stage_config("semantic_lm", mesh__data=2, mesh__fsdp=2, mesh__tensor=2))
     sharded = jax.device_put(params, shardings.params)
     assert sharded["decoder"]["layer_0"]["mlp"]["gate"]["kernel"].sharding.spec == P("fsdp", "tensor")
     with activate(mesh, rules):
@@ -197,3 +189,18 @@ def test_cached_records_round_trip(tmp_path):
 def test_frozen_model_tokens_are_refused_with_the_missing_stages():
     with pytest.raises(ConfigError, match=r"frozen_models.*not available yet.*launch.tokenize"):
         SemanticLMTask(stage_config("semantic_lm", data__source="frozen_models")).validate()
+
+
+def test_continue_windows_equals_window_by_window_calls(random_model):
+    model, params = random_model
+    prefix = jax.random.randint(jax.random.key(3), (2, model.num_prefix), 0, model.prefix_codebook_size)
+    context = jax.random.randint(jax.random.key(4), (2, 6), 0, model.vocab_size)
+    keys = jax.vmap(jax.random.key)(jnp.arange(2, dtype=jnp.uint32))
+    scanned = np.asarray(continue_windows(model, params, prefix, context, keys, 3, 4, first_window=2, top_k=5))
+    have, pieces = np.asarray(context), []
+    for w in range(3):
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2 + w))(keys)
+        new = np.asarray(continue_tokens(model, params, prefix, have[:, -6:], 4, step_keys, top_k=5))
+        pieces.append(new)
+        have = np.concatenate([have, new], axis=1)
+    np.testing.assert_array_equal(scanned, np.concatenate(pieces, axis=1))

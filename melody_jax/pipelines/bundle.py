@@ -23,6 +23,7 @@ from melody_jax.training.frozen import load_stage, read_config
 MELODY_STAGES = ("vae_gan", "ssl", "kmeans", "mulan", "rvq", "semantic_lm", "dpd")
 MUSICGEN_STAGES = ("codec", "mulan", "musicgen")
 MANIFEST = "bundle.json"
+KEEP = {"vae_gan": ("generator",), "codec": ("generator", "generator_state")}  # a GAN's critic stays behind
 
 
 def _need(ok: bool, message: str) -> None:
@@ -81,7 +82,7 @@ def read_configs(directory: str) -> dict[str, ml_collections.ConfigDict]:
 
 def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules) -> int:
     """Copies a stage's config and newest parameters (only) from a workdir into `out`; returns the step."""
-    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}")
+    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(source, "config.json")) as f, open(os.path.join(out, "config.json"), "w") as g:
         g.write(f.read())

@@ -146,6 +146,36 @@ def continue_tokens(model: nn.Module, params, prefix: jax.Array, context_tokens:
     return sample(model, params, stream, num_new, key, temperature, top_k, top_p)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "num_windows", "chunk", "temperature", "top_k", "top_p",
+                                             "rules"))
+def _continue_windows(model, params, prefix, context, keys, first_window, *, num_windows, chunk, temperature, top_k,
+                      top_p, rules):
+    def window(ctx, i):
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+        new = _sample(model, params, jnp.concatenate([prefix, ctx], axis=1), step_keys, num_tokens=chunk,
+                      temperature=temperature, top_k=top_k, top_p=top_p, rules=rules)
+        return jnp.concatenate([ctx, new], axis=1)[:, chunk:], new
+
+    _, chunks = jax.lax.scan(window, context, first_window + jnp.arange(num_windows))
+    return jnp.swapaxes(chunks, 0, 1).reshape(prefix.shape[0], num_windows * chunk)
+
+
+def continue_windows(model: nn.Module, params, prefix: jax.Array, context_tokens: jax.Array, keys: jax.Array,
+                     num_windows: int, chunk: int, first_window: int = 0, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0) -> jax.Array:
+    """int32 [B, num_windows · chunk]: `continue_tokens` repeated in one `lax.scan`, window by window.
+
+    Window w draws `chunk` tokens after prefix ⊕ the last C tokens (C = context_tokens' length) with
+    per-row keys fold_in(keys[b], first_window + w), exactly as the same calls one by one would.
+    """
+    if num_windows < 1 or chunk < 1:
+        raise ValueError(f"need num_windows >= 1 and chunk >= 1, got {num_windows}, {chunk}")
+    return _continue_windows(model, params, jnp.asarray(prefix, jnp.int32), jnp.asarray(context_tokens, jnp.int32),
+                             keys, jnp.int32(first_window), num_windows=int(num_windows), chunk=int(chunk),
+                             temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                             rules=_active_rules())
+
+
 def teacher_forced_logits(model: nn.Module, params, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
     """float32 [B, N, V]: the sampler's cached logits for each of tokens [B, N], fed instead of samples.
 

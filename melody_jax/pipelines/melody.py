@@ -21,8 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from melody_jax.pipelines.bundle import check_fit, read_configs
-from melody_jax.pipelines.lm_sampling import continue_tokens, sample
-from melody_jax.pipelines.stages import frames, load_mulan, load_tokenizer, load_vae
+from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, sample
+from melody_jax.pipelines.stages import frames, load_mulan, load_vae
+from melody_jax.tokenizers.semantic import load_semantic_tokenizer
 from melody_jax.pipelines.validation import check_duration, check_prompt
 from melody_jax.tasks.dpd import continue_sampled_latents, inpaint_sampled_latents, sample_latents
 from melody_jax.training.errors import UserError
@@ -80,7 +81,7 @@ class MeLoDy:
         path = lambda stage: os.path.join(bundle, stage)  # noqa: E731
         with activate(self.mesh, rules):
             self.vae = load_vae(path("vae_gan"), self.mesh, rules)
-            self.tokenizer = load_tokenizer(path("ssl"), path("kmeans"), self.mesh, rules)
+            self.tokenizer = load_semantic_tokenizer(path("kmeans"), path("ssl"), self.mesh, rules)
             self.mulan = load_mulan(path("mulan"), path("rvq"), self.mesh, rules)
             lm_task, self.lm_params, _ = load_stage(path("semantic_lm"), "semantic_lm", self.mesh, rules)
             dpd_task, self.dpd_params, _ = load_stage(path("dpd"), "dpd", self.mesh, rules)
@@ -199,22 +200,34 @@ class MeLoDy:
         return start + math.ceil((wanted - start) / self.chunk_tokens) * self.chunk_tokens
 
     def _lm(self, prefix, context: np.ndarray, num_new: int, keys, temperature, top_k, top_p) -> jax.Array:
-        """num_new semantic tokens after `context`, window by window (each sees ≤ lm_context tokens)."""
+        """num_new semantic tokens after `context`, window by window (each sees ≤ lm_context tokens):
+        the first windows one call each (from scratch, or while the context is still short), all
+        whole windows after them in one `lax.scan`, then a last partial window."""
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         out, have, i = [], np.asarray(context), 0
-        while sum(x.shape[1] for x in out) < num_new:
-            step_keys = fold(keys, i)
-            remaining = num_new - sum(x.shape[1] for x in out)
+        last = lambda: have[:, have.shape[1] - self.lm_context:]  # noqa: E731 - the context a window sees
+
+        def add(new) -> None:
+            nonlocal have
+            out.append(np.asarray(new))
+            have = np.concatenate([have, out[-1]], axis=1)
+
+        remaining = lambda: num_new - sum(x.shape[1] for x in out)  # noqa: E731
+        while remaining() > 0 and (have.shape[1] == 0 or have.shape[1] < self.lm_context):
             if have.shape[1] == 0:
-                new = sample(self.lm, self.lm_params, prefix, min(remaining, self.lm_window), step_keys,
-                             temperature, top_k, top_p)
+                add(sample(self.lm, self.lm_params, prefix, min(remaining(), self.lm_window), fold(keys, i),
+                           **sampling))
             else:
-                ctx = have[:, -self.lm_context:] if self.lm_context else have[:, :0]
-                new = continue_tokens(self.lm, self.lm_params, prefix, ctx, min(remaining, self.chunk_tokens),
-                                      step_keys, temperature, top_k, top_p)
-            new = np.asarray(new)
-            out.append(new)
-            have = np.concatenate([have, new], axis=1)
+                add(continue_tokens(self.lm, self.lm_params, prefix, last(), min(remaining(), self.chunk_tokens),
+                                    fold(keys, i), **sampling))
             i += 1
+        whole = remaining() // self.chunk_tokens
+        if whole:
+            add(continue_windows(self.lm, self.lm_params, prefix, last(), keys, whole, self.chunk_tokens,
+                                 first_window=i, **sampling))
+            i += whole
+        if remaining() > 0:
+            add(continue_tokens(self.lm, self.lm_params, prefix, last(), remaining(), fold(keys, i), **sampling))
         return jnp.asarray(np.concatenate(out, axis=1) if out else np.zeros((len(context), 0), np.int32))
 
     def _latents(self, z0, tokens: np.ndarray, keys, steps: int, cfg: float) -> jax.Array:

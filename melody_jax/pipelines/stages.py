@@ -1,5 +1,7 @@
 """The trained stages as frozen functions: what sampling, `launch.tokenize` and later stages call.
 
+The semantic tokenizer is `tokenizers.semantic.SemanticTokenizer` (`load_semantic_tokenizer`).
+
 Each component is built from a stage directory (a training workdir or a bundle's stage folder, see
 `training.frozen.load_stage`) and exposes pure, traceable functions of (params, inputs) — usable
 inside another stage's jitted step — plus jitted conveniences that bind the parameters.
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,13 +21,11 @@ import numpy as np
 
 from melody_jax.models import vae_gan
 from melody_jax.models.mulan import MuLan, l2_normalize, mulan_tokens
-from melody_jax.tokenizers.semantic import resolve_layer, tokenize
+from melody_jax.tasks.vae_gan import load_vae_gan
+from melody_jax.tokenizers.semantic import SemanticTokenizer, load_semantic_tokenizer
 from melody_jax.tokenizers.text import tokenize as text_tokenize
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.frozen import load_stage
-
-GAN_KEEP = ("generator", "generator_state")  # a GAN's discriminator is not needed after training
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FrozenVAE:
@@ -57,35 +58,6 @@ class FrozenVAE:
     def decode(self, z: jax.Array) -> jax.Array:
         """[B, L, latent] → [B, hop · L]."""
         return self._decode(self.params, jnp.asarray(z, jnp.float32))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class FrozenTokenizer:
-    """Audio → 25 Hz semantic tokens: an SSL layer's states, nearest k-means centroid (DESIGN §4.2)."""
-
-    model: Any  # Wav2Vec2Conformer
-    layer: int
-    params: Any  # {"ssl": ..., "centroids": [K, D]}
-    sample_rate: int
-
-    @property
-    def hop(self) -> int:
-        return self.model.hop
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.params["centroids"].shape[0])
-
-    def tokenize_fn(self, params: Any, audio: jax.Array) -> jax.Array:
-        return tokenize(self.model, self.layer, params["ssl"], params["centroids"], audio)
-
-    @functools.cached_property
-    def _tokenize(self):
-        return jax.jit(self.tokenize_fn)
-
-    def __call__(self, audio: jax.Array) -> jax.Array:
-        """[B, T] → int32 [B, T // hop]."""
-        return self._tokenize(self.params, jnp.asarray(audio, jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -125,18 +97,9 @@ class FrozenMuLan:
         return self._audio_tokens(self.params, jnp.asarray(audio, jnp.float32))
 
 
-def load_vae(directory: str, mesh: jax.sharding.Mesh, rules, field: str = "vae_gan") -> FrozenVAE:
-    task, params, _ = load_stage(directory, "vae_gan", mesh, rules, field=field, keep=GAN_KEEP)
-    c = task.config
-    return FrozenVAE(task.model, params["generator"], c.data.sample_rate, c.model.latent_dim)
-
-
-def load_tokenizer(ssl_dir: str, kmeans_dir: str, mesh: jax.sharding.Mesh, rules) -> FrozenTokenizer:
-    ssl_task, ssl_params, _ = load_stage(ssl_dir, "ssl", mesh, rules, field="ssl")
-    km_task, km_params, _ = load_stage(kmeans_dir, "kmeans", mesh, rules, field="kmeans", keep=("centroids",))
-    layer = resolve_layer(km_task.config.model.layer, ssl_task.config.model.num_layers)
-    return FrozenTokenizer(ssl_task.model, layer, {"ssl": ssl_params, "centroids": km_params["centroids"]},
-                           ssl_task.config.data.sample_rate)
+def load_vae(directory: str, mesh: jax.sharding.Mesh, rules) -> FrozenVAE:
+    task, params = load_vae_gan(directory, mesh, rules)
+    return FrozenVAE(task.model, params, task.config.data.sample_rate, task.config.model.latent_dim)
 
 
 def load_mulan(mulan_dir: str, rvq_dir: str, mesh: jax.sharding.Mesh, rules) -> FrozenMuLan:
@@ -158,7 +121,7 @@ def frames(seconds: float, rate: float) -> int:
     return int(math.ceil(seconds * rate - 1e-9))
 
 
-def tokenize_clips(clips: list[np.ndarray], vae: FrozenVAE, tokenizer: FrozenTokenizer, mulan: FrozenMuLan,
+def tokenize_clips(clips: list[np.ndarray], vae: FrozenVAE, tokenizer: SemanticTokenizer, mulan: FrozenMuLan,
                    crop: int, batch_size: int) -> dict[str, np.ndarray]:
     """{latents [N, L, D], semantic_tokens [N, T], mulan_tokens [N, Q]} of every whole crop."""
     audio = np.concatenate([crops(c, crop) for c in clips] or [np.zeros((0, crop), np.float32)])
@@ -173,3 +136,34 @@ def tokenize_clips(clips: list[np.ndarray], vae: FrozenVAE, tokenizer: FrozenTok
         out["semantic_tokens"].append(np.asarray(tokenizer(chunk))[:real])
         out["mulan_tokens"].append(np.asarray(mulan.audio_tokens(chunk))[:real])
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def tokenize_dataset(data_path: str, split: str, out: str, stage_dirs: dict[str, str], crop_seconds: float,
+                     batch_size: int, mesh: jax.sharding.Mesh, rules) -> dict[str, np.ndarray]:
+    """Runs the frozen VAE encoder, SSL + k-means and MuLan + RVQ over a prepared dataset split and
+    writes every crop's latents and tokens to the TFRecord `out` (atomically); returns the arrays.
+
+    `stage_dirs` names the directories of "vae_gan", "ssl", "kmeans", "mulan" and "rvq".
+    """
+    import ml_collections
+
+    from melody_jax.tasks.rvq import read_clips
+    from melody_jax.tokenizers.token_records import write_records
+
+    d = stage_dirs
+    vae = load_vae(d["vae_gan"], mesh, rules)
+    tokenizer = load_semantic_tokenizer(d["kmeans"], d["ssl"], mesh, rules)
+    mulan = load_mulan(d["mulan"], d["rvq"], mesh, rules)
+    if tokenizer.sample_rate != vae.sample_rate:
+        raise ConfigError(f"the ssl stage works at {tokenizer.sample_rate} Hz, the vae_gan at {vae.sample_rate} Hz")
+    crop = int(round(crop_seconds * vae.sample_rate))
+    if crop % tokenizer.hop or crop % vae.hop:
+        raise ConfigError(f"--crop_seconds={crop_seconds}: {crop} samples is not a whole number of semantic "
+                          f"tokens ({tokenizer.hop} samples) and latent frames ({vae.hop} samples)")
+    clips = [x["audio"] for x in read_clips(ml_collections.ConfigDict(
+        {"path": data_path, "sample_rate": vae.sample_rate}), split)]
+    arrays = tokenize_clips(clips, vae, tokenizer, mulan, crop, batch_size)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_records(out + ".partial", arrays)
+    os.replace(out + ".partial", out)
+    return arrays

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from tqdm import tqdm
 
+from data_pipeline.indexed import RepeatedBatch
 from data_pipeline.input import make_train_iterator
 from melody_jax.nn.quantizers import perplexity
 from melody_jax.tokenizers.kmeans import kmeans_plusplus, lloyd_stats, lloyd_step, minibatch_step
@@ -40,46 +41,30 @@ def frame_embeddings(model, layer: int, params, audio: jax.Array, mask: jax.Arra
     return h.reshape(-1, d), valid.reshape(-1)
 
 
-class FrameIterator:
+def frame_batches(config, mesh: jax.sharding.Mesh) -> RepeatedBatch:
     """The same [C, N, D] frames and [C, N] weights every step (rows sharded over the batch axes)."""
-
-    def __init__(self, config, mesh: jax.sharding.Mesh):
-        c = config
-        task, params = load_ssl(c.model.ssl_workdir, mesh, rules_from_config(c.sharding_rules))
-        m = task.config.model
-        require(c.model.embed_dim == m.embed_dim,
-                f"config.model.embed_dim={c.model.embed_dim} but the SSL model in {c.model.ssl_workdir} is {m.embed_dim}")
-        layer = resolve_layer(c.model.layer, m.num_layers)
-        require(0 <= layer <= m.num_layers, f"config.model.layer={c.model.layer} but the SSL model has "
-                                            f"{m.num_layers} blocks")
-        data = task.config.data.copy_and_resolve_references()
-        data.path = c.data.path or data.path
-        data.crop_seconds = c.data.crop_seconds
-        audio_it = make_train_iterator(data, global_batch_size=c.data.embed_batch_size, mesh=mesh, seed=c.seed,
-                                       with_text=False)
-        n = c.data.num_batches or math.ceil(audio_it.examples_per_epoch / audio_it.local_batch_size)
-        embed = jax.jit(lambda p, a, mk, r: frame_embeddings(task.model, layer, p, a, mk, r, c.data.frames_per_crop))
-        xs, ws = [], []
-        for i in tqdm(range(n), desc="ssl frames", disable=jax.process_index() != 0 or not c.train.progress_bar):
-            batch = next(audio_it)
-            x, w = embed(params, batch["audio"], batch["mask"], jax.random.fold_in(jax.random.key(c.seed), i))
-            xs.append(x)
-            ws.append(w)
-        self.batch = {"embeddings": jnp.stack(xs), "weights": jnp.stack(ws)}
-        self.index = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        self.index += 1
-        return self.batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
+    c = config
+    task, params = load_ssl(c.model.ssl_workdir, mesh, rules_from_config(c.sharding_rules))
+    m = task.config.model
+    require(c.model.embed_dim == m.embed_dim,
+            f"config.model.embed_dim={c.model.embed_dim} but the SSL model in {c.model.ssl_workdir} is {m.embed_dim}")
+    layer = resolve_layer(c.model.layer, m.num_layers)
+    require(0 <= layer <= m.num_layers, f"config.model.layer={c.model.layer} but the SSL model has "
+                                        f"{m.num_layers} blocks")
+    data = task.config.data.copy_and_resolve_references()
+    data.path = c.data.path or data.path
+    data.crop_seconds = c.data.crop_seconds
+    audio_it = make_train_iterator(data, global_batch_size=c.data.embed_batch_size, mesh=mesh, seed=c.seed,
+                                   with_text=False)
+    n = c.data.num_batches or math.ceil(audio_it.examples_per_epoch / audio_it.local_batch_size)
+    embed = jax.jit(lambda p, a, mk, r: frame_embeddings(task.model, layer, p, a, mk, r, c.data.frames_per_crop))
+    xs, ws = [], []
+    for i in tqdm(range(n), desc="ssl frames", disable=jax.process_index() != 0 or not c.train.progress_bar):
+        batch = next(audio_it)
+        x, w = embed(params, batch["audio"], batch["mask"], jax.random.fold_in(jax.random.key(c.seed), i))
+        xs.append(x)
+        ws.append(w)
+    return RepeatedBatch({"embeddings": jnp.stack(xs), "weights": jnp.stack(ws)})
 
 
 class KMeansTask(Task):
@@ -122,4 +107,4 @@ class KMeansTask(Task):
         return state.replace(params={"centroids": centroids, "counts": counts}), metrics
 
     def train_iterator(self, mesh):
-        return FrameIterator(self.config, mesh)
+        return frame_batches(self.config, mesh)

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipeline.builder import find_prepared
+from data_pipeline.indexed import RepeatedBatch
 from melody_jax.models.mulan import MuLan, embed_audio, l2_normalize, rvq_levels
 from melody_jax.nn.quantizers import kmeans, perplexity
 from melody_jax.tasks.mulan import MuLanTask
@@ -83,38 +84,22 @@ def read_clips(data_config, split: str = "train") -> list[dict[str, Any]]:
              "attributes": ex["attributes"].decode("utf-8")} for ex in tfds.as_numpy(ds)]
 
 
-class EmbeddingIterator:
+def embedding_batches(config, mesh: jax.sharding.Mesh) -> RepeatedBatch:
     """The training set's clip embeddings as one global [N, D] batch, every step (N: a multiple of the
     mesh's batch axes; at most that many − 1 clips per host are left out)."""
-
-    def __init__(self, config, mesh: jax.sharding.Mesh):
-        c = config
-        task, params = load_mulan(c.model.mulan_workdir, mesh, rules_from_config(c.sharding_rules))
-        window = int(round(c.data.window_seconds * task.config.data.sample_rate))
-        data = task.config.data.copy_and_resolve_references()
-        data.path = c.data.path or data.path
-        clips = [x["audio"] for x in read_clips(data)]
-        emb = clip_embeddings(task.model, params, clips, window, c.data.embed_batch_size, mesh)
-        require(emb.shape[1] == c.model.embed_dim, f"config.model.embed_dim={c.model.embed_dim} but the MuLan in "
-                                                   f"{c.model.mulan_workdir} embeds to {emb.shape[1]}")
-        per_host = max(1, batch_divisor(mesh) // jax.process_count())
-        keep = int(np.min(multihost_utils.process_allgather(np.array(len(emb) // per_host * per_host))))
-        require(keep > 0, f"the training set has fewer clips than the mesh's batch axes need ({per_host} per host)")
-        self.batch = host_to_global({"embeddings": emb[:keep]}, mesh)
-        self.index = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        self.index += 1
-        return self.batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
+    c = config
+    task, params = load_mulan(c.model.mulan_workdir, mesh, rules_from_config(c.sharding_rules))
+    window = int(round(c.data.window_seconds * task.config.data.sample_rate))
+    data = task.config.data.copy_and_resolve_references()
+    data.path = c.data.path or data.path
+    clips = [x["audio"] for x in read_clips(data)]
+    emb = clip_embeddings(task.model, params, clips, window, c.data.embed_batch_size, mesh)
+    require(emb.shape[1] == c.model.embed_dim, f"config.model.embed_dim={c.model.embed_dim} but the MuLan in "
+                                               f"{c.model.mulan_workdir} embeds to {emb.shape[1]}")
+    per_host = max(1, batch_divisor(mesh) // jax.process_count())
+    keep = int(np.min(multihost_utils.process_allgather(np.array(len(emb) // per_host * per_host))))
+    require(keep > 0, f"the training set has fewer clips than the mesh's batch axes need ({per_host} per host)")
+    return RepeatedBatch(host_to_global({"embeddings": emb[:keep]}, mesh))
 
 
 def reconstruction(codebooks: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -162,7 +147,7 @@ class RVQTask(Task):
         return state.replace(params={"codebooks": codebooks}), metrics
 
     def train_iterator(self, mesh):
-        return EmbeddingIterator(self.config, mesh)
+        return embedding_batches(self.config, mesh)
 
 
 def load_codebooks(workdir: str) -> np.ndarray:

@@ -12,10 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-import tensorflow_datasets as tfds
-from absl import logging
 
-from data_pipeline.builder import find_prepared
+from data_pipeline.builder import held_out_split
 from data_pipeline.input import make_train_iterator
 from melody_jax.models.conformer import Wav2Vec2Conformer
 from melody_jax.models.ssl_loss import wav2vec2_loss
@@ -112,10 +110,5 @@ class SSLTask(Task):
         return self._iterator(mesh, "train", self.config.seed)
 
     def eval_iterator(self, mesh):
-        split = self.config.data.eval_split
-        if not split:
-            return None
-        if split not in tfds.builder_from_directory(find_prepared(self.config.data.path)).info.splits:
-            logging.warning("no evaluation: %s has no split %r (config.data.eval_split)", self.config.data.path, split)
-            return None
-        return self._iterator(mesh, split, self.config.seed + EVAL_SEED_OFFSET)
+        split = held_out_split(self.config.data.path, self.config.data.eval_split)
+        return None if split is None else self._iterator(mesh, split, self.config.seed + EVAL_SEED_OFFSET)

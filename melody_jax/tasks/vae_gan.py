@@ -8,7 +8,6 @@ Data: random crops of a prepared dataset (`config.data.path`) at 24 kHz; evaluat
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import jax
@@ -18,9 +17,9 @@ from melody_jax.audio.losses import mr_stft_l1, resolutions
 from melody_jax.evaluation.audio_metrics import reconstruction_metrics
 from melody_jax.models import vae_gan
 from melody_jax.tasks.gan import GANTask
-from melody_jax.training import config as config_lib
 from melody_jax.training.config import non_negative, positive, require
-from melody_jax.training.errors import ConfigError, WorkdirError
+from melody_jax.training.errors import ConfigError
+from melody_jax.training.frozen import load_stage
 from melody_jax.training.task import Batch, Metrics
 
 
@@ -90,26 +89,7 @@ def load_vae_gan(workdir: str, mesh: jax.sharding.Mesh, rules) -> tuple[VAEGANTa
     """(the task as configured in `workdir`, the latest generator params restored sharded onto `mesh`).
 
     Use with `vae_gan.encode(params, audio, task.model)` / `vae_gan.decode(params, z, task.model)`.
+    The discriminator is not read.
     """
-    from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
-    from melody_jax.training.loop import sharded_abstract_state  # the loop imports the task registry
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise WorkdirError(f"{workdir!r} has no config.json (train the vae_gan stage there)")
-    with open(path) as f:
-        config = config_lib.from_json(f.read())
-    if config.get("stage") != "vae_gan":
-        raise WorkdirError(f"{workdir!r} holds stage {config.get('stage')!r}, not 'vae_gan'")
-    task = VAEGANTask(config)
-    ckpt = Checkpointer(workdir, keep=1, every=1)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise WorkdirError(f"{workdir!r} holds no checkpoint")
-        abstract, _ = sharded_abstract_state(task, mesh, rules, jax.random.key(0))
-        check_compatible(ckpt.read_meta(step), "vae_gan", param_signature(abstract.params), workdir)
-        state, _ = ckpt.restore(step, abstract)
-    finally:
-        ckpt.close()
-    return task, state.params["generator"]
+    task, params, _ = load_stage(workdir, "vae_gan", mesh, rules, field="vae_gan workdir", keep=("generator",))
+    return task, params["generator"]
