@@ -20,7 +20,7 @@ import jax
 
 from benchmarks.report import RESULTS_DIR, machine, write_json
 
-SECTIONS = ("train_step", "data_pipeline", "dpd", "semantic_lm", "musicgen", "forward_passes", "peer")
+SECTIONS = ("train_step", "data_pipeline", "dpd", "semantic_lm", "musicgen", "sampling", "forward_passes", "peer")
 COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration",)
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 

@@ -2,9 +2,11 @@
 
 `paper` is 24 layers, d 1024, 16 heads, FFN 4096: 417.3M parameters (the paper reports 429.5M).
 Data (`data.source`): "synthetic" (a learnable token rule, see melody_jax/tasks/semantic_lm.py),
-"cached" (TFRecords from melody_jax.tokenizers.token_records), or "frozen_models" (needs the
-mulan/rvq/ssl/kmeans stages; refused until they exist). 10 s of audio = 250 semantic tokens.
+"cached" (TFRecords from `launch.tokenize`), or "frozen_models" (audio crops tokenised inside the step
+by the ssl/kmeans/mulan/rvq stages named in data.frozen). 10 s of audio = 250 semantic tokens.
 """
+import ml_collections
+
 from configs.common import base_config, check_preset
 
 SIZES = {  # layers, embed, heads, mlp, semantic tokens per example, batch, dtype
@@ -37,6 +39,12 @@ def get_config(arg: str | None = None):
     c.data.path = ""  # cached: a TFRecord file or glob written by token_records.write_token_records
     c.data.eval_path = ""  # cached: held-out records for evaluation ("" = no evaluation)
     c.data.shuffle_buffer = 1024
+    # frozen_models: audio from a prepared dataset (data.path), tokenised in the step by these stages
+    c.data.frozen = ml_collections.ConfigDict({"ssl": "", "kmeans": "", "mulan": "", "rvq": ""})
+    c.data.sample_rate = 24000
+    c.data.eval_split = "validation"
+    c.data.cycle_length = 4
+    c.data.prefetch_batches = 2
 
     c.train.batch_size = batch
     c.train.num_steps = 150 if preset == "tiny" else 20000

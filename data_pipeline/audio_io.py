@@ -148,3 +148,8 @@ def to_pcm(audio: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return audio.astype(np.float32)
     raise ValueError(f"pcm dtype must be 'int16' or 'float32', got {dtype!r}")
+
+
+def from_pcm(pcm: np.ndarray) -> np.ndarray:
+    """Stored PCM → float32, scaled as the training input pipeline scales it (int16 / 32768)."""
+    return pcm.astype(np.float32) / (32768.0 if pcm.dtype == np.int16 else 1.0)

@@ -235,6 +235,24 @@ def held_out_split(path: str, split: str) -> str | None:
     return split
 
 
+def read_clips(path: str, split: str = "train", sample_rate: int | None = None,
+               limit: int | None = None) -> list[dict[str, Any]]:
+    """This host's share of a prepared split (its first `limit` examples) as dicts of float32 `audio`,
+    `caption`, `tags` and `attributes` (a dict); `sample_rate`, when given, must be the data's rate."""
+    builder = tfds.builder_from_directory(find_prepared(path))
+    rate = builder.info.metadata["settings"]["sample_rate"]
+    if sample_rate is not None and rate != sample_rate:
+        raise PrepareError(f"{path} was prepared at {rate} Hz, not the model's {sample_rate} Hz")
+    if split not in builder.info.splits:
+        raise PrepareError(f"{path} has no split {split!r} (it has {sorted(builder.info.splits)})")
+    ds = builder.as_dataset(split=tfds.split_for_jax_process(split))
+    if limit is not None:
+        ds = ds.take(limit)
+    return [{"audio": audio_io.from_pcm(ex["audio"]), "caption": ex["caption"].decode("utf-8"),
+             "tags": [t.decode("utf-8") for t in ex["tags"]], "attributes": json.loads(ex["attributes"])}
+            for ex in tfds.as_numpy(ds)]
+
+
 def load_report(out_dir: str) -> PrepareReport:
     with open(os.path.join(out_dir, REPORT_FILE), encoding="utf-8") as f:
         return PrepareReport.from_json(json.load(f))

@@ -374,3 +374,14 @@ def synthetic_clips(
     """The dataset: (index, clip) for index in range(num_clips)."""
     for i in range(num_clips):
         yield i, generate_clip(clip_seed(seed, i), duration_s, sample_rate)
+
+
+def synthetic_prompts(num_prompts: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """(caption, attributes) pairs drawn like the dataset's clips but without rendering audio: the
+    prompts that evaluation can check generated audio against."""
+    prompts = []
+    for i in range(num_prompts):
+        rng = clip_seed(seed, i)
+        a = draw_attributes(rng)
+        prompts.append((describe(a, rng)[0], a))
+    return prompts

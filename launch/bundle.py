@@ -2,7 +2,8 @@
 
 Checks that the trained stages fit together (sample rates, latent size, vocabularies, frame rates)
 and copies each one's config and newest parameters (no optimizer state) into one directory that
-`launch.sample` loads. `--model=musicgen` bundles `--codec`, `--mulan` and `--musicgen` instead.
+`launch.sample` loads. `--model=musicgen` bundles `--codec` and `--musicgen` instead (checked: codebooks,
+frame rate).
 """
 from __future__ import annotations
 

@@ -5,7 +5,10 @@
    order (VAE-GAN, SSL → k-means, MuLan → RVQ), then caches their latents and tokens over the data
    (`launch.tokenize`) and trains the semantic LM and the DPD on them;
 3. assembles a bundle and generates three prompts (one 30 s long, by continuation windows);
-4. writes WAVs, spectrogram PNGs and WORKDIR/report.md (losses, time per stage, real-time factor).
+4. evaluates the bundle on synthetic prompts against the held-out clips (`launch.evaluate`: FAD on
+   MuLan and musicnn embeddings, MuLan cycle consistency, tempo / key / drums / instrument accuracy);
+5. writes WAVs, spectrogram PNGs and WORKDIR/report.md (losses, time per stage, real-time factor,
+   the evaluation) and WORKDIR/eval.json.
 
 Every stage resumes when the demo is run again; finished stages are skipped. Tiny models on a few
 minutes of CPU make recognisably structured noise, not music — the demo proves the whole path.
@@ -26,6 +29,7 @@ _STEPS = flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's step c
 PROMPTS = [("solo piano, slow, calm, in C major", 10.0), ("drums and bass, fast, energetic", 10.0),
            ("strings and flute, happy, in G major", 30.0)]
 VOCAB, MULAN_CODES = 32, 16
+EVAL_PROMPTS = 8
 CROP_SECONDS = 0.64  # the tiny DPD window: 160 latent frames, 16 semantic tokens
 
 
@@ -43,15 +47,15 @@ def stage_configs(data: str, root: str, scale: float) -> dict:
 
     w = lambda s: os.path.join(root, s)  # noqa: E731
     return {
-        "vae_gan": get("vae_gan", 200, **{"data.path": data}),
-        "ssl": get("ssl", 200, **{"data.path": data}),
-        "mulan": get("mulan", 200, **{"data.path": data, "data.sample_rate": 24000}),
+        "vae_gan": get("vae_gan", 500, **{"data.path": data}),
+        "ssl": get("ssl", 400, **{"data.path": data}),
+        "mulan": get("mulan", 500, **{"data.path": data, "data.sample_rate": 24000}),
         "kmeans": get("kmeans", 0, **{"model.ssl_workdir": w("ssl"), "model.num_clusters": VOCAB}),
         "rvq": get("rvq", 0, **{"model.mulan_workdir": w("mulan"), "model.codebook_size": MULAN_CODES}),
-        "semantic_lm": get("semantic_lm", 300, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
+        "semantic_lm": get("semantic_lm", 1000, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
                                                   "data.semantic_len": 16, "model.semantic_vocab_size": VOCAB,
                                                   "model.mulan_codebook_size": MULAN_CODES}),
-        "dpd": get("dpd", 300, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
+        "dpd": get("dpd", 1200, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
                                   "model.vocab_size": VOCAB}),
     }
 
@@ -86,7 +90,7 @@ def tokenize(root: str, data: str) -> None:
                      DEFAULT_RULES)
 
 
-def write_report(path: str, log: dict, outputs: list[dict]) -> None:
+def write_report(path: str, log: dict, outputs: list[dict], evaluation: str) -> None:
     lines = ["# melody-jax demo", "", "## Stages (tiny presets)", "",
              "| stage | steps | final loss | seconds |", "|---|---|---|---|"]
     for name, s in log.items():
@@ -101,7 +105,7 @@ def write_report(path: str, log: dict, outputs: list[dict]) -> None:
                      f"{t['dpd']:.2f} / {t['vae_decode']:.2f} | {o['rtf']:.2f} | {os.path.basename(o['wav'])}, "
                      f"{os.path.basename(o['png'])} |")
     lines += ["", "Times include compilation on first use of each shape. Tiny models trained for minutes: "
-              "expect structured noise, not music."]
+              "expect structured noise, not music.", "", "## Evaluation (`launch.evaluate`)", "", evaluation]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -124,7 +128,7 @@ def main(argv: list[str]) -> None:
         os.makedirs(root, exist_ok=True)
         data = os.path.join(root, "data")
         print("[demo] preparing the synthetic dataset", flush=True)
-        prepare(PrepareSettings(source="synthetic", num_clips=96, clip_seconds=4.0, val_fraction=0.1), data,
+        prepare(PrepareSettings(source="synthetic", num_clips=96, clip_seconds=4.0, val_fraction=0.15), data,
                 progress=False)
         configs = stage_configs(data, root, _STEPS.value)
         log: dict = {}
@@ -149,7 +153,15 @@ def main(argv: list[str]) -> None:
             spectrogram_png(result.audio[0], result.sample_rate, png, prompt)
             outputs.append({"prompt": prompt, "duration": seconds, "seconds": result.seconds,
                             "rtf": result.real_time_factor, "wav": wav, "png": png})
-        write_report(os.path.join(root, "report.md"), log, outputs)
+        print(f"[demo] evaluating on {EVAL_PROMPTS} synthetic prompts against the held-out clips", flush=True)
+        from data_pipeline.builder import read_clips
+        from melody_jax.evaluation.generation import evaluate, markdown, read_prompts
+
+        report = evaluate(melody, read_prompts(f"synthetic:{EVAL_PROMPTS}"),
+                          read_clips(data, "validation", melody.sample_rate), duration_s=10.0)
+        with open(os.path.join(root, "eval.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        write_report(os.path.join(root, "report.md"), log, outputs, markdown(report))
         print(open(os.path.join(root, "report.md")).read())
 
     run_user_errors(run)

@@ -1,6 +1,7 @@
 """`python -m launch.sample --bundle=DIR --prompt="..." [--prompt=...] --duration=30 --steps=10 --cfg=2.5
 --seed=0 --out=out.wav`, or from audio: `--continue=FILE`, `--inpaint=FILE --start=S --end=E`,
-`--audio_prompt=FILE`.
+`--audio_prompt=FILE`. `--model=musicgen` samples a MusicGen bundle instead (`--prompt`, optionally
+`--melody=FILE` to follow its chromagram; top-k/CFG default to the bundle's config).
 
 Writes one WAV (16-bit, the bundle's rate) and one spectrogram PNG per output (`out.wav`, or
 `out_0.wav`, `out_1.wav`, … for a batch), and prints the time per stage and the real-time factor.
@@ -16,14 +17,16 @@ from absl import app, flags
 from launch.common import quiet_library_logs, run_user_errors
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "Bundle directory (python -m launch.bundle).")
-_MODEL = flags.DEFINE_enum("model", "melody", ["melody"], "Which system samples.")
+_MODEL = flags.DEFINE_enum("model", "melody", ["melody", "musicgen"], "Which system the bundle holds.")
+_MELODY = flags.DEFINE_string("melody", None, "musicgen: audio whose chromagram the music follows.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Text prompt; repeat for a batch.")
 _DURATION = flags.DEFINE_float("duration", 10.0, "Seconds to generate (continuation: seconds to add).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Diffusion sampling steps.")
-_CFG = flags.DEFINE_float("cfg", 2.5, "Classifier-free guidance scale of the DPD.")
+_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: melody 2.5, musicgen the "
+                                       "bundle's sample.cfg_scale).")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt i uses seed + i.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Semantic LM sampling temperature.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Semantic LM top-k (0 = off).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k of the semantic LM (0 = off) or of musicgen (0 = the bundle's).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Semantic LM nucleus mass (1 = off).")
 _CONTINUE = flags.DEFINE_string("continue", None, "Audio file to continue by --duration seconds.")
 _INPAINT = flags.DEFINE_string("inpaint", None, "Audio file whose [--start, --end) span is regenerated.")
@@ -72,9 +75,20 @@ def run(pipeline) -> tuple:
     modes = [m for m in (_CONTINUE.value, _INPAINT.value, _AUDIO_PROMPT.value) if m]
     if len(modes) > 1:
         raise AudioInputError("give at most one of --continue, --inpaint, --audio_prompt")
-    common = dict(steps=_STEPS.value, cfg=_CFG.value, seed=_SEED.value, temperature=_TEMPERATURE.value,
-                  top_k=_TOP_K.value, top_p=_TOP_P.value)
     prompts = _PROMPTS.value or None
+    if _MODEL.value == "musicgen":
+        if modes:
+            raise AudioInputError("--model=musicgen takes --prompt (and --melody), not --continue, --inpaint or "
+                                  "--audio_prompt")
+        if not prompts:
+            raise AudioInputError("give --prompt")
+        melody = read_audio(_MELODY.value, pipeline.sample_rate) if _MELODY.value else None
+        return (pipeline.generate(prompts, _DURATION.value, cfg=_CFG.value, top_k=_TOP_K.value or None,
+                                  temperature=_TEMPERATURE.value, seed=_SEED.value, melody=melody), list(prompts))
+    if _MELODY.value:
+        raise AudioInputError("--melody needs --model=musicgen")
+    common = dict(steps=_STEPS.value, cfg=2.5 if _CFG.value is None else _CFG.value, seed=_SEED.value,
+                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
     if _CONTINUE.value:
         audio = read_audio(_CONTINUE.value, pipeline.sample_rate)
         return pipeline.continue_audio(audio, _DURATION.value, prompts, **common), [f"continuation of {_CONTINUE.value}"]
@@ -96,10 +110,15 @@ def run(pipeline) -> tuple:
 def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
-    from melody_jax.pipelines.melody import MeLoDy
-
     def go() -> None:
-        pipeline = MeLoDy(_BUNDLE.value, progress=not _NO_PROGRESS.value)
+        if _MODEL.value == "musicgen":
+            from melody_jax.pipelines.musicgen import MusicGen
+
+            pipeline = MusicGen(_BUNDLE.value)
+        else:
+            from melody_jax.pipelines.melody import MeLoDy
+
+            pipeline = MeLoDy(_BUNDLE.value, progress=not _NO_PROGRESS.value)
         result, titles = run(pipeline)
         paths = write_outputs(result, _OUT.value, titles * (len(result.audio) // len(titles)))
         seconds = len(result.audio[0]) / result.sample_rate

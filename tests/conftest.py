@@ -1,5 +1,12 @@
-"""8 fake CPU devices for every test: must run before JAX is imported anywhere."""
+"""8 fake CPU devices for every test: must run before JAX is imported anywhere.
+
+Compiled programs go to a persistent cache that lives for one test run only (shared by xdist
+workers and by the CLIs the tests start, through the environment, and removed at the end): the many
+CLI runs and restarts recompile the same programs, and a run never reads another run's entries.
+"""
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -7,3 +14,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# one directory per run: xdist workers are children of the process that started the run
+_OWNER = os.getppid() if "PYTEST_XDIST_WORKER" in os.environ else os.getpid()
+_CACHE = os.path.join(tempfile.gettempdir(), f"melody-jax-test-cache-{_OWNER}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(_CACHE, ignore_errors=True)

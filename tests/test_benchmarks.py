@@ -148,3 +148,20 @@ def test_persistent_cache_serves_a_second_compile(tmp_path):
         jax.config.update("jax_compilation_cache_dir", previous)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         compilation_cache.reset_cache()
+
+
+def test_sampling_section_matches_the_musicgen_budget_to_melody():
+    """Shapes only (jax.eval_shape): the timing itself runs on the pipeline tests' bundles
+    (tests/test_melody_pipeline.py::test_sampling_benchmark_rows)."""
+    from benchmarks import sampling
+
+    configs = sampling.melody_configs("small")
+    budget = sampling.melody_budget(configs)
+    mg = sampling.musicgen_configs("small", budget, configs)
+    assert mg["musicgen"].model.embed_dim == configs["semantic_lm"].model.embed_dim
+    deeper = sampling._config("musicgen", "small", **{"model.num_layers": mg["musicgen"].model.num_layers + 1,
+                                                       **{f"model.{k}": v for k, v in mg["musicgen"].model.items()
+                                                          if k != "num_layers"}})
+    per_layer = sampling._count(deeper) - sampling._count(mg["musicgen"])
+    assert abs(sampling._count(mg["musicgen"]) - budget) <= per_layer / 2 + 1, budget  # the closest layer count
+    assert mg["codec"].model.quantizer.codebook_size == mg["musicgen"].model.codebook_size

@@ -14,7 +14,7 @@ from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 from tests.helpers import stage_config
 
-STEPS = 150
+STEPS = 75
 
 
 def test_codes_layout_and_round_trip_shapes():

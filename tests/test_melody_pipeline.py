@@ -7,6 +7,7 @@ parts do not fit are refused with a message naming the mismatch. Tiny DPD window
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -124,3 +125,87 @@ def test_sample_cli_writes_wavs_and_spectrograms(bundle, tmp_path):
     assert "real-time factor" in proc.stdout and "semantic_lm" in proc.stdout
     bad = run_cli("launch.sample", f"--bundle={bundle}", "--prompt=x", "--duration=-1", timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --duration")
+
+
+def test_evaluation_scores_generated_audio_beside_the_reference(melody, tmp_path):
+    """Untrained stages make noise: on the independent musicnn embeddings it must sit further from the
+    reference than half of the reference sits from the other half."""
+    from data_pipeline.builder import PrepareError, PrepareSettings, prepare, read_clips
+    from melody_jax.evaluation.generation import evaluate, markdown, read_prompts
+
+    data = str(tmp_path / "ref")
+    prepare(PrepareSettings(source="synthetic", num_clips=8, clip_seconds=4.0, sample_rate=RATE, seed=5), data,
+            progress=False)
+    reference = read_clips(data, "train", RATE)
+    report = evaluate(melody, read_prompts("synthetic:4"), reference, duration_s=3.0, steps=2, batch_size=2)
+    fad = report["fad_musicnn"]
+    assert fad["patches_generated"] == 4 and fad["generated"] > 2 * fad["reference_halves"] > 0, fad
+    assert np.isfinite(report["fad_mulan"]["generated"]) and -1 <= report["mcc"]["generated"] <= 1
+    attrs = report["attributes"]
+    assert attrs["checked_prompts"] == 4 and attrs["checked_reference"] == len(reference)
+    assert attrs["reference"]["drums"] >= 0.75 and set(attrs["generated"]) == {"tempo", "key", "drums", "instrument"}
+    assert "| FAD, musicnn embeddings" in markdown(report)
+    with pytest.raises(PrepareError, match="prepared at 24000 Hz, not the model's 16000 Hz"):
+        read_clips(data, "train", 16000)
+    with pytest.raises(PrepareError, match="has no split 'test'"):
+        read_clips(data, "test")
+
+
+@pytest.fixture(scope="module")
+def musicgen_bundle(tmp_path_factory) -> str:
+    from tests.bundle_fixture import build_musicgen_bundle
+
+    return build_musicgen_bundle(str(tmp_path_factory.mktemp("musicgen")))
+
+
+def test_musicgen_path_makes_the_same_durations_from_the_same_prompts(melody, musicgen_bundle):
+    from melody_jax.pipelines.musicgen import MusicGen
+
+    musicgen = MusicGen(musicgen_bundle)
+    prompts = ["solo piano, slow", "drums and bass, fast"]
+    for seconds in (0.1, 1.3):  # 5 frames: fewer than the 8 a window keeps; 65 frames: seven sliding windows
+        ours, theirs = melody.generate(prompts, seconds, steps=2), musicgen.generate(prompts, seconds)
+        assert ours.audio.shape[1] / ours.sample_rate == theirs.audio.shape[1] / theirs.sample_rate == seconds
+        assert theirs.audio.shape == (2, int(seconds * 32000)) and np.isfinite(theirs.audio).all()
+        frames = math.ceil(seconds * 50)
+        assert theirs.codes.shape == (2, 4, frames) and theirs.codes.max() < 64
+    assert theirs.forward_passes["musicgen_lm"] > frames  # one decoder call per pattern step, windows included
+    # the melody reaches the model: same seed, different chromagram, different codes
+    t = np.arange(16000) / 32000
+    a = musicgen.generate(prompts[:1], 0.5, seed=3, melody=np.sin(2 * np.pi * 261.6 * t).astype(np.float32))
+    b = musicgen.generate(prompts[:1], 0.5, seed=3, melody=np.sin(2 * np.pi * 392.0 * t).astype(np.float32))
+    assert a.codes.shape == b.codes.shape and (a.codes != b.codes).any()
+    with pytest.raises(AudioInputError, match="at least one codec frame"):
+        musicgen.generate(prompts[:1], 1.0, melody=np.zeros(10, np.float32))
+
+
+def test_musicgen_sample_cli_and_bundle_checks(musicgen_bundle, tmp_path):
+    import soundfile as sf
+
+    from tests.bundle_fixture import build_musicgen_bundle
+
+    melody_wav = str(tmp_path / "melody.wav")
+    sf.write(melody_wav, 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000), 16000)
+    proc = run_cli("launch.sample", "--model=musicgen", f"--bundle={musicgen_bundle}", "--prompt=piano",
+                   "--duration=0.5", f"--melody={melody_wav}", f"--out={tmp_path / 'mg.wav'}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    audio, rate = sf.read(str(tmp_path / "mg.wav"))
+    assert rate == 32000 and audio.shape == (16000,) and "musicgen_lm" in proc.stdout
+    with pytest.raises(BundleError, match="codec has 4 codebooks of 64 codes, musicgen models 4 of 128"):
+        build_musicgen_bundle(str(tmp_path / "bad"), model__codebook_size=128)
+
+
+def test_sampling_benchmark_rows(melody, musicgen_bundle):
+    """benchmarks.sampling.measure on the tiny bundles: the fields its table and JSON carry."""
+    from benchmarks import forward_passes as fp
+    from benchmarks.sampling import COLUMNS, PROMPTS, measure
+    from melody_jax.pipelines.musicgen import MusicGen
+
+    ours = measure("melody", melody, 1.3, 1_000, repeats=1)
+    theirs = measure("musicgen", MusicGen(musicgen_bundle), 1.3, 2_000, repeats=1)
+    for row in (ours, theirs):
+        assert set(COLUMNS) - {"preset", "time_ratio", "passes_ratio"} <= set(row)
+        assert row["wall_s"] > 0 and row["realtime_x"] == pytest.approx(len(PROMPTS) * 1.3 / row["wall_s"])
+    assert theirs["params_m"] == 0.002 and "musicgen_lm" in theirs["stage_s"]
+    # the sampler's own count agrees with the forward-pass model: 65 frames in windows of 16 keeping 8
+    assert theirs["forward_passes"] == fp.musicgen_passes(1.3, window_s=16 / 50, keep_s=8 / 50)["total"]

@@ -13,11 +13,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data_pipeline.builder import PrepareSettings, prepare
+from data_pipeline.builder import PrepareSettings, prepare, read_clips
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.models.mulan import contrastive_loss, dequantize, embed_text, mulan_tokens, similarity
 from melody_jax.tasks.mulan import MuLanTask
-from melody_jax.tasks.rvq import RVQTask, clip_embeddings, load_codebooks, load_mulan, read_clips
+from melody_jax.tasks.rvq import RVQTask, clip_embeddings, load_codebooks, load_mulan
 from melody_jax.tokenizers.text import VOCAB_SIZE, decode, to_utf8, tokenize
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import train
@@ -118,7 +118,7 @@ def trained(tmp_path_factory):
     mesh = make_mesh({"data": -1})
     with activate(mesh, DEFAULT_RULES):
         task, params = load_mulan(workdir, mesh, DEFAULT_RULES)
-        clips = read_clips(task.config.data, "validation")
+        clips = read_clips(task.config.data.path, "validation", task.config.data.sample_rate)
         window = task.crop_samples
         audio_emb = clip_embeddings(task.model, params, [x["audio"] for x in clips], window, 16, mesh)
     return {"root": root, "workdir": workdir, "summary": summary, "task": task, "params": params,

@@ -30,12 +30,30 @@ STAGES = [
     ("mulan", {"token_embedding": (P(None, "fsdp"), P("tensor", None)),
                "audio_encoder/layer_0/mlp/fc1/kernel": (P("fsdp", None), P(None, "tensor"))}),
     ("rvq", {"codebooks": (P(None, "fsdp", None), P(None, "tensor", None))}),
+    ("vae_gan", {"generator/decoder/up_0/kernel": (P(None, "fsdp", None), P(None, None, "tensor")),
+                 "generator/encoder/conv_post/kernel": (P(None, "fsdp", None), P(None, None, "tensor"))}),
+    ("ssl", {"blocks_0/ffn_in/fc1/kernel": (P("fsdp", None), P(None, "tensor")),
+             "blocks_0/conv/pointwise_in/kernel": (P("fsdp", None, None), P(None, None, "tensor"))}),
+    ("kmeans", {"centroids": (P("fsdp", None), P("tensor", None))}),
+    ("codec", {"generator/decoder/Upsample_0/kernel": (P(None, "fsdp", None), P(None, None, "tensor")),
+               "generator/encoder/Conv_4/kernel": (P(None, "fsdp", None), P(None, None, "tensor"))}),
+    ("musicgen", {"layers_0/mlp/fc1/kernel": (P("fsdp", None), P(None, "tensor")),
+                  "head/kernel": (P("fsdp", None, None), P(None, None, "tensor"))}),
 ]
+NO_OPTIMIZER = ("rvq", "kmeans")  # fitted by k-means, not gradients: no optimizer state
 
 
 def named_leaves(tree) -> dict[str, jax.ShapeDtypeStruct]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
+
+
+def moments_of(opt_state, name: str) -> list[jax.ShapeDtypeStruct]:
+    """The optimizer-state leaves of parameter `name`: `…/mu/<name>`, or for a GAN's per-network
+    optimizers (`generator/0/mu/<rest of name>`) the network's own subtree."""
+    network, _, rest = name.partition("/")
+    return [leaf for path, leaf in named_leaves(opt_state).items()
+            if path.endswith("/" + name) or (rest and path.startswith(network + "/") and path.endswith("/" + rest))]
 
 
 def abstract_state(stage: str, strategy: str, **overrides):
@@ -55,9 +73,9 @@ def test_largest_parameters_are_split(stage, expected, strategy):
         want = specs[0 if strategy == "fsdp" else 1]
         assert params[name].sharding.spec == want, f"{stage} {name}: {params[name].sharding.spec} != {want}"
         # the optimizer state of a parameter (Adam's mu and nu) is laid out like the parameter
-        moments = [leaf for path, leaf in named_leaves(abstract.opt_state).items() if path.endswith("/" + name)]
+        moments = moments_of(abstract.opt_state, name)
         assert all(m.sharding.spec == want for m in moments), f"{stage} {name}: optimizer state differs"
-        assert len(moments) == (0 if stage == "rvq" else 2)
+        assert len(moments) == (0 if stage in NO_OPTIMIZER else 2), f"{stage} {name}: {len(moments)} moments"
     largest = max(params.values(), key=lambda leaf: math.prod(leaf.shape))
     assert AXIS[strategy] in jax.tree.leaves(tuple(largest.sharding.spec)), f"{stage}: largest weight is whole"
     if strategy == "fsdp":  # every weight at least a quarter the size of the largest is split over fsdp

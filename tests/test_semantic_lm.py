@@ -186,9 +186,50 @@ def test_cached_records_round_trip(tmp_path):
                                     data__semantic_len=21)).train_iterator(mesh)
 
 
-def test_frozen_model_tokens_are_refused_with_the_missing_stages():
-    with pytest.raises(ConfigError, match=r"frozen_models.*not available yet.*launch.tokenize"):
-        SemanticLMTask(stage_config("semantic_lm", data__source="frozen_models")).validate()
+def test_frozen_models_tokenise_audio_inside_the_step(tmp_path):
+    """data.source="frozen_models": the in-step tokens are the frozen stages' own tokens (checked
+    through the loss), the run trains and evaluates through the loop and resumes by audio position."""
+    from data_pipeline.builder import PrepareSettings, prepare
+    from melody_jax.training.sharding import DEFAULT_RULES
+    from melody_jax.pipelines.untrained import init_workdir
+    from tests.bundle_fixture import tiny_configs
+
+    configs = tiny_configs()
+    for stage in ("ssl", "kmeans", "mulan", "rvq"):
+        init_workdir(configs[stage], str(tmp_path / stage))
+    data = str(tmp_path / "data")
+    prepare(PrepareSettings(source="synthetic", num_clips=12, clip_seconds=2.0, sample_rate=24000, seed=2,
+                            val_fraction=0.25), data, progress=False)
+    fields = {f"data__frozen__{s}": str(tmp_path / s) for s in ("ssl", "kmeans", "mulan", "rvq")}
+    lm = configs["semantic_lm"]
+    config = stage_config("semantic_lm", data__source="frozen_models", data__path=data, data__semantic_len=16,
+                          model__semantic_vocab_size=lm.model.semantic_vocab_size,
+                          model__mulan_codebook_size=lm.model.mulan_codebook_size, train__batch_size=8,
+                          train__num_steps=2, train__eval_every=2, train__checkpoint_every=2, **fields)
+    with pytest.raises(ConfigError, match=r"config.data.frozen.ssl is empty"):
+        SemanticLMTask(stage_config("semantic_lm", data__source="frozen_models", data__path=data)).validate()
+    task = SemanticLMTask(config)
+    task.validate()
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with activate(mesh, DEFAULT_RULES):
+        batch = next(task.train_iterator(mesh))
+        assert batch["audio"].shape == (8, 16 * 960)  # 16 tokens at 25 Hz, 24 kHz
+        tokenizer, mulan = task._frozen
+        params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(jax.random.key(0))
+        in_step, _ = jax.jit(task.loss)(params, batch, jax.random.key(1))
+        outside = {"mulan_tokens": mulan.audio_tokens(batch["audio"]), "semantic_tokens": tokenizer(batch["audio"])}
+        assert outside["semantic_tokens"].shape == (8, 16) and outside["mulan_tokens"].shape == (8, 12)
+        expected, _ = jax.jit(task.loss)(params, outside, jax.random.key(1))
+    np.testing.assert_allclose(float(in_step), float(expected), rtol=1e-5)
+    summary = train(config, str(tmp_path / "run"))
+    assert summary["status"] == "done" and summary["step"] == 2 and np.isfinite(summary["eval_loss"])
+    ckpt = Checkpointer(str(tmp_path / "run"), keep=3, every=1)
+    restored = ckpt.manager.restore(2, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    ckpt.close()
+    assert restored["examples_consumed"] == 2 * 8 // jax.process_count()  # the audio iterator's position
+    with pytest.raises(ConfigError, match=r"k-means has 32 clusters, model.semantic_vocab_size is 64"):
+        SemanticLMTask(stage_config("semantic_lm", data__source="frozen_models", data__path=data,
+                                    model__semantic_vocab_size=64, **fields)).train_iterator(mesh)
 
 
 def test_continue_windows_equals_window_by_window_calls(random_model):

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from data_pipeline.builder import PrepareSettings, prepare
+from data_pipeline.builder import PrepareSettings, prepare, read_clips
 from melody_jax.tasks.kmeans import KMeansTask
-from melody_jax.tasks.rvq import read_clips
 from melody_jax.tasks.ssl import SSLTask
 from melody_jax.tokenizers.kmeans import fit_kmeans, shard_rows
 from melody_jax.tokenizers.semantic import hidden_states, load_semantic_tokenizer, tokenize
@@ -75,8 +74,7 @@ def test_kmeans_stage_fits_and_saves_centroids(stages):
     assert inertia[-1] < 0.9 * inertia[0] and lines[-1]["usage"] == 1.0
     tok = load_semantic_tokenizer(stages["kmeans"])
     assert tok.centroids.shape == (c.model.num_clusters, 64) and tok.layer == 1  # middle of 2 blocks
-    audio = jnp.asarray(np.stack([x["audio"][: int(3.2 * SR)] for x in read_clips(SSLTask(
-        stage_config("ssl", data__path=stages["data"])).config.data)[:8]]))
+    audio = jnp.asarray(np.stack([x["audio"][: int(3.2 * SR)] for x in read_clips(stages["data"], limit=8)]))
     tokens = tok(audio)
     assert tokens.shape == (8, 80) and tokens.dtype == jnp.int32  # 3.2 s × 25 Hz
     assert 0 <= int(tokens.min()) and int(tokens.max()) < c.model.num_clusters
@@ -122,7 +120,7 @@ def test_tokens_identify_the_music_better_after_training(stages):
     """Token histograms of one half of a clip find the other half (same instruments, key, tempo, genre)
     among all clips' halves: better with the trained encoder than with the untrained one."""
     task = SSLTask(stage_config("ssl", data__path=stages["data"]))
-    audio = np.stack([x["audio"][: int(CLIP_SECONDS * SR)] for x in read_clips(task.config.data)])
+    audio = np.stack([x["audio"][: int(CLIP_SECONDS * SR)] for x in read_clips(task.config.data.path)])
     tok = load_semantic_tokenizer(stages["kmeans"])
     untrained = jax.device_get(nn.meta.unbox(jax.jit(task.init_params)(jax.random.key(0))))
     key = jax.random.key(7)

@@ -23,7 +23,7 @@ from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 from tests.helpers import run_cli, stage_config
 
-STEPS = 200
+STEPS = 120
 MESH_STEPS = 3
 
 
@@ -145,7 +145,7 @@ def test_stage_improves_held_out_mr_stft(trained):
     for key in ("loss", "d_loss", "g_adv", "g_fm", "mr_stft", "kl", "clip_fraction", "grad_norm"):
         assert all(np.isfinite(r[key]) for r in logged), key
     before, after = trained["before"], summary["eval_loss"]
-    # Seen (200 steps, 8 CPU devices): 0.61 untrained → 0.49; the margin asks for 12 % off.
+    # Seen (120 steps, 8 CPU devices): 0.61 untrained → 0.46 (−25 %); the margin asks for 12 % off.
     assert after < 0.88 * before, (before, after)
     assert summary["eval_si_snr_db"] > -40 and 0.0 <= summary["eval_clip_fraction"] < 0.2, summary
     assert (workdir / "config.json").exists()

@@ -214,7 +214,7 @@ class Wav2Vec2Conformer(nn.Module):
         self.blocks = [block(self.num_heads, self.mlp_dim, self.conv_kernel, self.dropout, self.dtype)
                        for _ in range(self.num_layers)]
         self.quantizer = GumbelQuantizer(self.num_groups, self.num_vars, self.codevector_dim, self.dtype)
-        self.project_q = dense(self.final_dim, ("latent", None), jnp.float32, use_bias=True)
+        self.project_q = dense(self.final_dim, ("embed", "latent"), jnp.float32, use_bias=True)
         self.final_proj = dense(self.final_dim, ("embed", "latent"), jnp.float32, use_bias=True)
         self.input_dropout = nn.Dropout(self.dropout)
 

@@ -21,7 +21,7 @@ from melody_jax.training.errors import BundleError, WorkdirError
 from melody_jax.training.frozen import load_stage, read_config
 
 MELODY_STAGES = ("vae_gan", "ssl", "kmeans", "mulan", "rvq", "semantic_lm", "dpd")
-MUSICGEN_STAGES = ("codec", "mulan", "musicgen")
+MUSICGEN_STAGES = ("codec", "musicgen")
 MANIFEST = "bundle.json"
 KEEP = {"vae_gan": ("generator",), "codec": ("generator", "generator_state")}  # a GAN's critic stays behind
 
@@ -59,6 +59,21 @@ def check_fit(configs: Mapping[str, ml_collections.ConfigDict]) -> None:
     window = dpd.data.latent_length / dpd.data.token_length
     _need(window == frames, f"dpd was trained with {window:g} latent frames per token, the vae_gan and ssl "
                             f"give {frames:g}")
+
+
+def check_musicgen_fit(configs: Mapping[str, ml_collections.ConfigDict]) -> None:
+    """One clear error for the first way a codec and a MusicGen LM do not fit together."""
+    missing = [s for s in MUSICGEN_STAGES if s not in configs]
+    _need(not missing, f"bundle lacks the stage(s) {', '.join(missing)}")
+    codec, lm = configs["codec"], configs["musicgen"]
+    q, m = codec.model.quantizer, lm.model
+    _need((q.num_quantizers, q.codebook_size) == (m.num_codebooks, m.codebook_size),
+          f"codec has {q.num_quantizers} codebooks of {q.codebook_size} codes, musicgen models "
+          f"{m.num_codebooks} of {m.codebook_size}")
+    rate = codec.data.sample_rate / math.prod(codec.model.strides)
+    _need((rate, codec.data.sample_rate) == (lm.data.frame_rate, lm.data.sample_rate),
+          f"codec makes {rate:g} frames/s at {codec.data.sample_rate} Hz, musicgen expects "
+          f"{lm.data.frame_rate:g} at {lm.data.sample_rate} Hz")
 
 
 def read_configs(directory: str) -> dict[str, ml_collections.ConfigDict]:
@@ -107,6 +122,8 @@ def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rule
         raise BundleError(str(e)) from None
     if stages == MELODY_STAGES:
         check_fit(configs)
+    elif stages == MUSICGEN_STAGES:
+        check_musicgen_fit(configs)
     if os.path.exists(os.path.join(out, MANIFEST)):
         raise BundleError(f"{out} already holds a bundle; choose another --out or remove it")
     steps = {}

@@ -44,11 +44,12 @@ class Result:
 
     audio: np.ndarray  # float32 [B, T] at sample_rate
     sample_rate: int
-    latents: np.ndarray  # [B, L, 16] mapped VAE latents
-    semantic_tokens: np.ndarray  # int32 [B, N]
-    mulan_tokens: np.ndarray  # int32 [B, Q]
     seconds: dict[str, float]  # wall time per stage (compilation included on first use)
     forward_passes: dict[str, int]  # network evaluations per stage, per batch
+    latents: np.ndarray | None = None  # MeLoDy: [B, L, 16] mapped VAE latents
+    semantic_tokens: np.ndarray | None = None  # MeLoDy: int32 [B, N]
+    mulan_tokens: np.ndarray | None = None  # MeLoDy: int32 [B, Q]
+    codes: np.ndarray | None = None  # MusicGen: int32 [B, K, frames] codec codes
 
     @property
     def real_time_factor(self) -> float:
@@ -154,8 +155,8 @@ class MeLoDy:
                 num_steps=steps, schedule="paper"))
             audio_out = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
         passes = {"mulan": 1, "semantic_lm": t1 - t0, "dpd": steps, "vae_decode": 1}
-        return Result(np.asarray(audio_out), self.sample_rate, np.asarray(z), tokens, np.asarray(prefix),
-                      seconds, passes)
+        return Result(np.asarray(audio_out), self.sample_rate, seconds, passes, np.asarray(z), tokens,
+                      np.asarray(prefix))
 
     # --- the shared path ------------------------------------------------------------------------
     def _run(self, prefix_fn, batch: int, z0, tokens0, duration: float, steps: int, cfg: float, seed,
@@ -189,8 +190,8 @@ class MeLoDy:
         windows = max(0, total - max(known, self.window_tokens)) // self.chunk_tokens
         # CFG runs both branches as one batched call per step
         passes = {"mulan": 1, "semantic_lm": total - known, "dpd": steps * (1 + windows), "vae_decode": 1}
-        return Result(np.asarray(audio)[:, :samples], self.sample_rate, np.asarray(z), tokens, np.asarray(prefix),
-                      seconds, passes)
+        return Result(np.asarray(audio)[:, :samples], self.sample_rate, seconds, passes, np.asarray(z), tokens,
+                      np.asarray(prefix))
 
     def _token_plan(self, known: int, wanted: int) -> int:
         """Tokens to generate up to: `wanted`, or, beyond one window, whole continuation chunks."""

@@ -170,11 +170,12 @@ def generate(model: MusicGenLM, params, pattern: Pattern, text_tokens: jax.Array
     """
     prompt = jnp.zeros(text_tokens.shape[:1] + (model.num_codebooks, 0), jnp.int32) if prompt is None else prompt
     prompt = jnp.asarray(prompt, jnp.int32)
-    window = min(window_frames or num_frames, num_frames)
+    configured = window_frames or num_frames
+    window = min(configured, num_frames)  # a generation shorter than the window never slides
     hop = window - keep_frames
-    if prompt.shape[2] >= window or not 0 <= keep_frames < window or temperature < 0 or top_k < 0:
+    if prompt.shape[2] >= window or not 0 <= keep_frames < configured or temperature < 0 or top_k < 0:
         raise ValueError(f"need prompt frames ({prompt.shape[2]}) < window ({window}), 0 <= keep_frames "
-                         f"({keep_frames}) < window, temperature >= 0, top_k >= 0")
+                         f"({keep_frames}) < window_frames ({configured}), temperature >= 0, top_k >= 0")
     if chroma is not None and window < num_frames and hop % chroma_hop_frames:
         raise ValueError(f"the window hop {hop} frames must be a multiple of chroma_hop_frames={chroma_hop_frames}")
     chroma = None if chroma is None else jnp.asarray(chroma, jnp.float32)

@@ -69,32 +69,38 @@ class FrozenMuLan:
     max_text_length: int
     window: int  # samples per audio-tower window (its training crop)
 
-    def audio_tokens_fn(self, params: Any, audio: jax.Array) -> jax.Array:
-        """[B, T] (T ≥ one window) → int32 [B, Q]: RVQ of the mean embedding over whole windows."""
+    def audio_embedding_fn(self, params: Any, audio: jax.Array) -> jax.Array:
+        """[B, T] (T ≥ one window) → [B, D]: the unit-norm mean embedding over whole windows."""
         b, t = audio.shape
         n = max(1, t // self.window)
         windows = audio[:, : n * self.window].reshape(b * n, self.window) if t >= self.window else audio
         emb = self.model.apply({"params": params["mulan"]}, windows, method=MuLan.embed_audio)
-        emb = l2_normalize(emb.reshape(b, -1, emb.shape[-1]).mean(1))
-        return mulan_tokens(params["codebooks"], emb)
+        return l2_normalize(emb.reshape(b, -1, emb.shape[-1]).mean(1))
+
+    def audio_tokens_fn(self, params: Any, audio: jax.Array) -> jax.Array:
+        """[B, T] → int32 [B, Q]: RVQ of the audio embedding."""
+        return mulan_tokens(params["codebooks"], self.audio_embedding_fn(params, audio))
+
+    def text_embedding_fn(self, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.model.apply({"params": params["mulan"]}, tokens, mask, method=MuLan.embed_text)
 
     @functools.cached_property
-    def _audio_tokens(self):
-        return jax.jit(self.audio_tokens_fn)
-
-    @functools.cached_property
-    def _text_tokens(self):
-        def fn(params, tokens, mask):
-            emb = self.model.apply({"params": params["mulan"]}, tokens, mask, method=MuLan.embed_text)
-            return mulan_tokens(params["codebooks"], emb)
-        return jax.jit(fn)
+    def _jitted(self) -> dict[str, Any]:
+        tokens = lambda params, *x: mulan_tokens(params["codebooks"], self.text_embedding_fn(params, *x))  # noqa: E731
+        return {"audio_tokens": jax.jit(self.audio_tokens_fn), "audio_embeddings": jax.jit(self.audio_embedding_fn),
+                "text_tokens": jax.jit(tokens), "text_embeddings": jax.jit(self.text_embedding_fn)}
 
     def text_tokens(self, prompts: Sequence[str]) -> jax.Array:
-        tokens, mask = text_tokenize(list(prompts), self.max_text_length)
-        return self._text_tokens(self.params, tokens, mask)
+        return self._jitted["text_tokens"](self.params, *text_tokenize(list(prompts), self.max_text_length))
+
+    def text_embeddings(self, prompts: Sequence[str]) -> jax.Array:
+        return self._jitted["text_embeddings"](self.params, *text_tokenize(list(prompts), self.max_text_length))
 
     def audio_tokens(self, audio: jax.Array) -> jax.Array:
-        return self._audio_tokens(self.params, jnp.asarray(audio, jnp.float32))
+        return self._jitted["audio_tokens"](self.params, jnp.asarray(audio, jnp.float32))
+
+    def audio_embeddings(self, audio: jax.Array) -> jax.Array:
+        return self._jitted["audio_embeddings"](self.params, jnp.asarray(audio, jnp.float32))
 
 
 def load_vae(directory: str, mesh: jax.sharding.Mesh, rules) -> FrozenVAE:
@@ -145,9 +151,7 @@ def tokenize_dataset(data_path: str, split: str, out: str, stage_dirs: dict[str,
 
     `stage_dirs` names the directories of "vae_gan", "ssl", "kmeans", "mulan" and "rvq".
     """
-    import ml_collections
-
-    from melody_jax.tasks.rvq import read_clips
+    from data_pipeline.builder import read_clips
     from melody_jax.tokenizers.token_records import write_records
 
     d = stage_dirs
@@ -160,8 +164,7 @@ def tokenize_dataset(data_path: str, split: str, out: str, stage_dirs: dict[str,
     if crop % tokenizer.hop or crop % vae.hop:
         raise ConfigError(f"--crop_seconds={crop_seconds}: {crop} samples is not a whole number of semantic "
                           f"tokens ({tokenizer.hop} samples) and latent frames ({vae.hop} samples)")
-    clips = [x["audio"] for x in read_clips(ml_collections.ConfigDict(
-        {"path": data_path, "sample_rate": vae.sample_rate}), split)]
+    clips = [x["audio"] for x in read_clips(data_path, split, vae.sample_rate)]
     arrays = tokenize_clips(clips, vae, tokenizer, mulan, crop, batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_records(out + ".partial", arrays)

@@ -16,12 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data_pipeline.builder import find_prepared
+from data_pipeline.builder import read_clips
 from data_pipeline.indexed import RepeatedBatch
 from melody_jax.models.mulan import MuLan, embed_audio, l2_normalize, rvq_levels
 from melody_jax.nn.quantizers import kmeans, perplexity
@@ -71,19 +70,6 @@ def clip_embeddings(model: MuLan, params, clips: list[np.ndarray], window: int, 
     return np.asarray(l2_normalize(jnp.asarray(means)))
 
 
-def read_clips(data_config, split: str = "train") -> list[dict[str, Any]]:
-    """This host's share of a prepared split as dicts of float32 `audio`, `caption`, `tags`, `attributes`;
-    `data_config.sample_rate` must be the rate the data was prepared at."""
-    builder = tfds.builder_from_directory(find_prepared(data_config.path))
-    rate = builder.info.metadata["settings"]["sample_rate"]
-    require(rate == data_config.sample_rate,
-            f"{data_config.path} was prepared at {rate} Hz, not the model's {data_config.sample_rate} Hz")
-    ds = builder.as_dataset(split=tfds.split_for_jax_process(split))
-    return [{"audio": ex["audio"].astype(np.float32) / (32768.0 if ex["audio"].dtype == np.int16 else 1.0),
-             "caption": ex["caption"].decode("utf-8"), "tags": [t.decode("utf-8") for t in ex["tags"]],
-             "attributes": ex["attributes"].decode("utf-8")} for ex in tfds.as_numpy(ds)]
-
-
 def embedding_batches(config, mesh: jax.sharding.Mesh) -> RepeatedBatch:
     """The training set's clip embeddings as one global [N, D] batch, every step (N: a multiple of the
     mesh's batch axes; at most that many − 1 clips per host are left out)."""
@@ -92,7 +78,7 @@ def embedding_batches(config, mesh: jax.sharding.Mesh) -> RepeatedBatch:
     window = int(round(c.data.window_seconds * task.config.data.sample_rate))
     data = task.config.data.copy_and_resolve_references()
     data.path = c.data.path or data.path
-    clips = [x["audio"] for x in read_clips(data)]
+    clips = [x["audio"] for x in read_clips(data.path, "train", data.sample_rate)]
     emb = clip_embeddings(task.model, params, clips, window, c.data.embed_batch_size, mesh)
     require(emb.shape[1] == c.model.embed_dim, f"config.model.embed_dim={c.model.embed_dim} but the MuLan in "
                                                f"{c.model.mulan_workdir} embeds to {emb.shape[1]}")

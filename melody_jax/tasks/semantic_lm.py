@@ -7,9 +7,12 @@ Data sources (`config.data.source`):
   s_t = (s_{t-1} + b) mod K with s_{-1} = m_{M-1} and b = m_{M-1} − m_{M-2}: the first semantic token
   is a function of the prefix alone, later ones of the prefix and the previous token. Batches are a
   pure function of (seed, batch index), so the iterator's position is one integer.
-- "cached": TFRecords from `melody_jax.tokenizers.token_records.write_token_records`.
-- "frozen_models": tokenising audio inside the step with the frozen stages; not implemented yet, so
-  it is refused with a ConfigError that names the stages still missing.
+- "cached": TFRecords from `launch.tokenize` (what large runs use: the frozen models run once).
+- "frozen_models": audio crops of `semantic_len` tokens from a prepared dataset (`data.path`), turned
+  into MuLan tokens (MuLan audio tower + RVQ) and semantic tokens (SSL Conformer + k-means) inside the
+  jitted step by the frozen stages named in `data.frozen`. Their parameters ride along with every
+  batch under "frozen" — jit arguments, so XLA neither embeds them as constants nor copies them
+  (they are already on the mesh, laid out by their own logical axes).
 """
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ import optax
 from data_pipeline.indexed import IndexedBatches
 from melody_jax.models.semantic_lm import SemanticLM
 from melody_jax.training.config import one_of, positive, require
+from melody_jax.training.errors import ConfigError
 from melody_jax.training.task import Batch, Task
 
 SOURCES = ("synthetic", "cached", "frozen_models")
+FROZEN_STAGES = ("ssl", "kmeans", "mulan", "rvq")
 EVAL_SEED_OFFSET = 1_000_003
 
 
@@ -58,16 +63,33 @@ def synthetic_batches(config, mesh, seed: int) -> IndexedBatches:
     return IndexedBatches(make, c.train.batch_size, mesh)
 
 
+class WithFrozen:
+    """An audio iterator whose batches also carry the frozen stages' parameters (see the docstring)."""
+
+    def __init__(self, audio, frozen: dict[str, Any]):
+        self.audio, self.frozen = audio, frozen
+
+    def __iter__(self) -> "WithFrozen":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return {"audio": next(self.audio)["audio"], "frozen": self.frozen}
+
+    def get_state(self) -> dict[str, Any]:
+        return self.audio.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.audio.set_state(state)
+
+
 class SemanticLMTask(Task):
     name = "semantic_lm"
+    _frozen = None  # (SemanticTokenizer, FrozenMuLan) once data.source="frozen_models" has loaded them
 
     def validate(self) -> None:
         c = self.config
         m, d = c.model, c.data
         one_of(c, "data.source", SOURCES)
-        require(d.source != "frozen_models",
-                "config.data.source='frozen_models' (tokenising audio inside the step) is not available yet; cache "
-                "the tokens once with `python -m launch.tokenize` and use data.source='cached'")
         positive(c, "model.num_layers", "model.embed_dim", "model.num_heads", "model.mlp_dim",
                  "model.num_mulan_tokens", "model.mulan_codebook_size", "model.semantic_vocab_size",
                  "data.semantic_len", "data.shuffle_buffer")
@@ -84,8 +106,14 @@ class SemanticLMTask(Task):
             require(d.num_strides < d.synthetic_codes,
                     f"config.data.num_strides={d.num_strides} must be < data.synthetic_codes={d.synthetic_codes}")
             require(m.num_mulan_tokens >= 2, "config.model.num_mulan_tokens must be >= 2 for the synthetic rule")
-        else:
+        elif d.source == "cached":
             require(bool(d.path), "config.data.path is empty; data.source='cached' needs a TFRecord file or glob")
+        else:
+            require(bool(d.path), "config.data.path is empty; data.source='frozen_models' needs a prepared dataset "
+                    "(`python -m launch.prepare_data`)")
+            for stage in FROZEN_STAGES:
+                require(bool(d.frozen[stage]), f"config.data.frozen.{stage} is empty; data.source='frozen_models' "
+                        "needs the workdirs (or bundle folders) of ssl, kmeans, mulan and rvq")
 
     @property
     def model(self) -> SemanticLM:
@@ -99,12 +127,57 @@ class SemanticLMTask(Task):
         return self.model.init(rng, jnp.zeros((1, length), jnp.int32))["params"]
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
-        semantic = batch["semantic_tokens"]
-        stream = jnp.concatenate([batch["mulan_tokens"], semantic], axis=1)
+        if "frozen" in batch:  # data.source="frozen_models": tokenise the audio crops here
+            mulan_tokens, semantic = self._tokens(batch["frozen"], batch["audio"])
+        else:
+            mulan_tokens, semantic = batch["mulan_tokens"], batch["semantic_tokens"]
+        stream = jnp.concatenate([mulan_tokens, semantic], axis=1)
         # logits at position p predict stream[p + 1]: the last MuLan position predicts the first semantic token
         logits = self.model.apply({"params": params}, stream[:, :-1])[:, self.config.model.num_mulan_tokens - 1:]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, semantic).mean()
         return loss, {"accuracy": (logits.argmax(-1) == semantic).mean()}
+
+    def _tokens(self, frozen: dict[str, Any], audio: jax.Array) -> tuple[jax.Array, jax.Array]:
+        tokenizer, mulan = self._frozen  # set by the iterator that made the batch (`_audio`)
+        semantic = tokenizer.fn(frozen["ssl"], frozen["centroids"], audio)[:, : self.config.data.semantic_len]
+        return mulan.audio_tokens_fn(frozen["mulan"], audio), semantic
+
+    def _load_frozen(self, mesh: jax.sharding.Mesh):
+        """(SemanticTokenizer, FrozenMuLan) of `data.frozen`, loaded once onto `mesh`."""
+        if self._frozen is not None:
+            return self._frozen
+        from melody_jax.pipelines.stages import load_mulan
+        from melody_jax.tokenizers.semantic import load_semantic_tokenizer
+        from melody_jax.training.sharding import config_rules
+
+        d, m = self.config.data, self.config.model
+        rules = config_rules(self.config)
+        tokenizer = load_semantic_tokenizer(d.frozen.kmeans, d.frozen.ssl, mesh, rules)
+        mulan = load_mulan(d.frozen.mulan, d.frozen.rvq, mesh, rules)
+        codebooks = mulan.params["codebooks"]
+        for ok, message in (
+                (tokenizer.vocab_size == m.semantic_vocab_size,
+                 f"k-means has {tokenizer.vocab_size} clusters, model.semantic_vocab_size is {m.semantic_vocab_size}"),
+                (codebooks.shape[:2] == (m.num_mulan_tokens, m.mulan_codebook_size),
+                 f"rvq has {codebooks.shape[0]} levels of {codebooks.shape[1]} codes, the model expects "
+                 f"{m.num_mulan_tokens} of {m.mulan_codebook_size}"),
+                (tokenizer.sample_rate == d.sample_rate,
+                 f"ssl works at {tokenizer.sample_rate} Hz, config.data.sample_rate is {d.sample_rate}")):
+            if not ok:
+                raise ConfigError(f"config.data.frozen: {message}")
+        self._frozen = tokenizer, mulan
+        return self._frozen
+
+    def _audio(self, mesh, split: str, seed: int):
+        from data_pipeline.input import make_train_iterator
+
+        tokenizer, mulan = self._load_frozen(mesh)
+        data = self.config.data.copy_and_resolve_references()
+        data.crop_seconds = self.config.data.semantic_len * tokenizer.hop / data.sample_rate
+        frozen = {"ssl": tokenizer.ssl_params, "centroids": tokenizer.centroids, "mulan": mulan.params}
+        audio = make_train_iterator(data, global_batch_size=self.config.train.batch_size, mesh=mesh, seed=seed,
+                                    split=split, with_text=False)
+        return WithFrozen(audio, frozen)
 
     def _records(self, mesh, path: str):
         from melody_jax.tokenizers.token_records import Field, RecordIterator  # TensorFlow: only when used
@@ -116,13 +189,22 @@ class SemanticLMTask(Task):
                               shuffle_buffer=c.data.shuffle_buffer)
 
     def train_iterator(self, mesh):
-        if self.config.data.source == "cached":
+        source = self.config.data.source
+        if source == "cached":
             return self._records(mesh, self.config.data.path)
+        if source == "frozen_models":
+            return self._audio(mesh, "train", self.config.seed)
         return synthetic_batches(self.config, mesh, self.config.seed)
 
     def eval_iterator(self, mesh):
-        if self.config.data.source == "cached":
-            return self._records(mesh, self.config.data.eval_path) if self.config.data.eval_path else None
+        source, d = self.config.data.source, self.config.data
+        if source == "cached":
+            return self._records(mesh, d.eval_path) if d.eval_path else None
+        if source == "frozen_models":
+            from data_pipeline.builder import held_out_split
+
+            split = held_out_split(d.path, d.eval_split)
+            return None if split is None else self._audio(mesh, split, self.config.seed + EVAL_SEED_OFFSET)
         return synthetic_batches(self.config, mesh, self.config.seed + EVAL_SEED_OFFSET)
 
     def describe(self, params: Any) -> dict[str, int]:

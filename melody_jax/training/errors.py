@@ -19,3 +19,7 @@ class TrainingDiverged(UserError):
 
 class BundleError(UserError):
     """A bundle is incomplete, or its stages do not fit together (rates, sizes, vocabularies)."""
+
+
+class EvaluationError(UserError):
+    """An evaluation instrument is missing or broken (e.g. musicnn not installed, checkpoint unreadable)."""

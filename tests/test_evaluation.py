@@ -1,0 +1,99 @@
+"""Evaluation instruments: FAD against its closed form, musicnn's real weights on synthetic music,
+attribute checks and the nearest-centroid instrument reader."""
+import numpy as np
+import pytest
+
+from data_pipeline.synthetic import generate_clip, synthetic_prompts
+from melody_jax.evaluation import attributes
+from melody_jax.evaluation.fad import embedding_stats, frechet_audio_distance, frechet_distance
+from melody_jax.evaluation.generation import read_prompts
+from melody_jax.evaluation.musicnn import log_mel_patches, musicnn_features
+from melody_jax.training.errors import EvaluationError
+
+SR = 16000
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    mu_a, mu_b = rng.normal(size=6), rng.normal(size=6)
+    var_a, var_b = rng.uniform(0.2, 3.0, 6), rng.uniform(0.2, 3.0, 6)
+    expected = np.sum((mu_a - mu_b) ** 2) + np.sum(var_a + var_b - 2 * np.sqrt(var_a * var_b))
+    a = embedding_stats(np.zeros((2, 6)))._replace(mean=mu_a, cov=np.diag(var_a))
+    b = embedding_stats(np.zeros((2, 6)))._replace(mean=mu_b, cov=np.diag(var_b))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fad_of_samples_approaches_the_population_value_and_survives_few_samples():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(20000, 4))
+    y = rng.normal(size=(20000, 4)) * 2.0 + 1.0  # N(1, 4 I): FD = 4·1 + 4·(1 + 4 − 2·2) = 8
+    assert frechet_audio_distance(x, y) == pytest.approx(8.0, rel=0.03)
+    few = frechet_audio_distance(rng.normal(size=(5, 50)), rng.normal(size=(7, 50)))  # N < D: singular Σ
+    assert np.isfinite(few) and few > 0
+    with pytest.raises(ValueError, match="at least two"):
+        frechet_audio_distance(x[:1], y)
+
+
+def test_musicnn_log_mel_stays_finite_on_loud_tonal_audio():
+    loud = np.sin(2 * np.pi * 440 * np.arange(4 * SR) / SR).astype(np.float32)  # full scale
+    patches = log_mel_patches(loud)
+    assert patches.shape == (1, 187, 96) and np.all(np.isfinite(patches)) and patches.max() > 4.0
+
+
+@pytest.fixture(scope="module")
+def clips():
+    leads = [("piano", "piano"), ("strings", "strings"), ("piano", "piano"), ("strings", "strings")]
+    return [generate_clip(i, 6.0, 24000, {"lead": lead, "accompaniment": acc, "drums": False, "bass": False})
+            for i, (lead, acc) in enumerate(leads)]
+
+
+def test_musicnn_runs_its_pretrained_tagger(clips):
+    feats = musicnn_features([c.audio for c in clips], 24000)
+    assert feats.embeddings.shape == (8, 200) and list(feats.clip_of_patch) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert feats.tags.shape == (4, 50) and np.all(np.isfinite(feats.embeddings))
+    tag = {name: feats.tags[:, i] for i, name in enumerate(feats.labels)}
+    bowed = np.maximum.reduce([tag["strings"], tag["violin"], tag["cello"]])
+    # real weights hear the difference: string-section clips score the bowed tags, piano clips the piano tag
+    assert min(bowed[1], bowed[3]) > max(bowed[0], bowed[2]), bowed
+    assert min(tag["piano"][0], tag["piano"][2]) > max(tag["piano"][1], tag["piano"][3]), tag["piano"]
+    # and the clip embeddings separate the two leads: each clip is nearest its own lead's other clip
+    emb = feats.clip_embeddings()
+    assert attributes.leave_one_out_predictions(emb, [c.attributes["lead"] for c in clips]) == \
+        ["piano", "strings", "piano", "strings"]
+
+
+def test_a_missing_musicnn_checkpoint_is_a_clear_error(clips):
+    with pytest.raises(EvaluationError, match="musicnn failed: .*no musicnn checkpoint for 'MSD_musicnn_big'"):
+        musicnn_features([clips[0].audio], 24000, model="MSD_musicnn_big")
+
+
+def test_attribute_checks_recover_what_synthetic_clips_were_drawn_with(clips):
+    hits = attributes.accuracy([c.audio for c in clips], 24000, [c.attributes for c in clips],
+                               [c.attributes["lead"] for c in clips])
+    assert hits["drums"] == 1.0 and hits["instrument"] == 1.0 and hits["tempo"] >= 0.75, hits
+    wrong = [{**c.attributes, "drums": True, "tempo_bpm": c.attributes["tempo_bpm"] * 1.5} for c in clips]
+    miss = attributes.accuracy([c.audio for c in clips], 24000, wrong, ["organ"] * 4)
+    assert miss["drums"] == 0.0 and miss["instrument"] == 0.0 and miss["tempo"] <= 0.25, miss
+
+
+def test_nearest_centroid_on_separated_points():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal([5, 0, 0], 0.5, (10, 3)), rng.normal([0, 5, 0], 0.5, (10, 3))])
+    labels = ["a"] * 10 + ["b"] * 10
+    assert attributes.leave_one_out_predictions(x, labels) == labels
+    assert attributes.nearest_centroid(x, labels, np.array([[0.1, 3.0, 0.0], [4.0, 0.2, 0.1]])) == ["b", "a"]
+
+
+def test_prompt_sources(tmp_path):
+    synthetic = read_prompts("synthetic:3:7")
+    assert synthetic == [(t, a) for t, a in synthetic_prompts(3, 7)] and all(a["lead"] for _, a in synthetic)
+    (tmp_path / "p.txt").write_text("solo piano\n\nfast drums\n")
+    assert read_prompts(str(tmp_path / "p.txt")) == [("solo piano", None), ("fast drums", None)]
+    (tmp_path / "p.jsonl").write_text('{"text": "calm", "attributes": {"lead": "flute"}}\n{"text": "loud"}\n')
+    assert read_prompts(str(tmp_path / "p.jsonl")) == [("calm", {"lead": "flute"}), ("loud", None)]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "calm"}\n')
+    with pytest.raises(EvaluationError, match=r"bad.jsonl:1: expected a JSON object with a \"text\" field"):
+        read_prompts(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(EvaluationError, match="synthetic:N"):
+        read_prompts("synthetic:many")
