@@ -4,7 +4,7 @@
 FFN blocks, plus cross-attention and our text encoder); `paper` is the same; `base` is MusicGen-medium
 (d 1536, 48 layers, 24 heads, FFN 6144). `tiny` trains on a 64-code synthetic rule in tests.
 Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py) or "codec"
-(codes from the frozen codec over the audio pipeline; refused until melody_jax/models/codec.py exists).
+(codes from the frozen codec over the audio pipeline; not wired yet, refused with a ConfigError).
 """
 import math
 
