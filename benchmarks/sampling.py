@@ -31,6 +31,7 @@ from melody_jax.pipelines.bundle import MELODY_STAGES, MUSICGEN_STAGES, check_fi
 from melody_jax.pipelines.melody import MeLoDy
 from melody_jax.pipelines.musicgen import MusicGen
 from melody_jax.pipelines.untrained import untrained_bundle
+from melody_jax.training.config import apply_overrides
 from melody_jax.training.task import get_task
 
 PROMPTS = ["an upbeat pop song with drums and a bright piano melody", "slow ambient strings in a minor key"]
@@ -40,12 +41,7 @@ COLUMNS = ["preset", "system", "seconds", "params_m", "forward_passes", "first_c
 
 def _config(stage: str, preset: str, **fields: Any):
     c = importlib.import_module(f"configs.{stage}").get_config(preset)
-    for key, value in fields.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c = apply_overrides(c, {key: str(value) for key, value in fields.items()})
     if "path" in c.data and not c.data.path:
         c.data.path = "unused"  # sampling reads no data; the tasks only check that one is named
     if jax.default_backend() == "cpu" and "dtype" in c.model:

@@ -53,3 +53,21 @@ def stage_layout(config: ml_collections.ConfigDict):
     with activate(mesh, rules):
         abstract, shardings = sharded_abstract_state(task, mesh, rules, jax.random.key(0))
     return task, mesh, rules, abstract, shardings
+
+
+def train_and_restore(config: ml_collections.ConfigDict, workdir: str):
+    """Trains the config to its last step in `workdir`; (summary, metric records, task, final params on host)."""
+    import jax
+
+    from melody_jax.training.checkpoint import Checkpointer
+    from melody_jax.training.loop import train
+    from melody_jax.training.metrics import read_metrics
+    from melody_jax.training.sharding import activate
+
+    summary = train(config, workdir)
+    task, mesh, rules, abstract, _ = stage_layout(config)
+    ckpt = Checkpointer(workdir, keep=3, every=1)
+    with activate(mesh, rules):
+        state, _ = ckpt.restore(config.train.num_steps, abstract)
+    ckpt.close()
+    return summary, read_metrics(workdir), task, jax.device_get(state.params)

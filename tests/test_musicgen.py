@@ -10,12 +10,9 @@ from melody_jax.pipelines.musicgen_sampling import generate, teacher_forced_logi
 from melody_jax.tasks.musicgen import MusicGenTask, rule_agreement, synthetic_examples
 from melody_jax.tokenizers.patterns import make_pattern
 from melody_jax.tokenizers.text import tokenize
-from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import ConfigError
-from melody_jax.training.loop import train
-from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import activate
-from tests.helpers import stage_config, stage_layout
+from tests.helpers import stage_config, stage_layout, train_and_restore
 
 V = 64  # model.codebook_size of the tiny preset
 
@@ -37,15 +34,7 @@ def random_model():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("musicgen")
-    config = stage_config("musicgen")
-    summary = train(config, str(workdir))
-    task, mesh, rules, abstract, _ = stage_layout(config)
-    ckpt = Checkpointer(str(workdir), keep=3, every=1)
-    with activate(mesh, rules):
-        state, _ = ckpt.restore(config.train.num_steps, abstract)
-    ckpt.close()
-    return summary, read_metrics(workdir), task, jax.device_get(state.params)
+    return train_and_restore(stage_config("musicgen"), str(tmp_path_factory.mktemp("musicgen")))
 
 
 def test_small_preset_is_musicgen_small():

@@ -17,9 +17,8 @@ from melody_jax.tokenizers.token_records import write_token_records
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import train
-from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import activate, make_mesh
-from tests.helpers import stage_config, stage_layout
+from tests.helpers import stage_config, stage_layout, train_and_restore
 
 CODES = 32  # data.synthetic_codes of the tiny preset
 
@@ -32,15 +31,8 @@ def random_model():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("trained")
-    config = stage_config("semantic_lm")
-    summary = train(config, str(workdir))
-    task, mesh, rules, abstract, _ = stage_layout(config)
-    ckpt = Checkpointer(str(workdir), keep=3, every=1)
-    with activate(mesh, rules):
-        state, _ = ckpt.restore(config.train.num_steps, abstract)
-    ckpt.close()
-    return summary, read_metrics(workdir), task.model, jax.device_get(state.params)
+    summary, records, task, params = train_and_restore(stage_config("semantic_lm"), str(tmp_path_factory.mktemp("trained")))
+    return summary, records, task.model, params
 
 
 def test_paper_preset_matches_the_paper_size():
