@@ -11,6 +11,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.stage = stage
     c.seed = 0
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.mesh_devices = 0  # 0: the mesh spans every device; N: only the first N (one process; small runs, tests)
     # Data parallel, FSDP and tensor parallel differ only in mesh shape and these rules (DESIGN §8).
     c.sharding = ml_collections.ConfigDict()
     c.sharding.strategy = "fsdp_tp"  # dp | fsdp | tp | fsdp_tp (see training/sharding.py STRATEGIES)

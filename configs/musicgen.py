@@ -4,13 +4,14 @@
 FFN blocks, plus cross-attention and our text encoder); `paper` is the same; `base` is MusicGen-medium
 (d 1536, 48 layers, 24 heads, FFN 6144). `tiny` trains on a 64-code synthetic rule in tests.
 Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py) or "codec"
-(codes from the frozen codec over the audio pipeline; not wired yet, refused with a ConfigError).
+(codes of prepared audio from the frozen codec in `data.codec_checkpoint`, chroma from librosa).
 """
 import math
 
 import ml_collections
 
 from configs.common import base_config, check_preset
+from data_pipeline.input import default_data_config
 
 SIZES = {  # layers, embed, heads, mlp, text (layers, embed, heads, mlp), codebook size, frames, chroma hop, batch, dtype
     "tiny": (2, 128, 4, 512, (1, 64, 4, 128), 64, 16, 1, 16, "float32"),
@@ -42,11 +43,15 @@ def get_config(arg: str | None = None):
     c.model.dtype = dtype
     c.model.remat = not tiny
 
+    c.data.update(default_data_config())  # the audio pipeline's fields (data.source="codec")
+    del c.data["crop_seconds"]  # codec: data.frames codec frames, in samples at the codec's rate
     c.data.source = "synthetic"  # synthetic | codec
     c.data.frames = frames  # codec frames per example (50 Hz: 1500 = 30 s)
     c.data.max_note_frames = 4  # synthetic melody: notes last 1..this many chroma frames
     c.data.codec_checkpoint = ""  # codec: the codec stage's workdir
-    c.data.path = ""  # codec: a prepared audio dataset (launch.prepare_data)
+    c.data.path = ""  # codec: a prepared audio dataset at the codec's rate (launch.prepare_data)
+    c.data.caption_probability = 1.0  # codec: the caption, else the tag list
+    c.data.eval_split = "validation"  # codec: "" = no evaluation
     c.data.sample_rate = 32000
     c.data.frame_rate = 50
 

@@ -11,6 +11,7 @@ import ml_collections
 from melody_jax.training.config import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORDED_MUSIC = os.path.join(ROOT, "assets", "audio", "music21_test_audio.flac")  # see its NOTICE.md
 
 
 def stage_config(stage: str, preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:

@@ -1,53 +1,71 @@
-"""MusicGen codec (DESIGN §6): 32 kHz → int32 [B, 4, 50 Hz] codes and back, and the tiny stage trained
-through the loop with the shared GAN step on synthetic 32-kHz audio."""
+"""MusicGen codec (DESIGN §6) and the LM on its codes: 32 kHz → int32 [B, 4, 50 Hz] codes and back; the
+tiny codec stage trained through the loop with the shared GAN step; the MusicGen LM trained on its codes
+(data.source="codec", chroma from librosa at data time) with and without melody conditioning, and the
+chroma of the audio it then generates.
+
+The training audio is generated here: sine-tone melodies, one random pitch class per quarter second in
+the octave above C6. Pitch classes must survive the codec for the chroma test to mean anything, and a
+tiny codec trained for a minute on CPU keeps them on clean tones (seen: 40 % of held-out chroma rows
+right after a round trip) but not on the synthetic dataset's full mixes (7 %, chance 8 %)."""
+import os
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import soundfile as sf
 from flax import linen as nn
 
-from data_pipeline.builder import PrepareSettings, prepare
+from data_pipeline.builder import PrepareSettings, prepare, read_clips
+from melody_jax.evaluation.melody import chroma_adherence
 from melody_jax.models import codec
+from melody_jax.pipelines.bundle import MUSICGEN_STAGES, assemble
+from melody_jax.pipelines.musicgen import MusicGen
 from melody_jax.tasks.codec import CodecTask
+from melody_jax.tasks.musicgen import MusicGenTask
+from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import train
 from melody_jax.training.metrics import read_metrics
-from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
+from melody_jax.training.sharding import DEFAULT_RULES, activate, config_mesh, make_mesh
 from tests.helpers import stage_config
 
-STEPS = 75
+SR, HOP = 32000, 640
+STEPS = 150
+LM_STEPS = 300
+FRAMES = 50  # the LM's crops: 1 s at 50 Hz
 
 
-def test_codes_layout_and_round_trip_shapes():
-    task = CodecTask(stage_config("codec", data__path="x"))
-    model = task.model
-    variables = nn.meta.unbox(task.init_generator(jax.random.key(0)))
-    audio = 0.3 * jax.random.normal(jax.random.key(1), (2, 12_800 + 100))  # padded to 21 frames
-    codes = jax.jit(lambda v, a: codec.encode(v, a, model))(variables, audio)
-    assert codes.dtype == jnp.int32 and codes.shape == (2, 4, 21)
-    assert int(codes.min()) >= 0 and int(codes.max()) < 64
-    assert jax.jit(lambda v, c: codec.decode(v, c, model))(variables, codes).shape == (2, 21 * 640)
-    paper = CodecTask(stage_config("codec", "paper", data__path="x"))
-    abstract = nn.meta.unbox(jax.eval_shape(paper.init_generator, jax.random.key(0)))
-    ten_s = jax.ShapeDtypeStruct((1, 320_000), jnp.float32)
-    assert jax.eval_shape(lambda v, a: codec.encode(v, a, paper.model), abstract, ten_s).shape == (1, 4, 500)
+def write_melodies(folder: str, n: int, seed: int = 0, seconds: float = 1.2, notes_per_second: int = 4) -> None:
+    """`n` captioned WAVs of plucked sine tones (+ a quieter octave), random pitch classes from C6."""
+    os.makedirs(folder)
+    rng = np.random.default_rng(seed)
+    t = np.arange(SR // notes_per_second) / SR
+    envelope = np.minimum(1.0, t / 0.01) * np.exp(-3.0 * t)
+    for i in range(n):
+        freqs = 440.0 * 2.0 ** ((84 + rng.integers(0, 12, int(seconds * notes_per_second)) - 69) / 12)
+        audio = np.concatenate([envelope * (np.sin(2 * np.pi * f * t) + 0.3 * np.sin(4 * np.pi * f * t))
+                                for f in freqs])
+        sf.write(f"{folder}/{i:03d}.wav", 0.4 * audio, SR)
+        with open(f"{folder}/{i:03d}.txt", "w") as f:
+            f.write("a melody of sine tones")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("codec")
     data = str(root / "data")
-    prepare(PrepareSettings(source="synthetic", num_clips=32, seed=0, clip_seconds=1.0, sample_rate=32000,
-                            val_fraction=0.25), data, progress=False)
-    config = stage_config("codec", data__path=data, train__num_steps=STEPS, train__eval_every=STEPS,
+    write_melodies(str(root / "wav"), 64)
+    prepare(PrepareSettings(source="folder", input=str(root / "wav"), sample_rate=SR, val_fraction=0.25), data,
+            progress=False)
+    config = stage_config("codec", data__path=data, mesh_devices=1, train__num_steps=STEPS, train__eval_every=STEPS,
                           train__checkpoint_every=STEPS, train__log_every=10, train__eval_batches=2)
     task = CodecTask(config)
-    mesh = make_mesh({"data": -1})
+    mesh = config_mesh(config)
     with activate(mesh, DEFAULT_RULES):
         state = jax.jit(lambda r: nn.meta.unbox(task.init_state(r)))(jax.random.key(0))
         it = task.eval_iterator(mesh)
         before = [jax.jit(task.eval_step)(state.params, next(it), jax.random.key(0)) for _ in range(2)]
     summary = train(config, str(root / "run"))
-    return {"summary": summary, "records": read_metrics(str(root / "run")),
+    return {"summary": summary, "records": read_metrics(str(root / "run")), "data": data, "workdir": str(root / "run"),
             "before": {k: float(np.mean([b[k] for b in before])) for k in before[0]}}
 
 
@@ -67,3 +85,68 @@ def test_codebook_usage_is_logged(trained):
         assert all(1.0 <= r[f"perplexity_{i}"] <= 64.0 for i in range(4))
     # k-means init from the first batch spreads the codes; seen 4–16 effective codes per level.
     assert np.mean([r["perplexity"] for r in logged]) > 4.0, logged[-1]
+
+
+# --- the MusicGen LM on the codec's codes ---------------------------------------------------------
+def lm_config(trained, **overrides):
+    fields = dict(data__source="codec", data__path=trained["data"], data__codec_checkpoint=trained["workdir"],
+                  data__frames=FRAMES, model__melody_frames=FRAMES, sample__window_frames=FRAMES, mesh_devices=1,
+                  train__num_steps=LM_STEPS, train__eval_every=LM_STEPS, train__checkpoint_every=LM_STEPS,
+                  train__log_every=10, train__eval_batches=2)
+    return stage_config("musicgen", **{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def lms(trained, tmp_path_factory):
+    """The LM trained on codec codes with melody conditioning (True) and without (False), as bundles."""
+    root = tmp_path_factory.mktemp("musicgen_on_codes")
+    out = {}
+    for use_melody in (True, False):
+        workdir, bundle = str(root / f"lm_{use_melody}"), str(root / f"bundle_{use_melody}")
+        summary = train(lm_config(trained, model__use_melody=use_melody), workdir)
+        assemble(bundle, {"codec": trained["workdir"], "musicgen": workdir}, make_mesh({"data": 1}, jax.devices()[:1]),
+                 DEFAULT_RULES, MUSICGEN_STAGES)
+        out[use_melody] = {"summary": summary, "records": read_metrics(workdir), "bundle": bundle}
+    return out
+
+
+def test_lm_learns_the_codec_codes_of_prepared_audio(lms):
+    for use_melody, run in lms.items():
+        logged = [r for r in run["records"] if "ce_codebook_0" in r]
+        first, last, held_out = logged[0]["loss"], logged[-1]["loss"], run["summary"]["eval_loss"]
+        # Seen: 3.1 at step 10 → 0.005 (melody) / 0.025 (none) at 300 on 48 training clips; held-out
+        # 0.97 / 0.98, against ln 64 = 4.16 for a uniform guess.
+        assert run["summary"]["status"] == "done" and first > 2.5 and last < 0.2 * first, (use_melody, first, last)
+        assert held_out < 0.5 * np.log(64), (use_melody, held_out)
+
+
+def test_generated_audio_follows_the_given_melody(trained, lms):
+    """Chroma of 1-s generations against the chroma of the held-out melodies they were given."""
+    clips = read_clips(trained["data"], "validation", SR, limit=16)
+    melodies = [c["audio"][: FRAMES * HOP] for c in clips]
+    prompts = [c["caption"] for c in clips]
+    score = {}
+    for name, use_melody, melody in (("trained with melody, given it", True, melodies),
+                                     ("trained with melody, null melody", True, None),
+                                     ("trained without melody", False, None)):
+        audio = MusicGen(lms[use_melody]["bundle"]).generate(prompts, FRAMES / 50, melody=melody, seed=1).audio
+        score[name] = chroma_adherence(audio, melodies, SR, HOP, FRAMES)
+    model = MusicGen(lms[True]["bundle"])
+    codes = jax.jit(lambda v, a: codec.encode(v, a, model.codec))(model._codec_variables, np.stack(melodies))
+    score["codec round trip (ceiling)"] = chroma_adherence(np.asarray(model._decode(model._codec_variables, codes)),
+                                                          melodies, SR, HOP, FRAMES)
+    print("chroma of generated audio vs the given melody's:", score)
+    given, null, without = (score[k]["correlation"] for k in list(score)[:3])
+    # Seen (16 held-out clips): r = 0.19 given vs 0.07 with a null melody and 0.00 without melody training
+    # (codec ceiling 0.48); agreement 0.23 vs 0.13 and 0.08 (chance 1/12). Asserted: r ahead of both by at
+    # least 0.06, and of the model trained without melody by 0.1; agreement at least 2× chance.
+    assert given > null + 0.06 and given > without + 0.1, score
+    assert score["trained with melody, given it"]["agreement"] > 2 / 12, score
+
+
+def test_codec_source_refuses_a_codec_that_does_not_fit(trained):
+    task = MusicGenTask(lm_config(trained, model__codebook_size=128))
+    task.validate()
+    with pytest.raises(ConfigError, match=r"config.data.codec_checkpoint: codec has 4 codebooks of 64 codes, "
+                                          r"musicgen models 4 of 128"):
+        task.train_iterator(config_mesh(task.config))

@@ -33,7 +33,7 @@ def stage(**overrides):
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dpd_stage")
-    return train(stage(mesh__data=8), str(workdir)), workdir
+    return train(stage(mesh_devices=1), str(workdir)), workdir
 
 
 def test_stage_trains_through_the_loop(stage_run):

@@ -112,7 +112,7 @@ def trained(tmp_path_factory):
     prepare(PrepareSettings(source="synthetic", num_clips=NUM_CLIPS, seed=0, clip_seconds=3.0, sample_rate=SR,
                             val_fraction=VAL_FRACTION), data, progress=False)
     workdir = str(root / "mulan")
-    c = stage_config("mulan", data__path=data, train__num_steps=STEPS, train__log_every=50,
+    c = stage_config("mulan", data__path=data, mesh_devices=1, train__num_steps=STEPS, train__log_every=50,
                      train__eval_every=STEPS, train__checkpoint_every=STEPS)
     summary = train(c, workdir)
     mesh = make_mesh({"data": -1})

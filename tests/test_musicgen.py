@@ -34,7 +34,7 @@ def random_model():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return train_and_restore(stage_config("musicgen"), str(tmp_path_factory.mktemp("musicgen")))
+    return train_and_restore(stage_config("musicgen", mesh_devices=1), str(tmp_path_factory.mktemp("musicgen")))
 
 
 def test_small_preset_is_musicgen_small():
@@ -169,8 +169,10 @@ def test_sharded_loss_and_sampling_equal_one_device(random_model):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match=r"data.source='codec'.*not wired yet"):
+    with pytest.raises(ConfigError, match=r"config.data.path is empty; data.source='codec'"):
         MusicGenTask(stage_config("musicgen", data__source="codec")).validate()
+    with pytest.raises(ConfigError, match=r"config.data.codec_checkpoint is empty"):
+        MusicGenTask(stage_config("musicgen", data__source="codec", data__path="x")).validate()
     with pytest.raises(ConfigError, match=r"config.model.pattern='zigzag'"):
         MusicGenTask(stage_config("musicgen", model__pattern="zigzag")).validate()
     with pytest.raises(ConfigError, match=r"config.train.cfg_dropout_text=1.5"):

@@ -31,7 +31,7 @@ def random_model():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    summary, records, task, params = train_and_restore(stage_config("semantic_lm"), str(tmp_path_factory.mktemp("trained")))
+    summary, records, task, params = train_and_restore(stage_config("semantic_lm", mesh_devices=1), str(tmp_path_factory.mktemp("trained")))
     return summary, records, task.model, params
 
 
@@ -197,7 +197,7 @@ def test_frozen_models_tokenise_audio_inside_the_step(tmp_path):
     config = stage_config("semantic_lm", data__source="frozen_models", data__path=data, data__semantic_len=16,
                           model__semantic_vocab_size=lm.model.semantic_vocab_size,
                           model__mulan_codebook_size=lm.model.mulan_codebook_size, train__batch_size=8,
-                          train__num_steps=2, train__eval_every=2, train__checkpoint_every=2, **fields)
+                          train__num_steps=2, train__eval_every=2, train__checkpoint_every=2, mesh_devices=1, **fields)
     with pytest.raises(ConfigError, match=r"config.data.frozen.ssl is empty"):
         SemanticLMTask(stage_config("semantic_lm", data__source="frozen_models", data__path=data)).validate()
     task = SemanticLMTask(config)

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from data_pipeline.indexed import IndexedBatches
 from melody_jax.tasks.toy_lm import ToyLMTask
 from melody_jax.training.checkpoint import Checkpointer
-from melody_jax.training.errors import TrainingDiverged, WorkdirError
+from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
 from melody_jax.training.loop import sharded_abstract_state, train
 from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import activate, make_mesh, rules_from_config
@@ -51,9 +51,13 @@ def test_sharded_training_learns_and_shards_params(tmp_path):
 def test_mesh_layout_does_not_change_the_math(tmp_path):
     dp = train(toy_config(train__num_steps=10, mesh__data=8), str(tmp_path / "dp"))
     sharded = train(toy_config(train__num_steps=10, **MESH_222), str(tmp_path / "222"))
-    a, b = losses(tmp_path / "dp"), losses(tmp_path / "222")
+    one = train(toy_config(train__num_steps=10, mesh_devices=1), str(tmp_path / "one"))  # the first device only
+    a, b, c = losses(tmp_path / "dp"), losses(tmp_path / "222"), losses(tmp_path / "one")
     np.testing.assert_allclose([a[s] for s in range(1, 11)], [b[s] for s in range(1, 11)], rtol=2e-5, atol=2e-5)
-    assert dp["status"] == sharded["status"] == "done"
+    np.testing.assert_allclose([a[s] for s in range(1, 11)], [c[s] for s in range(1, 11)], rtol=2e-5, atol=2e-5)
+    assert dp["status"] == sharded["status"] == one["status"] == "done"
+    with pytest.raises(ConfigError, match=r"config.mesh_devices=9 must be 0 \(all\) or at most the 8 devices"):
+        train(toy_config(mesh_devices=9), str(tmp_path / "nine"))
 
 
 def test_resume_continues_bit_for_bit(tmp_path):

@@ -28,6 +28,14 @@ def chromagram(audio: np.ndarray, sample_rate: int, n_fft: int = 4096, hop_lengt
     return np.swapaxes(chroma, -1, -2).astype(np.float32)
 
 
+def melody_rows(audio: np.ndarray, sample_rate: int, hop: int, rows: int) -> np.ndarray:
+    """`[..., T]` waveform → `float32 [..., rows, 12]`: the chromagram at one row per `hop` samples,
+    cut or edge-extended to `rows` (MusicGen's melody prefix; the model takes the argmax, and a silent
+    row, all zeros, is its null melody)."""
+    chroma = chromagram(audio, sample_rate, hop_length=hop)
+    return chroma[..., np.minimum(np.arange(rows), chroma.shape[-2] - 1), :]
+
+
 def chroma_onehot(chroma: Array) -> Array:
     """`[..., 12]` chroma → one-hot of its argmax (float32), numpy or JAX arrays alike.
 

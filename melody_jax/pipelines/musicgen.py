@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from melody_jax.audio.chroma import chroma_onehot, chromagram
+from melody_jax.audio.chroma import melody_rows
 from melody_jax.models import codec
 from melody_jax.pipelines.bundle import KEEP, check_musicgen_fit, read_configs
 from melody_jax.pipelines.melody import MAX_PROMPT_CHARS, MAX_SECONDS, AudioInputError, Result
@@ -45,16 +45,18 @@ class MusicGen:
         self._decode = jax.jit(lambda variables, codes: codec.decode(variables, codes, self.codec))  # weights: args
 
     def melody_chroma(self, melody: np.ndarray, num_frames: int) -> np.ndarray:
-        """[T] audio → one-hot chroma [Fc, 12], one row per `chroma_hop_frames` codec frames."""
+        """[T] audio → chroma [Fc, 12], one row per `chroma_hop_frames` codec frames (as in training)."""
         m = self.config.model
-        hop = self.codec.hop * m.chroma_hop_frames
-        rows = math.ceil(num_frames / m.chroma_hop_frames)
-        chroma = chroma_onehot(chromagram(np.asarray(melody, np.float32), self.sample_rate, hop_length=hop))
-        return chroma[np.minimum(np.arange(rows), len(chroma) - 1)]
+        if len(melody) < self.codec.hop:
+            raise AudioInputError(f"the melody is {len(melody)} samples; give at least one codec frame")
+        return melody_rows(np.asarray(melody, np.float32), self.sample_rate, self.codec.hop * m.chroma_hop_frames,
+                           math.ceil(num_frames / m.chroma_hop_frames))
 
     def generate(self, prompts: Sequence[str], duration_s: float, cfg: float | None = None, top_k: int | None = None,
-                 temperature: float | None = None, seed: int = 0, melody: np.ndarray | None = None) -> Result:
-        """Audio `[B, duration_s · sample_rate]` for text prompts (+ a melody to follow, any length)."""
+                 temperature: float | None = None, seed: int = 0,
+                 melody: np.ndarray | Sequence[np.ndarray] | None = None) -> Result:
+        """Audio `[B, duration_s · sample_rate]` for text prompts (+ a melody to follow, any length:
+        one waveform for every prompt, or a sequence of one per prompt)."""
         duration_s = check_duration(duration_s, MAX_SECONDS)
         prompts = [check_prompt(p, MAX_PROMPT_CHARS) for p in prompts]
         s = self.config.sample
@@ -63,11 +65,15 @@ class MusicGen:
         num_frames = math.ceil(duration_s * self.frame_rate - 1e-9)
         chroma = None
         if self.config.model.use_melody:
-            if melody is not None and len(melody) < self.codec.hop:
-                raise AudioInputError(f"the melody is {len(melody)} samples; give at least one codec frame")
-            rows = (self.melody_chroma(melody, num_frames) if melody is not None
-                    else np.zeros((math.ceil(num_frames / self.config.model.chroma_hop_frames), 12), np.float32))
-            chroma = np.broadcast_to(rows, (len(prompts),) + rows.shape)
+            rows = math.ceil(num_frames / self.config.model.chroma_hop_frames)
+            if melody is None:
+                chroma = np.zeros((len(prompts), rows, 12), np.float32)
+            elif isinstance(melody, np.ndarray) and melody.ndim == 1:
+                chroma = np.broadcast_to(self.melody_chroma(melody, num_frames), (len(prompts), rows, 12))
+            else:
+                if len(melody) != len(prompts):
+                    raise AudioInputError(f"{len(melody)} melodies for {len(prompts)} prompts; give one per prompt")
+                chroma = np.stack([self.melody_chroma(np.asarray(x), num_frames) for x in melody])
         seconds: dict[str, float] = {}
         with activate(self.mesh, self.rules):
             start = time.perf_counter()

@@ -7,6 +7,7 @@ arrays only: `audio [B, crop]`, `text_tokens int32 [B, L]`, `text_mask bool [B, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,24 +32,31 @@ def pick_texts(captions: np.ndarray, tags: np.ndarray, use_caption: np.ndarray) 
 
 
 class TextAudioIterator:
-    """Wraps the audio iterator; state = the audio iterator's position plus the batch index."""
+    """Wraps the audio iterator; state = the audio iterator's position plus the batch index.
+
+    `features` (optional) maps this host's audio rows `[B_local, T]` (numpy) to more per-row arrays
+    made at data time — e.g. MusicGen's chromagram — which join the batch as global arrays too.
+    """
 
     def __init__(self, audio: AudioBatchIterator, mesh: jax.sharding.Mesh, *, seed: int, global_batch_size: int,
-                 caption_probability: float, max_text_length: int):
+                 caption_probability: float, max_text_length: int,
+                 features: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None):
         self.audio, self.mesh, self.seed = audio, mesh, seed
         self.batch_size, self.p, self.max_length = global_batch_size, caption_probability, max_text_length
+        self.features = features
         self.index = 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
-        batch = next(self.audio)
+        local = self.audio.next_local()
         use_caption = np.random.default_rng([self.seed, self.index]).random(self.batch_size) < self.p
         self.index += 1
-        texts = pick_texts(batch["caption"], batch["tags"], use_caption[process_rows(self.batch_size)])
+        texts = pick_texts(local["caption"], local["tags"], use_caption[process_rows(self.batch_size)])
         tokens, mask = tokenize(texts, self.max_length)
-        return {"audio": batch["audio"], **host_to_global({"text_tokens": tokens, "text_mask": mask}, self.mesh)}
+        extra = self.features(local["audio"]) if self.features is not None else {}
+        return host_to_global({"audio": local["audio"], "text_tokens": tokens, "text_mask": mask, **extra}, self.mesh)
 
     def get_state(self) -> dict[str, Any]:
         return {"audio": self.audio.get_state(), "index": self.index}

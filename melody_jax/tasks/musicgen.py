@@ -15,12 +15,15 @@ Data sources (`config.data.source`):
   So code_0 mod 12 — the "chroma" of the codes — follows the given melody, which a model can only
   know from the melody prefix at each note change: the synthetic stand-in for "the chroma of the
   generated audio follows the given chroma". Batches are a pure function of (seed, batch index).
-- "codec": codes of the frozen codec over the audio pipeline, chroma from librosa at data time;
-  refused with a ConfigError until `melody_jax/models/codec.py` exists and is wired here.
+- "codec": crops of `data.frames` codec frames from a prepared dataset at the codec's rate
+  (`data.path`), with their captions (or tag lists, see `data.caption_probability`) and, with
+  melody conditioning, their librosa chromagram made on the host at data time. The frozen codec
+  (`data.codec_checkpoint`: the codec stage's workdir or a bundle's codec folder) turns the crops
+  into codes inside the jitted step; its parameters ride along with every batch
+  (`training.frozen.FrozenInputs`).
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import jax
@@ -29,11 +32,13 @@ import numpy as np
 import optax
 
 from data_pipeline.indexed import IndexedBatches
-from melody_jax.audio.chroma import NUM_CHROMA
+from melody_jax.audio.chroma import NUM_CHROMA, melody_rows
 from melody_jax.models.musicgen_lm import MusicGenLM
 from melody_jax.tokenizers.patterns import PATTERNS, Pattern, make_pattern
 from melody_jax.tokenizers.text import tokenize
 from melody_jax.training.config import non_negative, one_of, positive, require
+from melody_jax.training.errors import ConfigError
+from melody_jax.training.frozen import FrozenInputs
 from melody_jax.training.task import Batch, Task
 
 SOURCES = ("synthetic", "codec")
@@ -140,11 +145,12 @@ class MusicGenTask(Task):
                     f"config.model.codebook_size={m.codebook_size} must be >= {need} for the synthetic rule")
             positive(c, "data.max_note_frames")
         else:
-            present = importlib.util.find_spec("melody_jax.models.codec") is not None
-            require(False, "config.data.source='codec' (codes from the frozen codec stage, chroma from librosa at "
-                    "data time) is not wired yet; codec model "
-                    f"{'present but not yet connected' if present else 'melody_jax/models/codec.py missing'}; "
-                    "use 'synthetic'")
+            require(bool(d.path), "config.data.path is empty; data.source='codec' needs a prepared dataset at the "
+                    "codec's sample rate (`python -m launch.prepare_data --sample_rate=32000 ...`)")
+            require(bool(d.codec_checkpoint), "config.data.codec_checkpoint is empty; data.source='codec' needs the "
+                    "codec stage's workdir (or a bundle's codec folder)")
+            require(0.0 <= d.caption_probability <= 1.0,
+                    f"config.data.caption_probability={d.caption_probability} must lie in [0, 1]")
 
     @property
     def model(self) -> MusicGenLM:
@@ -167,7 +173,8 @@ class MusicGenTask(Task):
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         model, c = self.model, self.config
-        seq = self.pattern.build(batch["codes"], model.special_token)
+        codes = self._encode(batch) if "frozen" in batch else batch["codes"]
+        seq = self.pattern.build(codes, model.special_token)
         drop_text = drop_melody = None
         if train:
             k_text, k_melody = jax.random.split(rng)
@@ -185,10 +192,61 @@ class MusicGenTask(Task):
         metrics.update({f"ce_codebook_{k}": per_codebook[k] for k in range(per_codebook.shape[0])})
         return loss, metrics
 
+    _codec = None  # the frozen codec model once data.source="codec" has loaded it
+
+    def _encode(self, batch: Batch) -> jax.Array:
+        """data.source="codec": the crops' codes, `int32 [B, K, data.frames]`, from the frozen codec."""
+        from melody_jax.models import codec
+
+        return codec.encode(batch["frozen"], batch["audio"], self._codec)[:, :, : self.config.data.frames]
+
+    def _load_codec(self, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+        """The codec of `data.codec_checkpoint` on `mesh` (checked against this LM) → its variables."""
+        from melody_jax.pipelines.bundle import KEEP, BundleError, check_musicgen_fit
+        from melody_jax.training.frozen import load_stage
+        from melody_jax.training.sharding import config_rules
+
+        d = self.config.data
+        task, params, _ = load_stage(d.codec_checkpoint, "codec", mesh, config_rules(self.config),
+                                     field="config.data.codec_checkpoint", keep=KEEP["codec"])
+        try:
+            check_musicgen_fit({"codec": task.config, "musicgen": self.config})
+        except BundleError as e:
+            raise ConfigError(f"config.data.codec_checkpoint: {e}") from None
+        self._codec = task.model
+        return {"params": params["generator"], **params["generator_state"]}
+
+    def _codec_batches(self, mesh, split: str, seed: int) -> FrozenInputs:
+        from data_pipeline.input import make_train_iterator
+        from melody_jax.tasks.mulan import TextAudioIterator
+
+        c, m = self.config, self.config.model
+        variables = self._load_codec(mesh)
+        hop = self._codec.hop
+        data = c.data.copy_and_resolve_references()
+        data.crop_seconds = c.data.frames * hop / c.data.sample_rate
+        audio = make_train_iterator(data, global_batch_size=c.train.batch_size, mesh=mesh, seed=seed, split=split)
+
+        def chroma(rows: np.ndarray) -> dict[str, np.ndarray]:
+            return {"chroma": melody_rows(rows, c.data.sample_rate, hop * m.chroma_hop_frames, m.melody_frames)}
+
+        texts = TextAudioIterator(audio, mesh, seed=seed, global_batch_size=c.train.batch_size,
+                                  caption_probability=c.data.caption_probability,
+                                  max_text_length=m.max_text_length,
+                                  features=chroma if m.use_melody else None)
+        return FrozenInputs(texts, variables)
+
     def train_iterator(self, mesh):
+        if self.config.data.source == "codec":
+            return self._codec_batches(mesh, "train", self.config.seed)
         return synthetic_batches(self.config, mesh, self.config.seed)
 
     def eval_iterator(self, mesh):
+        if self.config.data.source == "codec":
+            from data_pipeline.builder import held_out_split
+
+            split = held_out_split(self.config.data.path, self.config.data.eval_split)
+            return None if split is None else self._codec_batches(mesh, split, self.config.seed + EVAL_SEED_OFFSET)
         return synthetic_batches(self.config, mesh, self.config.seed + EVAL_SEED_OFFSET)
 
     def describe(self, params: Any) -> dict[str, int]:

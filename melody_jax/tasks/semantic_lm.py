@@ -10,9 +10,8 @@ Data sources (`config.data.source`):
 - "cached": TFRecords from `launch.tokenize` (what large runs use: the frozen models run once).
 - "frozen_models": audio crops of `semantic_len` tokens from a prepared dataset (`data.path`), turned
   into MuLan tokens (MuLan audio tower + RVQ) and semantic tokens (SSL Conformer + k-means) inside the
-  jitted step by the frozen stages named in `data.frozen`. Their parameters ride along with every
-  batch under "frozen" — jit arguments, so XLA neither embeds them as constants nor copies them
-  (they are already on the mesh, laid out by their own logical axes).
+  jitted step by the frozen stages named in `data.frozen` (their parameters ride along with every
+  batch: `training.frozen.FrozenInputs`).
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from data_pipeline.indexed import IndexedBatches
 from melody_jax.models.semantic_lm import SemanticLM
 from melody_jax.training.config import one_of, positive, require
 from melody_jax.training.errors import ConfigError
+from melody_jax.training.frozen import FrozenInputs
 from melody_jax.training.task import Batch, Task
 
 SOURCES = ("synthetic", "cached", "frozen_models")
@@ -61,25 +61,6 @@ def synthetic_batches(config, mesh, seed: int) -> IndexedBatches:
         return {"mulan_tokens": mulan, "semantic_tokens": semantic}
 
     return IndexedBatches(make, c.train.batch_size, mesh)
-
-
-class WithFrozen:
-    """An audio iterator whose batches also carry the frozen stages' parameters (see the docstring)."""
-
-    def __init__(self, audio, frozen: dict[str, Any]):
-        self.audio, self.frozen = audio, frozen
-
-    def __iter__(self) -> "WithFrozen":
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        return {"audio": next(self.audio)["audio"], "frozen": self.frozen}
-
-    def get_state(self) -> dict[str, Any]:
-        return self.audio.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.audio.set_state(state)
 
 
 class SemanticLMTask(Task):
@@ -177,7 +158,7 @@ class SemanticLMTask(Task):
         frozen = {"ssl": tokenizer.ssl_params, "centroids": tokenizer.centroids, "mulan": mulan.params}
         audio = make_train_iterator(data, global_batch_size=self.config.train.batch_size, mesh=mesh, seed=seed,
                                     split=split, with_text=False)
-        return WithFrozen(audio, frozen)
+        return FrozenInputs(audio, frozen, keys=("audio",))
 
     def _records(self, mesh, path: str):
         from melody_jax.tokenizers.token_records import Field, RecordIterator  # TensorFlow: only when used

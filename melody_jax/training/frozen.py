@@ -4,11 +4,16 @@ A later stage (or the sampling pipeline) names an earlier stage's directory — 
 or a bundle's stage folder, which share one layout: `config.json` and `checkpoints/<step>/`. Only
 `params` is read (Orbax partial restore), so an optimizer state twice the model's size is never
 loaded, and the parameters land sharded onto the caller's mesh by the stage's logical axes.
+
+A stage that runs a frozen one inside its own jitted step (semantic tokens or codec codes made from
+audio crops on the fly) feeds that stage's parameters through `FrozenInputs`: they ride along with
+every batch under "frozen", so they are jit arguments, which XLA neither embeds as constants nor
+copies (they already sit on the mesh, laid out by their own logical axes).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -57,3 +62,25 @@ def load_stage(directory: str, stage: str, mesh: jax.sharding.Mesh, rules, *, fi
     finally:
         ckpt.close()
     return task, params, step
+
+
+class FrozenInputs:
+    """Batches of `inputs` (only `keys` of them, None = all) plus `{"frozen": params}`; same state."""
+
+    def __init__(self, inputs: Iterator[dict[str, Any]], params: Any, keys: Sequence[str] | None = None):
+        self.inputs, self.params, self.keys = inputs, params, keys
+
+    def __iter__(self) -> "FrozenInputs":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self.inputs)
+        if self.keys is not None:
+            batch = {k: batch[k] for k in self.keys}
+        return {**batch, "frozen": self.params}
+
+    def get_state(self) -> dict[str, Any]:
+        return self.inputs.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.inputs.set_state(state)

@@ -24,7 +24,7 @@ from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
 from melody_jax.training.metrics import MetricsWriter
-from melody_jax.training.sharding import activate, assert_sharded, batch_divisor, config_rules, make_mesh, sharded_shapes
+from melody_jax.training.sharding import activate, assert_sharded, batch_divisor, config_mesh, config_rules, sharded_shapes
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Task, get_task
 
@@ -125,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
         config_lib.validate_common(config)
         task.validate()
     prepare_workdir(workdir)
-    mesh = make_mesh(config.mesh)
+    mesh = config_mesh(config)
     rules = config_rules(config)
     if config.train.batch_size % batch_divisor(mesh):
         raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by "

@@ -17,7 +17,7 @@ import ml_collections
 
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import guarded, sharded_abstract_state, validate
-from melody_jax.training.sharding import activate, assert_sharded, batch_divisor, config_rules, make_mesh
+from melody_jax.training.sharding import activate, assert_sharded, batch_divisor, config_mesh, config_rules
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -48,7 +48,7 @@ def _abstract_batch(task, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 def plan_train_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Lowers and compiles the loop's train step for `config.mesh`; returns sizes (bytes) and counts."""
     task = validate(config)
-    mesh = make_mesh(config.mesh)
+    mesh = config_mesh(config)
     rules = config_rules(config)
     if config.train.batch_size % batch_divisor(mesh):
         raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by "

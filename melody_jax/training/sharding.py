@@ -129,6 +129,18 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None, strategy: str = "fs
     return tuple(out)
 
 
+def config_mesh(config: Any) -> jax.sharding.Mesh:
+    """The mesh of a stage config: `mesh` sizes over every device, or over the first
+    `mesh_devices` of them when that is > 0 (one process only: a small run or a test on a big host)."""
+    count = int(config.get("mesh_devices", 0) or 0)
+    if count == 0:
+        return make_mesh(config.mesh)
+    if count < 0 or count > jax.device_count() or jax.process_count() > 1:
+        raise ConfigError(f"config.mesh_devices={count} must be 0 (all) or at most the {jax.device_count()} "
+                          "devices of a single process")
+    return make_mesh(config.mesh, jax.devices()[:count])
+
+
 def config_rules(config: Any) -> Rules:
     """Rules of a stage config: `sharding.strategy` (default fsdp_tp) overridden by `sharding_rules`."""
     sharding = config.get("sharding") or {}
