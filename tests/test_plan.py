@@ -1,7 +1,12 @@
 """launch.plan: the ahead-of-time memory and collective figures of a train step, nothing materialised."""
 import re
+from types import SimpleNamespace
 
-from melody_jax.training.plan import count_collectives, plan_train_step
+import jax
+import jax.numpy as jnp
+
+from melody_jax.training.frozen import FrozenInputs
+from melody_jax.training.plan import _abstract_batch, count_collectives, plan_train_step
 from tests.helpers import run_cli, toy_config
 
 TOY_PARAMS = 90_432  # toy_lm tiny (the loop logs the same count)
@@ -45,3 +50,12 @@ def test_cli_prints_memory_and_collectives_for_a_16_device_mesh():
     assert abs(mib["optimizer state"] - 2 * mib["parameters"]) <= 0.002
     counts = dict(re.findall(r"(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute) (\d+)", text))
     assert len(counts) == 5 and int(counts["all-gather"]) > 0 and int(counts["all-reduce"]) > 0, text
+
+
+def test_batches_carrying_frozen_parameters_are_planned_by_shape():
+    """data.source=frozen_models / codec batches nest the frozen stages' parameters under "frozen"."""
+    batches = iter([{"audio": jnp.zeros((8, 960))}])
+    task = SimpleNamespace(train_iterator=lambda mesh: FrozenInputs(batches, {"codec": {"w": jnp.ones((4, 3))}}))
+    abstract = _abstract_batch(task, None)
+    assert abstract["audio"].shape == (8, 960) and abstract["frozen"]["codec"]["w"].shape == (4, 3)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))

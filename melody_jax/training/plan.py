@@ -40,9 +40,10 @@ def bytes_per_device(abstract: Any) -> int:
     return total
 
 
-def _abstract_batch(task, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def _abstract_batch(task, mesh) -> dict[str, Any]:
+    """The first batch's shapes; nested, as batches carrying frozen stages' parameters are."""
     batch = next(task.train_iterator(mesh))
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), batch)
 
 
 def plan_train_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
