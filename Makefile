@@ -17,7 +17,7 @@ install: $(STAMP)
 # Three workers on two cores: a third fills the gaps (checkpoint writes, CLI start-up) the other two leave.
 TEST_WORKERS ?= 3
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m launch.demo --workdir=$${WORKDIR:-runs/demo}

@@ -24,3 +24,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 def pytest_sessionfinish(session, exitstatus):
     if "PYTEST_XDIST_WORKER" not in os.environ:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# Longest files first: `make test` runs xdist with --dist loadfile --no-loadscope-reorder, which hands
+# whole files to workers in collection order, so the long ones (a trained fixture each) start at once
+# and the many short files fill the gaps after them (longest-processing-time-first). xdist's default
+# order, most tests first, started them last and left one worker running alone at the end.
+SLOWEST_FILES = ("test_codec.py", "test_vae_gan.py", "test_melody_pipeline.py", "test_dpd_stage.py",
+                 "test_ssl_stage.py", "test_musicgen.py", "test_semantic_lm.py", "test_dpd.py", "test_mulan.py",
+                 "test_conformer.py", "test_multiprocess.py", "test_training.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: file order kept
