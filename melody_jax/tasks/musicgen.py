@@ -192,7 +192,7 @@ class MusicGenTask(Task):
         metrics.update({f"ce_codebook_{k}": per_codebook[k] for k in range(per_codebook.shape[0])})
         return loss, metrics
 
-    _codec = None  # the frozen codec model once data.source="codec" has loaded it
+    _codec = _codec_variables = None  # the frozen codec (model, variables) once data.source="codec" has loaded it
 
     def _encode(self, batch: Batch) -> jax.Array:
         """data.source="codec": the crops' codes, `int32 [B, K, data.frames]`, from the frozen codec."""
@@ -201,7 +201,9 @@ class MusicGenTask(Task):
         return codec.encode(batch["frozen"], batch["audio"], self._codec)[:, :, : self.config.data.frames]
 
     def _load_codec(self, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-        """The codec of `data.codec_checkpoint` on `mesh` (checked against this LM) → its variables."""
+        """The codec of `data.codec_checkpoint` on `mesh` (checked against this LM) → its variables, loaded once."""
+        if self._codec_variables is not None:
+            return self._codec_variables
         from melody_jax.pipelines.bundle import KEEP, BundleError, check_musicgen_fit
         from melody_jax.training.frozen import load_stage
         from melody_jax.training.sharding import config_rules
@@ -214,7 +216,8 @@ class MusicGenTask(Task):
         except BundleError as e:
             raise ConfigError(f"config.data.codec_checkpoint: {e}") from None
         self._codec = task.model
-        return {"params": params["generator"], **params["generator_state"]}
+        self._codec_variables = {"params": params["generator"], **params["generator_state"]}
+        return self._codec_variables
 
     def _codec_batches(self, mesh, split: str, seed: int) -> FrozenInputs:
         from data_pipeline.input import make_train_iterator

@@ -24,7 +24,8 @@ from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
 from melody_jax.training.metrics import MetricsWriter
-from melody_jax.training.sharding import activate, assert_sharded, batch_divisor, config_mesh, config_rules, sharded_shapes
+from melody_jax.training.sharding import (activate, assert_sharded, batch_divisor, config_mesh, config_rules,
+                                          sharded_shapes)
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Task, get_task
 
