@@ -1,7 +1,7 @@
 """Semantic tokenizer stages (DESIGN §4.2, §7) on synthetic 24 kHz music, 8 CPU devices: the ssl stage's
 contrastive accuracy beats chance and its codebook perplexity rises, the kmeans stage fits and saves
-centroids through the loop, the loader tokenizes, and the tokens identify the music better than an untrained
-encoder's."""
+centroids through the loop, the loader tokenizes, and the tokens carry the key and identify the music better
+than an untrained encoder's."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import NearestCentroid
 
 from data_pipeline.builder import PrepareSettings, prepare, read_clips
 from melody_jax.tasks.kmeans import KMeansTask
@@ -26,6 +28,7 @@ SR = 24000
 NUM_CLIPS, CLIP_SECONDS = 96, 3.2
 SSL_STEPS = 200
 PROBE_CLUSTERS = 32
+PROBE_CLIPS = 240
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,11 @@ def stages(tmp_path_factory):
     ssl_summary = train(stage_config("ssl", data__path=data, data__eval_split="", train__num_steps=SSL_STEPS,
                                      train__checkpoint_every=SSL_STEPS), ssl_dir)
     km_summary = train(stage_config("kmeans", model__ssl_workdir=ssl_dir), km_dir)
-    return {"data": data, "ssl": ssl_dir, "kmeans": km_dir, "ssl_summary": ssl_summary, "km_summary": km_summary}
+    probe = str(root / "probe")  # held-out labelled clips for the token probes
+    prepare(PrepareSettings(source="synthetic", num_clips=PROBE_CLIPS, seed=1, clip_seconds=CLIP_SECONDS,
+                            sample_rate=SR, val_fraction=0.0), probe, progress=False)
+    return {"data": data, "ssl": ssl_dir, "kmeans": km_dir, "probe": probe, "ssl_summary": ssl_summary,
+            "km_summary": km_summary}
 
 
 def metrics(workdir: str) -> list[dict]:
@@ -107,6 +114,12 @@ def histograms(tokens: np.ndarray) -> np.ndarray:
     return np.sqrt(hist / hist.sum(1, keepdims=True))
 
 
+def probe_accuracy(tokens: np.ndarray, labels: np.ndarray) -> float:
+    """Nearest-centroid on token histograms, 4-fold stratified cross-validation."""
+    folds = StratifiedKFold(4, shuffle=True, random_state=0)
+    return float(cross_val_score(NearestCentroid(), histograms(tokens), labels, cv=folds).mean())
+
+
 def half_clip_mean_rank(tokens: np.ndarray) -> float:
     """Each clip's first-half histogram ranks every clip's second half by distance (nearest-neighbour
     retrieval); the mean rank of its own second half (0 = first; chance = (N − 1) / 2)."""
@@ -116,17 +129,32 @@ def half_clip_mean_rank(tokens: np.ndarray) -> float:
     return float(np.mean([(d[i] < d[i, i]).sum() for i in range(len(a))]))
 
 
-def test_tokens_identify_the_music_better_after_training(stages):
-    """Token histograms of one half of a clip find the other half (same instruments, key, tempo, genre)
-    among all clips' halves: better with the trained encoder than with the untrained one."""
+def test_tokens_carry_the_key_and_identify_the_music_better_after_training(stages):
+    """Held-out clips (another seed) tokenized by the trained and by the untrained encoder, same layer,
+    same k-means: a nearest-centroid probe on token histograms reads the key (12 tonics), and one half
+    of a clip's histogram finds its other half (same instruments, key, tempo, genre) among all halves.
+
+    What the tokens do not carry better: lead instrument, tempo band and drums. Measured with the same
+    probe and clips: lead 0.233 trained / 0.258 untrained (6 leads, majority 0.20), tempo band 0.35 / 0.35
+    (majority 0.40), drums 0.60 / 0.64 (majority 0.60). 1000-step runs, 64-channel feature convs, 10-frame
+    masks and distractors from other clips did not change that (issue 5's closing note).
+    """
     task = SSLTask(stage_config("ssl", data__path=stages["data"]))
-    audio = np.stack([x["audio"][: int(CLIP_SECONDS * SR)] for x in read_clips(task.config.data.path)])
+    clips = read_clips(stages["probe"])
+    audio = np.stack([x["audio"][: int(CLIP_SECONDS * SR)] for x in clips])
+    tonic = np.array([x["attributes"]["tonic"] for x in clips])
     tok = load_semantic_tokenizer(stages["kmeans"])
     untrained = jax.device_get(nn.meta.unbox(jax.jit(task.init_params)(jax.random.key(0))))
     key = jax.random.key(7)
-    rank_trained = half_clip_mean_rank(probe_tokens(task, tok.ssl_params, audio, key))
-    rank_untrained = half_clip_mean_rank(probe_tokens(task, untrained, audio, key))
+    trained_tokens, untrained_tokens = (probe_tokens(task, p, audio, key) for p in (tok.ssl_params, untrained))
+
+    key_trained, key_untrained = probe_accuracy(trained_tokens, tonic), probe_accuracy(untrained_tokens, tonic)
+    majority = np.bincount(tonic).max() / len(tonic)
+    # Measured (240 clips; chance 1/12, majority 0.104): trained 0.458, untrained 0.167.
+    assert key_trained > 0.3 and key_trained > key_untrained + 0.15, (key_trained, key_untrained, majority)
+
+    rank_trained, rank_untrained = half_clip_mean_rank(trained_tokens), half_clip_mean_rank(untrained_tokens)
     chance = (len(audio) - 1) / 2
-    # Measured (96 clips, chance 47.5): trained 29.2, untrained 35.1; k-means seeds 8 and 9 gave
-    # 28.9 / 38.7 and 28.8 / 39.3. Asserted: trained below 0.75 × chance and 3 ranks below untrained.
-    assert rank_trained < 0.75 * chance and rank_trained < rank_untrained - 3.0, (rank_trained, rank_untrained)
+    # Measured (chance 119.5): trained 74.0, untrained 111.4. Asserted: trained below 0.75 × chance and
+    # 20 % below untrained.
+    assert rank_trained < 0.75 * chance and rank_trained < 0.8 * rank_untrained, (rank_trained, rank_untrained)
