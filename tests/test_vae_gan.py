@@ -126,13 +126,13 @@ def trained(tmp_path_factory):
                             val_fraction=0.25), data, progress=False)
     workdir = root / "run"
     task = VAEGANTask(stage(data))
-    mesh = make_mesh({"data": -1})
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])  # one device: the mesh test compares 4 × 2 against it
     with activate(mesh, DEFAULT_RULES):  # held-out distance of the untrained model, same clips as eval
         state = jax.jit(lambda r: nn.meta.unbox(task.init_state(r)))(jax.random.key(0))
         eval_fn = jax.jit(task.eval_step)
         it = task.eval_iterator(mesh)
         before = np.mean([float(eval_fn(state.params, next(it), jax.random.key(0))["loss"]) for _ in range(2)])
-    summary = train(stage(data, mesh__data=8), str(workdir))
+    summary = train(stage(data, mesh_devices=1), str(workdir))
     return {"data": data, "workdir": workdir, "summary": summary, "before": before}
 
 
@@ -145,8 +145,8 @@ def test_stage_improves_held_out_mr_stft(trained):
     for key in ("loss", "d_loss", "g_adv", "g_fm", "mr_stft", "kl", "clip_fraction", "grad_norm"):
         assert all(np.isfinite(r[key]) for r in logged), key
     before, after = trained["before"], summary["eval_loss"]
-    # Seen (120 steps, 8 CPU devices): 0.61 untrained → 0.46 (−25 %); the margin asks for 12 % off.
-    assert after < 0.88 * before, (before, after)
+    # Seen (120 steps, one device): 0.570 untrained → 0.474 (−17 %); the margin asks for 10 % off.
+    assert after < 0.9 * before, (before, after)
     assert summary["eval_si_snr_db"] > -40 and 0.0 <= summary["eval_clip_fraction"] < 0.2, summary
     assert (workdir / "config.json").exists()
 
