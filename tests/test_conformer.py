@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from configs.ssl import get_config
 from melody_jax.models.conformer import ConformerBlock, GumbelQuantizer, span_mask
-from melody_jax.models.ssl_loss import contrastive_logits, sample_negatives
+from melody_jax.models.ssl_loss import contrastive_logits, sample_negatives, wav2vec2_loss
 from melody_jax.nn.attention import Attention
 from melody_jax.tasks.ssl import SSLTask, gumbel_temperature
 from melody_jax.tokenizers.semantic import tokenize
@@ -134,6 +134,23 @@ def test_contrastive_logits_against_numpy_and_identical_codes_dropped():
         for j, s in enumerate(neg[0, t]):
             want = -1e9 if (t, s) in ((4, 5), (5, 4)) else cos(c[0, t], q[0, s]) / 0.1
             assert got[0, t, 1 + j] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_collapsed_codebook_is_not_counted_as_accuracy():
+    """Frames whose distractors all share their codes are left out of accuracy and reported as dropped."""
+    rng = np.random.default_rng(1)
+    b, t = 2, 12
+    out = {"context": jnp.asarray(rng.standard_normal((b, t, 8))),
+           "targets": jnp.asarray(rng.standard_normal((b, t, 8))), "mask": jnp.ones((b, t), bool),
+           "prob_perplexity": jnp.asarray(4.0), "code_perplexity": jnp.asarray(4.0),
+           "feature_penalty": jnp.asarray(0.0)}
+    kwargs = dict(num_negatives=5, logit_temperature=0.1, num_codes=8, diversity_weight=0.0, feature_penalty_weight=0.0)
+    collapsed = {**out, "codes": jnp.zeros((b, t, 2), jnp.int32)}  # one code pair for every frame
+    loss, m = wav2vec2_loss(collapsed, jax.random.key(0), **kwargs)
+    assert float(m["distractors_dropped"]) == 1.0 and float(m["accuracy"]) == 0.0 and float(loss) == 0.0
+    distinct = {**out, "codes": jnp.stack([jnp.broadcast_to(jnp.arange(t), (b, t))] * 2, -1)}
+    loss, m = wav2vec2_loss(distinct, jax.random.key(0), **kwargs)
+    assert float(m["distractors_dropped"]) == 0.0 and float(loss) > 0.0
 
 
 def test_gumbel_quantizer_is_hard_and_perplexity_is_bounded():

@@ -57,7 +57,8 @@ def test_ssl_accuracy_beats_chance_and_perplexity_rises(stages):
     assert stages["ssl_summary"]["status"] == "done" and lines[-1]["step"] == SSL_STEPS
     chance = lines[-1]["chance"]
     assert chance == pytest.approx(1 / 11)  # K = 10 distractors
-    assert {"accuracy", "code_perplexity", "prob_perplexity", "diversity_loss", "temperature"} <= set(lines[-1])
+    assert {"accuracy", "code_perplexity", "prob_perplexity", "diversity_loss", "temperature",
+            "distractors_dropped"} <= set(lines[-1])
     first = np.mean([x["accuracy"] for x in lines[:10]])
     last = np.mean([x["accuracy"] for x in lines[-10:]])
     # Measured: 0.118 over steps 1–10 → 0.276 over steps 191–200; chance 1/(K+1) = 1/11 ≈ 0.091.

@@ -3,7 +3,8 @@
 The Gumbel temperature depends on the step, which `Task.loss` does not see, so `train_step` computes
 it from `state.step` and calls `objective`; evaluation quantizes without noise (temperature unused).
 Logged: accuracy (chance = 1/(K+1), logged as `chance`), contrastive/diversity losses, soft
-(`prob_perplexity`) and hard (`code_perplexity`, the codebook's) perplexities, temperature.
+(`prob_perplexity`) and hard (`code_perplexity`, the codebook's) perplexities, temperature, and
+`distractors_dropped` (near 1 = the codebook collapsed and accuracy no longer means anything).
 """
 from __future__ import annotations
 
