@@ -9,8 +9,6 @@ and `--process_id` added. Output lines are prefixed `[pI]`. The first process to
 """
 from __future__ import annotations
 
-import os
-import re
 import socket
 import subprocess
 import sys
@@ -18,6 +16,8 @@ import threading
 import time
 
 from absl import app, flags
+
+from melody_jax.training.distributed import process_env
 
 _NUM = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Fake CPU devices per process.")
@@ -30,17 +30,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def process_env(devices: int) -> dict[str, str]:
-    """CPU only, `devices` fake devices (replacing any device count already in XLA_FLAGS)."""
-    env = dict(os.environ)
-    flags_ = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags_} --xla_force_host_platform_device_count={devices}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def _pump(proc: subprocess.Popen, prefix: str, lock: threading.Lock) -> None:

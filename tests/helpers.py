@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import subprocess
 import sys
 
@@ -31,12 +30,9 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
 
 def cli_env(devices: int = 8) -> dict[str, str]:
     """This process's environment (the compile flags conftest sets included) with `devices` CPU devices."""
-    env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = ROOT
-    return env
+    from melody_jax.training.distributed import process_env
+
+    return process_env(devices)
 
 
 def run_cli(module: str, *args: str, timeout: float = 300, devices: int = 8) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ before the first computation (or `jax.devices()`), which is why the launchers ca
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 from absl import logging
@@ -57,3 +58,15 @@ def initialize(mode: str = "auto", coordinator: str = "", num_processes: int = 0
     if jax.process_index() != 0:  # one log for the job: the others speak only of trouble
         logging.set_verbosity(logging.WARNING)
     return True
+
+
+def process_env(devices: int) -> dict[str, str]:
+    """This environment for a child process on this host: CPU only, `devices` fake devices (replacing
+    any device count in XLA_FLAGS, keeping the other flags), the repository on PYTHONPATH."""
+    env = dict(os.environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
