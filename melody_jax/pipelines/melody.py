@@ -25,6 +25,7 @@ from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, 
 from melody_jax.pipelines.stages import frames, load_mulan, load_vae
 from melody_jax.tokenizers.semantic import load_semantic_tokenizer
 from melody_jax.pipelines.validation import check_duration, check_prompt
+from melody_jax.diffusion.angles import Schedule
 from melody_jax.tasks.dpd import continue_sampled_latents, inpaint_sampled_latents, sample_latents
 from melody_jax.training.errors import UserError
 from melody_jax.training.frozen import load_stage
@@ -97,24 +98,26 @@ class MeLoDy:
 
     # --- public API -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], duration_s: float, steps: int = 10, cfg: float = 2.5,
-                 seed: int | Sequence[int] = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-                 ) -> Result:
+                 seed: int | Sequence[int] = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 schedule: Schedule = "paper") -> Result:
         """Text → music of `duration_s` seconds for each prompt."""
         prompts = [check_prompt(p, MAX_PROMPT_CHARS) for p in prompts]
         duration = check_duration(duration_s, MAX_SECONDS)
         return self._run(lambda: self.mulan.text_tokens(prompts), len(prompts), None, None, duration,
-                         steps, cfg, seed, (temperature, top_k, top_p))
+                         steps, cfg, seed, (temperature, top_k, top_p), schedule)
 
     def generate_from_audio_prompt(self, audio: np.ndarray, duration_s: float, steps: int = 10,
-                                   cfg: float = 2.5, seed: int | Sequence[int] = 0, **sampling) -> Result:
+                                   cfg: float = 2.5, seed: int | Sequence[int] = 0, schedule: Schedule = "paper",
+                                   **sampling) -> Result:
         """Music prompting: the MuLan audio tower embeds `audio` [B, T] instead of a text."""
         audio = self._check_audio(audio, min_seconds=0.0)
         duration = check_duration(duration_s, MAX_SECONDS)
         return self._run(lambda: self.mulan.audio_tokens(audio), len(audio), None, None, duration,
-                         steps, cfg, seed, self._sampling(**sampling))
+                         steps, cfg, seed, self._sampling(**sampling), schedule)
 
     def continue_audio(self, audio: np.ndarray, extra_s: float, prompts: Sequence[str] | None = None,
-                       steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0, **sampling) -> Result:
+                       steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0,
+                       schedule: Schedule = "paper", **sampling) -> Result:
         """`audio` [B, T] (trimmed to whole tokens) followed by `extra_s` new seconds; the prompt is
         the text given, else the audio itself (MuLan audio tower). Its latents are kept unchanged."""
         audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
@@ -123,10 +126,11 @@ class MeLoDy:
         prefix = self._prefix(prompts, audio)
         total = audio.shape[1] / self.sample_rate + extra
         return self._run(prefix, len(audio), self.vae.encode(audio), self.tokenizer(audio), total,
-                         steps, cfg, seed, self._sampling(**sampling))
+                         steps, cfg, seed, self._sampling(**sampling), schedule)
 
     def inpaint(self, audio: np.ndarray, start_s: float, end_s: float, prompts: Sequence[str] | None = None,
-                steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0, **sampling) -> Result:
+                steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0, schedule: Schedule = "paper",
+                **sampling) -> Result:
         """Regenerates [start_s, end_s) of `audio` [B, T] (widened to whole tokens); the latents outside
         stay as encoded. The span's semantic tokens come from the LM, continuing the tokens before it."""
         audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
@@ -152,7 +156,7 @@ class MeLoDy:
             mask[:, t0 * fpt:t1 * fpt] = True
             z = self._timed(seconds, "dpd", lambda: inpaint_sampled_latents(
                 self.dpd, self.dpd_params, z, jnp.asarray(mask), jnp.asarray(tokens), fold(keys, 2), cfg,
-                num_steps=steps, schedule="paper"))
+                num_steps=steps, schedule=schedule))
             audio_out = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
         passes = {"mulan": 1, "semantic_lm": t1 - t0, "dpd": steps, "vae_decode": 1}
         return Result(np.asarray(audio_out), self.sample_rate, seconds, passes, np.asarray(z), tokens,
@@ -160,7 +164,7 @@ class MeLoDy:
 
     # --- the shared path ------------------------------------------------------------------------
     def _run(self, prefix_fn, batch: int, z0, tokens0, duration: float, steps: int, cfg: float, seed,
-             sampling: tuple[float, int, float]) -> Result:
+             sampling: tuple[float, int, float], schedule: Schedule) -> Result:
         if steps < 1 or not math.isfinite(cfg):
             raise AudioInputError(f"need steps >= 1 and a finite cfg, got steps={steps}, cfg={cfg}")
         keys = row_keys(seed, batch)
@@ -180,7 +184,8 @@ class MeLoDy:
             tokens = np.concatenate([context, np.asarray(new)], axis=1)
             stages.update(1)
             stages.set_description("dpd")
-            z = self._timed(seconds, "dpd", lambda: self._latents(z0, tokens, fold(keys, 2), steps, cfg))
+            z = self._timed(seconds, "dpd", lambda: self._latents(z0, tokens, fold(keys, 2), steps, cfg,
+                                                                        schedule))
             stages.update(1)
             stages.set_description("vae_decode")
             audio = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
@@ -231,7 +236,7 @@ class MeLoDy:
             add(continue_tokens(self.lm, self.lm_params, prefix, last(), remaining(), fold(keys, i), **sampling))
         return jnp.asarray(np.concatenate(out, axis=1) if out else np.zeros((len(context), 0), np.int32))
 
-    def _latents(self, z0, tokens: np.ndarray, keys, steps: int, cfg: float) -> jax.Array:
+    def _latents(self, z0, tokens: np.ndarray, keys, steps: int, cfg: float, schedule: Schedule) -> jax.Array:
         """Latents for all `tokens`; the frames of z0 (for the first tokens) come back unchanged."""
         fpt, window, chunk = self.frames_per_token, self.window_tokens, self.chunk_tokens
         n = tokens.shape[1]
@@ -239,12 +244,12 @@ class MeLoDy:
         first = min(n, max(window, known))
         if known == 0:
             z = sample_latents(self.dpd, self.dpd_params, jnp.asarray(tokens[:, :first]), fold(keys, 0), cfg,
-                               length=first * fpt, num_steps=steps, schedule="paper")
+                               length=first * fpt, num_steps=steps, schedule=schedule)
         elif known < first:
             z = jnp.pad(jnp.asarray(z0)[:, : known * fpt], ((0, 0), (0, (first - known) * fpt), (0, 0)))
             mask = jnp.broadcast_to(jnp.arange(first * fpt) >= known * fpt, z.shape[:2])
             z = inpaint_sampled_latents(self.dpd, self.dpd_params, z, mask, jnp.asarray(tokens[:, :first]),
-                                        fold(keys, 0), cfg, num_steps=steps, schedule="paper")
+                                        fold(keys, 0), cfg, num_steps=steps, schedule=schedule)
         else:
             z = jnp.asarray(z0)[:, : known * fpt]
         if n > first:
@@ -252,7 +257,7 @@ class MeLoDy:
             conds = jnp.stack([jnp.asarray(tokens[:, e - window:e]) for e in ends])
             z = continue_sampled_latents(self.dpd, self.dpd_params, z, conds, fold(keys, 1), cfg,
                                          window_length=window * fpt, chunk_length=chunk * fpt, num_steps=steps,
-                                         schedule="paper")
+                                         schedule=schedule)
         return z
 
     def _prefix(self, prompts: Sequence[str] | None, audio: np.ndarray):
