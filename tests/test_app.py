@@ -261,7 +261,7 @@ def test_page_shows_the_error_for_a_too_long_duration_and_a_non_audio_upload(ser
     bogus = tmp_path / "letter.wav"
     bogus.write_text("Dear listener, this is text.")
     browser.find_element(By.CSS_SELECTOR, "#clip input[type=file]").send_keys(str(bogus))
-    WebDriverWait(browser, 30).until(lambda d: "letter.wav" in d.find_element(By.CSS_SELECTOR, "#clip").text)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#clip [aria-label='letter.wav']"))
     next(e for e in browser.find_elements(By.CSS_SELECTOR, "#mode label") if e.text == CONTINUE).click()
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     WebDriverWait(browser, 60).until(_error_text)
