@@ -2,25 +2,39 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: test demo bench bench-peer install clean
+.PHONY: test demo bench bench-peer install browser app clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q -e '.[app]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The app's tests drive Debian's Chromium through its chromedriver (tests/test_app.py); installed when
+# missing (CI runs as root with the package archive reachable; elsewhere through sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+install: $(STAMP) browser
 
 # Three workers on two cores: a third fills the gaps (checkpoint writes, CLI start-up) the other two leave.
 TEST_WORKERS ?= 3
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m launch.demo --workdir=$${WORKDIR:-runs/demo}
+
+# The listening room (launch/app.py) on BUNDLE (default: the demo's, made by `make demo` when missing).
+BUNDLE ?= runs/demo/bundle
+app: $(STAMP)
+	$(if $(filter runs/demo/bundle,$(BUNDLE)),test -f runs/demo/bundle/bundle.json || $(MAKE) demo)
+	$(PY) -m launch.app $(addprefix --bundle=,$(BUNDLE)) $(APP_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
