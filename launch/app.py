@@ -18,6 +18,7 @@ import tempfile
 import threading
 import traceback
 import uuid
+from concurrent.futures import Future
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -170,12 +171,11 @@ class Request:
 # --- the loaded models -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Model:
-    """One bundle, loaded once; `lock` keeps its pipeline to one request at a time."""
+    """One bundle, loaded once and shared by every request."""
 
     name: str
     kind: str
     pipeline: Any
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def defaults(self) -> dict[str, float]:
         """CFG, top-k and temperature as the model samples by default."""
@@ -305,8 +305,7 @@ def serve_batch(models: dict[str, Model], max_seconds: float, out_dir: str, fiel
         try:
             if progress is not None:
                 progress(0, desc=f"{KINDS[model.kind]}: {len(reqs)} request(s)")
-            with model.lock:
-                result = run(model, reqs)
+            result = run(model, reqs)
             for b, (i, r) in enumerate(zip(rows, reqs)):
                 wav, png = write_output(result, b, out_dir, r.prompt or r.mode)
                 outputs[i] = (wav, png, stats_markdown(result, len(reqs)), "")
@@ -318,6 +317,38 @@ def serve_batch(models: dict[str, Model], max_seconds: float, out_dir: str, fiel
             for i in rows:
                 outputs[i] = (None, None, "", f"error: the generation failed ({type(e).__name__}); see the server log")
     return outputs  # type: ignore[return-value]
+
+
+class Batcher:
+    """Requests wait here while the models are busy; whichever request gets them next runs every
+    waiting request (up to `max_batch`, oldest first) through `serve` in one go, and the others pick
+    their outputs up. So requests queue one run at a time, the ones that arrived during a run form the
+    next batch, and the running request's own progress callback sees the pipeline's stages."""
+
+    def __init__(self, serve: Callable[[list, Any], list], max_batch: int):
+        self._serve, self._max = serve, max_batch
+        self._pending: list[tuple[Any, Future]] = []
+        self._pending_lock, self._run_lock = threading.Lock(), threading.Lock()
+
+    def __call__(self, fields: Any, progress: Callable[..., Any] | None = None) -> Any:
+        mine: Future = Future()
+        with self._pending_lock:
+            self._pending.append((fields, mine))
+        while not mine.done():
+            with self._run_lock:
+                if mine.done():
+                    break
+                with self._pending_lock:
+                    taken, self._pending = self._pending[: self._max], self._pending[self._max:]
+                try:
+                    outputs = self._serve([f for f, _ in taken], progress)
+                except BaseException as e:
+                    for _, future in taken:
+                        future.set_exception(e)
+                    raise
+                for (_, future), out in zip(taken, outputs):
+                    future.set_result(out)
+        return mine.result()
 
 
 # --- the page --------------------------------------------------------------------------------------
@@ -378,13 +409,19 @@ def build_page(models: dict[str, Model], max_seconds: float, max_batch: int):
         inputs = [model, mode, prompt, duration, seed, steps, schedule, cfg, top_k, top_p, temperature, clip,
                   start, end]
 
-        def generate(*columns, progress=gr.Progress(track_tqdm=True)):
-            results = serve_batch(models, max_seconds, out_dir, list(zip(*columns)), progress)
-            return [list(column) for column in zip(*results)]
+        batcher = Batcher(lambda fields, progress: serve_batch(models, max_seconds, out_dir, fields, progress),
+                          max_batch)
 
-        button.click(generate, inputs, [audio, spectrogram, stats, error], batch=True, max_batch_size=max_batch,
+        # named parameters: Gradio finds a Progress default among positional parameters only
+        def generate(model, mode, prompt, duration, seed, steps, schedule, cfg, top_k, top_p, temperature, clip,
+                     start, end, progress=gr.Progress(track_tqdm=True)):  # the pipelines' tqdm bars show here
+            return batcher((model, mode, prompt, duration, seed, steps, schedule, cfg, top_k, top_p, temperature,
+                            clip, start, end), progress)
+
+        # up to max_batch requests wait in the batcher at once; Gradio's queue holds the rest
+        button.click(generate, inputs, [audio, spectrogram, stats, error], concurrency_limit=max_batch,
                      api_name="generate")
-    page.queue(default_concurrency_limit=1, max_size=64)
+    page.queue(max_size=64)
     return page
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from launch.app import (CONTINUE, INPAINT, MELODY, TEXT, AppInputError, Model, Request, bundle_kind, check_sampling,
+from launch.app import (CONTINUE, INPAINT, MELODY, TEXT, AppInputError, Batcher, Model, Request, bundle_kind, check_sampling,
                         check_seconds, check_span, check_text, parse_request, read_clip, serve_batch)
 from melody_jax.pipelines.melody import MAX_PROMPT_CHARS
 from melody_jax.training.errors import BundleError
@@ -122,6 +122,40 @@ def test_requests_that_arrive_together_share_one_batch(tmp_path):
         np.testing.assert_allclose(audio, 0.01 * seed)  # each request got its own row back
     assert "one batch of 2 requests" in out[0][2] and "one batch" not in out[2][2]
     assert out[3][:3] == (None, None, "") and "longer than the maximum of 8 s" in out[3][3]
+
+
+def test_batcher_runs_what_arrived_during_a_run_as_the_next_batch():
+    """One run at a time; the requests that queued during it run together next, at most max_batch."""
+    import threading
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def serve(fields, progress):
+        calls.append(list(fields))
+        started.set()
+        release.wait(10)
+        return [f"out {f}" for f in fields]
+
+    batcher = Batcher(serve, max_batch=2)
+    results = {}
+
+    def submit(name):
+        results[name] = batcher(name)
+
+    threads = [threading.Thread(target=submit, args=("a",))]
+    threads[0].start()
+    assert started.wait(10)  # "a" runs alone; b, c, d queue behind it
+    for queued, name in enumerate("bcd", 1):
+        threads.append(threading.Thread(target=submit, args=(name,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while len(batcher._pending) < queued and time.monotonic() < deadline:  # in this order
+            time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert calls == [["a"], ["b", "c"], ["d"]]
+    assert results == {name: f"out {name}" for name in "abcd"}
 
 
 def test_modes_belong_to_their_model_kind(tmp_path):
