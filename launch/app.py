@@ -10,6 +10,7 @@ comes back as one `error: ...` line in the page, never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import os
@@ -52,8 +53,6 @@ class AppInputError(UserError, ValueError):
 # --- checks on a request: plain functions, no JAX -----------------------------------------------------
 def bundle_kind(bundle: str) -> str:
     """'melody' or 'musicgen', from the stages a bundle's manifest lists."""
-    import json
-
     path = os.path.join(bundle, MANIFEST)
     try:
         with open(path) as f:
