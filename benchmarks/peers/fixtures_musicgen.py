@@ -30,7 +30,7 @@ from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, 
                           MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyForConditionalGeneration,
                           T5Config, T5TokenizerFast)
 
-V = 64  # codebook size (the hub models: 2048); BOS = pad = V
+V = 64  # codebook size (the hub models: 2048; 6 bits at 1.2 kbps → 4 codebooks, as 2048 at 2.2); BOS = pad = V
 PROMPTS = ["an upbeat jazz tune with piano, bass and brushed drums", "calm violin"]
 CORPUS = PROMPTS + [
     "lofi hip hop beat with mellow piano chords", "epic orchestral soundtrack with strings and brass",
@@ -65,7 +65,7 @@ def tokenizer(out: str) -> T5TokenizerFast:
 def configs(vocab: int, audio_channels: int = 1):
     t5 = T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
                   feed_forward_proj="relu", relative_attention_num_buckets=32, relative_attention_max_distance=128)
-    codec = EncodecConfig(target_bandwidths=[2.2], sampling_rate=32000, audio_channels=1, normalize=False,
+    codec = EncodecConfig(target_bandwidths=[1.2], sampling_rate=32000, audio_channels=1, normalize=False,
                           hidden_size=16, num_filters=2, num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4],
                           norm_type="weight_norm", use_causal_conv=False, pad_mode="reflect", num_lstm_layers=2,
                           codebook_size=V, use_conv_shortcut=False)
