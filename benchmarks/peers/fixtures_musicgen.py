@@ -13,7 +13,8 @@ sharded, to exercise the reader), the T5 tokenizer files (a tiny Unigram vocabul
 - `decoder_input_ids [B, K, S]` (BOS-shifted delay-pattern inputs of random codes) and `logits
   [B, K, S, V]` teacher-forced (melody: also `chroma` one-hot input features and `null_logits`, the
   unconditional branch of guidance: zero text mask and chroma bin 0);
-- `greedy_codes [B, K, T]` and `greedy_audio`: `generate(do_sample=False, guidance_scale=3)`;
+- `greedy_codes [B, K, T]` and `greedy_audio`: `generate(do_sample=False, guidance_scale=3)` (melody:
+  the same greedy CFG-3 loop over the model's forward, see `melody_greedy`);
 - musicgen: `uncond_codes`, greedy from `get_unconditional_inputs` (the null condition, no guidance).
 Weights are redrawn at unit-ish scale (the default init at std 0.02 makes near-tied logits, so greedy
 codes would hinge on rounding) and the codec's codebooks are random (transformers zero-initialises them).
@@ -122,6 +123,29 @@ def greedy(model, channels: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     return codes.numpy().astype(np.int32), audio.numpy().astype(np.float32)
 
 
+def melody_greedy(model, ids, mask, chroma, null) -> np.ndarray:
+    """Greedy CFG-3 codes [B, 4, T] of musicgen-melody from its forward, recomputed at every step.
+
+    Not `generate`: in transformers 4.57.6 MusicgenMelodyForConditionalGeneration.prepare_inputs_for_generation
+    drops `encoder_hidden_states` whenever a cache object exists, which `generate` now creates before
+    the first step, so its output ignores both text and melody (checked: the first call's decoder
+    gets encoder_hidden_states=None).
+    """
+    batch, k = ids.shape[0], 4
+    frames = 1 + NEW_TOKENS - k
+    seq = torch.full((batch, k, 1), V)
+    for t in range(NEW_TOKENS):
+        flat = seq.reshape(batch * k, -1)
+        cond = model(input_ids=ids, attention_mask=mask, input_features=chroma, decoder_input_ids=flat).logits[:, -1]
+        uncond = model(input_ids=ids, attention_mask=torch.zeros_like(mask), input_features=null,
+                       decoder_input_ids=flat).logits[:, -1]
+        nxt = (uncond + 3.0 * (cond - uncond)).argmax(-1).reshape(batch, k)
+        frame = t - torch.arange(k)  # position t + 1 holds frame t − k of codebook k
+        nxt = torch.where((frame >= 0) & (frame < frames), nxt, torch.full_like(nxt, V))
+        seq = torch.cat([seq, nxt[:, :, None]], dim=2)
+    return np.stack([seq[:, i, 1 + i:1 + i + frames].numpy() for i in range(k)], axis=1).astype(np.int32)
+
+
 def text_inputs(tok: T5TokenizerFast) -> dict[str, np.ndarray]:
     enc = tok(PROMPTS, padding=True, return_tensors="np")
     return {"prompts": np.array(PROMPTS), "input_ids": enc["input_ids"].astype(np.int32),
@@ -199,9 +223,9 @@ def melody(out: str) -> None:
         golden.update(chroma=chroma, decoder_input_ids=dec.astype(np.int32),
                       logits=logits[:, -steps:].reshape(dec.shape + (V,)).numpy(),
                       null_logits=null_logits[:, -steps:].reshape(dec.shape + (V,)).numpy())
-        golden["greedy_codes"], golden["greedy_audio"] = greedy(model, 1, input_ids=ids, attention_mask=mask,
-                                                                input_features=torch.from_numpy(chroma),
-                                                                guidance_scale=3.0)
+        golden["greedy_codes"] = melody_greedy(model, ids, mask, torch.from_numpy(chroma), torch.from_numpy(null))
+        golden["greedy_audio"] = model.audio_encoder.decode(torch.from_numpy(golden["greedy_codes"]).long()[None],
+                                                            [None]).audio_values.numpy()
     model.save_pretrained(out)
     np.savez_compressed(os.path.join(out, "golden.npz"), **golden)
 

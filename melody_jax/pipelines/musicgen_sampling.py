@@ -66,7 +66,7 @@ def _decode(model: MusicGenLM, params, conds, known: jax.Array, fixed: np.ndarra
     """
     batch, k, steps = known.shape
     context, context_mask, prefix = conds
-    rows = context.shape[0]
+    rows = (context if context is not None else prefix).shape[0]  # prepend mode: no cross-attention context
     dec = model.clone(decode=True)
     init = functools.partial(dec.init, method=MusicGenLM.logits)
     shapes = jax.eval_shape(init, jax.random.key(0), jax.ShapeDtypeStruct((rows, k, steps), jnp.int32), context,
