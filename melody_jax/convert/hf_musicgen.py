@@ -199,6 +199,13 @@ def _fits(params: dict, shapes, what: str) -> None:
 
 def musicgen_from_hf(ckpt: Checkpoint) -> Converted:
     """The checkpoint's LM (+ T5 + projections) and codec, as our stage configs and parameter trees."""
+    try:
+        return _convert(ckpt)
+    except (KeyError, TypeError) as e:  # a config.json field missing or of the wrong kind
+        raise ConversionError(f"{ckpt.path}/config.json: missing or malformed field {e}") from None
+
+
+def _convert(ckpt: Checkpoint) -> Converted:
     from flax import linen as nn
 
     from melody_jax.tasks.musicgen import MusicGenTask
