@@ -98,3 +98,15 @@ def test_unconditional_and_nucleus_sampling():
     sampled = generate(model, params, pattern, ids, mask, golden["greedy_codes"].shape[2], jax.random.key(1),
                        cfg_scale=3.0, temperature=1.0, top_p=0.9)
     assert (np.asarray(sampled.codes) != golden["greedy_codes"]).mean() > 0.1
+
+
+def test_hub_chroma_is_one_hot_per_hop():
+    """musicgen-melody's chroma (n_fft 16384, hop 4096): a 440-Hz tone is A (bin 9 from C) in every frame,
+    silence is bin 0 (as transformers' argmax of an all-zero frame)."""
+    from melody_jax.pipelines.musicgen import hub_chroma
+
+    t = np.arange(32000) / 32000
+    chroma = hub_chroma(np.sin(2 * np.pi * 440 * t).astype(np.float32), 32000)
+    assert chroma.shape == (1 + 32000 // 4096, 12) and (chroma.sum(-1) == 1).all()
+    assert (chroma.argmax(-1) == 9).all()
+    assert (hub_chroma(np.zeros(8000, np.float32), 32000).argmax(-1) == 0).all()  # shorter than n_fft: padded
