@@ -120,3 +120,21 @@ def test_bfloat16_bundle_generates_close_to_float32(tmp_path):
     agree = (result.codes == golden["greedy_codes"]).mean()
     print(f"bfloat16 greedy codes agreeing with transformers' float32: {agree:.3f}")  # seen: 0.981
     assert agree > 0.9 and np.isfinite(result.audio).all()
+
+
+def test_melody_bundle_follows_the_given_melody(tmp_path):
+    """generate_with_chroma on a converted musicgen-melody: the tune's chroma (hub_chroma) reaches the model."""
+    from melody_jax.pipelines.melody import AudioInputError
+    from melody_jax.pipelines.musicgen import MusicGen
+
+    convert(f"{FIXTURES}/musicgen-melody", str(tmp_path / "melody"))
+    musicgen = MusicGen(str(tmp_path / "melody"))
+    t = np.arange(16000) / 32000
+    tone = lambda hz: (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)  # noqa: E731
+    a = musicgen.generate_with_chroma(["calm violin"], tone(440.0), 0.3, temperature=0.0)
+    b = musicgen.generate_with_chroma(["calm violin"], tone(261.6), 0.3, temperature=0.0)
+    null = musicgen.generate(["calm violin"], 0.3, temperature=0.0)
+    assert a.codes.shape == (1, 4, 15) and a.audio.shape == (1, 9600)
+    assert (a.codes != b.codes).any() and (a.codes != null.codes).any()
+    with pytest.raises(AudioInputError, match="at least one codec frame"):
+        musicgen.generate_with_chroma(["x"], np.zeros(10, np.float32), 0.3)

@@ -157,7 +157,7 @@ def musicgen_config(config: dict, codec_model: ml_collections.ConfigDict) -> ml_
     m.text_vocab_size, m.text_head_dim = text["vocab_size"], text["d_kv"]
     m.max_text_length = 512
     m.use_melody = melody
-    m.melody_mode = "prepend"
+    m.melody_mode = "prepend" if melody else "prefix"
     m.melody_frames = int(config.get("chroma_length", 235)) if melody else 1
     m.chroma_hop_frames = 1
     m.dtype, m.remat = "float32", False

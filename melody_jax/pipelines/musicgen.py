@@ -72,6 +72,9 @@ class MusicGen:
         self.sample_rate = codec_task.config.data.sample_rate
         self.frame_rate = self.sample_rate / self.codec.hop
         self.prepend = self.model.prepend
+        # codec frames per chroma row: hub_chroma's hop for musicgen-melody (6.4 at 32 kHz), else the config's
+        self.chroma_hop_frames = (HUB_CHROMA["hop"] / self.codec.hop if self.prepend
+                                  else self.config.model.chroma_hop_frames)
         self.tokenizer = None
         if self.model.text_encoder == "t5":
             from melody_jax.tokenizers.t5_text import T5Tokenizer
@@ -136,7 +139,7 @@ class MusicGen:
                            chroma=chroma, prompt=prompt_codes, cfg_scale=pick(cfg, "cfg_scale"),
                            top_k=pick(top_k, "top_k"), top_p=pick(top_p, "top_p"),
                            temperature=pick(temperature, "temperature"), window_frames=s.window_frames,
-                           keep_frames=s.keep_frames, chroma_hop_frames=self.config.model.chroma_hop_frames,
+                           keep_frames=s.keep_frames, chroma_hop_frames=self.chroma_hop_frames,
                            melody_frames=None if self.prepend else self.config.model.melody_frames,
                            unconditional=unconditional)
             codes = jax.block_until_ready(out.codes)

@@ -146,12 +146,12 @@ def teacher_forced_logits(model: MusicGenLM, params, seq: jax.Array, text_tokens
                            cfg_scale=None if cfg_scale is None else float(cfg_scale), rules=_active_rules())
 
 
-def _chroma_window(chroma: jax.Array | None, start_frame: int, chroma_hop_frames: int, melody_frames: int | None):
-    """The `melody_frames` chroma rows of a window starting at `start_frame`, edge-padded."""
+def _chroma_window(chroma: jax.Array | None, start_frame: int, chroma_hop_frames: float, melody_frames: int | None):
+    """The `melody_frames` chroma rows (None: all that remain) of a window starting at `start_frame`, edge-padded."""
     if chroma is None:
         return None
-    rows = melody_frames or chroma.shape[1]
-    start = start_frame // chroma_hop_frames
+    start = min(int(start_frame // chroma_hop_frames), chroma.shape[1] - 1)
+    rows = melody_frames or chroma.shape[1] - start
     index = np.minimum(np.arange(start, start + rows), chroma.shape[1] - 1)
     return chroma[:, index]
 
@@ -159,13 +159,15 @@ def _chroma_window(chroma: jax.Array | None, start_frame: int, chroma_hop_frames
 def generate(model: MusicGenLM, params, pattern: Pattern, text_tokens: jax.Array, text_mask: jax.Array,
              num_frames: int, key: jax.Array, *, chroma: jax.Array | None = None, prompt: jax.Array | None = None,
              cfg_scale: float | None = 3.0, top_k: int = 250, temperature: float = 1.0, top_p: float = 0.0,
-             window_frames: int | None = None, keep_frames: int = 0, chroma_hop_frames: int = 1,
+             window_frames: int | None = None, keep_frames: int = 0, chroma_hop_frames: float = 1,
              melody_frames: int | None = None, unconditional: bool = False) -> Generation:
     """Codes `int32 [B, K, num_frames]` for byte-tokenized text `[B, L]` (+ mask), starting with `prompt`.
 
     `prompt [B, K, P]` (P < num_frames) is kept as the first P frames (continuation). `chroma
     [B, Fc, 12]` covers the whole generation, one row per `chroma_hop_frames` frames; each window
-    reads the `melody_frames` rows (the model's prefix length) from its start. Generations longer
+    reads the `melody_frames` rows (the model's prefix length) from its start, or with `melody_frames`
+    None (musicgen-melody, whose chroma frames need not align with codec frames) all rows from the
+    one its start falls in. Generations longer
     than `window_frames` slide the window, keeping `keep_frames` frames as the next prompt.
     `cfg_scale=None` disables guidance; temperature 0 is greedy; top_k 0 disables the filter;
     0 < top_p ≤ 1 samples the nucleus of that mass instead of the top-k (audiocraft's rule; 0 = off).
@@ -181,7 +183,7 @@ def generate(model: MusicGenLM, params, pattern: Pattern, text_tokens: jax.Array
         raise ValueError(f"need prompt frames ({prompt.shape[2]}) < window ({window}), 0 <= keep_frames "
                          f"({keep_frames}) < window_frames ({configured}), temperature >= 0, top_k >= 0, "
                          f"0 <= top_p <= 1")
-    if chroma is not None and window < num_frames and hop % chroma_hop_frames:
+    if chroma is not None and window < num_frames and melody_frames and hop % chroma_hop_frames:
         raise ValueError(f"the window hop {hop} frames must be a multiple of chroma_hop_frames={chroma_hop_frames}")
     chroma = None if chroma is None else jnp.asarray(chroma, jnp.float32)
     nucleus = top_p > 0

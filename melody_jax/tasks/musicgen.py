@@ -135,10 +135,13 @@ class MusicGenTask(Task):
         for field, choices in (("norm", NORMS), ("positions", POSITIONS), ("text_encoder", TEXT_ENCODERS),
                                ("melody_mode", MELODY_MODES)):
             require(options[field] in choices, f"config.model.{field}={options[field]!r} must be one of {choices}")
-        pairs = [("embed_dim", "num_heads")] + ([("text_embed_dim", "text_heads")] * (options["text_encoder"] == "bytes"))
-        for width, heads in pairs:
-            even = options["positions"] == "sinusoidal" and width == "embed_dim" or (m[width] // m[heads]) % 2 == 0
-            require(m[width] % m[heads] == 0 and even,
+        rotary = [("embed_dim", "num_heads")] if options["positions"] == "rotary" else []
+        if options["text_encoder"] == "bytes":  # MuLan's text tower is rotary too
+            rotary.append(("text_embed_dim", "text_heads"))
+        require(m.embed_dim % m.num_heads == 0,
+                f"config.model.num_heads={m.num_heads} must divide embed_dim={m.embed_dim}")
+        for width, heads in rotary:
+            require(m[width] % m[heads] == 0 and (m[width] // m[heads]) % 2 == 0,
                     f"config.model.{width}={m[width]} / {heads}={m[heads]} must be an even integer (rotary)")
         if options["text_encoder"] == "t5":
             positive(c, "model.text_vocab_size", "model.text_head_dim")
