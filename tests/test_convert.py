@@ -138,3 +138,21 @@ def test_melody_bundle_follows_the_given_melody(tmp_path):
     assert (a.codes != b.codes).any() and (a.codes != null.codes).any()
     with pytest.raises(AudioInputError, match="at least one codec frame"):
         musicgen.generate_with_chroma(["x"], np.zeros(10, np.float32), 0.3)
+
+
+def test_configs_written_before_the_architecture_options_build_the_same_model():
+    """A MusicGen stage trained before these options (config.json without them) loads as before."""
+    from flax import linen as nn
+
+    from melody_jax.tasks.musicgen import ARCHITECTURE, MusicGenTask
+    from tests.helpers import stage_config
+
+    config = stage_config("musicgen")
+    old = stage_config("musicgen")
+    for field in ARCHITECTURE:
+        del old.model[field]
+    MusicGenTask(old).validate()
+    shapes = [jax.tree.map(lambda x: (x.value.shape, x.names), jax.eval_shape(MusicGenTask(c).init_params,
+                                                                             jax.random.key(0)),
+                           is_leaf=lambda x: isinstance(x, nn.Partitioned)) for c in (config, old)]
+    assert shapes[0] == shapes[1] and "scale" in shapes[0]["final_norm"] and "bias" in shapes[0]["layers_0"]["mlp"]["fc1"]

@@ -145,7 +145,8 @@ class MusicGenTask(Task):
                     f"config.model.{width}={m[width]} / {heads}={m[heads]} must be an even integer (rotary)")
         if options["text_encoder"] == "t5":
             positive(c, "model.text_vocab_size", "model.text_head_dim")
-        require(options["melody_mode"] == "prepend" or m.melody_frames * m.chroma_hop_frames >= d.frames,
+        prefix = m.use_melody and options["melody_mode"] == "prefix"
+        require(not prefix or m.melody_frames * m.chroma_hop_frames >= d.frames,
                 f"config.model.melody_frames={m.melody_frames} × chroma_hop_frames={m.chroma_hop_frames} "
                 f"must cover data.frames={d.frames}")
         for field in ("cfg_dropout_text", "cfg_dropout_melody"):
