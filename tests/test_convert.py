@@ -38,6 +38,8 @@ def test_converted_stereo_bundle_generates_transformers_audio(stereo_bundle):
         frames = golden["greedy_codes"].shape[2]
         result = musicgen.generate(list(golden["prompts"]), frames / 50, cfg=3.0, temperature=0.0)
     np.testing.assert_array_equal(result.codes, golden["greedy_codes"])
+    # …with the text padded to a multiple of 32 tokens (transformers: to the longest, 34): masked, so equal
+    assert musicgen.tokenize(list(golden["prompts"]))[0].shape == (2, 64) and golden["input_ids"].shape == (2, 34)
     want = golden["greedy_audio"].transpose(0, 2, 1)  # [B, 2, T] → [B, T, 2]
     assert result.audio.shape == want.shape == (2, frames * 640, 2)
     err = np.abs(result.audio - want).max()

@@ -32,7 +32,8 @@ from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 
 SAMPLE_DEFAULTS = {"duration": 10.0, "top_k": 250, "top_p": 0.0, "temperature": 1.0, "cfg_scale": 3.0}
-HUB_CHROMA = {"n_fft": 16384, "hop": 4096}  # musicgen-melody's feature extractor, at the codec's rate
+HUB_CHROMA = {"n_fft": 16384, "hop": 4096}
+TEXT_BUCKET = 32  # T5 tokens  # musicgen-melody's feature extractor, at the codec's rate
 
 
 def hub_chroma(audio: np.ndarray, sample_rate: int, n_fft: int = HUB_CHROMA["n_fft"],
@@ -86,8 +87,11 @@ class MusicGen:
         self._encode = jax.jit(lambda variables, audio: codec.encode(variables, audio, self.codec))
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and mask. T5 pads to a multiple of TEXT_BUCKET (one compiled sampler for many prompt
+        lengths), which changes nothing where padding is masked (cross-attention); musicgen-melody
+        attends its padded text, so it pads to the longest prompt exactly as transformers does."""
         if self.tokenizer is not None:
-            return self.tokenizer(prompts, self.config.model.max_text_length)
+            return self.tokenizer(prompts, self.config.model.max_text_length, 1 if self.prepend else TEXT_BUCKET)
         return byte_tokenize(list(prompts), self.config.model.max_text_length)
 
     def melody_chroma(self, melody: np.ndarray, num_frames: int) -> np.ndarray:

@@ -29,9 +29,11 @@ class T5Tokenizer:
         pad = self.tokenizer.token_to_id("<pad>")
         self.pad_id = 0 if pad is None else pad
 
-    def __call__(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, texts: Sequence[str], max_length: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """`multiple` rounds the padded length up (at most to max_length): fewer shapes to compile."""
         ids = [e.ids[:max_length] for e in self.tokenizer.encode_batch(list(texts))]
-        length = max(1, max(len(i) for i in ids))
+        longest = max(1, max(len(i) for i in ids))
+        length = max(longest, min(max_length, -(-longest // multiple) * multiple))
         tokens = np.full((len(ids), length), self.pad_id, np.int32)
         mask = np.zeros((len(ids), length), bool)
         for row, seq in enumerate(ids):
