@@ -3,6 +3,8 @@
 `small` is MusicGen-small (d 1024, 24 layers, 16 heads, FFN 4096: ≈302M in the self-attention and
 FFN blocks, plus cross-attention and our text encoder); `paper` is the same; `base` is MusicGen-medium
 (d 1536, 48 layers, 24 heads, FFN 6144). `tiny` trains on a 64-code synthetic rule in tests.
+The `model.norm`/`positions`/`mlp_bias`/`text_*`/`melody_mode` options exist for the public
+checkpoints (`python -m launch.convert`, README "Public MusicGen checkpoints"); the presets keep ours.
 Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py) or "codec"
 (codes of prepared audio from the frozen codec in `data.codec_checkpoint`, chroma from librosa).
 """

@@ -161,7 +161,8 @@ class MusicGenLM(nn.Module):
     """`(seq [B, K, S], text_tokens, text_mask, chroma?, drop_text?, drop_melody?) → logits float32 [B, K, S, V]`.
 
     `drop_*` are bool `[B]` (True = replace that condition by its null, for CFG dropout and the
-    unconditional half of guided sampling). `chroma` `[B, melody_frames, 12]` is needed iff `use_melody`.
+    unconditional half of guided sampling). `chroma` `[B, melody_frames, 12]` is needed iff `use_melody`
+    (in "prepend" mode any number of frames, tiled to `melody_frames`; None = the null melody).
     """
 
     num_codebooks: int
