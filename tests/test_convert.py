@@ -45,6 +45,12 @@ def test_converted_stereo_bundle_generates_transformers_audio(stereo_bundle):
     err = np.abs(result.audio - want).max()
     print(f"stereo audio: max |ours − transformers| = {err:.2e} (peak {np.abs(want).max():.2f})")
     assert err < 1e-4
+    # continuation: the stereo prompt is encoded per channel, kept as the first frames, and continued
+    prompt = result.audio[:1, :3200]  # 0.1 s = 5 frames
+    with jax.default_matmul_precision("highest"):
+        cont = musicgen.generate_continuation(prompt, 0.1, ["calm violin"], temperature=0.0)
+    assert cont.codes.shape == (1, 8, 10) and cont.audio.shape == (1, 6400, 2)
+    np.testing.assert_array_equal(cont.codes[:, :, :5], musicgen.encode(prompt))
     s = musicgen.config.sample  # the hub's generation defaults, top-k as audiocraft
     assert (s.top_k, s.cfg_scale, s.duration, s.window_frames, s.temperature) == (250, 3.0, 30.0, 1500, 1.0)
 
