@@ -21,7 +21,8 @@ FIXTURES = "tests/fixtures/hf"
 def stereo_bundle(tmp_path_factory) -> str:
     """musicgen-stereo (float16, three shards) converted by the CLI."""
     out = str(tmp_path_factory.mktemp("convert") / "stereo")
-    proc = run_cli("launch.convert", "--format=hf", f"--input={FIXTURES}/musicgen-stereo", f"--out={out}")
+    proc = run_cli("launch.convert", "--format=hf", f"--input={FIXTURES}/musicgen-stereo", f"--out={out}",
+                   devices=1)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["variant"] == "musicgen-stereo"
     return out
@@ -61,7 +62,7 @@ def test_sample_cli_continues_audio_with_a_converted_bundle(stereo_bundle, tmp_p
     out = str(tmp_path / "cont.wav")
     proc = run_cli("launch.sample", "--model=musicgen", f"--bundle={stereo_bundle}", f"--continue={prompt}",
                    "--prompt=calm violin", "--duration=0.2", "--top_k=0", "--top_p=0.9", "--seed=1", f"--out={out}",
-                   timeout=600)
+                   timeout=600, devices=1)
     assert proc.returncode == 0, proc.stderr[-2000:]
     audio, rate = sf.read(out)
     assert rate == 32000 and audio.shape == (3200 + 6400, 2), audio.shape  # the prompt, then 0.2 s more
@@ -108,7 +109,8 @@ def test_converter_refusals_name_what_is_wrong(tmp_path, case, message):
 
 
 def test_convert_cli_refuses_with_one_line_and_exit_2(stereo_bundle, tmp_path):
-    proc = run_cli("launch.convert", "--format=hf", f"--input={tmp_path / 'nowhere'}", f"--out={tmp_path / 'b'}")
+    proc = run_cli("launch.convert", "--format=hf", f"--input={tmp_path / 'nowhere'}", f"--out={tmp_path / 'b'}",
+                   devices=1)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: ") and "is not a directory" in proc.stderr
     with pytest.raises(BundleError, match="already holds a bundle"):
