@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: test demo bench bench-peer install browser app clean
+.PHONY: test demo bench bench-peer fixtures install browser app clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -51,6 +51,12 @@ $(PEER_STAMP): benchmarks/peers/requirements.txt
 
 bench-peer: $(PEER_STAMP) $(STAMP)
 	$(PY) -m benchmarks.peer $(BENCH_ARGS)
+
+# The converters' golden fixtures (tests/fixtures/hf/, committed; the tests need no torch): tiny
+# random-weight transformers models and their outputs, made in the peer venv.
+fixtures: $(PEER_STAMP)
+	$(PEER_VENV)/bin/python benchmarks/peers/fixtures_musicgen.py --out tests/fixtures/hf
+	$(PEER_VENV)/bin/python benchmarks/peers/fixtures_encodec.py --out tests/fixtures/hf
 
 clean:
 	rm -rf runs .pytest_cache

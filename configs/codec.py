@@ -26,6 +26,11 @@ def get_config(arg: str | None = None):
     c.model.strides = [8, 5, 4, 4]  # 640 samples per frame at 32 kHz = 50 Hz
     c.model.channels = channels
     c.model.latent_dim = 128
+    # EnCodec parity (converted checkpoints set them; melody_jax/models/codec.py SEANetOptions)
+    c.model.lstm_layers = 0
+    c.model.pad_mode = "zeros"
+    c.model.split = "left"
+    c.model.conv_shortcut = False
     c.model.dtype = "float32" if preset in ("tiny", "small") else "bfloat16"
     c.model.quantizer = dict(num_quantizers=4, codebook_size=codebook, decay=0.99, epsilon=1e-5,
                              dead_code_threshold=2.0, kmeans_init=True, kmeans_iters=10 if tiny else 50)

@@ -3,6 +3,8 @@
 `small` is MusicGen-small (d 1024, 24 layers, 16 heads, FFN 4096: ≈302M in the self-attention and
 FFN blocks, plus cross-attention and our text encoder); `paper` is the same; `base` is MusicGen-medium
 (d 1536, 48 layers, 24 heads, FFN 6144). `tiny` trains on a 64-code synthetic rule in tests.
+The `model.norm`/`positions`/`mlp_bias`/`text_*`/`melody_mode` options exist for the public
+checkpoints (`python -m launch.convert`, README "Public MusicGen checkpoints"); the presets keep ours.
 Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py) or "codec"
 (codes of prepared audio from the frozen codec in `data.codec_checkpoint`, chroma from librosa).
 """
@@ -42,6 +44,15 @@ def get_config(arg: str | None = None):
     c.model.melody_frames = math.ceil(frames / chroma_hop)  # the fixed prefix length F
     c.model.dtype = dtype
     c.model.remat = not tiny
+    # architecture options of the public checkpoints (launch.convert sets them; the defaults are ours)
+    c.model.norm = "rms"  # rms | layer
+    c.model.positions = "rotary"  # rotary | sinusoidal
+    c.model.mlp_bias = True
+    c.model.text_encoder = "bytes"  # bytes (MuLan's text tower) | t5 (tokenizer.json in the stage directory)
+    c.model.text_vocab_size = 0  # t5
+    c.model.text_head_dim = 0  # t5: d_kv
+    c.model.text_proj = False
+    c.model.melody_mode = "prefix"  # prefix | prepend (musicgen-melody: text and chroma prepended, no cross-attention)
 
     c.data.update(default_data_config())  # the audio pipeline's fields (data.source="codec")
     del c.data["crop_seconds"]  # codec: data.frames codec frames, in samples at the codec's rate
@@ -67,7 +78,9 @@ def get_config(arg: str | None = None):
 
     c.sample = ml_collections.ConfigDict()
     c.sample.top_k = 250
+    c.sample.top_p = 0.0  # nucleus mass; 0 = off
     c.sample.temperature = 1.0
+    c.sample.duration = 10.0  # seconds, when the caller gives none
     # CFG amplifies the conditional − unconditional difference of every logit, tails included; on the
     # near-deterministic synthetic rule those tails are noise, and 3.0 breaks the tiny model's fine
     # codebooks (seen: 28 % of them right at 3.0, 100 % at 1.5), so tiny samples at 1.5.

@@ -1,7 +1,10 @@
 """`python -m launch.sample --bundle=DIR --prompt="..." [--prompt=...] --duration=30 --steps=10 --cfg=2.5
 --seed=0 --out=out.wav`, or from audio: `--continue=FILE`, `--inpaint=FILE --start=S --end=E`,
-`--audio_prompt=FILE`. `--model=musicgen` samples a MusicGen bundle instead (`--prompt`, optionally
-`--melody=FILE` to follow its chromagram; top-k/CFG default to the bundle's config).
+`--audio_prompt=FILE`. `--model=musicgen` samples a MusicGen bundle instead — one trained here or
+converted from a public checkpoint (`launch.convert`) — with audiocraft's modes: `--prompt` (optionally
+`--melody=FILE` to follow its chromagram), `--continue=FILE` (its audio encoded and continued by
+`--duration` seconds; with or without `--prompt`), `--unconditional`; duration, top-k, top-p,
+temperature and CFG default to the bundle's `sample` config.
 
 Writes one WAV (16-bit, the bundle's rate) and one spectrogram PNG per output (`out.wav`, or
 `out_0.wav`, `out_1.wav`, … for a batch), and prints the time per stage and the real-time factor.
@@ -20,14 +23,17 @@ _BUNDLE = flags.DEFINE_string("bundle", None, "Bundle directory (python -m launc
 _MODEL = flags.DEFINE_enum("model", "melody", ["melody", "musicgen"], "Which system the bundle holds.")
 _MELODY = flags.DEFINE_string("melody", None, "musicgen: audio whose chromagram the music follows.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Text prompt; repeat for a batch.")
-_DURATION = flags.DEFINE_float("duration", 10.0, "Seconds to generate (continuation: seconds to add).")
+_DURATION = flags.DEFINE_float("duration", None, "Seconds to generate (continuation: seconds to add); default "
+                                                 "10, musicgen the bundle's.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Diffusion sampling steps.")
 _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: melody 2.5, musicgen the "
                                        "bundle's sample.cfg_scale).")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt i uses seed + i.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Semantic LM sampling temperature.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (default 1; musicgen: the bundle's).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k of the semantic LM (0 = off) or of musicgen (0 = the bundle's).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Semantic LM nucleus mass (1 = off).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass: semantic LM (default 1 = off); musicgen (default the "
+                                           "bundle's; > 0 replaces top-k, as audiocraft).")
+_UNCONDITIONAL = flags.DEFINE_bool("unconditional", False, "musicgen: sample the null condition (no text, no melody).")
 _CONTINUE = flags.DEFINE_string("continue", None, "Audio file to continue by --duration seconds.")
 _INPAINT = flags.DEFINE_string("inpaint", None, "Audio file whose [--start, --end) span is regenerated.")
 _START = flags.DEFINE_float("start", None, "Inpainting span start (s).")
@@ -62,10 +68,37 @@ def write_outputs(result, out: str, titles: list[str]) -> list[str]:
 
     paths = output_paths(out, len(result.audio))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for audio, path, title in zip(result.audio, paths, titles):
+    for audio, path, title in zip(result.audio, paths, titles):  # audio [T] or stereo [T, 2]
         sf.write(path, np.clip(audio, -1, 1), result.sample_rate, subtype="PCM_16")
-        spectrogram_png(audio, result.sample_rate, os.path.splitext(path)[0] + ".png", title)
+        spectrogram_png(audio.mean(-1) if audio.ndim == 2 else audio, result.sample_rate,
+                        os.path.splitext(path)[0] + ".png", title)
     return paths
+
+
+def run_musicgen(pipeline, prompts: list[str] | None) -> tuple:
+    """(result, titles) of a MusicGen bundle in the mode the flags ask for."""
+    from melody_jax.pipelines.melody import AudioInputError
+
+    if _INPAINT.value or _AUDIO_PROMPT.value:
+        raise AudioInputError("--model=musicgen takes --prompt, --melody, --continue or --unconditional, not "
+                              "--inpaint or --audio_prompt")
+    common = dict(cfg=_CFG.value, top_k=_TOP_K.value or None, top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
+                  seed=_SEED.value)
+    if _UNCONDITIONAL.value:
+        if prompts or _MELODY.value or _CONTINUE.value:
+            raise AudioInputError("--unconditional takes no --prompt, --melody or --continue")
+        del common["cfg"]
+        return pipeline.generate_unconditional(1, _DURATION.value, **common), ["unconditional"]
+    if _CONTINUE.value:
+        if _MELODY.value:
+            raise AudioInputError("give --melody or --continue, not both")
+        audio = read_audio(_CONTINUE.value, pipeline.sample_rate)  # mono (a stereo model gets it on both sides)
+        return (pipeline.generate_continuation(audio, _DURATION.value, prompts, **common),
+                [f"continuation of {_CONTINUE.value}"])
+    if not prompts:
+        raise AudioInputError("give --prompt, --continue or --unconditional")
+    melody = read_audio(_MELODY.value, pipeline.sample_rate) if _MELODY.value else None
+    return pipeline.generate(prompts, _DURATION.value, melody=melody, **common), list(prompts)
 
 
 def run(pipeline) -> tuple:
@@ -77,21 +110,16 @@ def run(pipeline) -> tuple:
         raise AudioInputError("give at most one of --continue, --inpaint, --audio_prompt")
     prompts = _PROMPTS.value or None
     if _MODEL.value == "musicgen":
-        if modes:
-            raise AudioInputError("--model=musicgen takes --prompt (and --melody), not --continue, --inpaint or "
-                                  "--audio_prompt")
-        if not prompts:
-            raise AudioInputError("give --prompt")
-        melody = read_audio(_MELODY.value, pipeline.sample_rate) if _MELODY.value else None
-        return (pipeline.generate(prompts, _DURATION.value, cfg=_CFG.value, top_k=_TOP_K.value or None,
-                                  temperature=_TEMPERATURE.value, seed=_SEED.value, melody=melody), list(prompts))
-    if _MELODY.value:
-        raise AudioInputError("--melody needs --model=musicgen")
+        return run_musicgen(pipeline, prompts)
+    if _MELODY.value or _UNCONDITIONAL.value:
+        raise AudioInputError("--melody and --unconditional need --model=musicgen")
+    duration = 10.0 if _DURATION.value is None else _DURATION.value
     common = dict(steps=_STEPS.value, cfg=2.5 if _CFG.value is None else _CFG.value, seed=_SEED.value,
-                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+                  temperature=1.0 if _TEMPERATURE.value is None else _TEMPERATURE.value, top_k=_TOP_K.value,
+                  top_p=1.0 if _TOP_P.value is None else _TOP_P.value)
     if _CONTINUE.value:
         audio = read_audio(_CONTINUE.value, pipeline.sample_rate)
-        return pipeline.continue_audio(audio, _DURATION.value, prompts, **common), [f"continuation of {_CONTINUE.value}"]
+        return pipeline.continue_audio(audio, duration, prompts, **common), [f"continuation of {_CONTINUE.value}"]
     if _INPAINT.value:
         if _START.value is None or _END.value is None:
             raise AudioInputError("--inpaint needs --start and --end (seconds)")
@@ -100,11 +128,11 @@ def run(pipeline) -> tuple:
                 [f"{_INPAINT.value} inpainted {_START.value:g}-{_END.value:g} s"])
     if _AUDIO_PROMPT.value:
         audio = read_audio(_AUDIO_PROMPT.value, pipeline.sample_rate)
-        return (pipeline.generate_from_audio_prompt(audio, _DURATION.value, **common),
+        return (pipeline.generate_from_audio_prompt(audio, duration, **common),
                 [f"prompted by {_AUDIO_PROMPT.value}"])
     if not prompts:
         raise AudioInputError("give --prompt (text), --continue, --inpaint or --audio_prompt")
-    return pipeline.generate(prompts, _DURATION.value, **common), list(prompts)
+    return pipeline.generate(prompts, duration, **common), list(prompts)
 
 
 def main(argv: list[str]) -> None:

@@ -12,11 +12,16 @@ CFG 3 (HF runs the conditional and unconditional rows as one batch of 2), batch 
 `codec_decode_s` is the codec's part and `steps_per_s` counts the rest, the LM loop alone.
 `cpu_s` (user + system seconds of the timed call) and the load averages around it show how much of
 the machine the run really had: on a shared CPU, cpu_s / seconds well under `threads` means contention.
+
+`--checkpoint DIR` (benchmarks/hf_musicgen.py: ours and transformers on the same weights): the model
+is loaded from DIR if it holds one, else built as above and saved there first (safetensors), so
+our converter reads exactly the weights timed here. `--batch` rows per call (each doubled by CFG).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -31,9 +36,10 @@ def build_model(args: argparse.Namespace):
 
     text = T5Config(vocab_size=32128, d_model=args.text_d_model, d_kv=args.text_d_model // args.text_heads,
                     d_ff=args.text_ffn, num_layers=args.text_layers, num_heads=args.text_heads)
+    bandwidth = round(args.num_codebooks * math.log2(args.codebook_size) * 50 / 1000, 3)  # kbps of K codebooks
     codec = EncodecConfig(sampling_rate=32000, audio_channels=1, normalize=False, hidden_size=128, num_filters=64,
                           upsampling_ratios=[8, 5, 4, 4], use_causal_conv=False, codebook_size=args.codebook_size,
-                          target_bandwidths=[2.2], use_conv_shortcut=False, num_lstm_layers=2)
+                          target_bandwidths=[bandwidth], use_conv_shortcut=False, num_lstm_layers=2)
     special = args.codebook_size  # MusicGen's pad / decoder-start token sits just past the codebook
     decoder = MusicgenDecoderConfig(vocab_size=args.codebook_size, hidden_size=args.d_model,
                                     num_hidden_layers=args.layers, num_attention_heads=args.heads, ffn_dim=args.ffn,
@@ -82,6 +88,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--top-k", type=int, default=250)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--checkpoint", help="load the model from here, or build and save it here first")
     args = parser.parse_args()
 
     import torch
@@ -89,9 +97,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = build_model(args)
+    if args.checkpoint and os.path.exists(os.path.join(args.checkpoint, "config.json")):
+        model = transformers.MusicgenForConditionalGeneration.from_pretrained(args.checkpoint).eval()
+    else:
+        model = build_model(args)
+        if args.checkpoint:
+            model.save_pretrained(args.checkpoint, safe_serialization=True)
     build_s = time.perf_counter() - t0
-    ids = torch.randint(2, 32128, (1, args.text_length), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(2, 32128, (args.batch, args.text_length), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     decode_times: list[float] = []
     codec_decode = model.audio_encoder.decode
@@ -127,7 +140,7 @@ def main() -> None:
               "transformers": transformers.__version__, "python": sys.version.split()[0],
               "d_model": args.d_model, "layers": args.layers, "heads": args.heads, "ffn": args.ffn,
               "num_codebooks": args.num_codebooks, "codebook_size": args.codebook_size,
-              "guidance_scale": args.guidance_scale, "top_k": args.top_k, "batch": 1, **param_counts(model)}
+              "guidance_scale": args.guidance_scale, "top_k": args.top_k, "batch": args.batch, **param_counts(model)}
     print(json.dumps(result), flush=True)
 
 

@@ -18,8 +18,21 @@ generates without a melody.
 With `decode=True` self-attention keeps its KV cache (`melody_jax.nn.attention`) and each
 cross-attention keeps its projected text keys/values in the `cache` collection: the prefill call
 passes the context and the prefix, later single-step calls pass neither.
+
+Architecture options, for the public checkpoints (transformers' MusicGen; `melody_jax.convert`),
+whose defaults are what this project trains: `norm` RMSNorm or LayerNorm (eps 1e-5, with bias);
+`positions` rotary in every self-attention or sinusoidal (cos half then sin half) added once at the
+input, numbered from the first prefix position and, when decoding, from the model's one
+`decode_position`; `mlp_bias`; `text_encoder` bytes (MuLan's tower) or T5 (`melody_jax.models.t5`),
+whose output `text_proj` maps to embed_dim (a Linear with bias) and the mask zeroes; and
+`melody_mode` "prefix" (above) or "prepend", musicgen-melody's: no cross-attention, the prefix is
+[melody_proj(one-hot chroma) tiled/truncated to `melody_frames`, projected text × mask], attended
+causally with no padding mask; its null melody is the one-hot of bin 0. Stereo is 8 codebooks
+[L0, R0, L1, R1, …] with delays (0, 0, 1, 1, …) (the pattern's business, not the model's).
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +40,7 @@ from flax import linen as nn
 
 from melody_jax.audio.chroma import NUM_CHROMA, chroma_onehot
 from melody_jax.models.mulan import Encoder
+from melody_jax.models.t5 import T5Encoder
 from melody_jax.nn.attention import Attention, cached_attention, padding_mask
 from melody_jax.nn.init import dense
 from melody_jax.nn.mlp import GeluMLP
@@ -34,6 +48,27 @@ from melody_jax.nn.norms import RMSNorm
 from melody_jax.tokenizers.text import VOCAB_SIZE
 
 ACT = ("batch", "length", "embed")
+NORMS = ("rms", "layer")
+POSITIONS = ("rotary", "sinusoidal")
+TEXT_ENCODERS = ("bytes", "t5")
+MELODY_MODES = ("prefix", "prepend")
+
+
+def make_norm(kind: str, dtype: jnp.dtype, name: str | None = None) -> nn.Module:
+    """RMSNorm, or LayerNorm with eps 1e-5 and a bias (torch's default, transformers' MusicGen)."""
+    if kind == "layer":
+        axis = lambda init: nn.with_logical_partitioning(init, ("embed",))  # noqa: E731
+        return nn.LayerNorm(epsilon=1e-5, dtype=dtype, use_fast_variance=False, scale_init=axis(nn.initializers.ones),
+                            bias_init=axis(nn.initializers.zeros), name=name)
+    return RMSNorm(dtype=dtype, name=name)
+
+
+def sinusoids(positions: jax.Array, dim: int) -> jax.Array:
+    """float32 [T, dim]: cos half then sin half, frequencies exp(−i ln 10000 / (dim/2 − 1))."""
+    half = dim // 2
+    freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = positions.astype(jnp.float32)[:, None] * freq
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
 def shift_right(seq: jax.Array, special: int) -> jax.Array:
@@ -98,21 +133,27 @@ class CrossAttention(nn.Module):
 
 
 class MusicGenBlock(nn.Module):
-    """x + SelfAttn(norm x); x + CrossAttn(norm x, text); x + GELU FFN(norm x)."""
+    """x + SelfAttn(norm x); x + CrossAttn(norm x, text) unless `cross_attention` is off; x + GELU FFN(norm x)."""
 
     num_heads: int
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
     decode: bool = False
+    norm: str = "rms"
+    use_rotary: bool = True
+    mlp_bias: bool = True
+    cross_attention: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array | None) -> jax.Array:
-        h = RMSNorm(dtype=self.dtype, name="attn_norm")(x)
-        x = x + Attention(self.num_heads, dtype=self.dtype, decode=self.decode, name="self_attn")(h, causal=True)
-        h = RMSNorm(dtype=self.dtype, name="cross_norm")(x)
-        x = x + CrossAttention(self.num_heads, self.dtype, self.decode, name="cross_attn")(h, context, context_mask)
-        h = RMSNorm(dtype=self.dtype, name="mlp_norm")(x)
-        x = x + GeluMLP(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
+        h = make_norm(self.norm, self.dtype, "attn_norm")(x)
+        x = x + Attention(self.num_heads, dtype=self.dtype, use_rotary=self.use_rotary, decode=self.decode,
+                          name="self_attn")(h, causal=True)
+        if self.cross_attention:
+            h = make_norm(self.norm, self.dtype, "cross_norm")(x)
+            x = x + CrossAttention(self.num_heads, self.dtype, self.decode, name="cross_attn")(h, context, context_mask)
+        h = make_norm(self.norm, self.dtype, "mlp_norm")(x)
+        x = x + GeluMLP(self.mlp_dim, dtype=self.dtype, use_bias=self.mlp_bias, name="mlp")(h)
         return nn.with_logical_constraint(x, ACT)
 
 
@@ -120,7 +161,8 @@ class MusicGenLM(nn.Module):
     """`(seq [B, K, S], text_tokens, text_mask, chroma?, drop_text?, drop_melody?) → logits float32 [B, K, S, V]`.
 
     `drop_*` are bool `[B]` (True = replace that condition by its null, for CFG dropout and the
-    unconditional half of guided sampling). `chroma` `[B, melody_frames, 12]` is needed iff `use_melody`.
+    unconditional half of guided sampling). `chroma` `[B, melody_frames, 12]` is needed iff `use_melody`
+    (in "prepend" mode any number of frames, tiled to `melody_frames`; None = the null melody).
     """
 
     num_codebooks: int
@@ -137,32 +179,74 @@ class MusicGenLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     decode: bool = False
+    norm: str = "rms"  # rms | layer
+    positions: str = "rotary"  # rotary | sinusoidal
+    mlp_bias: bool = True
+    text_encoder: str = "bytes"  # bytes | t5
+    text_vocab_size: int = 0  # t5
+    text_head_dim: int = 0  # t5: d_kv
+    text_proj: bool = False  # Linear(text_embed_dim → embed_dim, with bias) after the text encoder
+    melody_mode: str = "prefix"  # prefix | prepend
+    melody_frames: int = 0  # prepend: the chroma prefix is tiled/truncated to this many frames
 
     @property
     def special_token(self) -> int:
         return self.codebook_size
 
+    @property
+    def prepend(self) -> bool:
+        return self.use_melody and self.melody_mode == "prepend"
+
     def setup(self):
-        self.text_encoder = TextEncoder(self.text_layers, self.text_embed_dim, self.text_heads, self.text_mlp_dim,
-                                        self.dtype, self.remat)
+        if self.text_encoder == "t5":
+            self.text_tower = T5Encoder(self.text_vocab_size, self.text_layers, self.text_embed_dim, self.text_heads,
+                                        self.text_head_dim, self.text_mlp_dim, dtype=self.dtype, remat=self.remat,
+                                        name="text_encoder")
+        else:
+            self.text_tower = TextEncoder(self.text_layers, self.text_embed_dim, self.text_heads, self.text_mlp_dim,
+                                          self.dtype, self.remat, name="text_encoder")
+        if self.text_proj:
+            self.text_projection = dense(self.embed_dim, (None, "embed"), self.dtype, use_bias=True)
         self.embedding = self.param(
             "embedding",
             nn.with_logical_partitioning(nn.initializers.normal(self.num_codebooks**-0.5), (None, None, "embed")),
             (self.num_codebooks, self.codebook_size + 1, self.embed_dim))
         if self.use_melody:
-            self.melody_proj = dense(self.embed_dim, (None, "embed"), self.dtype)
+            self.melody_proj = dense(self.embed_dim, (None, "embed"), self.dtype, use_bias=self.prepend)
         block = nn.remat(MusicGenBlock) if self.remat else MusicGenBlock
-        self.layers = [block(self.num_heads, self.mlp_dim, self.dtype, self.decode) for _ in range(self.num_layers)]
-        self.final_norm = RMSNorm(dtype=self.dtype)
+        self.layers = [block(self.num_heads, self.mlp_dim, self.dtype, self.decode, self.norm,
+                             self.positions == "rotary", self.mlp_bias, not self.prepend)
+                       for _ in range(self.num_layers)]
+        self.final_norm = make_norm(self.norm, self.dtype)
         self.head = dense((self.num_codebooks, self.codebook_size), ("embed", None, "vocab"), self.dtype)
+        if self.decode and self.positions == "sinusoidal":
+            self.decode_position = self.variable("cache", "decode_position", lambda: jnp.array(0, jnp.int32))
 
     def conditions(self, text_tokens: jax.Array, text_mask: jax.Array, chroma: jax.Array | None = None,
                    drop_text: jax.Array | None = None, drop_melody: jax.Array | None = None):
-        """(text context `[B, L, Dt]`, its mask `[B, L]`, melody prefix `[B, F, D]` or None)."""
-        context = self.text_encoder(text_tokens, text_mask)
+        """(text context `[B, L, Dt]`, its mask `[B, L]`, melody prefix `[B, F, D]` or None).
+
+        In "prepend" mode: (None, None, [melody prefix; text] `[B, melody_frames + L, D]`).
+        """
+        context = self.text_tower(text_tokens, text_mask)
+        if self.text_proj:
+            context = self.text_projection(context)
+        if self.text_encoder == "t5":
+            context = context * text_mask.astype(context.dtype)[:, :, None]
         if drop_text is not None:
             context = context * jnp.logical_not(drop_text).astype(context.dtype)[:, None, None]
         prefix = None
+        if self.prepend:
+            if chroma is None:  # no melody: the null one (transformers' default input features)
+                chroma = jnp.zeros((text_tokens.shape[0], 1, NUM_CHROMA), jnp.float32)
+            onehot = chroma_onehot(chroma)  # a silent frame → bin 0, as transformers' feature extractor
+            if drop_melody is not None:
+                null = jnp.zeros_like(onehot).at[..., 0].set(1.0)
+                onehot = jnp.where(drop_melody[:, None, None], null, onehot)
+            reps = -(-self.melody_frames // onehot.shape[1])
+            onehot = jnp.tile(onehot, (1, reps, 1))[:, : self.melody_frames]
+            prefix = jnp.concatenate([self.melody_proj(onehot).astype(context.dtype), context], axis=1)
+            return None, None, nn.with_logical_constraint(prefix, ACT)
         if self.use_melody:
             if chroma is None or chroma.shape[-1] != NUM_CHROMA:
                 raise ValueError(f"use_melody needs a chromagram [B, F, {NUM_CHROMA}], got "
@@ -182,6 +266,12 @@ class MusicGenLM(nn.Module):
         if prefix is not None:
             num_prefix = prefix.shape[1]
             x = jnp.concatenate([prefix.astype(self.dtype), x], axis=1)
+        if self.positions == "sinusoidal":
+            start = 0
+            if self.decode:
+                start = self.decode_position.value
+                self.decode_position.value = start + x.shape[1]
+            x = x + sinusoids(start + jnp.arange(x.shape[1]), self.embed_dim).astype(self.dtype)
         x = nn.with_logical_constraint(x, ACT)
         for layer in self.layers:
             x = layer(x, context, context_mask)

@@ -70,17 +70,16 @@ def conv1d(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, dt
                 name=name)
 
 
-def upsample1d(features: int, kernel: int, rate: int, *, dtype=jnp.float32, name: str | None = None) -> "Upsample":
+def upsample1d(features: int, kernel: int, rate: int, *, split: str = "left", dtype=jnp.float32,
+               name: str | None = None) -> "Upsample":
     """Transposed 1-D conv with exactly `rate`·T output frames (any kernel/rate parity)."""
-    return Upsample(features, kernel, rate, dtype=dtype, name=name)
+    return Upsample(features, kernel, rate, split, dtype=dtype, name=name)
 
 
-def _polyphase(kernel: int, rate: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+def _polyphase(kernel: int, rate: int, lo: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Index table turning a transposed-conv kernel `[k, in, out]` into a stride-1 kernel
     `[window, in, rate·out]` (one output channel group per phase), its validity mask and the
-    (left, right) padding. Same padding as `Conv(lhs_dilation=rate)` with total k + rate − 2."""
-    total = kernel + rate - 2
-    lo = total - total // 2
+    (left, right) padding. Same as `Conv(lhs_dilation=rate)` with padding (lo, k + rate − 2 − lo)."""
     taps = {}  # phase → {input offset: kernel tap}
     for p in range(rate):
         for j in range(kernel):
@@ -96,14 +95,28 @@ def _polyphase(kernel: int, rate: int) -> tuple[np.ndarray, np.ndarray, int, int
     return index, mask, -first, last
 
 
+def split_padding(total: int, split: str) -> tuple[int, int]:
+    """(left, right) halves of `total` padding: "left" gives the left ⌊total/2⌋ (our convs' default),
+    "right" gives the right ⌊total/2⌋ (EnCodec's non-causal convs: odd strides differ by one)."""
+    if split not in ("left", "right"):
+        raise ValueError(f"split must be 'left' or 'right', got {split!r}")
+    small = total // 2
+    return (small, total - small) if split == "left" else (total - small, small)
+
+
 class Upsample(nn.Module):
     """Transposed convolution computed polyphase: one stride-1 conv with `rate`·out channels, then
     the phases interleaved. Equal to `Conv(lhs_dilation=rate)` on the same `[k, in, out]` kernel
-    (tested), without convolving the inserted zeros (XLA:CPU's dilated-input path is ~10× slower)."""
+    (tested), without convolving the inserted zeros (XLA:CPU's dilated-input path is ~10× slower).
+
+    The kernel is in correlation order: a torch `ConvTranspose1d` weight `[in, out, k]` is this kernel
+    reversed along k. Of the full transposed output ((T − 1)·rate + k frames), k − rate are trimmed,
+    split by `split_padding(k − rate, split)` ("right": EnCodec's trim)."""
 
     features: int
     kernel: int
     rate: int
+    split: str = "left"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -115,7 +128,8 @@ class Upsample(nn.Module):
                        jnp.float32)
         b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (names[-1],)),
                        (self.features,), jnp.float32)
-        index, mask, left, right = _polyphase(self.kernel, self.rate)
+        trim_left, _ = split_padding(self.kernel - self.rate, self.split)
+        index, mask, left, right = _polyphase(self.kernel, self.rate, self.kernel - 1 - trim_left)
         phased = w[index] * mask[..., None, None]  # [window, rate, in, out]
         phased = phased.transpose(0, 2, 1, 3).reshape(len(index), c_in, self.rate * self.features)
         y = jax.lax.conv_general_dilated(x.astype(self.dtype), phased.astype(self.dtype), (1,), ((left, right),),

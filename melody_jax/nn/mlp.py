@@ -23,14 +23,15 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """W₂ GELU(x W₁ + b₁) + b₂; `out_dim` defaults to the input width."""
+    """W₂ GELU(x W₁ + b₁) + b₂ (exact GELU; biases optional); `out_dim` defaults to the input width."""
 
     mlp_dim: int
     out_dim: int | None = None
     dtype: jnp.dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, use_bias=True, name="fc1")(x)
+        h = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, use_bias=self.use_bias, name="fc1")(x)
         h = nn.gelu(h, approximate=False)
-        return dense(self.out_dim or x.shape[-1], ("mlp", "embed"), self.dtype, use_bias=True, name="fc2")(h)
+        return dense(self.out_dim or x.shape[-1], ("mlp", "embed"), self.dtype, use_bias=self.use_bias, name="fc2")(h)

@@ -61,15 +61,21 @@ def check_fit(configs: Mapping[str, ml_collections.ConfigDict]) -> None:
                             f"give {frames:g}")
 
 
+def audio_channels(musicgen_config: ml_collections.ConfigDict) -> int:
+    """2 for a stereo MusicGen (codebooks [L0, R0, L1, R1, …], converted from musicgen-stereo-*), else 1."""
+    return int(musicgen_config.get("hf", {}).get("audio_channels", 1))
+
+
 def check_musicgen_fit(configs: Mapping[str, ml_collections.ConfigDict]) -> None:
     """One clear error for the first way a codec and a MusicGen LM do not fit together."""
     missing = [s for s in MUSICGEN_STAGES if s not in configs]
     _need(not missing, f"bundle lacks the stage(s) {', '.join(missing)}")
     codec, lm = configs["codec"], configs["musicgen"]
     q, m = codec.model.quantizer, lm.model
-    _need((q.num_quantizers, q.codebook_size) == (m.num_codebooks, m.codebook_size),
+    channels = audio_channels(lm)
+    _need((q.num_quantizers * channels, q.codebook_size) == (m.num_codebooks, m.codebook_size),
           f"codec has {q.num_quantizers} codebooks of {q.codebook_size} codes, musicgen models "
-          f"{m.num_codebooks} of {m.codebook_size}")
+          f"{m.num_codebooks} of {m.codebook_size}" + (f" for {channels} channels" if channels > 1 else ""))
     rate = codec.data.sample_rate / math.prod(codec.model.strides)
     _need((rate, codec.data.sample_rate) == (lm.data.frame_rate, lm.data.sample_rate),
           f"codec makes {rate:g} frames/s at {codec.data.sample_rate} Hz, musicgen expects "
@@ -95,12 +101,11 @@ def read_configs(directory: str) -> dict[str, ml_collections.ConfigDict]:
     return configs
 
 
-def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules) -> int:
-    """Copies a stage's config and newest parameters (only) from a workdir into `out`; returns the step."""
-    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage))
+def write_stage(out: str, stage: str, config_json: str, params: Any, step: int) -> None:
+    """Writes one bundle stage: `config.json` and the parameters (only) at `step`."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(source, "config.json")) as f, open(os.path.join(out, "config.json"), "w") as g:
-        g.write(f.read())
+    with open(os.path.join(out, "config.json"), "w") as g:
+        g.write(config_json)
     ckpt = Checkpointer(out, keep=1, every=1)
     try:
         ckpt.save(step, {"params": params}, {}, {"stage": stage, "param_signature": param_signature(params)},
@@ -108,7 +113,26 @@ def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rul
         ckpt.wait()
     finally:
         ckpt.close()
+
+
+def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules) -> int:
+    """Copies a stage's config and newest parameters (only) from a workdir into `out`; returns the step."""
+    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage))
+    with open(os.path.join(source, "config.json")) as f:
+        write_stage(out, stage, f.read(), params, step)
     return step
+
+
+def write_manifest(out: str, steps: Mapping[str, int], sources: Mapping[str, str]) -> dict[str, Any]:
+    manifest = {"stages": list(steps), "steps": dict(steps), "sources": dict(sources)}
+    with open(os.path.join(out, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def refuse_existing(out: str) -> None:
+    if os.path.exists(os.path.join(out, MANIFEST)):
+        raise BundleError(f"{out} already holds a bundle; choose another --out or remove it")
 
 
 def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rules,
@@ -124,15 +148,11 @@ def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rule
         check_fit(configs)
     elif stages == MUSICGEN_STAGES:
         check_musicgen_fit(configs)
-    if os.path.exists(os.path.join(out, MANIFEST)):
-        raise BundleError(f"{out} already holds a bundle; choose another --out or remove it")
+    refuse_existing(out)
     steps = {}
     for s in stages:
         try:
             steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules)
         except WorkdirError as e:
             raise BundleError(str(e)) from None
-    manifest = {"stages": list(stages), "steps": steps, "sources": {s: os.path.abspath(sources[s]) for s in stages}}
-    with open(os.path.join(out, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
-    return manifest
+    return write_manifest(out, steps, {s: os.path.abspath(sources[s]) for s in stages})

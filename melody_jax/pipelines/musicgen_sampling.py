@@ -47,9 +47,10 @@ def window_forward_passes(pattern: Pattern, num_frames: int, prompt_frames: int)
     return pattern.num_steps(num_frames) - first_free_step(pattern, num_frames, prompt_frames)
 
 
-def _conditions(model: MusicGenLM, params, text_tokens, text_mask, chroma, guided: bool):
-    """Conditions for B rows, or for 2B rows (conditional, then both conditions nulled) when guided."""
-    drop = None
+def _conditions(model: MusicGenLM, params, text_tokens, text_mask, chroma, guided: bool, unconditional: bool = False):
+    """Conditions for B rows, or for 2B rows (conditional, then both conditions nulled) when guided;
+    `unconditional`: B rows of the null conditions (text and melody dropped)."""
+    drop = jnp.ones(text_tokens.shape[:1], bool) if unconditional else None
     if guided:
         b = text_tokens.shape[0]
         text_tokens, text_mask = jnp.concatenate([text_tokens] * 2), jnp.concatenate([text_mask] * 2)
@@ -66,7 +67,7 @@ def _decode(model: MusicGenLM, params, conds, known: jax.Array, fixed: np.ndarra
     """
     batch, k, steps = known.shape
     context, context_mask, prefix = conds
-    rows = context.shape[0]
+    rows = (context if context is not None else prefix).shape[0]  # prepend mode: no cross-attention context
     dec = model.clone(decode=True)
     init = functools.partial(dec.init, method=MusicGenLM.logits)
     shapes = jax.eval_shape(init, jax.random.key(0), jax.ShapeDtypeStruct((rows, k, steps), jnp.int32), context,
@@ -106,9 +107,9 @@ def _decode(model: MusicGenLM, params, conds, known: jax.Array, fixed: np.ndarra
 
 
 @functools.partial(jax.jit, static_argnames=("model", "pattern", "num_frames", "cfg_scale", "temperature", "top_k",
-                                             "rules"))
+                                             "top_p", "unconditional", "rules"))
 def _window(model, params, text_tokens, text_mask, chroma, prompt, key, *, pattern, num_frames, cfg_scale,
-            temperature, top_k, rules):
+            temperature, top_k, top_p, unconditional, rules):
     del rules  # only part of the compilation key
     batch, k, prompt_frames = prompt.shape
     padded = jnp.zeros((batch, k, num_frames), jnp.int32).at[:, :, :prompt_frames].set(prompt)
@@ -118,9 +119,9 @@ def _window(model, params, text_tokens, text_mask, chroma, prompt, key, *, patte
 
     def choose(logits, step):
         keys = jax.vmap(lambda r: jax.random.fold_in(r, step))(row_keys)
-        return jax.vmap(lambda r, row: sample_from_logits(r, row, temperature, top_k))(keys, logits)
+        return jax.vmap(lambda r, row: sample_from_logits(r, row, temperature, top_k, top_p))(keys, logits)
 
-    conds = _conditions(model, params, text_tokens, text_mask, chroma, cfg_scale is not None)
+    conds = _conditions(model, params, text_tokens, text_mask, chroma, cfg_scale is not None, unconditional)
     first = first_free_step(pattern, num_frames, prompt_frames)
     seq, _ = _decode(model, params, conds, known, fixed, first, cfg_scale, choose, keep_logits=False)
     return pattern.revert(seq, num_frames)[0]
@@ -145,42 +146,50 @@ def teacher_forced_logits(model: MusicGenLM, params, seq: jax.Array, text_tokens
                            cfg_scale=None if cfg_scale is None else float(cfg_scale), rules=_active_rules())
 
 
-def _chroma_window(chroma: jax.Array | None, start_frame: int, chroma_hop_frames: int, melody_frames: int | None):
-    """The `melody_frames` chroma rows of a window starting at `start_frame`, edge-padded."""
+def _chroma_window(chroma: jax.Array | None, start_frame: int, chroma_hop_frames: float, melody_frames: int | None):
+    """The `melody_frames` chroma rows (None: all that remain) of a window starting at `start_frame`, edge-padded."""
     if chroma is None:
         return None
-    rows = melody_frames or chroma.shape[1]
-    start = start_frame // chroma_hop_frames
+    start = min(int(start_frame // chroma_hop_frames), chroma.shape[1] - 1)
+    rows = melody_frames or chroma.shape[1] - start
     index = np.minimum(np.arange(start, start + rows), chroma.shape[1] - 1)
     return chroma[:, index]
 
 
 def generate(model: MusicGenLM, params, pattern: Pattern, text_tokens: jax.Array, text_mask: jax.Array,
              num_frames: int, key: jax.Array, *, chroma: jax.Array | None = None, prompt: jax.Array | None = None,
-             cfg_scale: float | None = 3.0, top_k: int = 250, temperature: float = 1.0,
-             window_frames: int | None = None, keep_frames: int = 0, chroma_hop_frames: int = 1,
-             melody_frames: int | None = None) -> Generation:
+             cfg_scale: float | None = 3.0, top_k: int = 250, temperature: float = 1.0, top_p: float = 0.0,
+             window_frames: int | None = None, keep_frames: int = 0, chroma_hop_frames: float = 1,
+             melody_frames: int | None = None, unconditional: bool = False) -> Generation:
     """Codes `int32 [B, K, num_frames]` for byte-tokenized text `[B, L]` (+ mask), starting with `prompt`.
 
     `prompt [B, K, P]` (P < num_frames) is kept as the first P frames (continuation). `chroma
     [B, Fc, 12]` covers the whole generation, one row per `chroma_hop_frames` frames; each window
-    reads the `melody_frames` rows (the model's prefix length) from its start. Generations longer
+    reads the `melody_frames` rows (the model's prefix length) from its start, or with `melody_frames`
+    None (musicgen-melody, whose chroma frames need not align with codec frames) all rows from the
+    one its start falls in. Generations longer
     than `window_frames` slide the window, keeping `keep_frames` frames as the next prompt.
-    `cfg_scale=None` disables guidance; temperature 0 is greedy; top_k 0 disables the filter.
+    `cfg_scale=None` disables guidance; temperature 0 is greedy; top_k 0 disables the filter;
+    0 < top_p ≤ 1 samples the nucleus of that mass instead of the top-k (audiocraft's rule; 0 = off).
+    `unconditional` samples the null conditions (text and melody dropped; guidance is then moot).
     """
     prompt = jnp.zeros(text_tokens.shape[:1] + (model.num_codebooks, 0), jnp.int32) if prompt is None else prompt
     prompt = jnp.asarray(prompt, jnp.int32)
     configured = window_frames or num_frames
     window = min(configured, num_frames)  # a generation shorter than the window never slides
     hop = window - keep_frames
-    if prompt.shape[2] >= window or not 0 <= keep_frames < configured or temperature < 0 or top_k < 0:
+    if (prompt.shape[2] >= window or not 0 <= keep_frames < configured or temperature < 0 or top_k < 0
+            or not 0 <= top_p <= 1):
         raise ValueError(f"need prompt frames ({prompt.shape[2]}) < window ({window}), 0 <= keep_frames "
-                         f"({keep_frames}) < window_frames ({configured}), temperature >= 0, top_k >= 0")
-    if chroma is not None and window < num_frames and hop % chroma_hop_frames:
+                         f"({keep_frames}) < window_frames ({configured}), temperature >= 0, top_k >= 0, "
+                         f"0 <= top_p <= 1")
+    if chroma is not None and window < num_frames and melody_frames and hop % chroma_hop_frames:
         raise ValueError(f"the window hop {hop} frames must be a multiple of chroma_hop_frames={chroma_hop_frames}")
     chroma = None if chroma is None else jnp.asarray(chroma, jnp.float32)
-    settings = dict(pattern=pattern, cfg_scale=None if cfg_scale is None else float(cfg_scale),
-                    temperature=float(temperature), top_k=int(top_k), rules=_active_rules())
+    nucleus = top_p > 0
+    settings = dict(pattern=pattern, cfg_scale=None if cfg_scale is None or unconditional else float(cfg_scale),
+                    temperature=float(temperature), top_k=0 if nucleus else int(top_k),
+                    top_p=float(top_p) if nucleus else 1.0, unconditional=bool(unconditional), rules=_active_rules())
     text_tokens, text_mask = jnp.asarray(text_tokens, jnp.int32), jnp.asarray(text_mask, bool)
     codes, start, passes, windows = prompt, 0, 0, 0
     while codes.shape[2] < num_frames:

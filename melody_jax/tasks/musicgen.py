@@ -33,7 +33,7 @@ import optax
 
 from data_pipeline.indexed import IndexedBatches
 from melody_jax.audio.chroma import NUM_CHROMA, melody_rows
-from melody_jax.models.musicgen_lm import MusicGenLM
+from melody_jax.models.musicgen_lm import MELODY_MODES, NORMS, POSITIONS, TEXT_ENCODERS, MusicGenLM
 from melody_jax.tokenizers.patterns import PATTERNS, Pattern, make_pattern
 from melody_jax.tokenizers.text import tokenize
 from melody_jax.training.config import non_negative, one_of, positive, require
@@ -98,12 +98,19 @@ def synthetic_batches(config, mesh, seed: int) -> IndexedBatches:
     return IndexedBatches(make, c.train.batch_size, mesh)
 
 
+ARCHITECTURE = {"norm": "rms", "positions": "rotary", "mlp_bias": True, "text_encoder": "bytes", "text_vocab_size": 0,
+                "text_head_dim": 0, "text_proj": False, "melody_mode": "prefix"}  # configs saved before these: defaults
+
+
 def musicgen_model(model_config) -> MusicGenLM:
     m = model_config
+    options = {k: m.get(k, default) for k, default in ARCHITECTURE.items()}
+    prepend = m.use_melody and options["melody_mode"] == "prepend"
     return MusicGenLM(num_codebooks=m.num_codebooks, codebook_size=m.codebook_size, num_layers=m.num_layers,
                       embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim, text_layers=m.text_layers,
                       text_embed_dim=m.text_embed_dim, text_heads=m.text_heads, text_mlp_dim=m.text_mlp_dim,
-                      use_melody=m.use_melody, dtype=jnp.dtype(m.dtype), remat=m.remat)
+                      use_melody=m.use_melody, dtype=jnp.dtype(m.dtype), remat=m.remat,
+                      melody_frames=m.melody_frames if prepend else 0, **options)
 
 
 def musicgen_pattern(model_config) -> Pattern:
@@ -124,10 +131,22 @@ class MusicGenTask(Task):
                  "model.text_mlp_dim", "model.max_text_length", "model.chroma_hop_frames", "model.melody_frames",
                  "data.frames", "sample.window_frames")
         non_negative(c, "sample.top_k", "sample.temperature", "sample.cfg_scale")
-        for width, heads in (("embed_dim", "num_heads"), ("text_embed_dim", "text_heads")):
+        options = {k: m.get(k, default) for k, default in ARCHITECTURE.items()}
+        for field, choices in (("norm", NORMS), ("positions", POSITIONS), ("text_encoder", TEXT_ENCODERS),
+                               ("melody_mode", MELODY_MODES)):
+            require(options[field] in choices, f"config.model.{field}={options[field]!r} must be one of {choices}")
+        rotary = [("embed_dim", "num_heads")] if options["positions"] == "rotary" else []
+        if options["text_encoder"] == "bytes":  # MuLan's text tower is rotary too
+            rotary.append(("text_embed_dim", "text_heads"))
+        require(m.embed_dim % m.num_heads == 0,
+                f"config.model.num_heads={m.num_heads} must divide embed_dim={m.embed_dim}")
+        for width, heads in rotary:
             require(m[width] % m[heads] == 0 and (m[width] // m[heads]) % 2 == 0,
                     f"config.model.{width}={m[width]} / {heads}={m[heads]} must be an even integer (rotary)")
-        require(m.melody_frames * m.chroma_hop_frames >= d.frames,
+        if options["text_encoder"] == "t5":
+            positive(c, "model.text_vocab_size", "model.text_head_dim")
+        prefix = m.use_melody and options["melody_mode"] == "prefix"
+        require(not prefix or m.melody_frames * m.chroma_hop_frames >= d.frames,
                 f"config.model.melody_frames={m.melody_frames} × chroma_hop_frames={m.chroma_hop_frames} "
                 f"must cover data.frames={d.frames}")
         for field in ("cfg_dropout_text", "cfg_dropout_melody"):

@@ -1,0 +1,58 @@
+"""`python -m launch.convert --format=hf --input=DIR --out=BUNDLE`: a downloaded public checkpoint → a bundle.
+
+`--input` is a Hugging Face MusicGen checkpoint directory as the user downloaded it (facebook/
+musicgen-small, -medium, -large, -melody, -stereo-*: config.json, model.safetensors or a sharded
+index, tokenizer.json); nothing is fetched. The bundle holds the codec and musicgen stages (config +
+parameters, float32) and the T5 tokenizer, and loads with `MusicGen(bundle)` or
+`python -m launch.sample --model=musicgen --bundle=BUNDLE --prompt=...`. A directory that is not such
+a checkpoint, a missing or misshapen tensor, or a variant we do not compute: `error: ...`, exit 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from absl import app, flags
+
+from launch.common import quiet_library_logs, run_user_errors
+
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf"], "Checkpoint format: hf = Hugging Face transformers.")
+_INPUT = flags.DEFINE_string("input", None, "Checkpoint directory (config.json + safetensors + tokenizer.json).")
+_OUT = flags.DEFINE_string("out", None, "Bundle directory to create.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype stored in the bundle "
+                           "(parameters stay float32): float32 for parity with transformers, bfloat16 for speed.")
+flags.mark_flags_as_required(["input", "out"])
+
+
+def convert(source: str, out: str, dtype: str = "float32") -> dict:
+    """Writes the bundle of the HF checkpoint in `source` to `out`; returns its manifest."""
+    from melody_jax.convert.checkpoint_dir import read_checkpoint
+    from melody_jax.convert.hf_musicgen import TOKENIZER_FILE, musicgen_from_hf
+    from melody_jax.pipelines.bundle import check_musicgen_fit, refuse_existing, write_manifest, write_stage
+    from melody_jax.training import config as config_lib
+
+    refuse_existing(out)
+    converted = musicgen_from_hf(read_checkpoint(source))
+    converted.musicgen_config.model.dtype = dtype
+    configs = {"codec": converted.codec_config, "musicgen": converted.musicgen_config}
+    check_musicgen_fit(configs)
+    params = {"codec": converted.codec_params, "musicgen": converted.musicgen_params}
+    for stage in ("codec", "musicgen"):
+        write_stage(os.path.join(out, stage), stage, config_lib.to_json(configs[stage]),
+                    params[stage], 0)
+    shutil.copy(converted.tokenizer, os.path.join(out, "musicgen", TOKENIZER_FILE))
+    origin = os.path.abspath(source)
+    manifest = write_manifest(out, {"codec": 0, "musicgen": 0}, {"codec": origin, "musicgen": origin})
+    return {**manifest, "variant": converted.variant}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    quiet_library_logs()
+    manifest = run_user_errors(lambda: convert(_INPUT.value, _OUT.value, _DTYPE.value))
+    print(json.dumps(manifest, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
