@@ -106,8 +106,13 @@ def musicgen_model(model_config) -> MusicGenLM:
                       use_melody=m.use_melody, dtype=jnp.dtype(m.dtype), remat=m.remat)
 
 
+PATTERN_OPTIONS = ("flattening", "flatten_first", "empty_initial", "group_by")
+
+
 def musicgen_pattern(model_config) -> Pattern:
-    return make_pattern(model_config.pattern, model_config.num_codebooks, model_config.delays)
+    """The configured pattern; options a config predating them lacks read as None (the default)."""
+    m = model_config
+    return make_pattern(m.pattern, m.num_codebooks, m.delays, **{k: m.get(k) for k in PATTERN_OPTIONS})
 
 
 class MusicGenTask(Task):
@@ -138,7 +143,7 @@ class MusicGenTask(Task):
         try:
             musicgen_pattern(m)
         except ValueError as e:
-            require(False, f"config.model.pattern/delays: {e}")
+            require(False, f"config.model.pattern/{'/'.join(('delays',) + PATTERN_OPTIONS)}: {e}")
         if d.source == "synthetic":
             need = NUM_CHROMA * len(INSTRUMENTS)
             require(m.codebook_size >= need,
