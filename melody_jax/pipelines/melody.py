@@ -25,7 +25,7 @@ from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, 
 from melody_jax.pipelines.stages import frames, load_mulan, load_vae
 from melody_jax.tokenizers.semantic import load_semantic_tokenizer
 from melody_jax.pipelines.validation import check_duration, check_prompt
-from melody_jax.tasks.dpd import continue_sampled_latents, inpaint_sampled_latents, sample_latents
+from melody_jax.tasks.dpd import SCHEDULES, continue_sampled_latents, inpaint_sampled_latents, sample_latents
 from melody_jax.training.errors import UserError
 from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
@@ -70,10 +70,14 @@ def fold(keys: jax.Array, data: int) -> jax.Array:
 
 class MeLoDy:
     """A loaded bundle; every method samples with jit-compiled `lax` loops on `mesh` (default: one
-    device; pass a mesh to shard the stages' parameters by their logical axes)."""
+    device; pass a mesh to shard the stages' parameters by their logical axes). `schedule` is the DPD's
+    angle schedule: "paper" (the paper's proposed one) or "uniform" (its ablation); None takes the
+    bundle's `dpd` config `sample.schedule` ("paper" for bundles predating it)."""
 
     def __init__(self, bundle: str, mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES,
-                 progress: bool = True):
+                 progress: bool = True, schedule: str | None = None):
+        if schedule not in (None, *SCHEDULES):
+            raise UserError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         configs = read_configs(bundle)
         check_fit(configs)
         # default: one device — a sampling batch of a few prompts gains nothing from being split
@@ -87,6 +91,7 @@ class MeLoDy:
             lm_task, self.lm_params, _ = load_stage(path("semantic_lm"), "semantic_lm", self.mesh, rules)
             dpd_task, self.dpd_params, _ = load_stage(path("dpd"), "dpd", self.mesh, rules)
         self.lm, self.dpd = lm_task.model, dpd_task.model
+        self.schedule = schedule or dpd_task.config.get("sample", {}).get("schedule", "paper")
         self.sample_rate = self.vae.sample_rate
         self.frames_per_token = self.tokenizer.hop // self.vae.hop
         self.token_rate = self.sample_rate / self.tokenizer.hop
@@ -152,7 +157,7 @@ class MeLoDy:
             mask[:, t0 * fpt:t1 * fpt] = True
             z = self._timed(seconds, "dpd", lambda: inpaint_sampled_latents(
                 self.dpd, self.dpd_params, z, jnp.asarray(mask), jnp.asarray(tokens), fold(keys, 2), cfg,
-                num_steps=steps, schedule="paper"))
+                num_steps=steps, schedule=self.schedule))
             audio_out = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
         passes = {"mulan": 1, "semantic_lm": t1 - t0, "dpd": steps, "vae_decode": 1}
         return Result(np.asarray(audio_out), self.sample_rate, seconds, passes, np.asarray(z), tokens,
@@ -239,12 +244,12 @@ class MeLoDy:
         first = min(n, max(window, known))
         if known == 0:
             z = sample_latents(self.dpd, self.dpd_params, jnp.asarray(tokens[:, :first]), fold(keys, 0), cfg,
-                               length=first * fpt, num_steps=steps, schedule="paper")
+                               length=first * fpt, num_steps=steps, schedule=self.schedule)
         elif known < first:
             z = jnp.pad(jnp.asarray(z0)[:, : known * fpt], ((0, 0), (0, (first - known) * fpt), (0, 0)))
             mask = jnp.broadcast_to(jnp.arange(first * fpt) >= known * fpt, z.shape[:2])
             z = inpaint_sampled_latents(self.dpd, self.dpd_params, z, mask, jnp.asarray(tokens[:, :first]),
-                                        fold(keys, 0), cfg, num_steps=steps, schedule="paper")
+                                        fold(keys, 0), cfg, num_steps=steps, schedule=self.schedule)
         else:
             z = jnp.asarray(z0)[:, : known * fpt]
         if n > first:
@@ -252,7 +257,7 @@ class MeLoDy:
             conds = jnp.stack([jnp.asarray(tokens[:, e - window:e]) for e in ends])
             z = continue_sampled_latents(self.dpd, self.dpd_params, z, conds, fold(keys, 1), cfg,
                                          window_length=window * fpt, chunk_length=chunk * fpt, num_steps=steps,
-                                         schedule="paper")
+                                         schedule=self.schedule)
         return z
 
     def _prefix(self, prompts: Sequence[str] | None, audio: np.ndarray):
