@@ -21,6 +21,7 @@ def get_config(arg: str | None = None):
     preset = check_preset(arg)
     channels, codebook, batch, crop = PRESETS[preset]
     tiny = preset == "tiny"
+    reference = preset in ("paper", "base")  # audiocraft's compression solver; tiny/small keep ours
     c = base_config("codec")
     c.preset = preset
     c.model.strides = [8, 5, 4, 4]  # 640 samples per frame at 32 kHz = 50 Hz
@@ -37,8 +38,13 @@ def get_config(arg: str | None = None):
     stft = [[2048, 512, 2048], [1024, 256, 1024], [512, 128, 512], [256, 64, 256], [128, 32, 128]]
     c.discriminator = dict(periods=[2, 3, 5] if tiny else [], period_channels=[8, 16],
                            spectrogram_resolutions=[], spectrogram_channels=32,
-                           stft_resolutions=[] if tiny else stft, stft_channels=32, dtype=c.model.dtype)
-    c.loss = dict(l1=0.1, mel=2.0, commitment=1.0, adversarial=4.0, feature_matching=4.0)  # audiocraft
+                           stft_resolutions=[] if tiny else stft, stft_channels=32, dtype=c.model.dtype,
+                           stft_negative_slope=0.3 if reference else 0.2)  # audiocraft's msstftd: 0.3
+    c.loss = dict(l1=0.1, mel=2.0, commitment=1.0, adversarial=4.0, feature_matching=4.0,  # audiocraft
+                  # audiocraft: hinge; sub-discriminators averaged ("mean"); l1, mel, adversarial and
+                  # feature matching through the balancer (their weights are gradient shares).
+                  adversarial_loss="hinge" if reference else "lsgan", reduction="mean",
+                  balancer=reference, balancer_total_norm=1.0, balancer_ema_decay=0.999)
 
     c.data.update(default_data_config())
     c.data.sample_rate = 32000
@@ -50,6 +56,8 @@ def get_config(arg: str | None = None):
     c.train.num_steps = 200 if tiny else 200_000
     c.train.eval_every = 100 if tiny else 5000
     c.train.checkpoint_every = 100 if tiny else 5000
+    # audiocraft steps the discriminator first and runs the updated one again for the generator.
+    c.train.gan_updates = "alternating" if reference else "simultaneous"
     c.optim.lr = 1e-3 if tiny else 3e-4
     c.optim.b1 = 0.5  # audiocraft's Adam betas for the codec
     c.optim.b2 = 0.9

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
     preset = check_preset(arg)
     hidden, blocks, k, heads, layers, ffn, angle, vocab, length, tokens, batch = SIZES[preset]
     on_cpu = preset in ("tiny", "small")
+    reference = preset in ("paper", "base")  # the paper's recipe; tiny/small keep ours
     c = base_config("dpd")
     c.preset = preset
     c.model.latent_dim = 16
@@ -37,11 +38,17 @@ def get_config(arg: str | None = None):
     c.model.mlp_dim = ffn
     c.model.angle_dim = angle
     c.model.vocab_size = vocab
-    c.model.align_tokens = True  # add each frame's token embedding to its input [choice, see models/dpd.py]
+    # Add each frame's token embedding to its input [choice, see models/dpd.py]: not in the paper, so
+    # off for paper/base; on for tiny/small, whose synthetic tokens are otherwise ignored.
+    c.model.align_tokens = not reference
     c.model.parallel_sru = preset != "tiny"  # same math; at K = 16 the sequential scan compiles faster
     c.model.remat = preset == "paper"
     c.model.dtype = "float32" if on_cpu else "bfloat16"
     c.model.num_chunks = 4  # M: multi-chunk training [paper]
+    # Chunk edges in training: "even" ⌊m·L/M⌋ (625 frames each at L = 2500), or "tokens": the last M − 1
+    # chunks as long as continuation's chunk (⌈T_ST/M⌉ = 63 tokens = 630 frames), so Algorithm 2
+    # regenerates a chunk training noised; paper/base take "tokens" (610, 630, 630, 630).
+    c.model.chunk_edges = "tokens" if reference else "even"
     c.model.cfg_dropout = 0.1  # [paper]
     c.data.source = "synthetic"  # synthetic | cached (VAE-GAN latents + semantic tokens from launch.tokenize)
     c.data.path = ""  # cached: TFRecord file or glob
@@ -62,4 +69,5 @@ def get_config(arg: str | None = None):
     # baseline of tests/test_dpd_stage.py train best in 300 steps (swept 3e-3 … 1.5e-2).
     c.optim.lr = {"tiny": 1e-2, "small": 2e-3}.get(preset, 1e-4)
     c.optim.warmup_steps = 100 if preset == "tiny" else 1000
+    c.sample = dict(schedule="paper")  # the MeLoDy pipeline's angle schedule: paper | uniform (its ablation)
     return c

@@ -18,8 +18,8 @@ from data_pipeline.input import default_data_config
 SIZES = {  # layers, embed, heads, mlp, text (layers, embed, heads, mlp), codebook size, frames, chroma hop, batch, dtype
     "tiny": (2, 128, 4, 512, (1, 64, 4, 128), 64, 16, 1, 16, "float32"),
     "small": (24, 1024, 16, 4096, (6, 768, 12, 3072), 2048, 1500, 8, 64, "bfloat16"),
-    "base": (48, 1536, 24, 6144, (12, 768, 12, 3072), 2048, 1500, 8, 64, "bfloat16"),
-    "paper": (24, 1024, 16, 4096, (6, 768, 12, 3072), 2048, 1500, 8, 64, "bfloat16"),
+    "base": (48, 1536, 24, 6144, (12, 768, 12, 3072), 2048, 1500, 6, 64, "bfloat16"),
+    "paper": (24, 1024, 16, 4096, (6, 768, 12, 3072), 2048, 1500, 6, 64, "bfloat16"),
 }
 
 
@@ -27,12 +27,18 @@ def get_config(arg: str | None = None):
     preset = check_preset(arg)
     layers, embed, heads, mlp, text, codebook_size, frames, chroma_hop, batch, dtype = SIZES[preset]
     tiny = preset == "tiny"
+    reference = preset in ("paper", "base")  # audiocraft's musicgen-melody recipe; tiny/small keep ours
     c = base_config("musicgen")
     c.preset = preset
     c.model.num_codebooks = 4
     c.model.codebook_size = codebook_size
-    c.model.pattern = "delay"  # delay | parallel | unroll | coarse_first
-    c.model.delays = None  # delay pattern only; None = 0, 1, …, K−1
+    c.model.pattern = "delay"  # delay | parallel | unroll | coarse_first | musiclm (audiocraft's patterns)
+    # The patterns' options (None = the pattern's default; melody_jax/tokenizers/patterns.py):
+    c.model.delays = None  # delay, unroll: K ints (delay: 0, 1, …, K−1); coarse_first: K−1 (one per fine codebook)
+    c.model.flattening = None  # unroll: the inner step of each codebook (None = 0, 1, …, K−1: fully flattened)
+    c.model.flatten_first = None  # delay: frames flattened one code per step before the delayed part
+    c.model.empty_initial = None  # delay: empty steps first
+    c.model.group_by = None  # musiclm: codebooks per group (None = 2)
     c.model.num_layers = layers
     c.model.embed_dim = embed
     c.model.num_heads = heads
@@ -40,7 +46,10 @@ def get_config(arg: str | None = None):
     c.model.text_layers, c.model.text_embed_dim, c.model.text_heads, c.model.text_mlp_dim = text
     c.model.max_text_length = 64 if tiny else 256  # bytes, including the leading [CLS]
     c.model.use_melody = True
-    c.model.chroma_hop_frames = chroma_hop  # codec frames per chroma frame (8 → 6.25 Hz at 50 Hz)
+    # Codec frames per chroma frame (8 → 6.25 Hz at 50 Hz). audiocraft's hop, 4096 samples at 32 kHz
+    # (7.8 Hz), is 6.4 codec frames; paper/base take 6 (3840 samples, 8.3 Hz), the nearest whole number.
+    c.model.chroma_hop_frames = chroma_hop
+    c.model.chroma_n_fft = 16384 if reference else 4096  # audiocraft's chroma_stem: radix2_exp 14
     c.model.melody_frames = math.ceil(frames / chroma_hop)  # the fixed prefix length F
     c.model.dtype = dtype
     c.model.remat = not tiny
@@ -62,6 +71,10 @@ def get_config(arg: str | None = None):
     c.data.codec_checkpoint = ""  # codec: the codec stage's workdir
     c.data.path = ""  # codec: a prepared audio dataset at the codec's rate (launch.prepare_data)
     c.data.caption_probability = 1.0  # codec: the caption, else the tag list
+    # codec: the melody chroma from the full mix ("none") or from librosa's harmonic part ("hpss"), the
+    # offline stand-in for audiocraft's Demucs stems (vocals + other; it removes drums, not bass). Not the
+    # default: HPSS costs ≈6 s of one host core per 30-s clip (measured), ≈6 min per batch of 64.
+    c.data.melody_separation = "none"
     c.data.eval_split = "validation"  # codec: "" = no evaluation
     c.data.sample_rate = 32000
     c.data.frame_rate = 50
@@ -70,8 +83,20 @@ def get_config(arg: str | None = None):
     c.train.num_steps = 300 if tiny else 100000
     c.train.eval_every = 150 if tiny else 2000
     c.train.checkpoint_every = 150 if tiny else 2000
-    c.train.cfg_dropout_text = 0.3
-    c.train.cfg_dropout_melody = 0.2
+    # Condition dropout (melody_jax/tasks/musicgen_conditions.py). paper/base: audiocraft's chroma2music
+    # (all conditions nulled together with 0.2, then self_wav with 0.5; one draw per step for the whole
+    # batch); text-to-music (model.use_melody=False) uses cfg_dropout 0.3 and cfg_dropout_melody 0 there.
+    # tiny/small: text 0.3 and melody 0.2 drawn independently per example.
+    c.train.cfg_dropout = 0.2 if reference else 0.0
+    c.train.cfg_dropout_text = 0.0 if reference else 0.3
+    c.train.cfg_dropout_melody = 0.5 if reference else 0.2
+    c.train.cfg_dropout_per = "batch" if reference else "example"  # example | batch
+    # Text augmentation on the host: audiocraft's word dropout (0.2 chroma2music, 0.3 text2music) and
+    # description merging with the tags (merge_text_p 0.25; drop_desc_p 0.5; drop_other_p 0.5 keeps a tag).
+    c.train.word_dropout = 0.2 if reference else 0.0
+    c.train.merge_text_p = 0.25 if reference else 0.0
+    c.train.drop_desc_p = 0.5
+    c.train.drop_other_p = 0.5
     c.optim.lr = 3e-3 if tiny else 1e-4
     c.optim.warmup_steps = 10 if tiny else 4000
     c.optim.weight_decay = 0.0 if tiny else 0.1

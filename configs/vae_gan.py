@@ -34,6 +34,7 @@ def get_config(arg: str | None = None):
     preset = check_preset(arg)
     enc_ch, enc_block, dec_ch, dec_block, dilations, mpd_ch, mrd_ch, batch, crop = PRESETS[preset]
     tiny = preset == "tiny"
+    reference = preset in ("paper", "base")  # HiFi-GAN's reductions and updates; tiny/small keep ours
     mrf_kernels = [7] if tiny else [3, 7, 11]  # tiny: one receptive field (compile time, see above)
     c = base_config("vae_gan")
     c.preset = preset
@@ -54,7 +55,12 @@ def get_config(arg: str | None = None):
     c.loss = dict(mr_stft=50.0, feature_matching=20.0, adversarial=1.0, kl=5e-3,  # [paper]
                   stft_n_ffts=[8192, 4096, 2048, 512, 128, 64, 32],  # [paper], all presets
                   stft_hops=[2048, 1024, 512, 128, 32, 16, 8],
-                  stft_wins=[4096, 2048, 1024, 256, 64, 32, 16])
+                  stft_wins=[4096, 2048, 1024, 256, 64, 32, 16],
+                  # "sum" (HiFi-GAN): LSGAN and feature matching summed over the sub-discriminators (and
+                  # their layers), the KL summed over each example's latents; "mean": averaged, so the
+                  # same weights act ≈8× weaker on the adversarial terms (8 sub-discriminators).
+                  adversarial_loss="lsgan", reduction="sum" if reference else "mean",
+                  balancer=False, balancer_total_norm=1.0, balancer_ema_decay=0.999)
 
     c.data.update(default_data_config())
     c.data.sample_rate = 24000
@@ -66,6 +72,7 @@ def get_config(arg: str | None = None):
     c.train.num_steps = 200 if tiny else 500_000
     c.train.eval_every = 100 if tiny else 5000
     c.train.checkpoint_every = 100 if tiny else 5000
+    c.train.gan_updates = "alternating" if reference else "simultaneous"  # HiFi-GAN: D, then G on the new D
     # AdamW β = (0.8, 0.99), lr 2e-4, ×0.999 per epoch (HiFi-GAN's); both networks alike.
     c.optim.lr = 2e-3 if tiny else 2e-4
     c.optim.b1 = 0.8

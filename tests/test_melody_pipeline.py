@@ -16,7 +16,7 @@ import pytest
 from melody_jax.pipelines.bundle import check_fit, read_configs
 from melody_jax.pipelines.melody import AudioInputError, MeLoDy
 from melody_jax.pipelines.validation import DurationError, PromptError
-from melody_jax.training.errors import BundleError
+from melody_jax.training.errors import BundleError, UserError
 from tests.bundle_fixture import build_bundle, tiny_configs
 from tests.helpers import run_cli
 
@@ -45,6 +45,17 @@ def test_lengths_of_direct_and_continued_generation(melody):
     assert longer.audio.shape == (1, 600000)
     windows = (longer.semantic_tokens.shape[1] - melody.window_tokens) // melody.chunk_tokens
     assert longer.forward_passes["dpd"] == 2 * (1 + windows) and windows >= (625 - 16) // 4
+
+
+def test_uniform_schedule_is_a_choice(bundle, melody):
+    """The paper's ablation schedule: same tokens (the LM does not see it), other latents."""
+    assert melody.schedule == "paper"  # the bundle's dpd config: sample.schedule
+    uniform = MeLoDy(bundle, progress=False, schedule="uniform")
+    paper, flat = (m.generate(["strings"], 0.4, steps=2, seed=0) for m in (melody, uniform))
+    np.testing.assert_array_equal(paper.semantic_tokens, flat.semantic_tokens)
+    assert np.abs(paper.latents - flat.latents).mean() > 1e-3
+    with pytest.raises(UserError, match="schedule must be one of"):
+        MeLoDy(bundle, schedule="cosine")
 
 
 def test_continuation_keeps_the_given_latents(melody):

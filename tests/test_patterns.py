@@ -1,4 +1,5 @@
 """Codebook interleaving patterns: round trips, layouts and causality checked from the step tables."""
+import functools
 import itertools
 
 import jax
@@ -14,14 +15,27 @@ SPECIAL = 2048  # the codec's vocabulary size: one past the last real code
 
 
 @st.composite
-def patterns(draw, max_k=6):
-    name = draw(st.sampled_from(sorted(PATTERNS)))
+def patterns(draw, max_k=6, name=None):
+    """(name, pattern) with each pattern's options drawn too (delays in any order, gaps in flattening)."""
+    name = name or draw(st.sampled_from(sorted(PATTERNS)))
     k = draw(st.integers(1, max_k))
-    delays = draw(st.lists(st.integers(0, 4), min_size=k, max_size=k)) if name == "delay" else None
-    return name, make_pattern(name, k, delays)
+    ints = functools.partial(st.lists, st.integers(0, 4))
+    options = {}
+    if name == "delay":
+        options = {"delays": draw(ints(min_size=k, max_size=k)), "flatten_first": draw(st.integers(0, 3)),
+                   "empty_initial": draw(st.integers(0, 2))}
+    elif name == "unroll":
+        flattening = sorted(draw(ints(min_size=k, max_size=k)))
+        inner_delay = draw(ints(min_size=5, max_size=5))
+        options = {"flattening": flattening, "delays": [inner_delay[f] for f in flattening]}
+    elif name == "coarse_first":
+        options = {"delays": draw(ints(min_size=k - 1, max_size=k - 1))}
+    elif name == "musiclm":
+        options = {"group_by": draw(st.sampled_from([g for g in range(1, k + 1) if k % g == 0]))}
+    return name, make_pattern(name, k, **options)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(patterns(), st.integers(1, 24), st.integers(1, 3), st.integers(0, 2**31 - 1))
 def test_revert_inverts_build(named, num_t, batch, seed):
     _, pattern = named
@@ -38,23 +52,51 @@ def test_revert_inverts_build(named, num_t, batch, seed):
 
 def _expected_visible(name, pattern, k, t, k2, t2):
     """The closed-form visibility each pattern's docstring promises."""
+    d = getattr(pattern, "delays", None)
     if name == "parallel":
         return t2 < t
     if name == "delay":
-        d = pattern.delays
+        first = pattern.flatten_first
+        if t < first or t2 < first:
+            return t2 < first and (t >= first or (t2, k2) < (t, k))
         return t2 + d[k2] < t + d[k]
     if name == "unroll":
-        return t2 < t or (t2 == t and k2 < k)
+        f = pattern.flattening
+        return (t2 + d[k2], t2, f[k2]) < (t + d[k], t, f[k])
     if name == "coarse_first":
-        return (k2 == 0 and t2 < t) if k == 0 else (k2 == 0 or t2 < t)
+        if k == 0:
+            return k2 == 0 and t2 < t
+        return k2 == 0 or t2 + d[k2 - 1] < t + d[k - 1]
+    if name == "musiclm":
+        g = pattern.group_by
+        return k2 // g < k // g or (k2 // g == k // g and (t2, k2) < (t, k))
     raise AssertionError(name)
 
 
-@settings(max_examples=40, deadline=None)
+def _expected_steps(name, pattern, num_t):
+    """The sequence length each pattern's docstring promises."""
+    k, d = pattern.num_codebooks, getattr(pattern, "delays", None)
+    if name == "parallel":
+        return num_t
+    if name == "delay":
+        first = pattern.flatten_first
+        return pattern.empty_initial + k * min(num_t, first) + max(num_t + max(d) - first, 0)
+    if name == "unroll":
+        inner = dict(zip(pattern.flattening, d))
+        return (max(pattern.flattening) + 1) * (num_t + max(d)) - sum(inner.values())
+    if name == "coarse_first":
+        return num_t if k == 1 else 2 * num_t + max(d)
+    if name == "musiclm":
+        return k * num_t
+    raise AssertionError(name)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(patterns(max_k=5), st.integers(1, 10))
 def test_visibility_matches_documented_causality(named, num_t):
     name, pattern = named
     k = pattern.num_codebooks
+    assert pattern.num_steps(num_t) == _expected_steps(name, pattern, num_t)
     vis = visibility(pattern, num_t)
     for a, t, b, t2 in itertools.product(range(k), range(num_t), range(k), range(num_t)):
         assert vis[a, t, b, t2] == _expected_visible(name, pattern, a, t, b, t2), (name, (a, t), (b, t2))
@@ -87,6 +129,40 @@ def test_unroll_and_coarse_first_layouts():
     np.testing.assert_array_equal(coarse, [[0, 1, s, s], [s, s, 10, 11], [s, s, 20, 21]])
 
 
+def test_audiocraft_option_layouts():
+    """audiocraft's examples (codebook k of frame t holds 10·k + t), without its leading empty step."""
+    codes = (10 * np.arange(3)[:, None] + np.arange(4)[None, :])[None].astype(np.int32)
+    s = -1
+
+    def layout(name, k=3, **options):
+        return np.asarray(make_pattern(name, k, **options).build(jnp.asarray(codes[:, :k]), s))[0].tolist()
+
+    # Unrolled, codebooks 1 and 2 flattened together and delayed by 3 frames.
+    assert layout("unroll", flattening=[0, 1, 1], delays=[0, 3, 3]) == [
+        [0, 1, 2, s, 3, s, s, s, s, s, s],
+        [s, s, s, 10, s, 11, s, 12, s, 13, s],
+        [s, s, s, 20, s, 21, s, 22, s, 23, s]]
+    # An unused inner step (flattening [0, 2]) is an empty step in every frame.
+    assert layout("unroll", k=2, flattening=[0, 2]) == [
+        [s, 0, s, s, 1, s, s, 2, s, s, 3, s],
+        [s, s, 10, s, s, 11, s, s, 12, s, s, 13]]
+    # Delayed after one empty step and two flattened frames.
+    assert layout("delay", flatten_first=2, empty_initial=1) == [
+        [s, 0, s, s, 1, s, s, 2, 3, s, s],
+        [s, s, 10, s, s, 11, s, s, 12, 13, s],
+        [s, s, s, 20, s, s, 21, s, s, 22, 23]]
+    assert layout("coarse_first", delays=[0, 1]) == [
+        [0, 1, 2, 3, s, s, s, s, s],
+        [s, s, s, s, 10, 11, 12, 13, s],
+        [s, s, s, s, s, 20, 21, 22, 23]]
+    codes = np.concatenate([codes, codes[:, :1] + 30], axis=1)  # four codebooks, grouped by two
+    assert layout("musiclm", k=4) == [
+        [0, s, 1, s, 2, s, 3, s, s, s, s, s, s, s, s, s],
+        [s, 10, s, 11, s, 12, s, 13, s, s, s, s, s, s, s, s],
+        [s, s, s, s, s, s, s, s, 20, s, 21, s, 22, s, 23, s],
+        [s, s, s, s, s, s, s, s, s, 30, s, 31, s, 32, s, 33]]
+
+
 def test_jit_prefix_revert_and_logits():
     pattern = make_pattern("delay", 4)
     num_t, vocab = 7, 5
@@ -110,3 +186,28 @@ def test_bad_pattern_configs():
         DelayPattern(4, (0, 1, 2))
     with pytest.raises(ValueError, match="only meaningful"):
         make_pattern("parallel", 4, delays=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="only meaningful"):
+        make_pattern("delay", 4, flattening=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="group_by=3 must divide"):
+        make_pattern("musiclm", 4, group_by=3)
+    with pytest.raises(ValueError, match="one delay"):
+        make_pattern("unroll", 3, flattening=[0, 1, 1], delays=[0, 1, 2])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        make_pattern("unroll", 3, flattening=[1, 0, 2])
+    with pytest.raises(ValueError, match="delays must be 2"):
+        make_pattern("coarse_first", 3, delays=[0, 1, 2])
+    with pytest.raises(ValueError, match="must be an int"):
+        make_pattern("delay", 4, flatten_first=[1])
+
+
+def test_config_options_reach_the_pattern():
+    from melody_jax.tasks.musicgen import musicgen_pattern
+    from melody_jax.training.errors import ConfigError
+    from melody_jax.training.task import get_task
+    from tests.helpers import stage_config
+
+    c = stage_config("musicgen", model__pattern="unroll", model__flattening="[0,1,1,1]", model__delays="[0,2,2,2]")
+    get_task(c).validate()
+    assert musicgen_pattern(c.model) == make_pattern("unroll", 4, [0, 2, 2, 2], flattening=[0, 1, 1, 1])
+    with pytest.raises(ConfigError, match="group_by=3 must divide"):
+        get_task(stage_config("musicgen", model__pattern="musiclm", model__group_by="3")).validate()

@@ -1,9 +1,10 @@
 """Chromagrams for MusicGen melody conditioning (§6), computed with librosa at data time (numpy).
 
-Follows audiocraft's `ChromaExtractor`: power-2 STFT with n_fft = 2**12, hop n_fft / 4, chroma
-filters at tuning 0, max-normalised per frame, then reduced to a one-hot argmax per frame. (audiocraft
-first isolates the melodic stems with Demucs; no separation model is available here, so the
-chromagram is taken from the full mix.)
+Follows audiocraft's `ChromaExtractor`: power-2 STFT (n_fft 2**12 by default; MusicGen-melody's
+`chroma_stem` uses 2**14 with hop 4096 at 32 kHz), chroma filters at tuning 0, max-normalised per
+frame, then reduced to a one-hot argmax per frame. audiocraft first isolates the melodic stems (vocals
++ other) with Demucs; no separation model is available offline, so separation "hpss" keeps librosa's
+harmonic part instead (drums removed, bass kept), and "none" takes the full mix.
 """
 from __future__ import annotations
 
@@ -28,11 +29,20 @@ def chromagram(audio: np.ndarray, sample_rate: int, n_fft: int = 4096, hop_lengt
     return np.swapaxes(chroma, -1, -2).astype(np.float32)
 
 
-def melody_rows(audio: np.ndarray, sample_rate: int, hop: int, rows: int) -> np.ndarray:
+SEPARATIONS = ("none", "hpss")
+
+
+def melody_rows(audio: np.ndarray, sample_rate: int, hop: int, rows: int, n_fft: int = 4096,
+                separation: str = "none") -> np.ndarray:
     """`[..., T]` waveform → `float32 [..., rows, 12]`: the chromagram at one row per `hop` samples,
     cut or edge-extended to `rows` (MusicGen's melody prefix; the model takes the argmax, and a silent
     row, all zeros, is its null melody)."""
-    chroma = chromagram(audio, sample_rate, hop_length=hop)
+    if separation not in SEPARATIONS:
+        raise ValueError(f"separation must be one of {SEPARATIONS}, got {separation!r}")
+    audio = np.asarray(audio, np.float32)
+    if separation == "hpss":
+        audio = librosa.effects.harmonic(audio)
+    chroma = chromagram(audio, sample_rate, n_fft=n_fft, hop_length=hop)
     return chroma[..., np.minimum(np.arange(rows), chroma.shape[-2] - 1), :]
 
 

@@ -55,23 +55,29 @@ def angle_step(z_delta: jax.Array, v_hat: jax.Array, omega: jax.Array) -> jax.Ar
     return c * z_delta - s * v_hat
 
 
-def chunk_boundaries(length: int, num_chunks: int) -> np.ndarray:
-    """Chunk edges L_m = ⌊m·L/M⌋ for m = 0…M (static, numpy)."""
+def chunk_boundaries(length: int, num_chunks: int, chunk_length: int | None = None) -> np.ndarray:
+    """Chunk edges for m = 0…M (static, numpy): L_m = ⌊m·L/M⌋, or with `chunk_length` C the last M − 1
+    chunks C frames each, laid from the end (L − (M − m)·C), the first one taking the rest."""
     if not 1 <= num_chunks <= length:
         raise ValueError(f"num_chunks must be in [1, {length}], got {num_chunks}")
-    return np.arange(num_chunks + 1) * length // num_chunks
+    if chunk_length is None:
+        return np.arange(num_chunks + 1) * length // num_chunks
+    if chunk_length < 1 or (num_chunks - 1) * chunk_length >= length:
+        raise ValueError(f"{num_chunks - 1} chunks of {chunk_length} frames leave none of {length} for the first")
+    return np.concatenate([[0], length - np.arange(num_chunks - 1, -1, -1) * chunk_length])
 
 
-def chunk_index(length: int, num_chunks: int) -> np.ndarray:
+def chunk_index(length: int, num_chunks: int, chunk_length: int | None = None) -> np.ndarray:
     """For each frame, the chunk it belongs to: int [L]."""
-    edges = chunk_boundaries(length, num_chunks)
+    edges = chunk_boundaries(length, num_chunks, chunk_length)
     return np.searchsorted(edges, np.arange(length), side="right") - 1
 
 
-def multi_chunk_angles(key: jax.Array, batch: int, length: int, num_chunks: int) -> jax.Array:
+def multi_chunk_angles(key: jax.Array, batch: int, length: int, num_chunks: int,
+                       chunk_length: int | None = None) -> jax.Array:
     """Per-frame angles [B, L]: δ_m ~ U[0, π/2] drawn independently per chunk and example."""
     per_chunk = jax.random.uniform(key, (batch, num_chunks), jnp.float32, 0.0, HALF_PI)
-    return per_chunk[:, chunk_index(length, num_chunks)]
+    return per_chunk[:, chunk_index(length, num_chunks, chunk_length)]
 
 
 class NoisyBatch(NamedTuple):
@@ -82,11 +88,12 @@ class NoisyBatch(NamedTuple):
     target: jax.Array  # [B, L, D]
 
 
-def multi_chunk_noising(key: jax.Array, z: jax.Array, num_chunks: int) -> NoisyBatch:
+def multi_chunk_noising(key: jax.Array, z: jax.Array, num_chunks: int, chunk_length: int | None = None
+                        ) -> NoisyBatch:
     """Noises each chunk of clean latents z [B, L, D] at its own random angle (multi-chunk training)."""
     angle_key, noise_key = jax.random.split(key)
     batch, length = z.shape[:2]
-    delta = multi_chunk_angles(angle_key, batch, length, num_chunks)
+    delta = multi_chunk_angles(angle_key, batch, length, num_chunks, chunk_length)
     eps = jax.random.normal(noise_key, z.shape, z.dtype)
     return NoisyBatch(add_noise(z, eps, delta), delta, velocity(z, eps, delta))
 

@@ -76,28 +76,33 @@ class SpectrogramDiscriminator(nn.Module):
 
 
 class STFTDiscriminator(nn.Module):
-    """EnCodec's MS-STFT sub-discriminator: complex STFT as 2 channels, time dilations 1, 2, 4."""
+    """EnCodec's MS-STFT sub-discriminator: complex STFT as 2 channels, time dilations 1, 2, 4.
+
+    LeakyReLU slope 0.2 (the class default in audiocraft); its 32-kHz MusicGen codec config uses 0.3.
+    """
 
     n_fft: int
     hop_length: int
     win_length: int
     channels: int = 32
     dilations: Sequence[int] = (1, 2, 4)
+    negative_slope: float = 0.2
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, audio: jax.Array) -> Output:
+        slope = self.negative_slope
         spec = stft(audio, self.n_fft, self.hop_length, self.win_length)
         x = jnp.stack([jnp.real(spec), jnp.imag(spec)], axis=-1).astype(self.dtype)
         x = Conv(self.channels, (3, 9), padding=((1, 1), (4, 4)), dtype=self.dtype)(x)
         features = [x]
         for d in self.dilations:
             x = Conv(self.channels, (3, 9), (1, 2), ((d, d), (4, 4)), dilation=(d, 1), dtype=self.dtype)(
-                nn.leaky_relu(x, 0.2))
+                nn.leaky_relu(x, slope))
             features.append(_constrain(x))
-        x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)(nn.leaky_relu(x, 0.2))
+        x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)(nn.leaky_relu(x, slope))
         features.append(x)
-        x = Conv(1, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)(nn.leaky_relu(x, 0.2))
+        x = Conv(1, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)(nn.leaky_relu(x, slope))
         return x.reshape(x.shape[0], -1).astype(jnp.float32), features
 
 
@@ -111,6 +116,7 @@ class Discriminators(nn.Module):
     stft_resolutions: Sequence[Sequence[int]] = ()
     stft_channels: int = 32
     dtype: jnp.dtype = jnp.float32
+    stft_negative_slope: float = 0.2
 
     @nn.compact
     def __call__(self, audio: jax.Array) -> list[Output]:
@@ -119,8 +125,8 @@ class Discriminators(nn.Module):
                 for p in self.periods]
         outs += [SpectrogramDiscriminator(*r, channels=self.spectrogram_channels, dtype=self.dtype,
                                           name=f"mrd_{r[0]}")(audio) for r in self.spectrogram_resolutions]
-        outs += [STFTDiscriminator(*r, channels=self.stft_channels, dtype=self.dtype, name=f"msstft_{r[0]}")(audio)
-                 for r in self.stft_resolutions]
+        outs += [STFTDiscriminator(*r, channels=self.stft_channels, negative_slope=self.stft_negative_slope,
+                                   dtype=self.dtype, name=f"msstft_{r[0]}")(audio) for r in self.stft_resolutions]
         return outs
 
 
@@ -130,4 +136,4 @@ def build(disc_config) -> Discriminators:
     as_tuples = lambda rs: tuple(tuple(int(v) for v in r) for r in rs)  # noqa: E731
     return Discriminators(tuple(d.periods), tuple(d.period_channels), as_tuples(d.spectrogram_resolutions),
                           d.spectrogram_channels, as_tuples(d.stft_resolutions), d.stft_channels,
-                          jnp.dtype(d.dtype))
+                          jnp.dtype(d.dtype), float(d.get("stft_negative_slope", 0.2)))

@@ -28,10 +28,12 @@ class Posterior(NamedTuple):
     mean: jax.Array  # [B, L, latent]
     logvar: jax.Array  # [B, L, latent], clamped to LOGVAR_RANGE
 
-    def kl(self) -> jax.Array:
-        """KL(q ‖ N(0, I)) averaged over every latent element [choice: mean, not sum, so the
-        5e-3 weight does not scale with clip length]."""
-        return 0.5 * jnp.mean(self.mean**2 + jnp.exp(self.logvar) - 1.0 - self.logvar)
+    def kl(self, reduction: str = "mean") -> jax.Array:
+        """KL(q ‖ N(0, I)) averaged over every latent element ("mean": the 5e-3 weight does not scale
+        with clip length), or summed over each example's latents and averaged over the batch ("sum":
+        the usual VAE KL, with which the paper's weights sit in HiFi-GAN's summed reduction)."""
+        terms = self.mean**2 + jnp.exp(self.logvar) - 1.0 - self.logvar
+        return 0.5 * jnp.mean(jnp.sum(terms, axis=(1, 2)) if reduction == "sum" else terms)
 
 
 class Encoder(nn.Module):

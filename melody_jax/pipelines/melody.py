@@ -26,7 +26,7 @@ from melody_jax.pipelines.stages import frames, load_mulan, load_vae
 from melody_jax.tokenizers.semantic import load_semantic_tokenizer
 from melody_jax.pipelines.validation import check_duration, check_prompt
 from melody_jax.diffusion.angles import Schedule
-from melody_jax.tasks.dpd import continue_sampled_latents, inpaint_sampled_latents, sample_latents
+from melody_jax.tasks.dpd import SCHEDULES, continue_sampled_latents, inpaint_sampled_latents, sample_latents
 from melody_jax.training.errors import UserError
 from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
@@ -71,10 +71,14 @@ def fold(keys: jax.Array, data: int) -> jax.Array:
 
 class MeLoDy:
     """A loaded bundle; every method samples with jit-compiled `lax` loops on `mesh` (default: one
-    device; pass a mesh to shard the stages' parameters by their logical axes)."""
+    device; pass a mesh to shard the stages' parameters by their logical axes). `schedule` is the DPD's
+    angle schedule: "paper" (the paper's proposed one) or "uniform" (its ablation); None takes the
+    bundle's `dpd` config `sample.schedule` ("paper" for bundles predating it)."""
 
     def __init__(self, bundle: str, mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES,
-                 progress: bool = True):
+                 progress: bool = True, schedule: str | None = None):
+        if schedule not in (None, *SCHEDULES):
+            raise UserError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         configs = read_configs(bundle)
         check_fit(configs)
         # default: one device — a sampling batch of a few prompts gains nothing from being split
@@ -88,6 +92,7 @@ class MeLoDy:
             lm_task, self.lm_params, _ = load_stage(path("semantic_lm"), "semantic_lm", self.mesh, rules)
             dpd_task, self.dpd_params, _ = load_stage(path("dpd"), "dpd", self.mesh, rules)
         self.lm, self.dpd = lm_task.model, dpd_task.model
+        self.schedule = schedule or dpd_task.config.get("sample", {}).get("schedule", "paper")
         self.sample_rate = self.vae.sample_rate
         self.frames_per_token = self.tokenizer.hop // self.vae.hop
         self.token_rate = self.sample_rate / self.tokenizer.hop
@@ -99,7 +104,7 @@ class MeLoDy:
     # --- public API -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], duration_s: float, steps: int = 10, cfg: float = 2.5,
                  seed: int | Sequence[int] = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 schedule: Schedule = "paper") -> Result:
+                 schedule: Schedule | None = None) -> Result:
         """Text → music of `duration_s` seconds for each prompt."""
         prompts = [check_prompt(p, MAX_PROMPT_CHARS) for p in prompts]
         duration = check_duration(duration_s, MAX_SECONDS)
@@ -107,7 +112,7 @@ class MeLoDy:
                          steps, cfg, seed, (temperature, top_k, top_p), schedule)
 
     def generate_from_audio_prompt(self, audio: np.ndarray, duration_s: float, steps: int = 10,
-                                   cfg: float = 2.5, seed: int | Sequence[int] = 0, schedule: Schedule = "paper",
+                                   cfg: float = 2.5, seed: int | Sequence[int] = 0, schedule: Schedule | None = None,
                                    **sampling) -> Result:
         """Music prompting: the MuLan audio tower embeds `audio` [B, T] instead of a text."""
         audio = self._check_audio(audio, min_seconds=0.0)
@@ -117,7 +122,7 @@ class MeLoDy:
 
     def continue_audio(self, audio: np.ndarray, extra_s: float, prompts: Sequence[str] | None = None,
                        steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0,
-                       schedule: Schedule = "paper", **sampling) -> Result:
+                       schedule: Schedule | None = None, **sampling) -> Result:
         """`audio` [B, T] (trimmed to whole tokens) followed by `extra_s` new seconds; the prompt is
         the text given, else the audio itself (MuLan audio tower). Its latents are kept unchanged."""
         audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
@@ -129,7 +134,7 @@ class MeLoDy:
                          steps, cfg, seed, self._sampling(**sampling), schedule)
 
     def inpaint(self, audio: np.ndarray, start_s: float, end_s: float, prompts: Sequence[str] | None = None,
-                steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0, schedule: Schedule = "paper",
+                steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0, schedule: Schedule | None = None,
                 **sampling) -> Result:
         """Regenerates [start_s, end_s) of `audio` [B, T] (widened to whole tokens); the latents outside
         stay as encoded. The span's semantic tokens come from the LM, continuing the tokens before it."""
@@ -156,7 +161,7 @@ class MeLoDy:
             mask[:, t0 * fpt:t1 * fpt] = True
             z = self._timed(seconds, "dpd", lambda: inpaint_sampled_latents(
                 self.dpd, self.dpd_params, z, jnp.asarray(mask), jnp.asarray(tokens), fold(keys, 2), cfg,
-                num_steps=steps, schedule=schedule))
+                num_steps=steps, schedule=schedule or self.schedule))
             audio_out = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
         passes = {"mulan": 1, "semantic_lm": t1 - t0, "dpd": steps, "vae_decode": 1}
         return Result(np.asarray(audio_out), self.sample_rate, seconds, passes, np.asarray(z), tokens,
@@ -164,7 +169,7 @@ class MeLoDy:
 
     # --- the shared path ------------------------------------------------------------------------
     def _run(self, prefix_fn, batch: int, z0, tokens0, duration: float, steps: int, cfg: float, seed,
-             sampling: tuple[float, int, float], schedule: Schedule) -> Result:
+             sampling: tuple[float, int, float], schedule: Schedule | None) -> Result:
         if steps < 1 or not math.isfinite(cfg):
             raise AudioInputError(f"need steps >= 1 and a finite cfg, got steps={steps}, cfg={cfg}")
         keys = row_keys(seed, batch)
@@ -236,8 +241,9 @@ class MeLoDy:
             add(continue_tokens(self.lm, self.lm_params, prefix, last(), remaining(), fold(keys, i), **sampling))
         return jnp.asarray(np.concatenate(out, axis=1) if out else np.zeros((len(context), 0), np.int32))
 
-    def _latents(self, z0, tokens: np.ndarray, keys, steps: int, cfg: float, schedule: Schedule) -> jax.Array:
+    def _latents(self, z0, tokens: np.ndarray, keys, steps: int, cfg: float, schedule: Schedule | None) -> jax.Array:
         """Latents for all `tokens`; the frames of z0 (for the first tokens) come back unchanged."""
+        schedule = schedule or self.schedule
         fpt, window, chunk = self.frames_per_token, self.window_tokens, self.chunk_tokens
         n = tokens.shape[1]
         known = 0 if z0 is None else z0.shape[1] // fpt

@@ -30,11 +30,13 @@ EVAL_STFT = (STFTResolution(2048, 512, 2048), STFTResolution(1024, 256, 1024), S
 class CodecTask(GANTask):
     name = "codec"
     generator_state_collections = (VQ_COLLECTION,)
+    balanced_loss_names = ("l1", "mel")
 
     def validate(self) -> None:
         c = self.config
         require(bool(c.data.path), "config.data.path is empty; prepare a dataset with `python -m launch.prepare_data "
                 "--sample_rate=32000`")
+        self.validate_gan()
         positive(c, "model.channels", "model.latent_dim", "model.quantizer.num_quantizers",
                  "model.quantizer.codebook_size", "data.sample_rate", "data.crop_seconds")
         non_negative(c, "loss.l1", "loss.mel", "loss.commitment", "loss.adversarial", "loss.feature_matching")
@@ -60,13 +62,18 @@ class CodecTask(GANTask):
         else:
             (fake, q), new_state = self.model.apply(variables, real), state
         w = self.config.loss
-        l1 = jnp.mean(jnp.abs(fake - real))
-        mel = multi_scale_mel_loss(fake, real, self.config.data.sample_rate)
-        rec = w.l1 * l1 + w.mel * mel + w.commitment * q.commitment_loss
-        metrics = {"l1": l1, "mel": mel, "commitment": q.commitment_loss, "perplexity": jnp.mean(q.perplexity),
+        parts = self.balanced_losses(fake, real)
+        rec = w.commitment * q.commitment_loss  # with the balancer on, it weighs l1 and mel in the step
+        if not self.balancing:
+            rec = w.l1 * parts["l1"] + w.mel * parts["mel"] + rec
+        metrics = {**parts, "commitment": q.commitment_loss, "perplexity": jnp.mean(q.perplexity),
                    "codebook_usage": jnp.mean(q.usage), "dead_codes": jnp.sum(q.dead_codes)}
         metrics.update({f"perplexity_{i}": q.perplexity[i] for i in range(q.perplexity.shape[0])})
         return fake, real, rec, metrics, dict(new_state)
+
+    def balanced_losses(self, fake: jax.Array, real: jax.Array) -> dict[str, jax.Array]:
+        return {"l1": jnp.mean(jnp.abs(fake - real)),
+                "mel": multi_scale_mel_loss(fake, real, self.config.data.sample_rate)}
 
     def eval_step(self, params: Any, batch: Batch, rng: jax.Array) -> Metrics:
         real = batch["audio"]

@@ -23,7 +23,8 @@ import numpy as np
 from flax import linen as nn
 
 from data_pipeline.indexed import IndexedBatches
-from melody_jax.diffusion.angles import Schedule, add_noise, multi_chunk_noising, predict_clean, velocity
+from melody_jax.diffusion.angles import (Schedule, add_noise, chunk_boundaries, multi_chunk_noising, predict_clean,
+                                         velocity)
 from melody_jax.diffusion.guidance import classifier_free_guidance
 from melody_jax.diffusion.samplers import continue_latents, generate, inpaint
 from melody_jax.models.dpd import DPD, guidance_conditions, velocity_fn
@@ -122,6 +123,20 @@ def inpaint_sampled_latents(
     return inpaint(vfn, key, z, mask, guidance_conditions(tokens), num_steps=num_steps, schedule=schedule)
 
 
+CHUNK_EDGES = ("even", "tokens")
+SCHEDULES = ("paper", "uniform")
+
+
+def training_chunk_length(config) -> int | None:
+    """Multi-chunk training's chunk length in frames: None with `model.chunk_edges="even"` (edges
+    ⌊m·L/M⌋), else the continuation chunk — ⌈T_ST / M⌉ tokens of L / T_ST frames, the last chunk
+    Algorithm 2 regenerates — so the chunks continuation noises are chunks training saw."""
+    m, d = config.model, config.data
+    if m.chunk_edges == "even":
+        return None
+    return math.ceil(d.token_length / m.num_chunks) * (d.latent_length // d.token_length)
+
+
 class DPDTask(Task):
     name = "dpd"
 
@@ -148,6 +163,13 @@ class DPDTask(Task):
                 f"data.latent_length={d.latent_length} (whole frames per token; 250 Hz / 25 Hz = 10)")
         require(m.num_chunks <= d.latent_length,
                 f"config.model.num_chunks={m.num_chunks} must be <= data.latent_length={d.latent_length}")
+        require(m.chunk_edges in CHUNK_EDGES, f"config.model.chunk_edges={m.chunk_edges!r} must be one of {CHUNK_EDGES}")
+        try:
+            chunk_boundaries(d.latent_length, m.num_chunks, training_chunk_length(self.config))
+        except ValueError as e:
+            raise ConfigError(f"config.model.chunk_edges: {e}") from None
+        require(self.config.sample.schedule in SCHEDULES,
+                f"config.sample.schedule={self.config.sample.schedule!r} must be one of {SCHEDULES}")
         require(0 <= m.cfg_dropout < 1, f"config.model.cfg_dropout={m.cfg_dropout} must lie in [0, 1)")
         require(m.dtype in ("float32", "bfloat16"), f"config.model.dtype={m.dtype!r} must be float32 or bfloat16")
         try:
@@ -173,7 +195,7 @@ class DPDTask(Task):
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:
         noise_key, drop_key = jax.random.split(rng)
         m = self.config.model
-        noisy = multi_chunk_noising(noise_key, batch["latents"], m.num_chunks)
+        noisy = multi_chunk_noising(noise_key, batch["latents"], m.num_chunks, training_chunk_length(self.config))
         uncond = None
         if train and m.cfg_dropout > 0:
             uncond = jax.random.bernoulli(drop_key, m.cfg_dropout, (batch["semantic_tokens"].shape[0],))

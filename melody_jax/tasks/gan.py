@@ -4,15 +4,20 @@
 with non-gradient variables, e.g. EMA codebooks) and `opt_state` holds one AdamW state per network.
 One jitted step, each network run forward once: the generator under `jax.vjp`, the
 discriminator on `concat([real, stop-gradient fake])` under `jax.vjp`. Its outputs are pulled back
-twice: the LSGAN discriminator loss to the discriminator's parameters, and the generator's
+twice: the discriminator loss to the discriminator's parameters, and the generator's
 adversarial + feature-matching loss to the fake audio, whose gradient is pulled back through the
-generator together with the task's reconstruction loss. Both networks step from the same
-discriminator forward [choice: HiFi-GAN steps D first and runs it again for G; the simultaneous
-update saves a third of the discriminator's compute and compile time, which dominates on CPU].
+generator together with the task's reconstruction loss. With `train.gan_updates="simultaneous"`
+both networks step from the same discriminator forward (saves a third of the discriminator's
+compute and compile time, which dominates on CPU); "alternating" steps D first and runs the updated
+D again for G, as HiFi-GAN and audiocraft do.
 
-Losses are means over sub-discriminators [choice: HiFi-GAN sums; the mean keeps the paper's
-50 : 20 : 1 weights independent of how many sub-discriminators there are]. Feature matching is
-L1 per layer, averaged over each sub-discriminator's layers.
+`loss.adversarial_loss`: "lsgan" (HiFi-GAN: D (D(x) − 1)² + D(G(z))², G (D(G(z)) − 1)²) or "hinge"
+(audiocraft: D relu(1 − D(x)) + relu(1 + D(G(z))), G −D(G(z))), each a mean over its logits.
+`loss.reduction`: "mean" over sub-discriminators, feature matching L1 averaged over each one's layers
+(audiocraft's normalised `AdversarialLoss`) or "sum" over sub-discriminators and layers (HiFi-GAN).
+`loss.balancer`: the generator's output losses (the stage's `balanced_losses`, adversarial, feature
+matching) go through audiocraft's balancer (melody_jax/training/balancer.py), their weights acting as
+gradient shares; its norm averages live in `opt_state["balancer"]`.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import optax
 from data_pipeline.builder import held_out_split
 from data_pipeline.input import make_train_iterator
 from melody_jax.models import discriminators
+from melody_jax.training import balancer
+from melody_jax.training.config import one_of, positive, require
 from melody_jax.training.optim import make_optimizer
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Batch, Metrics, Task
@@ -45,18 +52,33 @@ def _halves(outs: Outputs) -> tuple[Outputs, Outputs]:
     return real, fake
 
 
-def discriminator_loss(real: Outputs, fake: Outputs) -> tuple[jax.Array, Metrics]:
-    """LSGAN: mean over sub-discriminators of E(D(x) − 1)² + E D(G(z))²."""
-    r = jnp.stack([jnp.mean((lr - 1.0) ** 2) for lr, _ in real])
-    f = jnp.stack([jnp.mean(lf**2) for lf, _ in fake])
-    return jnp.mean(r + f), {"d_real": jnp.mean(r), "d_fake": jnp.mean(f)}
+ADVERSARIAL_LOSSES = ("lsgan", "hinge")
+REDUCTIONS = ("mean", "sum")
+GAN_UPDATES = ("simultaneous", "alternating")
 
 
-def generator_adversarial(real: Outputs, fake: Outputs) -> tuple[jax.Array, jax.Array]:
-    """(LSGAN E(D(G(z)) − 1)², feature-matching L1), each a mean over sub-discriminators."""
-    adv = jnp.mean(jnp.stack([jnp.mean((lf - 1.0) ** 2) for lf, _ in fake]))
-    fm = jnp.mean(jnp.stack([
-        jnp.mean(jnp.stack([jnp.mean(jnp.abs(jax.lax.stop_gradient(a) - b)) for a, b in zip(fr, ff)]))
+def discriminator_loss(real: Outputs, fake: Outputs, kind: str = "lsgan", reduction: str = "mean"
+                       ) -> tuple[jax.Array, Metrics]:
+    """LSGAN E(D(x) − 1)² + E D(G(z))², or hinge E relu(1 − D(x)) + E relu(1 + D(G(z))), per
+    sub-discriminator; their mean or sum. The metrics are means either way."""
+    if kind == "hinge":
+        r = jnp.stack([jnp.mean(jax.nn.relu(1.0 - lr)) for lr, _ in real])
+        f = jnp.stack([jnp.mean(jax.nn.relu(1.0 + lf)) for lf, _ in fake])
+    else:
+        r = jnp.stack([jnp.mean((lr - 1.0) ** 2) for lr, _ in real])
+        f = jnp.stack([jnp.mean(lf**2) for lf, _ in fake])
+    reduce = jnp.sum if reduction == "sum" else jnp.mean
+    return reduce(r + f), {"d_real": jnp.mean(r), "d_fake": jnp.mean(f)}
+
+
+def generator_adversarial(real: Outputs, fake: Outputs, kind: str = "lsgan", reduction: str = "mean"
+                          ) -> tuple[jax.Array, jax.Array]:
+    """(adversarial: LSGAN E(D(G(z)) − 1)² or hinge −E D(G(z)); feature-matching L1 per layer), reduced
+    over sub-discriminators (and, for feature matching, their layers) by mean or sum."""
+    reduce = jnp.sum if reduction == "sum" else jnp.mean
+    adv = reduce(jnp.stack([-jnp.mean(lf) if kind == "hinge" else jnp.mean((lf - 1.0) ** 2) for lf, _ in fake]))
+    fm = reduce(jnp.stack([
+        reduce(jnp.stack([jnp.mean(jnp.abs(jax.lax.stop_gradient(a) - b)) for a, b in zip(fr, ff)]))
         for (_, fr), (_, ff) in zip(real, fake)]))
     return adv, fm
 
@@ -67,6 +89,7 @@ class GANTask(Task):
     reconstruction (with any non-adversarial losses already weighted)."""
 
     generator_state_collections: tuple[str, ...] = ()  # mutable non-gradient variables, e.g. ("vq_stats",)
+    balanced_loss_names: tuple[str, ...] = ()  # the keys of `balanced_losses`
 
     @abc.abstractmethod
     def init_generator(self, rng: jax.Array) -> dict[str, Any]:
@@ -76,6 +99,29 @@ class GANTask(Task):
     def reconstruct(self, params: Any, state: Any, batch: Batch, rng: jax.Array, train: bool
                     ) -> tuple[jax.Array, jax.Array, jax.Array, Metrics, Any]:
         """(fake `[B, T]`, real `[B, T]`, weighted reconstruction loss, metrics, new generator state)."""
+
+    def validate_gan(self) -> None:
+        """The GAN step's options (called by each stage's `validate`)."""
+        c = self.config
+        one_of(c, "loss.adversarial_loss", ADVERSARIAL_LOSSES)
+        one_of(c, "loss.reduction", REDUCTIONS)
+        one_of(c, "train.gan_updates", GAN_UPDATES)
+        positive(c, "loss.balancer_total_norm")
+        require(0.0 <= c.loss.balancer_ema_decay < 1.0,
+                f"config.loss.balancer_ema_decay={c.loss.balancer_ema_decay} must lie in [0, 1)")
+
+    def balanced_losses(self, fake: jax.Array, real: jax.Array) -> dict[str, jax.Array]:
+        """Unweighted losses that reach the generator only through `fake`, by `config.loss` name; with
+        `loss.balancer` on they go through the balancer and `reconstruct` leaves them out of its loss."""
+        return {}
+
+    @property
+    def balancing(self) -> bool:
+        return bool(self.config.loss.balancer)
+
+    def _reduction(self) -> tuple[str, str]:
+        w = self.config.loss
+        return w.adversarial_loss, w.reduction
 
     @property
     def discriminator(self) -> discriminators.Discriminators:
@@ -99,11 +145,39 @@ class GANTask(Task):
     def init_state(self, rng: jax.Array) -> TrainState:
         params = self.init_params(rng)
         opt = self.optimizer()
-        return TrainState.create(params, {k: opt.init(params[k]) for k in ("generator", "discriminator")})
+        opt_state = {k: opt.init(params[k]) for k in ("generator", "discriminator")}
+        if self.balancing:
+            opt_state["balancer"] = balancer.init_state(self._balancer_weights())
+        return TrainState.create(params, opt_state)
+
+    def _balancer_weights(self) -> dict[str, float]:
+        w = self.config.loss
+        return {n: float(w[n]) for n in (*self.balanced_loss_names, "adversarial", "feature_matching")}
+
+    def _balanced_fake_grad(self, outs: Outputs, fake_pull, fake: jax.Array, real: jax.Array, state: dict
+                            ) -> tuple[jax.Array, jax.Array, Metrics, dict]:
+        """The balancer's gradient for the fake audio: (gradient, effective loss, metrics, new state)."""
+        kind, reduction = self._reduction()
+        losses, grads = {}, {}
+        for i, name in enumerate(("adversarial", "feature_matching")):
+            part = lambda o, i=i: generator_adversarial(*_halves(o), kind, reduction)[i]  # noqa: E731
+            losses[name], cotangent = jax.value_and_grad(part)(outs)
+            grads[name] = fake_pull(cotangent)
+        values, pull = jax.vjp(lambda f: self.balanced_losses(f, real), fake)
+        for name in self.balanced_loss_names:
+            losses[name] = values[name]
+            (grads[name],) = pull({n: jnp.asarray(n == name, v.dtype) for n, v in values.items()})
+        w = self.config.loss
+        grad, state, scales = balancer.balance(grads, self._balancer_weights(), state, total_norm=w.balancer_total_norm,
+                                               ema_decay=w.balancer_ema_decay, per_example=True)
+        effective = sum(scales[n] * losses[n] for n in losses)
+        metrics = {"g_adv": losses["adversarial"], "g_fm": losses["feature_matching"],
+                   **{f"balancer_scale_{n}": s for n, s in scales.items()}}
+        return grad, effective, metrics, state
 
     def _weighted_adversarial(self, outs: Outputs) -> tuple[jax.Array, Metrics]:
         w = self.config.loss
-        adv, fm = generator_adversarial(*_halves(outs))
+        adv, fm = generator_adversarial(*_halves(outs), *self._reduction())
         return w.adversarial * adv + w.feature_matching * fm, {"g_adv": adv, "g_fm": fm}
 
     def train_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
@@ -119,23 +193,33 @@ class GANTask(Task):
         d_apply = lambda d, audio: self.discriminator.apply({"params": d}, audio)  # noqa: E731
         outs, d_pullback = jax.vjp(d_apply, p["discriminator"], jnp.concatenate([real, fake_sg], axis=0))
 
-        d_objective = lambda o: discriminator_loss(*_halves(o))  # noqa: E731
+        d_objective = lambda o: discriminator_loss(*_halves(o), *self._reduction())  # noqa: E731
         (d_loss, d_metrics), d_cotangent = jax.value_and_grad(d_objective, has_aux=True)(outs)
         d_grads = d_pullback(d_cotangent)[0]
         d_updates, d_opt = opt.update(d_grads, state.opt_state["discriminator"], p["discriminator"])
         d_params = optax.apply_updates(p["discriminator"], d_updates)
 
-        (adv, adv_metrics), g_cotangent = jax.value_and_grad(self._weighted_adversarial, has_aux=True)(outs)
-        fake_grad = jnp.split(d_pullback(g_cotangent)[1], 2, axis=0)[1]
+        if self.config.train.gan_updates == "alternating":  # G against the updated D
+            outs, audio_pullback = jax.vjp(lambda audio: d_apply(d_params, audio), jnp.concatenate([real, fake]))
+            fake_pull = lambda cot: jnp.split(audio_pullback(cot)[0], 2, axis=0)[1]  # noqa: E731
+        else:
+            fake_pull = lambda cot: jnp.split(d_pullback(cot)[1], 2, axis=0)[1]  # noqa: E731
+        opt_state = {"generator": None, "discriminator": d_opt}
+        if self.balancing:
+            fake_grad, adv, adv_metrics, opt_state["balancer"] = self._balanced_fake_grad(
+                outs, fake_pull, fake_sg, real, state.opt_state["balancer"])
+        else:
+            (adv, adv_metrics), g_cotangent = jax.value_and_grad(self._weighted_adversarial, has_aux=True)(outs)
+            fake_grad = fake_pull(g_cotangent)
         (g_grads,) = pullback((fake_grad, jnp.ones_like(rec)))
-        g_updates, g_opt = opt.update(g_grads, state.opt_state["generator"], p["generator"])
+        g_updates, opt_state["generator"] = opt.update(g_grads, state.opt_state["generator"], p["generator"])
         params = {**p, "generator": optax.apply_updates(p["generator"], g_updates), "discriminator": d_params}
         if new_gen_state is not None:
             params["generator_state"] = new_gen_state
         g_norm, d_norm = optax.tree.norm(g_grads), optax.tree.norm(d_grads)
         metrics = {**metrics, **d_metrics, **adv_metrics, "loss": rec + adv, "g_rec": rec, "d_loss": d_loss,
                    "g_grad_norm": g_norm, "d_grad_norm": d_norm, "grad_norm": jnp.sqrt(g_norm**2 + d_norm**2)}
-        return state.replace(params=params, opt_state={"generator": g_opt, "discriminator": d_opt}), metrics
+        return state.replace(params=params, opt_state=opt_state), metrics
 
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:
         """The generator's total loss against the current discriminator (what its step minimises)."""
@@ -143,6 +227,8 @@ class GANTask(Task):
                                                        rng, train)
         outs = self.discriminator.apply({"params": params["discriminator"]}, jnp.concatenate([real, fake], axis=0))
         adv, adv_metrics = self._weighted_adversarial(outs)
+        if self.balancing:  # the losses the balancer weighs, at their raw weights here
+            rec = rec + sum(self.config.loss[n] * v for n, v in self.balanced_losses(fake, real).items())
         return rec + adv, {**metrics, **adv_metrics}
 
     def describe(self, params: Any) -> dict[str, int]:

@@ -36,14 +36,17 @@ class TextAudioIterator:
 
     `features` (optional) maps this host's audio rows `[B_local, T]` (numpy) to more per-row arrays
     made at data time — e.g. MusicGen's chromagram — which join the batch as global arrays too.
+    `augment` (optional) maps (picked texts, captions, tags, rng) of this host's rows to the texts to
+    tokenize — e.g. MusicGen's text augmentation — with an rng of (seed, batch index, first row).
     """
 
     def __init__(self, audio: AudioBatchIterator, mesh: jax.sharding.Mesh, *, seed: int, global_batch_size: int,
                  caption_probability: float, max_text_length: int,
-                 features: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None):
+                 features: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+                 augment: Callable[..., list[str]] | None = None):
         self.audio, self.mesh, self.seed = audio, mesh, seed
         self.batch_size, self.p, self.max_length = global_batch_size, caption_probability, max_text_length
-        self.features = features
+        self.features, self.augment = features, augment
         self.index = 0
 
     def __iter__(self):
@@ -52,8 +55,12 @@ class TextAudioIterator:
     def __next__(self) -> Batch:
         local = self.audio.next_local()
         use_caption = np.random.default_rng([self.seed, self.index]).random(self.batch_size) < self.p
+        rows = process_rows(self.batch_size)
+        texts = pick_texts(local["caption"], local["tags"], use_caption[rows])
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.index, rows.start, 1])
+            texts = self.augment(texts, local["caption"], local["tags"], rng)
         self.index += 1
-        texts = pick_texts(local["caption"], local["tags"], use_caption[process_rows(self.batch_size)])
         tokens, mask = tokenize(texts, self.max_length)
         extra = self.features(local["audio"]) if self.features is not None else {}
         return host_to_global({"audio": local["audio"], "text_tokens": tokens, "text_mask": mask, **extra}, self.mesh)

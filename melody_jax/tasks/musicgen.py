@@ -3,9 +3,10 @@
 Batches: `codes int32 [B, K, T]`, `text_tokens int32 [B, L]`, `text_mask bool [B, L]` and, with
 melody conditioning, `chroma float32 [B, F, 12]` (one row per `model.chroma_hop_frames` codec frames).
 The loss is the cross-entropy of every real code of the pattern sequence (special slots excluded);
-in training each example's text is dropped with p = `train.cfg_dropout_text` and its melody with
-p = `train.cfg_dropout_melody`, independently, so the model also learns the null conditions that
-guided sampling subtracts.
+in training the conditions are dropped (`train.cfg_dropout*`, see melody_jax/tasks/musicgen_conditions.py:
+all together, then each alone), so the model also learns the null conditions that guided sampling
+subtracts; an empty text trains as the null text. The texts may be augmented on the host first
+(`train.word_dropout`, `train.merge_text_p`: audiocraft's word dropout and description merging).
 
 Data sources (`config.data.source`):
 - "synthetic": a rule a tiny model learns in a few hundred steps, with both conditions mattering.
@@ -17,7 +18,8 @@ Data sources (`config.data.source`):
   generated audio follows the given chroma". Batches are a pure function of (seed, batch index).
 - "codec": crops of `data.frames` codec frames from a prepared dataset at the codec's rate
   (`data.path`), with their captions (or tag lists, see `data.caption_probability`) and, with
-  melody conditioning, their librosa chromagram made on the host at data time. The frozen codec
+  melody conditioning, their librosa chromagram made on the host at data time (`model.chroma_n_fft`,
+  after `data.melody_separation`). The frozen codec
   (`data.codec_checkpoint`: the codec stage's workdir or a bundle's codec folder) turns the crops
   into codes inside the jitted step; its parameters ride along with every batch
   (`training.frozen.FrozenInputs`).
@@ -32,8 +34,9 @@ import numpy as np
 import optax
 
 from data_pipeline.indexed import IndexedBatches
-from melody_jax.audio.chroma import NUM_CHROMA, melody_rows
+from melody_jax.audio.chroma import NUM_CHROMA, SEPARATIONS, melody_rows
 from melody_jax.models.musicgen_lm import MELODY_MODES, NORMS, POSITIONS, TEXT_ENCODERS, MusicGenLM
+from melody_jax.tasks.musicgen_conditions import DROPOUT_SCOPES, augment_texts, condition_dropout, empty_text
 from melody_jax.tokenizers.patterns import PATTERNS, Pattern, make_pattern
 from melody_jax.tokenizers.text import tokenize
 from melody_jax.training.config import non_negative, one_of, positive, require
@@ -46,6 +49,7 @@ INSTRUMENTS = ("piano", "violin", "flute", "drums")
 TEMPLATES = ("{} solo", "a calm melody played on the {}", "upbeat {} music")
 FINE_STEP = 16  # codebook k holds (code_0 + FINE_STEP · k) mod V
 EVAL_SEED_OFFSET = 1_000_003
+TEXT_STREAM = 7  # the text augmentation's random stream, apart from the data's
 
 
 def synthetic_examples(seed: int, index: int, batch: int, *, frames: int, num_codebooks: int, codebook_size: int,
@@ -80,8 +84,9 @@ def rule_agreement(codes: np.ndarray, instrument: np.ndarray, bins: np.ndarray, 
             "samples": float(whole.all(1).mean())}
 
 
-def synthetic_batches(config, mesh, seed: int) -> IndexedBatches:
-    """Endless global batches of the synthetic rule; the position is the batch index."""
+def synthetic_batches(config, mesh, seed: int, train: bool = True) -> IndexedBatches:
+    """Endless global batches of the synthetic rule; the position is the batch index. Training texts
+    go through the text augmentation."""
     c = config
 
     def make(index: int) -> dict[str, np.ndarray]:
@@ -89,7 +94,10 @@ def synthetic_batches(config, mesh, seed: int) -> IndexedBatches:
                                 num_codebooks=c.model.num_codebooks, codebook_size=c.model.codebook_size,
                                 chroma_hop=c.model.chroma_hop_frames, melody_frames=c.model.melody_frames,
                                 max_note_frames=c.data.max_note_frames)
-        tokens, mask = tokenize(ex["texts"], c.model.max_text_length)
+        texts = ex["texts"]
+        if train:
+            texts = augment_texts(texts, None, None, np.random.default_rng([seed, index, TEXT_STREAM]), c.train)
+        tokens, mask = tokenize(texts, c.model.max_text_length)
         batch = {"codes": ex["codes"], "text_tokens": tokens, "text_mask": mask}
         if c.model.use_melody:
             batch["chroma"] = ex["chroma"]
@@ -113,8 +121,22 @@ def musicgen_model(model_config) -> MusicGenLM:
                       melody_frames=m.melody_frames if prepend else 0, **options)
 
 
+PATTERN_OPTIONS = ("flattening", "flatten_first", "empty_initial", "group_by")
+
+
+def melody_condition(audio: np.ndarray, sample_rate: int, codec_hop: int, model_config, rows: int,
+                     separation: str = "none") -> np.ndarray:
+    """The melody chroma `[..., rows, 12]` the LM of `model_config` trains on: one row per
+    `chroma_hop_frames` codec frames, with its `chroma_n_fft` (4096 for configs predating it)."""
+    m = model_config
+    return melody_rows(audio, sample_rate, codec_hop * m.chroma_hop_frames, rows, n_fft=m.get("chroma_n_fft", 4096),
+                       separation=separation)
+
+
 def musicgen_pattern(model_config) -> Pattern:
-    return make_pattern(model_config.pattern, model_config.num_codebooks, model_config.delays)
+    """The configured pattern; options a config predating them lacks read as None (the default)."""
+    m = model_config
+    return make_pattern(m.pattern, m.num_codebooks, m.delays, **{k: m.get(k) for k in PATTERN_OPTIONS})
 
 
 class MusicGenTask(Task):
@@ -149,15 +171,20 @@ class MusicGenTask(Task):
         require(not prefix or m.melody_frames * m.chroma_hop_frames >= d.frames,
                 f"config.model.melody_frames={m.melody_frames} × chroma_hop_frames={m.chroma_hop_frames} "
                 f"must cover data.frames={d.frames}")
-        for field in ("cfg_dropout_text", "cfg_dropout_melody"):
+        for field in ("cfg_dropout", "cfg_dropout_text", "cfg_dropout_melody", "word_dropout"):
             require(0.0 <= c.train[field] < 1.0, f"config.train.{field}={c.train[field]} must lie in [0, 1)")
+        for field in ("merge_text_p", "drop_desc_p", "drop_other_p"):
+            require(0.0 <= c.train[field] <= 1.0, f"config.train.{field}={c.train[field]} must lie in [0, 1]")
+        one_of(c, "train.cfg_dropout_per", DROPOUT_SCOPES)
+        one_of(c, "data.melody_separation", SEPARATIONS)
+        positive(c, "model.chroma_n_fft")
         require(0 <= c.sample.keep_frames < c.sample.window_frames <= d.frames,
                 f"config.sample: need 0 <= keep_frames ({c.sample.keep_frames}) < window_frames "
                 f"({c.sample.window_frames}) <= data.frames ({d.frames})")
         try:
             musicgen_pattern(m)
         except ValueError as e:
-            require(False, f"config.model.pattern/delays: {e}")
+            require(False, f"config.model.pattern/{'/'.join(('delays',) + PATTERN_OPTIONS)}: {e}")
         if d.source == "synthetic":
             need = NUM_CHROMA * len(INSTRUMENTS)
             require(m.codebook_size >= need,
@@ -196,9 +223,11 @@ class MusicGenTask(Task):
         seq = self.pattern.build(codes, model.special_token)
         drop_text = drop_melody = None
         if train:
-            k_text, k_melody = jax.random.split(rng)
-            drop_text = jax.random.bernoulli(k_text, c.train.cfg_dropout_text, seq.shape[:1])
-            drop_melody = jax.random.bernoulli(k_melody, c.train.cfg_dropout_melody, seq.shape[:1])
+            t = c.train
+            drop_text, drop_melody = condition_dropout(
+                rng, seq.shape[0], joint=t.cfg_dropout, text=t.cfg_dropout_text, melody=t.cfg_dropout_melody,
+                per=t.cfg_dropout_per)
+            drop_text = drop_text | empty_text(batch["text_mask"])
         logits = model.apply({"params": params}, seq, batch["text_tokens"], batch["text_mask"], batch.get("chroma"),
                              drop_text, drop_melody)
         valid = seq != model.special_token
@@ -250,12 +279,16 @@ class MusicGenTask(Task):
         audio = make_train_iterator(data, global_batch_size=c.train.batch_size, mesh=mesh, seed=seed, split=split)
 
         def chroma(rows: np.ndarray) -> dict[str, np.ndarray]:
-            return {"chroma": melody_rows(rows, c.data.sample_rate, hop * m.chroma_hop_frames, m.melody_frames)}
+            return {"chroma": melody_condition(rows, c.data.sample_rate, hop, m, m.melody_frames,
+                                               c.data.melody_separation)}
+
+        def augment(texts, captions, tags, rng):
+            return augment_texts(texts, captions, tags, rng, c.train) if split == "train" else texts
 
         texts = TextAudioIterator(audio, mesh, seed=seed, global_batch_size=c.train.batch_size,
                                   caption_probability=c.data.caption_probability,
                                   max_text_length=m.max_text_length,
-                                  features=chroma if m.use_melody else None)
+                                  features=chroma if m.use_melody else None, augment=augment)
         return FrozenInputs(texts, variables)
 
     def train_iterator(self, mesh):
@@ -269,7 +302,7 @@ class MusicGenTask(Task):
 
             split = held_out_split(self.config.data.path, self.config.data.eval_split)
             return None if split is None else self._codec_batches(mesh, split, self.config.seed + EVAL_SEED_OFFSET)
-        return synthetic_batches(self.config, mesh, self.config.seed + EVAL_SEED_OFFSET)
+        return synthetic_batches(self.config, mesh, self.config.seed + EVAL_SEED_OFFSET, train=False)
 
     def describe(self, params: Any) -> dict[str, int]:
         out = super().describe(params)

@@ -30,6 +30,7 @@ class VAEGANTask(GANTask):
         c = self.config
         m, d = c.model, c.data
         require(bool(d.path), "config.data.path is empty; prepare a dataset with `python -m launch.prepare_data`")
+        self.validate_gan()
         positive(c, "model.latent_dim", "model.latent_scale", "data.sample_rate", "data.crop_seconds")
         non_negative(c, "loss.mr_stft", "loss.feature_matching", "loss.adversarial", "loss.kl")
         for part in ("encoder", "decoder"):
@@ -70,7 +71,7 @@ class VAEGANTask(GANTask):
         model = self.model
         fake, post, _ = model.apply({"params": params}, real, rng if train else None)
         mr_stft = mr_stft_l1(fake, real, self.stft_resolutions)
-        kl = post.kl()
+        kl = post.kl(self.config.loss.reduction)
         w = self.config.loss
         metrics = {"mr_stft": mr_stft, "kl": kl,
                    "clip_fraction": vae_gan.clip_fraction(post.mean, model.latent_scale),
