@@ -27,6 +27,7 @@ TOO_SHORT = "shorter than minimum"
 BAD_RANGE = "time range outside file"
 BAD_ENTRY = "bad metadata entry"
 OUT_OF_RANGE = "sample values out of range"
+DUPLICATE = "duplicate entry"
 
 # Extensions libsndfile decodes; other audio extensions are listed so they are reported, not ignored.
 DECODABLE = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au"})

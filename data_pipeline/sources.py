@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -140,12 +140,30 @@ def manifest_items(manifest: str) -> Iterator[SourceItem]:
                 yield SourceItem(key=key, error=(audio_io.BAD_ENTRY, str(e).splitlines()[0] if str(e) else type(e).__name__))
 
 
+def unique_keys(items: Iterable[SourceItem]) -> Iterator[SourceItem]:
+    """Items with the keys seen so far; a repeated key (two CSV rows with one ytid and start, a file
+    name that escapes to another's key) becomes a skip under `<key> (duplicate N)`, never a dataset error."""
+    seen: dict[str, int] = {}
+    for item in items:
+        count = seen.get(item.key, 0)
+        seen[item.key] = count + 1
+        if count:
+            item = SourceItem(key=f"{item.key} (duplicate {count})", path=item.path,
+                              error=(audio_io.DUPLICATE, f"same key as an earlier entry: {item.key}"))
+        yield item
+
+
 def _find_ytid(audio_dir: str, ytid: str) -> str | None:
     for ext in sorted(audio_io.AUDIO_EXTENSIONS):
         path = os.path.join(audio_dir, ytid + ext)
         if os.path.lexists(path):
             return path
     return None
+
+
+def _escapes(name: str) -> bool:
+    """A name that would reach outside the folder it is joined to (`../x`, `/abs`, `a/b`, `..`)."""
+    return name in (".", "..") or "/" in name or "\\" in name or os.path.isabs(name) or "\0" in name
 
 
 def musiccaps_items(csv_path: str, audio_dir: str) -> Iterator[SourceItem]:
@@ -165,6 +183,9 @@ def musiccaps_items(csv_path: str, audio_dir: str) -> Iterator[SourceItem]:
                 start, end = _seconds(row["start_s"], "start_s"), _seconds(row["end_s"], "end_s")
                 if not row["ytid"] or end <= start:
                     raise ValueError(f"row {rowno}: need a ytid and end_s > start_s")
+                if _escapes(row["ytid"]):
+                    raise ValueError(f"row {rowno}: ytid {row['ytid'][:40]!r} is not a plain name (paths stay "
+                                     "inside --audio_dir)")
                 aspects = row.get("aspect_list") or "[]"
                 tags = ast.literal_eval(aspects) if aspects.lstrip().startswith("[") else aspects
                 meta = {k: v for k, v in row.items() if k not in ("ytid", "aspect_list") and k is not None}
@@ -199,7 +220,7 @@ def list_items(source: str, *, input_path: str = "", audio_dir: str = "", num_cl
     if source == "synthetic":
         if num_clips <= 0:
             raise ValueError("--source=synthetic needs --num_clips > 0")
-        return synthetic_items(num_clips, seed, clip_seconds)
+        return unique_keys(synthetic_items(num_clips, seed, clip_seconds))
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
     if not input_path or not os.path.exists(input_path):
@@ -207,12 +228,12 @@ def list_items(source: str, *, input_path: str = "", audio_dir: str = "", num_cl
     if source == "folder":
         if not os.path.isdir(input_path):
             raise ValueError(f"--source=folder needs a directory, got {input_path!r}")
-        return folder_items(input_path)
+        return unique_keys(folder_items(input_path))
     if source == "manifest":
-        return manifest_items(input_path)
+        return unique_keys(manifest_items(input_path))
     if not audio_dir or not os.path.isdir(audio_dir):
         raise FileNotFoundError(f"--source=musiccaps needs --audio_dir, a directory (got {audio_dir!r})")
-    return musiccaps_items(input_path, audio_dir)
+    return unique_keys(musiccaps_items(input_path, audio_dir))
 
 
 def load_item(item: SourceItem, sample_rate: int) -> tuple[np.ndarray, str, tuple[str, ...], dict[str, Any]]:

@@ -19,9 +19,9 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes its runs, bundle and audio.")
 _STEPS = flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's step count (0.1 for a smoke run).")
@@ -168,4 +168,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -11,10 +11,10 @@ import math
 import os
 import re
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/dpd.py:paper.")
 _MESH = flags.DEFINE_string("mesh", "", "Mesh as 'data=8,fsdp=8,tensor=1' (unnamed axes are 1); default: config.mesh.")
@@ -72,4 +72,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -14,10 +14,10 @@ import os
 import re
 import shlex
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 from melody_jax.training.config import apply_overrides
 from melody_jax.training.errors import ConfigError, UserError
 
@@ -111,4 +111,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

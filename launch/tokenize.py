@@ -7,9 +7,9 @@ stages (`data.source=cached`). The stage folders may be training workdirs or a b
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset (python -m launch.prepare_data).")
 _SPLIT = flags.DEFINE_string("split", "train", "Dataset split to tokenize.")
@@ -40,4 +40,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

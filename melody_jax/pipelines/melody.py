@@ -24,14 +24,12 @@ from melody_jax.pipelines.bundle import check_fit, read_configs
 from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, sample
 from melody_jax.pipelines.stages import frames, load_mulan, load_vae
 from melody_jax.tokenizers.semantic import load_semantic_tokenizer
-from melody_jax.pipelines.validation import check_duration, check_prompt
+from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
 from melody_jax.tasks.dpd import continue_sampled_latents, inpaint_sampled_latents, sample_latents
 from melody_jax.training.errors import UserError
 from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 
-MAX_SECONDS = 3600.0
-MAX_PROMPT_CHARS = 2000
 
 
 class AudioInputError(UserError, ValueError):
