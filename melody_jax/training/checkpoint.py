@@ -5,7 +5,9 @@ renames it when complete, so an interrupted save is never mistaken for a checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -33,9 +35,35 @@ def check_compatible(meta: dict[str, Any], stage: str, signature: dict[str, list
                                "use another --workdir")
 
 
+def non_finite_leaves(tree: Any) -> list[str]:
+    """Paths of the floating-point arrays in `tree` that hold a NaN or Inf (one small reduction each)."""
+    import jax.numpy as jnp
+
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
+            bad.append(jax.tree_util.keystr(path, simple=True, separator="/"))
+    return bad
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+_OPEN: set[Checkpointer] = set()
+
+
+@contextlib.contextmanager
+def closing_checkpointers() -> Iterator[None]:
+    """Closes every Checkpointer opened in the block and still open when it ends, however it ends: a
+    manager left open keeps Orbax threads that print tracebacks at interpreter shutdown."""
+    before = set(_OPEN)
+    try:
+        yield
+    finally:
+        for ckpt in list(_OPEN - before):
+            ckpt.close()
 
 
 class Checkpointer:
@@ -45,6 +73,11 @@ class Checkpointer:
             max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True, create=True,
             cleanup_tmp_directories=True)  # saves a kill -9 interrupted: never complete, never read
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        _OPEN.add(self)
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step)` would write (the interval, or a preemption Orbax noticed)."""
+        return self.manager.should_save(step)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -72,6 +105,10 @@ class Checkpointer:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {msg}; "
                                "delete that step directory to resume from an earlier one") from e
+        bad = non_finite_leaves(out["state"])
+        if bad:  # training never saves such a state (guarded steps), so the files were damaged
+            raise WorkdirError(f"checkpoint {self.directory}/{step} is damaged: {len(bad)} arrays hold NaN/Inf "
+                               f"(first: {bad[0]}); delete that step directory to resume from an earlier one")
         return out["state"], out["data"]
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
@@ -83,6 +120,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any failure here is a damaged checkpoint for the user
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {msg}") from e
+        bad = non_finite_leaves(out["state"]["params"])
+        if bad:
+            raise WorkdirError(f"checkpoint {self.directory}/{step} is damaged: {len(bad)} parameter arrays hold "
+                               f"NaN/Inf (first: {bad[0]})")
         return out["state"]["params"]
 
     def reached_preemption(self, step: int) -> bool:
@@ -92,4 +133,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        """Idempotent: the loop closes on its own paths, `closing_checkpointers` on every other."""
+        if self in _OPEN:
+            _OPEN.discard(self)
+            self.manager.close()
