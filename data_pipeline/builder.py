@@ -40,6 +40,7 @@ from data_pipeline import audio_io, sources
 from data_pipeline.report import PrepareReport
 from data_pipeline.tf_setup import hide_gpus_from_tensorflow
 from melody_jax.training.errors import UserError
+from melody_jax.training.metrics import json_safe
 
 DATASET_NAME = "prepared_audio"
 REPORT_FILE = "prepare_report.json"
@@ -200,7 +201,7 @@ class PreparedAudio(tfds.core.GeneratorBasedBuilder):
                 report.wrote(split, len(piece) / sr)
                 yield f"{item.key}#{k}", {
                     "audio": audio_io.to_pcm(piece, s.pcm), "caption": caption, "tags": list(tags),
-                    "attributes": json.dumps(attributes, sort_keys=True, default=str),
+                    "attributes": json.dumps(json_safe(attributes), sort_keys=True, default=str, allow_nan=False),
                     "source": item.key, "offset_s": start / sr, "id": next_id,
                 }
                 next_id += 1

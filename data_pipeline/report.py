@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 from typing import Any
 
 from absl import logging
+
+from melody_jax.training.metrics import write_json_atomic
 
 
 @dataclasses.dataclass
@@ -60,8 +61,7 @@ class PrepareReport:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=2)
+        write_json_atomic(path, self.to_json(), sort_keys=False)
 
     def summary(self) -> str:
         lines = [

@@ -12,9 +12,25 @@ from melody_jax.training.errors import UserError, one_line
 
 
 def quiet_library_logs() -> None:
-    """Orbax logs every save at INFO through absl; keep its warnings, drop its chatter."""
+    """Orbax logs every save at INFO through absl, and each failure of an async save as an ERROR
+    with a traceback from every thread it passed (a full disk: a hundred of them). Keep its warnings;
+    drop the rest: every save failure also reaches the Checkpointer, which reports it in one line."""
     handler = logging.get_absl_handler()
-    handler.addFilter(lambda r: r.levelno >= py_logging.WARNING or "/orbax/" not in r.pathname)
+    handler.addFilter(lambda r: r.levelno == py_logging.WARNING or "/orbax/" not in r.pathname)
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+
+
+def _without_closed_loop_noise(hook: Callable) -> Callable:
+    """After a failed async save (or restore), TensorStore completes the abandoned writes on an event
+    loop Orbax has already closed; each completion reports `RuntimeError: Event loop is closed` as an
+    unraisable exception (dozens of tracebacks around the one line that matters). Only those are dropped."""
+
+    def unraisablehook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return unraisablehook
 
 
 def fail(message: str) -> None:

@@ -7,12 +7,12 @@ synthetic prompts the tempo / key / drums / instrument accuracy (see
 """
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
 
 from launch.common import quiet_library_logs, run_app, run_user_errors
+from melody_jax.training.metrics import write_json_atomic
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "Bundle directory (python -m launch.bundle).")
 _PROMPTS = flags.DEFINE_string("prompts", "synthetic:16", "synthetic:N[:SEED], a .jsonl or a .txt file.")
@@ -43,8 +43,7 @@ def main(argv: list[str]) -> None:
         report = evaluate(pipeline, prompts, reference, _DURATION.value, _STEPS.value, _CFG.value, _SEED.value,
                           _BATCH.value)
         os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomic(_OUT.value, report, sort_keys=False)
         table = markdown(report)
         with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
             f.write(table)

@@ -19,6 +19,7 @@ import ml_collections
 from melody_jax.training.checkpoint import Checkpointer, param_signature
 from melody_jax.training.errors import BundleError, WorkdirError
 from melody_jax.training.frozen import load_stage, read_config
+from melody_jax.training.metrics import write_json_atomic
 
 MELODY_STAGES = ("vae_gan", "ssl", "kmeans", "mulan", "rvq", "semantic_lm", "dpd")
 MUSICGEN_STAGES = ("codec", "musicgen")
@@ -133,6 +134,5 @@ def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rule
         except WorkdirError as e:
             raise BundleError(str(e)) from None
     manifest = {"stages": list(stages), "steps": steps, "sources": {s: os.path.abspath(sources[s]) for s in stages}}
-    with open(os.path.join(out, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_json_atomic(os.path.join(out, MANIFEST), manifest, sort_keys=False)
     return manifest

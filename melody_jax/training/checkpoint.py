@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from melody_jax.training.errors import WorkdirError
 
@@ -22,8 +24,10 @@ def param_signature(abstract_params: Any) -> dict[str, list[int]]:
     return {jax.tree_util.keystr(path, simple=True, separator="/"): list(leaf.shape) for path, leaf in flat}
 
 
-def check_compatible(meta: dict[str, Any], stage: str, signature: dict[str, list[int]], where: str) -> None:
-    """One-line error when a workdir holds another stage's or another architecture's checkpoint."""
+def check_compatible(meta: dict[str, Any], stage: str, signature: dict[str, list[int]], where: str,
+                     seed: int | None = None) -> None:
+    """One-line error when a workdir holds another stage's or another architecture's checkpoint, or
+    (`seed` given, for a resume) one trained with another seed: its data order and RNG streams differ."""
     if meta.get("stage") != stage:
         raise WorkdirError(f"{where} holds a checkpoint of stage {meta.get('stage')!r}, not {stage!r}; "
                            "use another --workdir")
@@ -33,6 +37,9 @@ def check_compatible(meta: dict[str, Any], stage: str, signature: dict[str, list
             raise WorkdirError(f"{where} holds a checkpoint of a different model: parameter {name} has shape "
                                f"{saved.get(name)} there and {signature.get(name)} in this config; "
                                "use another --workdir")
+    if seed is not None and meta.get("seed", seed) != seed:
+        raise WorkdirError(f"{where} was trained with config.seed={meta['seed']}, not {seed}; resume with "
+                           f"--config.seed={meta['seed']} or use another --workdir")
 
 
 def non_finite_leaves(tree: Any) -> list[str]:
@@ -47,8 +54,11 @@ def non_finite_leaves(tree: Any) -> list[str]:
 
 
 def _first_line(e: BaseException) -> str:
+    """The readable part of an Orbax/TensorStore error: its first line, without the JSON spec and
+    source-location dumps TensorStore appends in brackets."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return re.split(r"\s*\[(?:tensorstore_spec|source locations|os_error_code)=", line)[0]
 
 
 _OPEN: set[Checkpointer] = set()
@@ -83,9 +93,23 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict, *, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:  # noqa: BLE001 - this save's or an earlier async save's failure
+            raise self._save_failed(e, step) from e
+
+    def _save_failed(self, e: BaseException, step: int | None) -> WorkdirError:
+        """A failed (async) save as one line; the finished checkpoints before it stay usable."""
+        text = str(e)
+        if "No space left" in text or "os_error_code='28'" in text or getattr(e, "errno", None) == 28:
+            reason = "the disk is full (no space left on device)"
+        else:
+            reason = _first_line(e)[:300]
+        where = self.directory if step is None else f"{self.directory}/{step}"
+        return WorkdirError(f"checkpoint {where} could not be saved: {reason}; the complete checkpoints before it "
+                            "are intact: fix this and run the same command to resume")
 
     def read_meta(self, step: int) -> dict:
         try:
@@ -102,8 +126,7 @@ class Checkpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - any failure here is a damaged checkpoint for the user
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {msg}; "
+            raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {_first_line(e)}; "
                                "delete that step directory to resume from an earlier one") from e
         bad = non_finite_leaves(out["state"])
         if bad:  # training never saves such a state (guarded steps), so the files were damaged
@@ -118,8 +141,7 @@ class Checkpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
         except Exception as e:  # noqa: BLE001 - any failure here is a damaged checkpoint for the user
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {msg}") from e
+            raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {_first_line(e)}") from e
         bad = non_finite_leaves(out["state"]["params"])
         if bad:
             raise WorkdirError(f"checkpoint {self.directory}/{step} is damaged: {len(bad)} parameter arrays hold "
@@ -130,10 +152,16 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - an async save that failed in the background
+            raise self._save_failed(e, None) from e
 
     def close(self) -> None:
         """Idempotent: the loop closes on its own paths, `closing_checkpointers` on every other."""
         if self in _OPEN:
             _OPEN.discard(self)
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001 - a failed save already raised; closing must not hide it
+                logging.warning("closing the checkpoint manager: %s", _first_line(e)[:300])

@@ -145,13 +145,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
         abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)
         assert_sharded(abstract, config)  # before any memory is spent on a layout that would not fit
         signature = param_signature(abstract.params)
-        meta = {"stage": config.stage, "param_signature": signature}
+        meta = {"stage": config.stage, "param_signature": signature, "seed": config.seed}
         ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
         train_it = task.train_iterator(mesh)
         latest = ckpt.latest_step()
         if latest is not None:
             try:
-                check_compatible(ckpt.read_meta(latest), config.stage, signature, f"workdir {workdir}")
+                check_compatible(ckpt.read_meta(latest), config.stage, signature, f"workdir {workdir}", config.seed)
                 state, data_state = ckpt.restore(latest, abstract)
             except BaseException:
                 ckpt.close()  # a refused workdir must not leave Orbax's threads behind

@@ -16,10 +16,23 @@ from absl import logging
 
 
 def _clean(value: Any) -> Any:
+    if isinstance(value, (bool, int, str)):
+        return value
     value = float(value) if hasattr(value, "__float__") else value
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/Inf; keep them visible as strings
     return value
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (nested in dicts, lists, NumPy scalars) as its string."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    return _clean(value) if hasattr(value, "__float__") else value
 
 
 def _step_of(line: str) -> int | None:
@@ -83,11 +96,12 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    """Strict JSON (no bare NaN), replaced in one rename: a reader never sees half a file."""
+def write_json_atomic(path: str, data: Any, *, sort_keys: bool = True, default: Any = None) -> None:
+    """Strict JSON (NaN/Inf as strings, never bare), replaced in one rename: a reader never sees half
+    a file. Every JSON file the project writes goes through here."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
+        json.dump(json_safe(data), f, indent=2, sort_keys=sort_keys, allow_nan=False, default=default)
     os.replace(tmp, path)
 
 
