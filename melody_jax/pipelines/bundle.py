@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -114,7 +115,8 @@ def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rul
 
 def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rules,
              stages: tuple[str, ...] = MELODY_STAGES) -> dict[str, Any]:
-    """Checks the workdirs fit together, then writes the bundle; returns its manifest."""
+    """Checks the workdirs fit together, then writes the bundle; returns its manifest. A failure part-way
+    removes the stage folders it wrote (and `out`, if it made it), so the same command can run again."""
     missing = [s for s in stages if not sources.get(s)]
     _need(not missing, f"bundle needs a workdir for: {', '.join(missing)}")
     try:
@@ -127,12 +129,21 @@ def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rule
         check_musicgen_fit(configs)
     if os.path.exists(os.path.join(out, MANIFEST)):
         raise BundleError(f"{out} already holds a bundle; choose another --out or remove it")
-    steps = {}
-    for s in stages:
-        try:
-            steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules)
-        except WorkdirError as e:
-            raise BundleError(str(e)) from None
+    steps, created = {}, not os.path.exists(out)
+    try:
+        for s in stages:
+            # a stage folder without a manifest is a failed earlier run's: export it again
+            shutil.rmtree(os.path.join(out, s), ignore_errors=True)
+            try:
+                steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules)
+            except WorkdirError as e:
+                raise BundleError(str(e)) from None
+    except BaseException:  # a half-written bundle is never left behind
+        for s in stages:
+            shutil.rmtree(os.path.join(out, s), ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     manifest = {"stages": list(stages), "steps": steps, "sources": {s: os.path.abspath(sources[s]) for s in stages}}
     write_json_atomic(os.path.join(out, MANIFEST), manifest, sort_keys=False)
     return manifest

@@ -1,0 +1,37 @@
+"""Issue 27, case 10: `launch.bundle` failing part-way leaves no stage folders behind, and the same
+command then succeeds (it used to die with StepAlreadyExistsError)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import pytest
+
+from melody_jax.pipelines.bundle import MANIFEST, MUSICGEN_STAGES, assemble
+from melody_jax.training.errors import BundleError
+from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
+from tests.bundle_fixture import build_musicgen_bundle
+
+
+def test_case10_bundle_failing_part_way_cleans_up_and_reruns(tmp_path):
+    build_musicgen_bundle(str(tmp_path))  # initialises tmp_path/codec and tmp_path/musicgen
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    broken = shutil.copytree(tmp_path / "musicgen", tmp_path / "broken")
+    shutil.rmtree(os.path.join(broken, "checkpoints"))
+    out = tmp_path / "out"
+    with pytest.raises(BundleError):  # codec exported, then the LM's workdir fails
+        assemble(str(out), {"codec": str(tmp_path / "codec"), "musicgen": broken}, mesh, DEFAULT_RULES,
+                 MUSICGEN_STAGES)
+    assert not out.exists(), "a failed bundle left files behind"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(BundleError):
+        assemble(str(out), {"codec": str(tmp_path / "codec"), "musicgen": broken}, mesh, DEFAULT_RULES,
+                 MUSICGEN_STAGES)
+    assert sorted(os.listdir(out)) == ["notes.txt"]  # a folder the user made is kept, with what it held
+    shutil.copytree(tmp_path / "musicgen_bundle" / "codec", out / "codec")  # an older version's leftover
+    manifest = assemble(str(out), {"codec": str(tmp_path / "codec"), "musicgen": str(tmp_path / "musicgen")}, mesh,
+                        DEFAULT_RULES, MUSICGEN_STAGES)
+    assert manifest["stages"] == list(MUSICGEN_STAGES) and (out / MANIFEST).exists()
+    assert sorted(os.listdir(out)) == sorted(["codec", "musicgen", "notes.txt", MANIFEST])
