@@ -33,6 +33,14 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
 
     def go() -> None:
+        from data_pipeline.builder import find_prepared
+        from melody_jax.pipelines.validation import ArgumentError, check_output_path
+
+        try:  # before the bundle is loaded and anything generated
+            find_prepared(_REFERENCE.value)
+        except FileNotFoundError as e:
+            raise ArgumentError(f"--reference: {e}") from None
+        check_output_path(_OUT.value, extensions=None)
         from data_pipeline.builder import read_clips
         from melody_jax.evaluation.generation import evaluate, markdown, read_prompts
         from melody_jax.pipelines.melody import MeLoDy

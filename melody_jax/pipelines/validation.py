@@ -69,7 +69,11 @@ def _short(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class SamplingError(UserError, ValueError):
+class ArgumentError(UserError, ValueError):
+    """A command-line argument is out of range or names a path that cannot be used."""
+
+
+class SamplingError(ArgumentError):
     """A sampling argument (seed, temperature, top-k/p, guidance, steps) or the output path is unusable."""
 
 
@@ -135,36 +139,34 @@ def check_min_duration(seconds: float, name: str = "duration") -> float:
     return seconds
 
 
-def check_output_path(out: object) -> str:
-    """`out` as an absolute path to a writable .wav file, checked before any generation.
-
-    Its folder is created if missing; a folder or a file of another format is refused.
-    """
+def check_output_path(out: object, flag: str = "out", extensions: tuple[str, ...] | None = OUTPUT_EXTENSIONS) -> str:
+    """`out` as an absolute path to a writable file (one of `extensions`, when given), checked before any
+    work. Its folder is created if missing; a folder, or a file of another format, is refused."""
     if not isinstance(out, str) or not out.strip():
-        raise SamplingError("--out must name a .wav file")
+        raise SamplingError(f"--{flag} must name a file")
     try:
         os.fsencode(out)
     except UnicodeError:
-        raise SamplingError(f"--out={_short(out, 160)} cannot be encoded as a file name") from None
+        raise SamplingError(f"--{flag}={_short(out, 160)} cannot be encoded as a file name") from None
     if "\0" in out:
-        raise SamplingError(f"--out={_short(out, 160)} holds a NUL character")
+        raise SamplingError(f"--{flag}={_short(out, 160)} holds a NUL character")
     path = os.path.abspath(os.path.expanduser(out))
     if os.path.isdir(path) or out.endswith(os.sep):
-        raise SamplingError(f"--out={_short(out, 160)} is a folder; name a .wav file in it")
+        raise SamplingError(f"--{flag}={_short(out, 160)} is a folder; name a file in it")
     extension = os.path.splitext(path)[1].lower()
-    if extension not in OUTPUT_EXTENSIONS:
-        raise SamplingError(f"--out={_short(out, 160)} must end in .wav (got {extension or 'no extension'}); "
-                            "the sampler writes 16-bit WAV")
+    if extensions is not None and extension not in extensions:
+        raise SamplingError(f"--{flag}={_short(out, 160)} must end in {' or '.join(extensions)} "
+                            f"(got {extension or 'no extension'})")
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise SamplingError(f"--out={_short(out, 160)}: cannot create its folder ({e.strerror or e})") from None
+        raise SamplingError(f"--{flag}={_short(out, 160)}: cannot create its folder ({e.strerror or e})") from None
     try:  # a probe beside the output: permissions, read-only filesystems, a full disk's inode table
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe_"):
             pass
         if os.path.exists(path) and not os.access(path, os.W_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as e:
-        raise SamplingError(f"--out={_short(out, 160)} is not writable ({e.strerror or e})") from None
+        raise SamplingError(f"--{flag}={_short(out, 160)} is not writable ({e.strerror or e})") from None
     return path
