@@ -28,6 +28,7 @@ BAD_RANGE = "time range outside file"
 BAD_ENTRY = "bad metadata entry"
 OUT_OF_RANGE = "sample values out of range"
 DUPLICATE = "duplicate entry"
+UNREADABLE = "unreadable (no permission or I/O error)"
 
 # Extensions libsndfile decodes; other audio extensions are listed so they are reported, not ignored.
 DECODABLE = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au"})
@@ -53,6 +54,11 @@ def check_file(path: str) -> None:
         raise BadAudio(NOT_A_FILE, path)
     if os.path.getsize(path) == 0:
         raise BadAudio(EMPTY_FILE)
+    try:
+        with open(os.fsencode(path), "rb") as f:
+            f.read(1)
+    except OSError as e:  # libsndfile would call this "System error" and we "corrupt"
+        raise BadAudio(UNREADABLE, e.strerror or str(e)) from None
 
 
 def duration(path: str) -> float:
@@ -69,7 +75,10 @@ def _open(path: str, fn):
     except BadAudio:
         raise
     except (sf.SoundFileError, RuntimeError, ValueError, TypeError, OSError, MemoryError) as e:
-        raise BadAudio(CORRUPT if ext in DECODABLE else UNSUPPORTED, f"{type(e).__name__}: {e}") from e
+        text = " ".join(str(e).split())
+        if "Format not recognised" in text or "possibly a pipe" in text or "unknown format" in text.lower():
+            text = f"its contents are not {ext or 'audio'} audio (a file of another kind under an audio name?)"
+        raise BadAudio(CORRUPT if ext in DECODABLE else UNSUPPORTED, f"{type(e).__name__}: {text}") from e
 
 
 def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
@@ -93,9 +102,11 @@ def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: flo
             x = f.read(min(block, remaining), dtype="float32", always_2d=True)
             if len(x) == 0:
                 break  # header promised more frames than the file holds: keep what decoded
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.all():  # the first bad sample's time in the file, not its block's end
+                at = stop - remaining + int(np.argmin(finite))
+                raise BadAudio(NON_FINITE, f"at {at / f.samplerate:.3f} s")
             remaining -= len(x)
-            if not np.all(np.isfinite(x)):
-                raise BadAudio(NON_FINITE, f"at {(stop - start - remaining) / f.samplerate:.2f} s")
             mono = x.mean(axis=1, dtype=np.float64).astype(np.float32)  # float32 sums overflow near 3e38
             pieces.append(resampler.resample_chunk(mono) if resampler else mono)
         if resampler:

@@ -93,7 +93,17 @@ def _printable(name: str) -> str:
 def folder_items(root: str) -> Iterator[SourceItem]:
     """Audio files under `root` (recursively, sorted), each with an optional sidecar caption:
     `x.json` ({"caption": ..., "tags": [...] | "a, b", other keys → attributes}) or `x.txt`."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    unreadable: list[OSError] = []
+
+    def unlisted() -> Iterator[SourceItem]:
+        """Folders that could not be listed: reported (their files are unknown), never silently lost."""
+        while unreadable:
+            e = unreadable.pop(0)
+            yield SourceItem(key=_printable(os.path.relpath(e.filename, root)) + "/",
+                             error=(audio_io.UNREADABLE, f"folder could not be listed: {e.strerror or e}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append):
+        yield from unlisted()
         dirnames.sort()
         for name in sorted(filenames):
             stem, ext = os.path.splitext(name)
@@ -116,6 +126,7 @@ def folder_items(root: str) -> Iterator[SourceItem]:
                     yield SourceItem(key=key, path=path)
             except (OSError, ValueError, RecursionError) as e:
                 yield SourceItem(key=key, path=path, error=(audio_io.BAD_ENTRY, f"sidecar: {e}"))
+    yield from unlisted()
 
 
 def manifest_items(manifest: str) -> Iterator[SourceItem]:

@@ -107,3 +107,31 @@ def test_case14_cli_path_mistakes_are_one_line_before_any_work(tmp_path_factory,
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-2000:]
     assert errors[0].startswith(message.format(tmp=tmp)), errors[0]
+
+
+def test_case15_report_reasons_are_honest(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "text.mp3").write_text("these are words, not MPEG frames\n" * 20)
+    t = np.arange(SR) / SR
+    audio = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    audio[3 * SR // 4] = np.nan  # 0.75 s into a 1-s float file
+    sf.write(str(folder / "nan.wav"), audio, SR, subtype="FLOAT")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (root reads every folder)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    from data_pipeline import sources
+
+    items = {it.key: it for it in sources.folder_items(str(folder))}
+    assert items["locked/"].error == (audio_io.UNREADABLE, "folder could not be listed: Permission denied")
+    with pytest.raises(audio_io.BadAudio) as e:
+        audio_io.decode(str(folder / "text.mp3"), SR)
+    assert e.value.reason == audio_io.CORRUPT and "pipe" not in e.value.detail
+    assert e.value.detail.endswith("its contents are not .mp3 audio (a file of another kind under an audio name?)")
+    with pytest.raises(audio_io.BadAudio, match=r"^NaN/Inf samples: at 0.750 s$"):
+        audio_io.decode(str(folder / "nan.wav"), SR)
