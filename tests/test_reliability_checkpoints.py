@@ -150,3 +150,11 @@ def test_case13_skipped_steps_are_warned_counted_and_strict_json(tmp_path, caplo
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
     assert [m["loss"] for m in read_metrics(tmp_path)][1:4:2] == ["nan", "inf"]
+
+
+def test_case18_a_bundle_folder_of_another_stage_is_not_told_to_use_another_workdir():
+    from melody_jax.training.checkpoint import check_compatible
+
+    with pytest.raises(WorkdirError, match=r"^/b/dpd holds a checkpoint of stage 'dpd', not 'ssl'; point to the "
+                                           r"folder of that stage \(a bundle's: rebuild the bundle\)$"):
+        check_compatible({"stage": "dpd", "param_signature": {}}, "ssl", {}, "/b/dpd")

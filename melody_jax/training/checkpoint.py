@@ -28,15 +28,15 @@ def check_compatible(meta: dict[str, Any], stage: str, signature: dict[str, list
                      seed: int | None = None) -> None:
     """One-line error when a workdir holds another stage's or another architecture's checkpoint, or
     (`seed` given, for a resume) one trained with another seed: its data order and RNG streams differ."""
+    advice = ("use another --workdir" if where.startswith("workdir ") else
+              "point to the folder of that stage (a bundle's: rebuild the bundle)")
     if meta.get("stage") != stage:
-        raise WorkdirError(f"{where} holds a checkpoint of stage {meta.get('stage')!r}, not {stage!r}; "
-                           "use another --workdir")
+        raise WorkdirError(f"{where} holds a checkpoint of stage {meta.get('stage')!r}, not {stage!r}; {advice}")
     saved = meta.get("param_signature", {})
     for name in sorted(set(saved) | set(signature)):
         if saved.get(name) != signature.get(name):
             raise WorkdirError(f"{where} holds a checkpoint of a different model: parameter {name} has shape "
-                               f"{saved.get(name)} there and {signature.get(name)} in this config; "
-                               "use another --workdir")
+                               f"{saved.get(name)} there and {signature.get(name)} in this config; {advice}")
     if seed is not None and meta.get("seed", seed) != seed:
         raise WorkdirError(f"{where} was trained with config.seed={meta['seed']}, not {seed}; resume with "
                            f"--config.seed={meta['seed']} or use another --workdir")
