@@ -152,10 +152,14 @@ def manifest_items(manifest: str) -> Iterator[SourceItem]:
 
 
 def unique_keys(items: Iterable[SourceItem]) -> Iterator[SourceItem]:
-    """Items with the keys seen so far; a repeated key (two CSV rows with one ytid and start, a file
-    name that escapes to another's key) becomes a skip under `<key> (duplicate N)`, never a dataset error."""
+    """Usable items whose key an earlier usable item has (two CSV rows with one ytid and start, a file
+    name that escapes to another's key) become skips under `<key> (duplicate N)`, never a dataset error.
+    Items already skipped keep their own reason: they are never written, so their keys cannot clash."""
     seen: dict[str, int] = {}
     for item in items:
+        if item.error:
+            yield item
+            continue
         count = seen.get(item.key, 0)
         seen[item.key] = count + 1
         if count:
