@@ -126,3 +126,16 @@ def test_case5_sample_cli_refuses_before_loading_the_bundle(args, message):
 def test_case9_config_mistakes_are_one_line_exit_2(tmp_path, args, message):
     line = error_line(run_cli("launch.train", f"--workdir={tmp_path}", *args, timeout=120))
     assert line.startswith(message) and len(line) < 400, line
+
+
+def test_case18_inpaint_end_may_be_the_files_own_length():
+    """--end=<file length> used to be refused because the audio was first trimmed to whole tokens."""
+    from melody_jax.pipelines.melody import AudioInputError, inpaint_span
+
+    samples = 24000 + 500  # 1 s of 24 kHz audio plus part of a 960-sample token
+    assert inpaint_span(samples, 960, 24000, 0.5, samples / 24000) == (24000, 1.0)
+    assert inpaint_span(samples, 960, 24000, 0.25, 0.75) == (24000, 0.75)
+    with pytest.raises(AudioInputError, match=r"must lie within the audio's 1.02083 s"):
+        inpaint_span(samples, 960, 24000, 0.5, 1.1)
+    with pytest.raises(AudioInputError, match=r"starts in the audio's last 0.0208333 s, shorter than one token"):
+        inpaint_span(samples, 960, 24000, 1.01, samples / 24000)
