@@ -9,13 +9,16 @@ import jax
 import pytest
 
 from melody_jax.pipelines.bundle import MANIFEST, MUSICGEN_STAGES, assemble
+from melody_jax.pipelines.untrained import init_workdir
 from melody_jax.training.errors import BundleError
 from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
-from tests.bundle_fixture import build_musicgen_bundle
+from tests.helpers import stage_config
 
 
 def test_case10_bundle_failing_part_way_cleans_up_and_reruns(tmp_path):
-    build_musicgen_bundle(str(tmp_path))  # initialises tmp_path/codec and tmp_path/musicgen
+    configs = {"codec": stage_config("codec", data__path="x"), "musicgen": stage_config("musicgen")}
+    for stage, config in configs.items():  # what tests/bundle_fixture.py bundles, left unassembled
+        init_workdir(config, str(tmp_path / stage))
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     broken = shutil.copytree(tmp_path / "musicgen", tmp_path / "broken")
     shutil.rmtree(os.path.join(broken, "checkpoints"))
@@ -30,7 +33,7 @@ def test_case10_bundle_failing_part_way_cleans_up_and_reruns(tmp_path):
         assemble(str(out), {"codec": str(tmp_path / "codec"), "musicgen": broken}, mesh, DEFAULT_RULES,
                  MUSICGEN_STAGES)
     assert sorted(os.listdir(out)) == ["notes.txt"]  # a folder the user made is kept, with what it held
-    shutil.copytree(tmp_path / "musicgen_bundle" / "codec", out / "codec")  # an older version's leftover
+    shutil.copytree(tmp_path / "codec", out / "codec")  # an older version's leftover: step 0 already there
     manifest = assemble(str(out), {"codec": str(tmp_path / "codec"), "musicgen": str(tmp_path / "musicgen")}, mesh,
                         DEFAULT_RULES, MUSICGEN_STAGES)
     assert manifest["stages"] == list(MUSICGEN_STAGES) and (out / MANIFEST).exists()
