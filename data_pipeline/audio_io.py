@@ -9,6 +9,7 @@ silently wrong example.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import soundfile as sf
@@ -35,6 +36,7 @@ DECODABLE = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif",
 AUDIO_EXTENSIONS = DECODABLE | {".m4a", ".aac", ".wma", ".webm", ".mp4"}
 
 _BLOCK_SECONDS = 20.0
+_TRUNCATED_DATA = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
 
 class BadAudio(Exception):
@@ -81,13 +83,19 @@ def _open(path: str, fn):
         raise BadAudio(CORRUPT if ext in DECODABLE else UNSUPPORTED, f"{type(e).__name__}: {text}") from e
 
 
-def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
-    """Mono float32 audio of `path` (optionally only [start_s, end_s)) at `sample_rate`."""
+def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: float | None = None,
+           notes: list[str] | None = None) -> np.ndarray:
+    """Mono float32 audio of `path` (optionally only [start_s, end_s)) at `sample_rate`. What was kept
+    despite a defect (a file shorter than its header says) is appended to `notes`."""
     check_file(path)
 
     def read(f: sf.SoundFile) -> np.ndarray:
         if f.frames <= 0:
             raise BadAudio(NO_AUDIO)
+        cut = _TRUNCATED_DATA.search(f.extra_info)  # libsndfile reads a cut WAV/AIFF as the frames present
+        if cut and notes is not None and int(cut[2]) < int(cut[1]):
+            notes.append(f"truncated: its header promises {f.frames * int(cut[1]) / int(cut[2]) / f.samplerate:.2f} s, "
+                         f"{f.frames / f.samplerate:.2f} s decoded and kept")
         start = 0 if start_s is None else int(round(start_s * f.samplerate))
         stop = f.frames if end_s is None else int(round(end_s * f.samplerate))
         if start < 0 or start >= f.frames or stop <= start or stop > f.frames + f.samplerate // 10:
@@ -100,8 +108,11 @@ def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: flo
         pieces, remaining = [], stop - start
         while remaining > 0:
             x = f.read(min(block, remaining), dtype="float32", always_2d=True)
-            if len(x) == 0:
-                break  # header promised more frames than the file holds: keep what decoded
+            if len(x) == 0:  # header promised more frames than the file holds: keep what decoded, say so
+                if notes is not None:
+                    notes.append(f"truncated: its header promises {(stop - start) / f.samplerate:.2f} s, "
+                                 f"{(stop - start - remaining) / f.samplerate:.2f} s decoded and kept")
+                break
             finite = np.isfinite(x).all(axis=1)
             if not finite.all():  # the first bad sample's time in the file, not its block's end
                 at = stop - remaining + int(np.argmin(finite))

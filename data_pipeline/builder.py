@@ -185,11 +185,12 @@ class PreparedAudio(tfds.core.GeneratorBasedBuilder):
         """Every item validation did not take (read only once validation is written)."""
         yield from self._generate_examples([it for it in items if it.key not in self._val_keys], "train")
 
-    def _load(self, item: sources.SourceItem) -> tuple[sources.SourceItem, tuple | audio_io.BadAudio]:
+    def _load(self, item: sources.SourceItem) -> tuple[sources.SourceItem, tuple | audio_io.BadAudio, list[str]]:
+        notes: list[str] = []
         try:
-            return item, sources.load_item(item, self._settings.sample_rate)
+            return item, sources.load_item(item, self._settings.sample_rate, notes), notes
         except audio_io.BadAudio as e:
-            return item, e
+            return item, e, notes
 
     def _generate_examples(self, items: list[sources.SourceItem], split: str,
                            allow_empty: bool = False) -> Iterator[tuple[str, dict]]:
@@ -198,12 +199,14 @@ class PreparedAudio(tfds.core.GeneratorBasedBuilder):
         segment, minimum = int(s.segment_seconds * sr), int(np.ceil(s.min_seconds * sr))
         first_id = next_id = self._next_id.get(split, 0)  # ids stay unique over a split's several calls
         bar = tqdm.tqdm(total=len(items), desc=f"preparing {split}", unit="item", disable=not self._progress)
-        for item, loaded in _ordered_map(self._load, items, s.workers):
+        for item, loaded, notes in _ordered_map(self._load, items, s.workers):
             bar.update()
             report.items_read += 1
             if isinstance(loaded, audio_io.BadAudio):
                 report.skip(item.key, loaded.reason, loaded.detail)
                 continue
+            for note in notes:
+                report.note(item.key, note)
             audio, caption, tags, attributes = loaded
             try:
                 audio_io.check_audio(audio, sr, s.min_seconds, s.silence_db)

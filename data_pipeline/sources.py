@@ -251,15 +251,17 @@ def list_items(source: str, *, input_path: str = "", audio_dir: str = "", num_cl
     return unique_keys(musiccaps_items(input_path, audio_dir))
 
 
-def load_item(item: SourceItem, sample_rate: int) -> tuple[np.ndarray, str, tuple[str, ...], dict[str, Any]]:
-    """(mono float32 audio at sample_rate, caption, tags, attributes); raises audio_io.BadAudio."""
+def load_item(item: SourceItem, sample_rate: int,
+              notes: list[str] | None = None) -> tuple[np.ndarray, str, tuple[str, ...], dict[str, Any]]:
+    """(mono float32 audio at sample_rate, caption, tags, attributes); raises audio_io.BadAudio.
+    Defects the audio was kept despite go to `notes`."""
     if item.error:
         raise audio_io.BadAudio(*item.error)
     if item.synthetic:
         seed, index, seconds = item.synthetic
         clip = generate_clip(clip_seed(seed, index), seconds, sample_rate)
         return clip.audio, clip.caption, tuple(clip.tags), clip.attributes
-    audio = audio_io.decode(item.path, sample_rate, item.start_s, item.end_s)
+    audio = audio_io.decode(item.path, sample_rate, item.start_s, item.end_s, notes)
     attributes = dict(item.attributes)
     if item.start_s is not None:
         attributes.update(start_s=item.start_s, end_s=item.end_s)

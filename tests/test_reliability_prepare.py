@@ -135,3 +135,18 @@ def test_case15_report_reasons_are_honest(tmp_path, monkeypatch):
     assert e.value.detail.endswith("its contents are not .mp3 audio (a file of another kind under an audio name?)")
     with pytest.raises(audio_io.BadAudio, match=r"^NaN/Inf samples: at 0.750 s$"):
         audio_io.decode(str(folder / "nan.wav"), SR)
+
+
+def test_case15_a_truncated_file_is_kept_with_a_note(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    wav(folder / "full.wav", 2.0)
+    data = (folder / "full.wav").read_bytes()
+    (folder / "cut.wav").write_bytes(data[: 44 + (len(data) - 44) // 2])  # half of the 16-bit samples
+    out = str(tmp_path / "out")
+    report = prepare(PrepareSettings(source="folder", input=str(folder), sample_rate=SR, segment_seconds=0.0), out,
+                     progress=False)
+    assert sources_in(out) == ["cut.wav", "full.wav"] and not report.skipped
+    assert report.notes == [{"item": "cut.wav", "note": "truncated: its header promises 2.00 s, 1.00 s decoded and kept"}]
+    assert json.loads((tmp_path / "out" / "prepare_report.json").read_text())["notes"] == report.notes
+    assert "kept with a note: 1" in report.summary()
