@@ -9,6 +9,7 @@ silently wrong example.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import soundfile as sf
@@ -27,12 +28,15 @@ TOO_SHORT = "shorter than minimum"
 BAD_RANGE = "time range outside file"
 BAD_ENTRY = "bad metadata entry"
 OUT_OF_RANGE = "sample values out of range"
+DUPLICATE = "duplicate entry"
+UNREADABLE = "unreadable (no permission or I/O error)"
 
 # Extensions libsndfile decodes; other audio extensions are listed so they are reported, not ignored.
 DECODABLE = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au"})
 AUDIO_EXTENSIONS = DECODABLE | {".m4a", ".aac", ".wma", ".webm", ".mp4"}
 
 _BLOCK_SECONDS = 20.0
+_TRUNCATED_DATA = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
 
 class BadAudio(Exception):
@@ -52,6 +56,11 @@ def check_file(path: str) -> None:
         raise BadAudio(NOT_A_FILE, path)
     if os.path.getsize(path) == 0:
         raise BadAudio(EMPTY_FILE)
+    try:
+        with open(os.fsencode(path), "rb") as f:
+            f.read(1)
+    except OSError as e:  # libsndfile would call this "System error" and we "corrupt"
+        raise BadAudio(UNREADABLE, e.strerror or str(e)) from None
 
 
 def duration(path: str) -> float:
@@ -68,16 +77,25 @@ def _open(path: str, fn):
     except BadAudio:
         raise
     except (sf.SoundFileError, RuntimeError, ValueError, TypeError, OSError, MemoryError) as e:
-        raise BadAudio(CORRUPT if ext in DECODABLE else UNSUPPORTED, f"{type(e).__name__}: {e}") from e
+        text = " ".join(str(e).split())
+        if "Format not recognised" in text or "possibly a pipe" in text or "unknown format" in text.lower():
+            text = f"its contents are not {ext or 'audio'} audio (a file of another kind under an audio name?)"
+        raise BadAudio(CORRUPT if ext in DECODABLE else UNSUPPORTED, f"{type(e).__name__}: {text}") from e
 
 
-def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
-    """Mono float32 audio of `path` (optionally only [start_s, end_s)) at `sample_rate`."""
+def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: float | None = None,
+           notes: list[str] | None = None) -> np.ndarray:
+    """Mono float32 audio of `path` (optionally only [start_s, end_s)) at `sample_rate`. What was kept
+    despite a defect (a file shorter than its header says) is appended to `notes`."""
     check_file(path)
 
     def read(f: sf.SoundFile) -> np.ndarray:
         if f.frames <= 0:
             raise BadAudio(NO_AUDIO)
+        cut = _TRUNCATED_DATA.search(f.extra_info)  # libsndfile reads a cut WAV/AIFF as the frames present
+        if cut and notes is not None and int(cut[2]) < int(cut[1]):
+            notes.append(f"truncated: its header promises {f.frames * int(cut[1]) / int(cut[2]) / f.samplerate:.2f} s, "
+                         f"{f.frames / f.samplerate:.2f} s decoded and kept")
         start = 0 if start_s is None else int(round(start_s * f.samplerate))
         stop = f.frames if end_s is None else int(round(end_s * f.samplerate))
         if start < 0 or start >= f.frames or stop <= start or stop > f.frames + f.samplerate // 10:
@@ -90,11 +108,16 @@ def decode(path: str, sample_rate: int, start_s: float | None = None, end_s: flo
         pieces, remaining = [], stop - start
         while remaining > 0:
             x = f.read(min(block, remaining), dtype="float32", always_2d=True)
-            if len(x) == 0:
-                break  # header promised more frames than the file holds: keep what decoded
+            if len(x) == 0:  # header promised more frames than the file holds: keep what decoded, say so
+                if notes is not None:
+                    notes.append(f"truncated: its header promises {(stop - start) / f.samplerate:.2f} s, "
+                                 f"{(stop - start - remaining) / f.samplerate:.2f} s decoded and kept")
+                break
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.all():  # the first bad sample's time in the file, not its block's end
+                at = stop - remaining + int(np.argmin(finite))
+                raise BadAudio(NON_FINITE, f"at {at / f.samplerate:.3f} s")
             remaining -= len(x)
-            if not np.all(np.isfinite(x)):
-                raise BadAudio(NON_FINITE, f"at {(stop - start - remaining) / f.samplerate:.2f} s")
             mono = x.mean(axis=1, dtype=np.float64).astype(np.float32)  # float32 sums overflow near 3e38
             pieces.append(resampler.resample_chunk(mono) if resampler else mono)
         if resampler:

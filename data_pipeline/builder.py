@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -40,6 +41,7 @@ from data_pipeline import audio_io, sources
 from data_pipeline.report import PrepareReport
 from data_pipeline.tf_setup import hide_gpus_from_tensorflow
 from melody_jax.training.errors import UserError
+from melody_jax.training.metrics import json_safe
 
 DATASET_NAME = "prepared_audio"
 REPORT_FILE = "prepare_report.json"
@@ -132,6 +134,7 @@ class PreparedAudio(tfds.core.GeneratorBasedBuilder):
         self._items = items
         self._report = report
         self._progress = progress
+        self._next_id: dict[str, int] = {}
         super().__init__(data_dir=data_dir)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -156,31 +159,54 @@ class PreparedAudio(tfds.core.GeneratorBasedBuilder):
         if not s.val_fraction:
             return {"train": self._generate_examples(items, "train")}
         score = {it.key: _hash_fraction(it.key) for it in items}
-        val = [it for it in items if score[it.key] < s.val_fraction]
-        if not val and len(items) > 1:  # a small dataset still gets one validation item
-            val = [min(items, key=lambda it: score[it.key])]
-        val_keys = {it.key for it in val}
-        train = [it for it in items if it.key not in val_keys]
-        return {"train": self._generate_examples(train, "train"), "validation": self._generate_examples(val, "validation")}
+        ranked = sorted(items, key=lambda it: (score[it.key], it.key))
+        count = sum(1 for it in items if score[it.key] < s.val_fraction)
+        count = max(count, 1) if len(items) > 1 else count  # a small dataset still gets one validation item
+        self._val_keys: set[str] = set()
+        # TFDS builds the splits in this order: validation settles which items it took before train starts
+        return {"validation": self._validation_examples(ranked, count), "train": self._train_examples(items)}
 
-    def _load(self, item: sources.SourceItem) -> tuple[sources.SourceItem, tuple | audio_io.BadAudio]:
+    def _validation_examples(self, ranked: list[sources.SourceItem], count: int) -> Iterator[tuple[str, dict]]:
+        """The `count` best-ranked items; when none of them is usable, the next ranked items one at a time
+        until one is (leaving train at least one), so one bad file never empties the split."""
+        produced, first = False, {it.key for it in ranked[:count]}
+        for batch in [[it for it in self._items if it.key in first]] + [[it] for it in ranked[count:-1]]:
+            if produced or not batch:
+                break
+            self._val_keys.update(it.key for it in batch)
+            for example in self._generate_examples(batch, "validation", allow_empty=True):
+                produced = True
+                yield example
+        if not produced:
+            raise EmptySplitError(f"split 'validation' has no usable examples: all {len(self._val_keys)} items "
+                                  "tried were skipped")
+
+    def _train_examples(self, items: list[sources.SourceItem]) -> Iterator[tuple[str, dict]]:
+        """Every item validation did not take (read only once validation is written)."""
+        yield from self._generate_examples([it for it in items if it.key not in self._val_keys], "train")
+
+    def _load(self, item: sources.SourceItem) -> tuple[sources.SourceItem, tuple | audio_io.BadAudio, list[str]]:
+        notes: list[str] = []
         try:
-            return item, sources.load_item(item, self._settings.sample_rate)
+            return item, sources.load_item(item, self._settings.sample_rate, notes), notes
         except audio_io.BadAudio as e:
-            return item, e
+            return item, e, notes
 
-    def _generate_examples(self, items: list[sources.SourceItem], split: str) -> Iterator[tuple[str, dict]]:
+    def _generate_examples(self, items: list[sources.SourceItem], split: str,
+                           allow_empty: bool = False) -> Iterator[tuple[str, dict]]:
         s, report = self._settings, self._report
         sr = s.sample_rate
         segment, minimum = int(s.segment_seconds * sr), int(np.ceil(s.min_seconds * sr))
-        next_id = 0
+        first_id = next_id = self._next_id.get(split, 0)  # ids stay unique over a split's several calls
         bar = tqdm.tqdm(total=len(items), desc=f"preparing {split}", unit="item", disable=not self._progress)
-        for item, loaded in _ordered_map(self._load, items, s.workers):
+        for item, loaded, notes in _ordered_map(self._load, items, s.workers):
             bar.update()
             report.items_read += 1
             if isinstance(loaded, audio_io.BadAudio):
                 report.skip(item.key, loaded.reason, loaded.detail)
                 continue
+            for note in notes:
+                report.note(item.key, note)
             audio, caption, tags, attributes = loaded
             try:
                 audio_io.check_audio(audio, sr, s.min_seconds, s.silence_db)
@@ -200,12 +226,13 @@ class PreparedAudio(tfds.core.GeneratorBasedBuilder):
                 report.wrote(split, len(piece) / sr)
                 yield f"{item.key}#{k}", {
                     "audio": audio_io.to_pcm(piece, s.pcm), "caption": caption, "tags": list(tags),
-                    "attributes": json.dumps(attributes, sort_keys=True, default=str),
+                    "attributes": json.dumps(json_safe(attributes), sort_keys=True, default=str, allow_nan=False),
                     "source": item.key, "offset_s": start / sr, "id": next_id,
                 }
                 next_id += 1
+                self._next_id[split] = next_id
         bar.close()
-        if not next_id:
+        if next_id == first_id and not allow_empty:
             raise EmptySplitError(f"split {split!r} has no usable examples: all {len(items)} items were skipped")
 
 
@@ -268,6 +295,18 @@ def _quiet_tfds() -> Iterator[None]:
         tfds.enable_progress_bar()
 
 
+def _writable_folder(out_dir: str) -> None:
+    """--out as a folder this process can write, or a PrepareError before any decoding."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PrepareError(f"--out={out_dir} is a file; name a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write_probe_"):
+            pass
+    except OSError as e:
+        raise PrepareError(f"--out={out_dir} is not a writable folder ({e.strerror or e})") from None
+
+
 def prepare(settings: PrepareSettings, out_dir: str, *, overwrite: bool = False, progress: bool = True) -> PrepareReport:
     """Prepares `settings` into `out_dir` (reusing an identical earlier preparation); returns the report."""
     settings.validate()
@@ -284,7 +323,9 @@ def prepare(settings: PrepareSettings, out_dir: str, *, overwrite: bool = False,
                              "choose another --out or pass --overwrite")
     if overwrite:
         shutil.rmtree(os.path.join(out_dir, DATASET_NAME), ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
+    _writable_folder(out_dir)
+    for leftover in glob.glob(os.path.join(out_dir, DATASET_NAME, "**", "*incomplete*"), recursive=True):
+        shutil.rmtree(leftover, ignore_errors=True)  # TFDS's working folders of a preparation that was killed
     start = time.perf_counter()
     try:
         items = list(sources.list_items(settings.source, input_path=settings.input, audio_dir=settings.audio_dir,

@@ -33,11 +33,15 @@ import tensorflow_datasets as tfds
 
 from data_pipeline.builder import find_prepared
 from data_pipeline.tf_setup import hide_gpus_from_tensorflow
-from melody_jax.training.errors import ConfigError
+from melody_jax.training.errors import ConfigError, UserError
 from melody_jax.training.sharding import batch_divisor, host_to_global
 
 GLOBAL_KEYS = ("audio", "mask", "index")  # become global jax.Arrays; the rest stay host-local numpy
 _STATE_VERSION = 1
+
+
+class DataError(UserError, ValueError):
+    """Prepared data that cannot be read as the config asks (damaged shards, another run's position)."""
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -121,7 +125,7 @@ class AudioBatchIterator:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"data iterator state has version {state.get('version')}, expected {_STATE_VERSION}")
         if state["seed"] != self.seed or state["split"] != self.split:
-            raise ValueError(f"data iterator state is for seed={state['seed']} split={state['split']!r}, "
+            raise DataError(f"data iterator state is for seed={state['seed']} split={state['split']!r}, "
                              f"this iterator has seed={self.seed} split={self.split!r}")
         self._consumed = int(state["examples_consumed"])
         self._iterator = None
@@ -178,7 +182,11 @@ class AudioBatchIterator:
         """This host's rows of the next batch, all numpy (what `__next__` makes global)."""
         if self._iterator is None:
             self._iterator = self._dataset().as_numpy_iterator()
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except (tf.errors.NotFoundError, tf.errors.DataLossError) as e:  # a shard deleted or truncated since
+            raise DataError(f"the prepared dataset at {self._cfg['path']} is damaged ({e.message.splitlines()[0]}); "
+                            "prepare it again with `python -m launch.prepare_data`") from None
         self._consumed += self.local_batch_size
         for key in ("caption", "tags", "attributes"):
             batch[key] = np.array([b.decode("utf-8") for b in batch[key]], dtype=object)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 from typing import Any
 
 from absl import logging
+
+from melody_jax.training.metrics import write_json_atomic
 
 
 @dataclasses.dataclass
@@ -22,11 +23,16 @@ class PrepareReport:
     examples_per_split: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {item, segment, reason, detail}
     reused: bool = False  # the dataset already existed with the same settings: nothing was prepared
+    notes: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {item, note}: kept despite a defect
 
     def skip(self, item: str, reason: str, detail: str = "", segment: int | None = None) -> None:
         self.skipped.append({"item": item, "segment": segment, "reason": reason, "detail": detail})
         where = item if segment is None else f"{item} (segment {segment})"
         logging.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
+
+    def note(self, item: str, note: str) -> None:
+        self.notes.append({"item": item, "note": note})
+        logging.warning("kept %s: %s", item, note)
 
     def wrote(self, split: str, seconds: float) -> None:
         self.examples_written += 1
@@ -60,8 +66,7 @@ class PrepareReport:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=2)
+        write_json_atomic(path, self.to_json(), sort_keys=False)
 
     def summary(self) -> str:
         lines = [
@@ -71,5 +76,7 @@ class PrepareReport:
             f"({self.prepared_hours_per_second:.4f} h/s)",
             f"items skipped:    {self.items_skipped}, segments skipped: {len(self.skipped) - self.items_skipped}",
         ]
+        if self.notes:
+            lines.append(f"kept with a note: {len(self.notes)} (see notes in the report, e.g. truncated files)")
         lines += [f"  {n:6d}  {reason}" for reason, n in self.skipped_by_reason().items()]
         return "\n".join(lines)

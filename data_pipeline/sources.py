@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -93,7 +93,17 @@ def _printable(name: str) -> str:
 def folder_items(root: str) -> Iterator[SourceItem]:
     """Audio files under `root` (recursively, sorted), each with an optional sidecar caption:
     `x.json` ({"caption": ..., "tags": [...] | "a, b", other keys → attributes}) or `x.txt`."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    unreadable: list[OSError] = []
+
+    def unlisted() -> Iterator[SourceItem]:
+        """Folders that could not be listed: reported (their files are unknown), never silently lost."""
+        while unreadable:
+            e = unreadable.pop(0)
+            yield SourceItem(key=_printable(os.path.relpath(e.filename, root)) + "/",
+                             error=(audio_io.UNREADABLE, f"folder could not be listed: {e.strerror or e}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append):
+        yield from unlisted()
         dirnames.sort()
         for name in sorted(filenames):
             stem, ext = os.path.splitext(name)
@@ -116,6 +126,7 @@ def folder_items(root: str) -> Iterator[SourceItem]:
                     yield SourceItem(key=key, path=path)
             except (OSError, ValueError, RecursionError) as e:
                 yield SourceItem(key=key, path=path, error=(audio_io.BAD_ENTRY, f"sidecar: {e}"))
+    yield from unlisted()
 
 
 def manifest_items(manifest: str) -> Iterator[SourceItem]:
@@ -140,12 +151,34 @@ def manifest_items(manifest: str) -> Iterator[SourceItem]:
                 yield SourceItem(key=key, error=(audio_io.BAD_ENTRY, str(e).splitlines()[0] if str(e) else type(e).__name__))
 
 
+def unique_keys(items: Iterable[SourceItem]) -> Iterator[SourceItem]:
+    """Usable items whose key an earlier usable item has (two CSV rows with one ytid and start, a file
+    name that escapes to another's key) become skips under `<key> (duplicate N)`, never a dataset error.
+    Items already skipped keep their own reason: they are never written, so their keys cannot clash."""
+    seen: dict[str, int] = {}
+    for item in items:
+        if item.error:
+            yield item
+            continue
+        count = seen.get(item.key, 0)
+        seen[item.key] = count + 1
+        if count:
+            item = SourceItem(key=f"{item.key} (duplicate {count})", path=item.path,
+                              error=(audio_io.DUPLICATE, f"same key as an earlier entry: {item.key}"))
+        yield item
+
+
 def _find_ytid(audio_dir: str, ytid: str) -> str | None:
     for ext in sorted(audio_io.AUDIO_EXTENSIONS):
         path = os.path.join(audio_dir, ytid + ext)
         if os.path.lexists(path):
             return path
     return None
+
+
+def _escapes(name: str) -> bool:
+    """A name that would reach outside the folder it is joined to (`../x`, `/abs`, `a/b`, `..`)."""
+    return name in (".", "..") or "/" in name or "\\" in name or os.path.isabs(name) or "\0" in name
 
 
 def musiccaps_items(csv_path: str, audio_dir: str) -> Iterator[SourceItem]:
@@ -165,6 +198,9 @@ def musiccaps_items(csv_path: str, audio_dir: str) -> Iterator[SourceItem]:
                 start, end = _seconds(row["start_s"], "start_s"), _seconds(row["end_s"], "end_s")
                 if not row["ytid"] or end <= start:
                     raise ValueError(f"row {rowno}: need a ytid and end_s > start_s")
+                if _escapes(row["ytid"]):
+                    raise ValueError(f"row {rowno}: ytid {row['ytid'][:40]!r} is not a plain name (paths stay "
+                                     "inside --audio_dir)")
                 aspects = row.get("aspect_list") or "[]"
                 tags = ast.literal_eval(aspects) if aspects.lstrip().startswith("[") else aspects
                 meta = {k: v for k, v in row.items() if k not in ("ytid", "aspect_list") and k is not None}
@@ -199,7 +235,7 @@ def list_items(source: str, *, input_path: str = "", audio_dir: str = "", num_cl
     if source == "synthetic":
         if num_clips <= 0:
             raise ValueError("--source=synthetic needs --num_clips > 0")
-        return synthetic_items(num_clips, seed, clip_seconds)
+        return unique_keys(synthetic_items(num_clips, seed, clip_seconds))
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
     if not input_path or not os.path.exists(input_path):
@@ -207,23 +243,25 @@ def list_items(source: str, *, input_path: str = "", audio_dir: str = "", num_cl
     if source == "folder":
         if not os.path.isdir(input_path):
             raise ValueError(f"--source=folder needs a directory, got {input_path!r}")
-        return folder_items(input_path)
+        return unique_keys(folder_items(input_path))
     if source == "manifest":
-        return manifest_items(input_path)
+        return unique_keys(manifest_items(input_path))
     if not audio_dir or not os.path.isdir(audio_dir):
         raise FileNotFoundError(f"--source=musiccaps needs --audio_dir, a directory (got {audio_dir!r})")
-    return musiccaps_items(input_path, audio_dir)
+    return unique_keys(musiccaps_items(input_path, audio_dir))
 
 
-def load_item(item: SourceItem, sample_rate: int) -> tuple[np.ndarray, str, tuple[str, ...], dict[str, Any]]:
-    """(mono float32 audio at sample_rate, caption, tags, attributes); raises audio_io.BadAudio."""
+def load_item(item: SourceItem, sample_rate: int,
+              notes: list[str] | None = None) -> tuple[np.ndarray, str, tuple[str, ...], dict[str, Any]]:
+    """(mono float32 audio at sample_rate, caption, tags, attributes); raises audio_io.BadAudio.
+    Defects the audio was kept despite go to `notes`."""
     if item.error:
         raise audio_io.BadAudio(*item.error)
     if item.synthetic:
         seed, index, seconds = item.synthetic
         clip = generate_clip(clip_seed(seed, index), seconds, sample_rate)
         return clip.audio, clip.caption, tuple(clip.tags), clip.attributes
-    audio = audio_io.decode(item.path, sample_rate, item.start_s, item.end_s)
+    audio = audio_io.decode(item.path, sample_rate, item.start_s, item.end_s, notes)
     attributes = dict(item.attributes)
     if item.start_s is not None:
         attributes.update(start_s=item.start_s, end_s=item.end_s)

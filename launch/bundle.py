@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _OUT = flags.DEFINE_string("out", None, "Bundle directory to create.")
 _MODEL = flags.DEFINE_enum("model", "melody", ["melody", "musicgen"], "Which system the bundle serves.")
@@ -37,4 +37,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

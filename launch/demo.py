@@ -19,9 +19,10 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
+from melody_jax.training.metrics import write_json_atomic
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes its runs, bundle and audio.")
 _STEPS = flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's step count (0.1 for a smoke run).")
@@ -159,8 +160,7 @@ def main(argv: list[str]) -> None:
 
         report = evaluate(melody, read_prompts(f"synthetic:{EVAL_PROMPTS}"),
                           read_clips(data, "validation", melody.sample_rate), duration_s=10.0)
-        with open(os.path.join(root, "eval.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomic(os.path.join(root, "eval.json"), report, sort_keys=False)
         write_report(os.path.join(root, "report.md"), log, outputs, markdown(report))
         print(open(os.path.join(root, "report.md")).read())
 
@@ -168,4 +168,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

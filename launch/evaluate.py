@@ -7,12 +7,12 @@ synthetic prompts the tempo / key / drums / instrument accuracy (see
 """
 from __future__ import annotations
 
-import json
 import os
 
-from absl import app, flags
+from absl import flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
+from melody_jax.training.metrics import write_json_atomic
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "Bundle directory (python -m launch.bundle).")
 _PROMPTS = flags.DEFINE_string("prompts", "synthetic:16", "synthetic:N[:SEED], a .jsonl or a .txt file.")
@@ -33,6 +33,14 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
 
     def go() -> None:
+        from data_pipeline.builder import find_prepared
+        from melody_jax.pipelines.validation import ArgumentError, check_output_path
+
+        try:  # before the bundle is loaded and anything generated
+            find_prepared(_REFERENCE.value)
+        except FileNotFoundError as e:
+            raise ArgumentError(f"--reference: {e}") from None
+        check_output_path(_OUT.value, extensions=None)
         from data_pipeline.builder import read_clips
         from melody_jax.evaluation.generation import evaluate, markdown, read_prompts
         from melody_jax.pipelines.melody import MeLoDy
@@ -43,8 +51,7 @@ def main(argv: list[str]) -> None:
         report = evaluate(pipeline, prompts, reference, _DURATION.value, _STEPS.value, _CFG.value, _SEED.value,
                           _BATCH.value)
         os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomic(_OUT.value, report, sort_keys=False)
         table = markdown(report)
         with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
             f.write(table)
@@ -55,4 +62,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

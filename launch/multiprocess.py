@@ -15,8 +15,9 @@ import sys
 import threading
 import time
 
-from absl import app, flags
+from absl import flags
 
+from launch.common import run_app
 from melody_jax.training.distributed import process_env
 
 _NUM = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
@@ -94,4 +95,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

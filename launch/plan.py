@@ -6,15 +6,15 @@ Nothing is materialised: the state exists only as shapes. `--strategy` picks con
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
+from melody_jax.training.metrics import write_json_atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/dpd.py:paper.")
 _MESH = flags.DEFINE_string("mesh", "", "Mesh as 'data=8,fsdp=8,tensor=1' (unnamed axes are 1); default: config.mesh.")
@@ -60,8 +60,7 @@ def run() -> dict:
     result = plan_train_step(config)
     print(format_plan(result), flush=True)
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
+        write_json_atomic(_JSON.value, result)
     return result
 
 
@@ -72,4 +71,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

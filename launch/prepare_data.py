@@ -12,11 +12,11 @@ arguments are wrong or nothing usable was found.
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from data_pipeline.builder import REPORT_FILE, PrepareSettings, prepare
 from data_pipeline.sources import SOURCES
-from launch.common import run_user_errors
+from launch.common import run_app, run_user_errors
 
 _defaults = PrepareSettings(source="synthetic")
 _SOURCE = flags.DEFINE_enum("source", None, list(SOURCES), "Where the audio comes from.")
@@ -59,4 +59,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 from melody_jax.training.errors import UserError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A vae_gan workdir (its latest checkpoint is used).")
@@ -73,4 +73,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "Bundle directory (python -m launch.bundle).")
 _MODEL = flags.DEFINE_enum("model", "melody", ["melody", "musicgen"], "Which system the bundle holds.")
@@ -61,17 +61,41 @@ def output_paths(out: str, count: int) -> list[str]:
     return [f"{stem}_{i}{ext or '.wav'}" for i in range(count)]
 
 
+def check_arguments() -> str:
+    """Every flag in range and the output path writable, before a bundle is loaded; the absolute --out."""
+    from melody_jax.pipelines.validation import (MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_min_duration,
+                                                  check_output_path, check_prompt, check_sampling)
+
+    for prompt in _PROMPTS.value:
+        check_prompt(prompt, MAX_PROMPT_CHARS)
+    if _DURATION.value is not None:  # None: 10 s, or a MusicGen bundle's default
+        check_min_duration(check_duration(_DURATION.value, MAX_SECONDS))
+    top_p = _TOP_P.value  # None: the default; MusicGen reads 0 as "top-k instead"
+    check_sampling(seed=_SEED.value, count=max(len(_PROMPTS.value), 1),
+                   temperature=1.0 if _TEMPERATURE.value is None else _TEMPERATURE.value, top_k=_TOP_K.value,
+                   top_p=1.0 if top_p is None or (top_p == 0 and _MODEL.value == "musicgen") else top_p,
+                   cfg=_CFG.value, steps=_STEPS.value)
+    return check_output_path(_OUT.value)
+
+
 def write_outputs(result, out: str, titles: list[str]) -> list[str]:
+    """Every WAV first (the audio is what took the time), then the spectrograms; a figure that
+    fails is a warning, never a lost WAV."""
     import soundfile as sf
+    from absl import logging
 
     from melody_jax.evaluation.plots import spectrogram_png
 
     paths = output_paths(out, len(result.audio))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for audio, path, title in zip(result.audio, paths, titles):  # audio [T] or stereo [T, 2]
+    for audio, path in zip(result.audio, paths):  # audio [T] or stereo [T, 2]
         sf.write(path, np.clip(audio, -1, 1), result.sample_rate, subtype="PCM_16")
-        spectrogram_png(audio.mean(-1) if audio.ndim == 2 else audio, result.sample_rate,
-                        os.path.splitext(path)[0] + ".png", title)
+    for audio, path, title in zip(result.audio, paths, titles):
+        try:
+            spectrogram_png(audio.mean(-1) if audio.ndim == 2 else audio, result.sample_rate,
+                            os.path.splitext(path)[0] + ".png", title)
+        except Exception as e:  # noqa: BLE001 - a figure is a convenience; the WAV is already written
+            logging.warning("no spectrogram for %s: %s", path, " ".join(str(e).split())[:200])
     return paths
 
 
@@ -139,6 +163,7 @@ def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
     def go() -> None:
+        out = check_arguments()
         if _MODEL.value == "musicgen":
             from melody_jax.pipelines.musicgen import MusicGen
 
@@ -148,7 +173,7 @@ def main(argv: list[str]) -> None:
 
             pipeline = MeLoDy(_BUNDLE.value, progress=not _NO_PROGRESS.value)
         result, titles = run(pipeline)
-        paths = write_outputs(result, _OUT.value, titles * (len(result.audio) // len(titles)))
+        paths = write_outputs(result, out, titles * (len(result.audio) // len(titles)))
         seconds = len(result.audio[0]) / result.sample_rate
         print("stage        seconds  forward passes")
         for stage, t in result.seconds.items():
@@ -162,4 +187,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

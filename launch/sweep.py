@@ -14,12 +14,13 @@ import os
 import re
 import shlex
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 from melody_jax.training.config import apply_overrides
 from melody_jax.training.errors import ConfigError, UserError
+from melody_jax.training.metrics import write_json_atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base stage config, e.g. configs/toy_lm.py:tiny.")
 _GRID = flags.DEFINE_multi_string("grid", [], "'a.b=v1,v2,...': one axis of the sweep (repeatable).")
@@ -93,8 +94,7 @@ def sweep(base, grid: list[str], root: str, dry_run: bool, base_overrides: dict[
         except UserError as e:  # one bad run must not end the sweep
             rows.append((name, {"status": f"failed: {e}"}))
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "sweep_results.json"), "w") as f:
-        json.dump([{"run": n, **s} for n, s in rows], f, indent=2, sort_keys=True, default=str)
+    write_json_atomic(os.path.join(root, "sweep_results.json"), [{"run": n, **s} for n, s in rows], default=str)
     return rows
 
 
@@ -111,4 +111,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

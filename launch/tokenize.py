@@ -7,9 +7,9 @@ stages (`data.source=cached`). The stage folders may be training workdirs or a b
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset (python -m launch.prepare_data).")
 _SPLIT = flags.DEFINE_string("split", "train", "Dataset split to tokenize.")
@@ -21,6 +21,24 @@ _STAGES = {s: flags.DEFINE_string(s, None, f"Directory of the {s} stage.")
 flags.mark_flags_as_required(["data", "out", *_STAGES])
 
 
+def check_arguments() -> str:
+    """The dataset, the crop, the batch and --out checked before any stage is loaded; the absolute --out."""
+    import math
+
+    from data_pipeline.builder import find_prepared
+    from melody_jax.pipelines.validation import ArgumentError, check_output_path
+
+    try:
+        find_prepared(_DATA.value)
+    except FileNotFoundError as e:
+        raise ArgumentError(f"--data: {e}") from None
+    if not (math.isfinite(_CROP.value) and _CROP.value > 0):
+        raise ArgumentError(f"--crop_seconds={_CROP.value} must be a positive number of seconds")
+    if _BATCH.value < 1:
+        raise ArgumentError(f"--batch_size={_BATCH.value} must be >= 1")
+    return check_output_path(_OUT.value, extensions=None)
+
+
 def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
@@ -30,8 +48,9 @@ def main(argv: list[str]) -> None:
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
     def run() -> None:
+        out = check_arguments()
         dirs = {("vae_gan" if k == "vae" else k): v.value for k, v in _STAGES.items()}
-        arrays = tokenize_dataset(_DATA.value, _SPLIT.value, _OUT.value, dirs, _CROP.value, _BATCH.value,
+        arrays = tokenize_dataset(_DATA.value, _SPLIT.value, out, dirs, _CROP.value, _BATCH.value,
                                   make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
         shapes = ", ".join(f"{k} {v.shape[1:]}" for k, v in arrays.items())
         print(f"wrote {len(arrays['latents'])} crops of {_CROP.value:g} s to {_OUT.value}: {shapes}")
@@ -40,4 +59,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -6,10 +6,10 @@ detection), anything else passes `--coordinator=HOST:PORT --num_processes=N --pr
 """
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/toy_lm.py:tiny.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.json.")
@@ -34,4 +34,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -126,11 +126,10 @@ def test_kill9_at_random_moments_resumes_from_newest_complete_checkpoint(tmp_pat
             resumed_from.append(int(resumed[0]) if resumed else 0)
         leftovers = tmp_dirs(workdir)
         mid_write_hits += bool(leftovers)
-        complete = complete_steps(workdir)
-        assert complete, "a run that logged steps with checkpoint_every=1 left no complete checkpoint"
-        expected_from.append(max(complete))
+        complete = complete_steps(workdir)  # none when the kill hit the first save: the restart starts afresh
+        expected_from.append(max(complete, default=0))
         for name in leftovers:  # an unfinished save is always newer than every complete one
-            assert int(name.split(".")[0]) > max(complete), (name, complete)
+            assert int(name.split(".")[0]) > max(complete, default=0), (name, complete)
 
     log = tmp_path / "final.log"
     text = finish(start(workdir, log), log)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import ml_collections
 from melody_jax.training.checkpoint import Checkpointer, param_signature
 from melody_jax.training.errors import BundleError, WorkdirError
 from melody_jax.training.frozen import load_stage, read_config
+from melody_jax.training.metrics import write_json_atomic
 
 MELODY_STAGES = ("vae_gan", "ssl", "kmeans", "mulan", "rvq", "semantic_lm", "dpd")
 MUSICGEN_STAGES = ("codec", "musicgen")
@@ -125,8 +127,7 @@ def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rul
 
 def write_manifest(out: str, steps: Mapping[str, int], sources: Mapping[str, str]) -> dict[str, Any]:
     manifest = {"stages": list(steps), "steps": dict(steps), "sources": dict(sources)}
-    with open(os.path.join(out, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_json_atomic(os.path.join(out, MANIFEST), manifest, sort_keys=False)
     return manifest
 
 
@@ -137,7 +138,8 @@ def refuse_existing(out: str) -> None:
 
 def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rules,
              stages: tuple[str, ...] = MELODY_STAGES) -> dict[str, Any]:
-    """Checks the workdirs fit together, then writes the bundle; returns its manifest."""
+    """Checks the workdirs fit together, then writes the bundle; returns its manifest. A failure part-way
+    removes the stage folders it wrote (and `out`, if it made it), so the same command can run again."""
     missing = [s for s in stages if not sources.get(s)]
     _need(not missing, f"bundle needs a workdir for: {', '.join(missing)}")
     try:
@@ -149,10 +151,19 @@ def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rule
     elif stages == MUSICGEN_STAGES:
         check_musicgen_fit(configs)
     refuse_existing(out)
-    steps = {}
-    for s in stages:
-        try:
-            steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules)
-        except WorkdirError as e:
-            raise BundleError(str(e)) from None
+    steps, created = {}, not os.path.exists(out)
+    try:
+        for s in stages:
+            # a stage folder without a manifest is a failed earlier run's: export it again
+            shutil.rmtree(os.path.join(out, s), ignore_errors=True)
+            try:
+                steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules)
+            except WorkdirError as e:
+                raise BundleError(str(e)) from None
+    except BaseException:  # a half-written bundle is never left behind
+        for s in stages:
+            shutil.rmtree(os.path.join(out, s), ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return write_manifest(out, steps, {s: os.path.abspath(sources[s]) for s in stages})

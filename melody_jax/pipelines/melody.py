@@ -24,15 +24,13 @@ from melody_jax.pipelines.bundle import check_fit, read_configs
 from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, sample
 from melody_jax.pipelines.stages import frames, load_mulan, load_vae
 from melody_jax.tokenizers.semantic import load_semantic_tokenizer
-from melody_jax.pipelines.validation import check_duration, check_prompt
+from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
 from melody_jax.diffusion.angles import Schedule
 from melody_jax.tasks.dpd import SCHEDULES, continue_sampled_latents, inpaint_sampled_latents, sample_latents
 from melody_jax.training.errors import UserError
 from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 
-MAX_SECONDS = 3600.0
-MAX_PROMPT_CHARS = 2000
 
 
 class AudioInputError(UserError, ValueError):
@@ -63,6 +61,20 @@ def row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
     if len(seeds) != batch:
         raise AudioInputError(f"got {len(seeds)} seeds for {batch} prompts")
     return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+
+
+def inpaint_span(num_samples: int, hop: int, sample_rate: int, start_s: float, end_s: float) -> tuple[int, float]:
+    """(samples kept: whole tokens of `hop`, the span's end within them) for a span the user gave in
+    the file's own length; an end in the trailing part-token (e.g. the file's length) means its end."""
+    length = num_samples / sample_rate
+    if not 0 <= start_s < end_s <= length:
+        raise AudioInputError(f"inpainting span [{start_s:g}, {end_s:g}) s must lie within the audio's "
+                              f"{length:g} s and be non-empty")
+    kept = num_samples // hop * hop
+    if start_s >= kept / sample_rate:
+        raise AudioInputError(f"inpainting span [{start_s:g}, {end_s:g}) s starts in the audio's last "
+                              f"{(num_samples - kept) / sample_rate:g} s, shorter than one token")
+    return kept, min(end_s, kept / sample_rate)
 
 
 def fold(keys: jax.Array, data: int) -> jax.Array:
@@ -139,11 +151,8 @@ class MeLoDy:
         """Regenerates [start_s, end_s) of `audio` [B, T] (widened to whole tokens); the latents outside
         stay as encoded. The span's semantic tokens come from the LM, continuing the tokens before it."""
         audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
-        audio = audio[:, : audio.shape[1] // self.tokenizer.hop * self.tokenizer.hop]
-        length = audio.shape[1] / self.sample_rate
-        if not 0 <= start_s < end_s <= length:
-            raise AudioInputError(f"inpainting span [{start_s:g}, {end_s:g}) s must lie within the audio's "
-                                  f"{length:g} s and be non-empty")
+        samples, end_s = inpaint_span(audio.shape[1], self.tokenizer.hop, self.sample_rate, start_s, end_s)
+        audio = audio[:, :samples]
         temperature, top_k, top_p = self._sampling(**sampling)
         keys = row_keys(seed, len(audio))
         t0, t1 = int(math.floor(start_s * self.token_rate)), frames(end_s, self.token_rate)

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import tempfile
 
 from melody_jax.training.errors import UserError
+
+
+MAX_SECONDS = 3600.0  # one call's audio
+MAX_PROMPT_CHARS = 2000
 
 
 class DurationError(UserError, ValueError):
@@ -61,3 +67,106 @@ def _short(value: object, limit: int = 40) -> str:
     """A repr that stays on one short line, whatever the value."""
     text = repr(value).replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ArgumentError(UserError, ValueError):
+    """A command-line argument is out of range or names a path that cannot be used."""
+
+
+class SamplingError(ArgumentError):
+    """A sampling argument (seed, temperature, top-k/p, guidance, steps) or the output path is unusable."""
+
+
+MIN_SECONDS = 0.1  # below this a bundle's rate rounds the audio to nothing (an empty WAV)
+MAX_TEMPERATURE = 100.0
+MAX_CFG = 100.0
+MAX_STEPS = 1000
+SEED_LIMIT = 2**32  # seeds become uint32 PRNG keys; prompt i uses seed + i
+OUTPUT_EXTENSIONS = (".wav",)
+
+
+def _real(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SamplingError(f"--{name} must be a number, got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise SamplingError(f"--{name} is too large") from None
+    if not math.isfinite(number):
+        raise SamplingError(f"--{name} must be a finite number, got {number}")
+    return number
+
+
+def _integer(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise SamplingError(f"--{name} must be an integer, got {_short(value)}")
+    return int(value)
+
+
+def check_sampling(*, seed: object, count: int = 1, temperature: object = 1.0, top_k: object = 0,
+                   top_p: object = 1.0, cfg: object = None, steps: object = 10) -> None:
+    """Every sampling argument of `launch.sample` in its range, before a bundle is loaded.
+
+    `count` outputs use seeds seed … seed + count - 1, which must all fit a uint32 key; `cfg=None`
+    means the bundle's default. Temperature 0 is greedy decoding.
+    """
+    seed = _integer(seed, "seed")
+    if not 0 <= seed <= SEED_LIMIT - max(count, 1):
+        uses = f"{count} prompts use seeds seed … seed+{count - 1}" if count > 1 else "a 32-bit seed"
+        raise SamplingError(f"--seed={_short(seed)} must lie in [0, {SEED_LIMIT - max(count, 1)}] ({uses})")
+    temperature = _real(temperature, "temperature")
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise SamplingError(f"--temperature={temperature:g} must lie in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
+    top_k = _integer(top_k, "top_k")
+    if top_k < 0:
+        raise SamplingError(f"--top_k={top_k} must be >= 0 (0 = off)")
+    top_p = _real(top_p, "top_p")
+    if not 0 < top_p <= 1:
+        raise SamplingError(f"--top_p={top_p:g} must lie in (0, 1] (1 = off)")
+    if cfg is not None:
+        cfg = _real(cfg, "cfg")
+        if not 0 <= cfg <= MAX_CFG:
+            raise SamplingError(f"--cfg={cfg:g} must lie in [0, {MAX_CFG:g}]")
+    steps = _integer(steps, "steps")
+    if not 1 <= steps <= MAX_STEPS:
+        raise SamplingError(f"--steps={steps} must lie in [1, {MAX_STEPS}]")
+
+
+def check_min_duration(seconds: float, name: str = "duration") -> float:
+    """A duration already through `check_duration` that also yields some audio."""
+    if seconds < MIN_SECONDS:
+        raise DurationError(f"--{name}={seconds:g} s is shorter than the minimum of {MIN_SECONDS:g} s")
+    return seconds
+
+
+def check_output_path(out: object, flag: str = "out", extensions: tuple[str, ...] | None = OUTPUT_EXTENSIONS) -> str:
+    """`out` as an absolute path to a writable file (one of `extensions`, when given), checked before any
+    work. Its folder is created if missing; a folder, or a file of another format, is refused."""
+    if not isinstance(out, str) or not out.strip():
+        raise SamplingError(f"--{flag} must name a file")
+    try:
+        os.fsencode(out)
+    except UnicodeError:
+        raise SamplingError(f"--{flag}={_short(out, 160)} cannot be encoded as a file name") from None
+    if "\0" in out:
+        raise SamplingError(f"--{flag}={_short(out, 160)} holds a NUL character")
+    path = os.path.abspath(os.path.expanduser(out))
+    if os.path.isdir(path) or out.endswith(os.sep):
+        raise SamplingError(f"--{flag}={_short(out, 160)} is a folder; name a file in it")
+    extension = os.path.splitext(path)[1].lower()
+    if extensions is not None and extension not in extensions:
+        raise SamplingError(f"--{flag}={_short(out, 160)} must end in {' or '.join(extensions)} "
+                            f"(got {extension or 'no extension'})")
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SamplingError(f"--{flag}={_short(out, 160)}: cannot create its folder ({e.strerror or e})") from None
+    try:  # a probe beside the output: permissions, read-only filesystems, a full disk's inode table
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe_"):
+            pass
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise SamplingError(f"--{flag}={_short(out, 160)} is not writable ({e.strerror or e})") from None
+    return path

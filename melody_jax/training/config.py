@@ -9,6 +9,7 @@ from typing import Any
 import ml_collections
 
 from melody_jax.training.errors import ConfigError
+from melody_jax.training.metrics import json_safe
 from melody_jax.training.sharding import config_rules
 
 
@@ -82,7 +83,7 @@ def _short(text: str, limit: int = 120) -> str:
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
-    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+    return json.dumps(json_safe(config.to_dict()), indent=2, sort_keys=True, default=str, allow_nan=False)
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

@@ -1,8 +1,25 @@
 """Errors a user can act on: the CLI prints their message as one line and exits non-zero."""
 
+MAX_WORD_CHARS = 80
+MAX_MESSAGE_CHARS = 600
+
+
+def one_line(text: str) -> str:
+    """`text` on one bounded line: messages quote user values, which may be huge or hold newlines."""
+    words = []
+    for word in text.split():
+        if len(word) > MAX_WORD_CHARS:
+            word = f"{word[:48]}…({len(word) - 64} more characters)…{word[-16:]}"
+        words.append(word)
+    line = " ".join(words)
+    return line if len(line) <= MAX_MESSAGE_CHARS else line[:MAX_MESSAGE_CHARS - 1] + "…"
+
 
 class UserError(Exception):
     """Base: a problem with the user's input (config, workdir, data, bundle), not a bug."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class ConfigError(UserError, ValueError):

@@ -2,11 +2,12 @@
 
 Order of work: validate → mesh → shapes (`jax.eval_shape`) → shardings → restore or sharded init
 (`jax.jit(init, out_shardings=…)`) → jitted, donated step → log / eval / checkpoint.
-Step k's metrics are read on the host while step k+1 runs, so logging never stalls the device.
+Step k's metrics are read on the host while step k+1 runs, so logging never stalls the device; on a
+checkpoint step they are read (and logged) before the save, which waits for that step anyway, so no
+kill can leave a checkpointed step without its line. `holds_workdir`: one trainer per workdir.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -23,11 +24,12 @@ from tqdm import tqdm
 from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
-from melody_jax.training.metrics import MetricsWriter
+from melody_jax.training.metrics import MetricsWriter, final_metrics, write_json_atomic
 from melody_jax.training.sharding import (activate, assert_sharded, batch_divisor, config_mesh, config_rules,
                                           sharded_shapes)
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Task, get_task
+from melody_jax.training.workdir_lock import holds_workdir
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -81,25 +83,31 @@ def guarded(task: Task, step_rng: jax.Array):
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the current step and returns (exit code 0)."""
+    """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves at the current step and returns (exit code 0).
+    A second Ctrl-C while it saves interrupts as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread: the caller handles signals
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
+        logging.warning("%s: saving at the end of this step", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _evaluate(task: Task, params, mesh, eval_fn, config, rng) -> dict[str, float]:
@@ -115,6 +123,7 @@ def _evaluate(task: Task, params, mesh, eval_fn, config, rng) -> dict[str, float
     return {f"eval_{k}": v / max(n, 1) for k, v in totals.items()}
 
 
+@holds_workdir
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = None) -> dict[str, Any]:
     """Trains (or resumes) the stage `config.stage` in `workdir`; returns the final metrics.
 
@@ -138,13 +147,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
         abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)
         assert_sharded(abstract, config)  # before any memory is spent on a layout that would not fit
         signature = param_signature(abstract.params)
-        meta = {"stage": config.stage, "param_signature": signature}
+        meta = {"stage": config.stage, "param_signature": signature, "seed": config.seed}
         ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
         train_it = task.train_iterator(mesh)
         latest = ckpt.latest_step()
         if latest is not None:
             try:
-                check_compatible(ckpt.read_meta(latest), config.stage, signature, f"workdir {workdir}")
+                check_compatible(ckpt.read_meta(latest), config.stage, signature, f"workdir {workdir}", config.seed)
                 state, data_state = ckpt.restore(latest, abstract)
             except BaseException:
                 ckpt.close()  # a refused workdir must not leave Orbax's threads behind
@@ -173,9 +182,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
             ckpt.wait()
             ckpt.close()
             writer.close()
-    if is_main and summary.get("status") == "done":
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
+    if is_main:
+        summary = final_metrics(workdir, summary)
+        if summary.get("status") == "done":
+            write_json_atomic(os.path.join(workdir, "final_metrics.json"), summary)
     return summary
 
 
@@ -220,9 +230,12 @@ def _run(task, config, mesh, state, start, train_it, step_fn, eval_fn, eval_rng,
                 consume(*pending)
             pending = (step, metrics)
             bar.update(1)
-            ckpt.save(step, state, train_it.get_state(), meta)
             if step % config.train.eval_every == 0 or step == num_steps:
                 evals_at[step] = _evaluate(task, state.params, mesh, eval_fn, config, eval_rng)
+            if ckpt.should_save(step):  # a step's line is in the log before its checkpoint can commit
+                consume(*pending)
+                pending = None
+            ckpt.save(step, state, train_it.get_state(), meta)
             stop = (ckpt.reached_preemption(step) if jax.process_count() > 1 else preemption.requested)
             if stop and step < num_steps:
                 status = "preempted"
