@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from melody_jax.pipelines.bundle import MANIFEST, MELODY_STAGES, MUSICGEN_STAGES
 from melody_jax.pipelines.melody import MAX_PROMPT_CHARS, MAX_SECONDS, AudioInputError
@@ -445,4 +445,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch.common import run_app
+
+    run_app(main)

@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 
-from absl import app, flags
+from absl import flags
 
-from launch.common import quiet_library_logs, run_user_errors
+from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf"], "Checkpoint format: hf = Hugging Face transformers.")
 _INPUT = flags.DEFINE_string("input", None, "Checkpoint directory (config.json + safetensors + tokenizer.json).")
@@ -55,4 +55,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)
