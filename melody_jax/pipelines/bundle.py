@@ -95,9 +95,11 @@ def read_configs(directory: str) -> dict[str, ml_collections.ConfigDict]:
     return configs
 
 
-def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules) -> int:
-    """Copies a stage's config and newest parameters (only) from a workdir into `out`; returns the step."""
-    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage))
+def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules, weights: str = "ema") -> int:
+    """Copies a stage's config and newest parameters (only) from a workdir into `out`; returns the step.
+
+    `weights="ema"` exports the run's EMA of the parameters where it kept one, `"raw"` the parameters."""
+    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage), weights=weights)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(source, "config.json")) as f, open(os.path.join(out, "config.json"), "w") as g:
         g.write(f.read())
@@ -112,7 +114,7 @@ def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rul
 
 
 def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rules,
-             stages: tuple[str, ...] = MELODY_STAGES) -> dict[str, Any]:
+             stages: tuple[str, ...] = MELODY_STAGES, weights: str = "ema") -> dict[str, Any]:
     """Checks the workdirs fit together, then writes the bundle; returns its manifest."""
     missing = [s for s in stages if not sources.get(s)]
     _need(not missing, f"bundle needs a workdir for: {', '.join(missing)}")
@@ -129,7 +131,7 @@ def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rule
     steps = {}
     for s in stages:
         try:
-            steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules)
+            steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules, weights)
         except WorkdirError as e:
             raise BundleError(str(e)) from None
     manifest = {"stages": list(stages), "steps": steps, "sources": {s: os.path.abspath(sources[s]) for s in stages}}

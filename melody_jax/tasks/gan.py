@@ -26,6 +26,7 @@ import optax
 from data_pipeline.builder import held_out_split
 from data_pipeline.input import make_train_iterator
 from melody_jax.models import discriminators
+from melody_jax.training import accumulate
 from melody_jax.training.optim import make_optimizer
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Batch, Metrics, Task
@@ -106,12 +107,10 @@ class GANTask(Task):
         adv, fm = generator_adversarial(*_halves(outs))
         return w.adversarial * adv + w.feature_matching * fm, {"g_adv": adv, "g_fm": fm}
 
-    def train_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
-        p, opt = state.params, self.optimizer()
-
+    def _gradients(self, p: Any, gen_state: Any, batch: Batch, rng: jax.Array):
+        """(generator grads, discriminator grads, metrics, new generator state) of one (micro-)batch."""
         def generate(g_params):
-            fake, real, rec, metrics, new_gen_state = self.reconstruct(
-                g_params, p.get("generator_state"), batch, rng, True)
+            fake, real, rec, metrics, new_gen_state = self.reconstruct(g_params, gen_state, batch, rng, True)
             return (fake, rec), (real, metrics, new_gen_state)
 
         (fake, rec), pullback, (real, metrics, new_gen_state) = jax.vjp(generate, p["generator"], has_aux=True)
@@ -122,19 +121,32 @@ class GANTask(Task):
         d_objective = lambda o: discriminator_loss(*_halves(o))  # noqa: E731
         (d_loss, d_metrics), d_cotangent = jax.value_and_grad(d_objective, has_aux=True)(outs)
         d_grads = d_pullback(d_cotangent)[0]
-        d_updates, d_opt = opt.update(d_grads, state.opt_state["discriminator"], p["discriminator"])
-        d_params = optax.apply_updates(p["discriminator"], d_updates)
-
         (adv, adv_metrics), g_cotangent = jax.value_and_grad(self._weighted_adversarial, has_aux=True)(outs)
         fake_grad = jnp.split(d_pullback(g_cotangent)[1], 2, axis=0)[1]
         (g_grads,) = pullback((fake_grad, jnp.ones_like(rec)))
+        metrics = {**metrics, **d_metrics, **adv_metrics, "loss": rec + adv, "g_rec": rec, "d_loss": d_loss}
+        return g_grads, d_grads, metrics, new_gen_state
+
+    def train_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        """Both networks step from the same discriminator forward; with `train.grad_accum_steps` = k,
+        both gradients are means over k micro-batches (a generator state, e.g. EMA codebooks, is
+        updated micro-batch after micro-batch)."""
+        p, opt = state.params, self.optimizer()
+
+        def micro(gen_state, b, r):
+            g_grads, d_grads, metrics, new_gen_state = self._gradients(p, gen_state, b, r)
+            return new_gen_state, (g_grads, d_grads, metrics)
+
+        new_gen_state, (g_grads, d_grads, metrics) = accumulate.accumulate(
+            micro, p.get("generator_state"), batch, rng, accumulate.steps(self.config))
+        d_updates, d_opt = opt.update(d_grads, state.opt_state["discriminator"], p["discriminator"])
         g_updates, g_opt = opt.update(g_grads, state.opt_state["generator"], p["generator"])
-        params = {**p, "generator": optax.apply_updates(p["generator"], g_updates), "discriminator": d_params}
+        params = {**p, "generator": optax.apply_updates(p["generator"], g_updates),
+                  "discriminator": optax.apply_updates(p["discriminator"], d_updates)}
         if new_gen_state is not None:
             params["generator_state"] = new_gen_state
         g_norm, d_norm = optax.tree.norm(g_grads), optax.tree.norm(d_grads)
-        metrics = {**metrics, **d_metrics, **adv_metrics, "loss": rec + adv, "g_rec": rec, "d_loss": d_loss,
-                   "g_grad_norm": g_norm, "d_grad_norm": d_norm, "grad_norm": jnp.sqrt(g_norm**2 + d_norm**2)}
+        metrics = {**metrics, "g_grad_norm": g_norm, "d_grad_norm": d_norm, "grad_norm": jnp.sqrt(g_norm**2 + d_norm**2)}
         return state.replace(params=params, opt_state={"generator": g_opt, "discriminator": d_opt}), metrics
 
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:

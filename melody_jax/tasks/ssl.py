@@ -18,6 +18,7 @@ from data_pipeline.builder import held_out_split
 from data_pipeline.input import make_train_iterator
 from melody_jax.models.conformer import Wav2Vec2Conformer
 from melody_jax.models.ssl_loss import wav2vec2_loss
+from melody_jax.training import accumulate
 from melody_jax.training.config import positive, require
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Batch, Task
@@ -95,8 +96,8 @@ class SSLTask(Task):
 
     def train_step(self, state: TrainState, batch: Batch, rng: jax.Array):
         temperature = gumbel_temperature(self.config.model, state.step)
-        grad_fn = jax.value_and_grad(self.objective, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, rng, True, temperature)
+        (loss, metrics), grads = accumulate.value_and_grad(self.objective, state.params, batch, rng,
+                                                           accumulate.steps(self.config), True, temperature)
         updates, opt_state = self.optimizer().update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}

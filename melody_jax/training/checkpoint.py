@@ -74,16 +74,16 @@ class Checkpointer:
                                "delete that step directory to resume from an earlier one") from e
         return out["state"], out["data"]
 
-    def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only `state.params` of a step (for frozen use and bundles): no optimizer state is read."""
-        item = {"params": abstract_params}
+    def restore_params(self, step: int, abstract_params: Any, key: str = "params") -> Any:
+        """Only `state.<key>` of a step (`params`, or `ema` when the run kept one): no optimizer state is read."""
+        item = {key: abstract_params}
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
         except Exception as e:  # noqa: BLE001 - any failure here is a damaged checkpoint for the user
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {msg}") from e
-        return out["state"]["params"]
+        return out["state"][key]
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

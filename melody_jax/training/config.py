@@ -59,7 +59,15 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
              "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps", "optim.lr")
     non_negative(config, "train.stop_at_step", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip_norm")
     one_of(config, "optim.schedule", ("cosine", "constant", "exponential"))
-    one_of(config, "optim.name", ("adamw", "adam", "sgd"))
+    one_of(config, "optim.name", ("adamw", "adam", "sgd", "dadapt_adamw", "prodigy"))
+    train = config.train
+    require(_finite(train.get("ema_decay", 0.0)) and 0 <= train.get("ema_decay", 0.0) < 1,
+            f"config.train.ema_decay={train.get('ema_decay')!r} must lie in [0, 1) (0 = off)")
+    accum = train.get("grad_accum_steps", 1)
+    require(isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
+            f"config.train.grad_accum_steps={accum!r} must be an integer >= 1")
+    require(train.batch_size % accum == 0,
+            f"config.train.grad_accum_steps={accum} does not divide train.batch_size={train.batch_size}")
     require(_finite(config.optim.b1) and _finite(config.optim.b2) and 0 <= config.optim.b1 < 1
             and 0 <= config.optim.b2 < 1,
             f"config.optim.b1={config.optim.b1}, b2={config.optim.b2} must lie in [0, 1)")
