@@ -10,6 +10,8 @@ import ml_collections
 import optax
 from optax import contrib
 
+STEP_SIZE_FREE = ("dadapt_adamw", "prodigy")  # optimizers that estimate their own step size
+
 
 def schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
     warmup = int(optim.warmup_steps)
@@ -21,7 +23,10 @@ def schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule
         main = optax.exponential_decay(optim.lr, optim.decay_steps, optim.decay_rate)
     if warmup == 0:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), main], [warmup])
+    # D-Adaptation and Prodigy divide by the step's lr-weighted gradient sum: a warmup from exactly 0
+    # makes their first step 0/0, so theirs starts one warmup increment up
+    start = optim.lr / (warmup + 1) if optim.name in STEP_SIZE_FREE else 0.0
+    return optax.join_schedules([optax.linear_schedule(start, optim.lr, warmup), main], [warmup])
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
