@@ -50,6 +50,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
+    # LoRA fine-tuning (training/lora.py): rank 0 = off; kernels whose path matches a pattern get adapters
+    c.model.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 8.0, "patterns": ["*/query/kernel", "*/value/kernel"]})
     return c
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from melody_jax.training import config as config_lib
+from melody_jax.training import lora
 from melody_jax.training.checkpoint import Checkpointer, param_signature
 from melody_jax.training.errors import BundleError, WorkdirError
 from melody_jax.training.frozen import load_stage, read_config
@@ -95,14 +97,22 @@ def read_configs(directory: str) -> dict[str, ml_collections.ConfigDict]:
     return configs
 
 
-def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules, weights: str = "ema") -> int:
+def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules, weights: str = "ema",
+                 merge_lora: bool = False) -> int:
     """Copies a stage's config and newest parameters (only) from a workdir into `out`; returns the step.
 
-    `weights="ema"` exports the run's EMA of the parameters where it kept one, `"raw"` the parameters."""
+    `weights="ema"` exports the run's EMA of the parameters where it kept one, `"raw"` the parameters.
+    A stage fine-tuned with LoRA is exported with its adapters merged into plain weights, and only
+    when `merge_lora` says so."""
+    config = read_config(source, stage, f"--{stage}")
+    _need(merge_lora or not lora.rank(config),
+          f"--{stage}={source} was fine-tuned with LoRA adapters; pass --merge_lora to export merged weights")
     _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage), weights=weights)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(source, "config.json")) as f, open(os.path.join(out, "config.json"), "w") as g:
-        g.write(f.read())
+    if lora.rank(config):
+        config.model.lora.rank = 0  # the exported weights are plain
+    with open(os.path.join(out, "config.json"), "w") as g:
+        g.write(config_lib.to_json(config))
     ckpt = Checkpointer(out, keep=1, every=1)
     try:
         ckpt.save(step, {"params": params}, {}, {"stage": stage, "param_signature": param_signature(params)},
@@ -114,7 +124,7 @@ def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rul
 
 
 def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rules,
-             stages: tuple[str, ...] = MELODY_STAGES, weights: str = "ema") -> dict[str, Any]:
+             stages: tuple[str, ...] = MELODY_STAGES, weights: str = "ema", merge_lora: bool = False) -> dict[str, Any]:
     """Checks the workdirs fit together, then writes the bundle; returns its manifest."""
     missing = [s for s in stages if not sources.get(s)]
     _need(not missing, f"bundle needs a workdir for: {', '.join(missing)}")
@@ -131,7 +141,7 @@ def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rule
     steps = {}
     for s in stages:
         try:
-            steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules, weights)
+            steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules, weights, merge_lora)
         except WorkdirError as e:
             raise BundleError(str(e)) from None
     manifest = {"stages": list(stages), "steps": steps, "sources": {s: os.path.abspath(sources[s]) for s in stages}}

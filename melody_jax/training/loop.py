@@ -20,7 +20,7 @@ from absl import logging
 from flax import linen as nn
 from tqdm import tqdm
 
-from melody_jax.training import accumulate, ema
+from melody_jax.training import accumulate, ema, init_from
 from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
@@ -157,6 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
         abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)
         assert_sharded(abstract, config)  # before any memory is spent on a layout that would not fit
         signature = param_signature(abstract.params)
+        source = init_from.check(config, abstract.params) if init_from.requested(config) else None
         meta = {"stage": config.stage, "param_signature": signature, "ema": abstract.ema is not None}
         ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
         train_it = task.train_iterator(mesh)
@@ -174,6 +175,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
             logging.info("resumed from step %d", latest)
         else:
             state = init_sharded_state(task, shardings, init_rng)
+            if source is not None:
+                state = init_from.load(source, state, abstract, config, shardings)
             if is_main:
                 counts = task.describe(state.params)
                 logging.info("parameters: %s (total %d)", counts, sum(counts.values()))

@@ -109,5 +109,7 @@ def get_task(config: ml_collections.ConfigDict) -> Task:
     stage = config.get("stage")
     if stage not in REGISTRY:
         raise ConfigError(f"config.stage={stage!r} is not a registered stage; known: {sorted(REGISTRY)}")
+    from melody_jax.training.lora import wrap
+
     module, cls = REGISTRY[stage].split(":")
-    return getattr(importlib.import_module(module), cls)(config)
+    return wrap(getattr(importlib.import_module(module), cls)(config))
