@@ -1,0 +1,45 @@
+"""model.scan_layers: the decoder's blocks as one nn.scan give the unscanned model's loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from melody_jax.training.errors import WorkdirError
+from melody_jax.training.loop import init_sharded_state, train
+from melody_jax.training.sharding import activate
+from tests.helpers import stage_config, stage_layout, toy_config
+
+
+def stacked(decoder: dict, num_layers: int) -> dict:
+    """Unscanned decoder parameters → scanned: `layer_i/…` stacked into `layers/…` on a leading axis."""
+    out = {k: v for k, v in decoder.items() if not k.startswith("layer_")}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[decoder[f"layer_{i}"] for i in range(num_layers)])
+    return out
+
+
+def test_scanned_semantic_lm_gives_the_unscanned_loss():
+    mesh_fields = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    plain_cfg = stage_config("semantic_lm", **mesh_fields)
+    scan_cfg = stage_config("semantic_lm", model__scan_layers=True, **mesh_fields)
+    task, mesh, rules, _, shardings = stage_layout(plain_cfg)
+    scan_task, _, _, scan_abstract, _ = stage_layout(scan_cfg)
+    with activate(mesh, rules):
+        params = init_sharded_state(task, shardings, jax.random.key(0)).params
+        layers = plain_cfg.model.num_layers
+        scan_params = {"decoder": stacked(params["decoder"], layers)}
+        assert jax.tree.structure(scan_params) == jax.tree.structure(scan_abstract.params)
+        for got, want in zip(jax.tree.leaves(scan_params), jax.tree.leaves(scan_abstract.params)):
+            assert got.shape == want.shape
+        batch = next(iter(task.train_iterator(mesh)))
+        rng = jax.random.key(1)
+        loss, _ = jax.jit(task.loss)(params, batch, rng)
+        scan_loss, _ = jax.jit(scan_task.loss)(scan_params, batch, rng)
+    assert layers >= 2
+    np.testing.assert_allclose(float(scan_loss), float(loss), rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_checkpoint_is_refused_unscanned_in_one_line(tmp_path):
+    train(toy_config(model__scan_layers=True, train__num_steps=1), str(tmp_path))
+    with pytest.raises(WorkdirError, match=r"different model: parameter layer_0/attn/key/kernel has shape None there "
+                                           r"and \[64, 4, 16\] in this config"):
+        train(toy_config(train__num_steps=2), str(tmp_path))
