@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
     c.model.mlp_dim = mlp
     c.model.dtype = "float32"
     c.model.remat = False
+    c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention; needs bfloat16)
     c.model.scan_layers = False  # True: the blocks as one nn.scan (compile time flat in depth; other param names)
     c.data.seq_len = seq_len
     c.data.num_strides = 4

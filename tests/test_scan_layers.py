@@ -1,10 +1,11 @@
-"""model.scan_layers: the decoder's blocks as one nn.scan give the unscanned model's loss."""
+"""model.scan_layers: the decoder's blocks as one nn.scan give the unscanned model's loss;
+model.attention_impl: the cuDNN kernel is refused in one line where there is none."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from melody_jax.training.errors import WorkdirError
+from melody_jax.training.errors import ConfigError, WorkdirError
 from melody_jax.training.loop import init_sharded_state, train
 from melody_jax.training.sharding import activate
 from tests.helpers import stage_config, stage_layout, toy_config
@@ -43,3 +44,11 @@ def test_scanned_checkpoint_is_refused_unscanned_in_one_line(tmp_path):
     with pytest.raises(WorkdirError, match=r"different model: parameter layer_0/attn/key/kernel has shape None there "
                                            r"and \[64, 4, 16\] in this config"):
         train(toy_config(train__num_steps=2), str(tmp_path))
+
+
+def test_cudnn_attention_is_refused_on_a_backend_without_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config.model.attention_impl='cudnn' needs a GPU with cuDNN; this "
+                                          r"backend is cpu \(use 'xla'\)$"):
+        train(toy_config(model__attention_impl="cudnn"), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"config.model.attention_impl='flash' must be one of \('xla', 'cudnn'\)"):
+        train(toy_config(model__attention_impl="flash"), str(tmp_path))
