@@ -11,9 +11,9 @@ from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import BundleError, WorkdirError
 from melody_jax.training.frozen import load_stage
 from melody_jax.training.lora import LoRATask
-from melody_jax.training.loop import train
+from melody_jax.training.loop import init_sharded_state, train
 from melody_jax.training.sharding import activate
-from tests.helpers import run_cli, stage_layout, toy_config
+from tests.helpers import run_cli, stage_config, stage_layout, toy_config
 
 QUIET = dict(train__eval_every=1000, train__checkpoint_every=1000)
 # new data: strides up to 6 where the base saw up to 4, from another seed
@@ -86,3 +86,21 @@ def test_init_from_refuses_another_stage_or_shape_in_one_line(tmp_path):
     with pytest.raises(WorkdirError, match=r"holds the 'dpd' stage, not 'toy_lm'"):
         train(toy_config(train__init_from=str(other), **QUIET), str(tmp_path / "work2"))
     assert not any(files for _, _, files in os.walk(tmp_path / "work2"))
+
+
+def test_lora_on_the_dpd_changes_only_adapters(tmp_path):
+    """The DPD (self/cross-attention query and value kernels of its RoFormer layers), 6 steps from init."""
+    cfg = stage_config("dpd", model__lora__rank=2, train__num_steps=6, optim__lr=1e-2, **QUIET)
+    train(cfg, str(tmp_path))
+    task, mesh, rules, _, shardings = stage_layout(cfg)
+    with activate(mesh, rules):
+        init = jax.device_get(init_sharded_state(task, shardings, jax.random.split(jax.random.key(cfg.seed), 3)[0]))
+    tuned = final_params(cfg, tmp_path)
+    assert set(tuned) == set(init.params)
+    for name in set(tuned) - {"lora"}:
+        for a, b in zip(jax.tree.leaves(tuned[name]), jax.tree.leaves(init.params[name])):
+            np.testing.assert_array_equal(a, b)
+    lora_b = [x for p, x in jax.tree_util.tree_flatten_with_path(tuned["lora"])[0] if str(p[-1]) == "['b']"]
+    assert len(lora_b) == 4 * cfg.model.num_blocks * cfg.model.roformer_layers and all(np.abs(b).max() > 0 for b in lora_b)
+    share = sum(x.size for x in jax.tree.leaves(tuned["lora"])) / sum(x.size for x in jax.tree.leaves(tuned))
+    assert share < 0.05, share

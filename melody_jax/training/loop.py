@@ -59,10 +59,11 @@ def check_accumulation(task: Task) -> None:
 
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Every (micro-)batch splits evenly over data × fsdp."""
-    micro = config.train.batch_size // accumulate.steps(config)
-    if micro % batch_divisor(mesh):
-        raise ConfigError(f"config.train.batch_size={config.train.batch_size} / grad_accum_steps="
-                          f"{accumulate.steps(config)} is not divisible by mesh data×fsdp={batch_divisor(mesh)}")
+    k = accumulate.steps(config)
+    if (config.train.batch_size // k) % batch_divisor(mesh):
+        per = f" / grad_accum_steps={k}" if k > 1 else ""
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size}{per} is not divisible by "
+                          f"mesh data×fsdp={batch_divisor(mesh)}")
 
 
 def sharded_abstract_state(task: Task, mesh: jax.sharding.Mesh, rules, rng: jax.Array):
