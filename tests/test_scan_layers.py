@@ -11,10 +11,14 @@ from melody_jax.training.sharding import activate
 from tests.helpers import stage_config, stage_layout, toy_config
 
 
-def stacked(decoder: dict, num_layers: int) -> dict:
-    """Unscanned decoder parameters → scanned: `layer_i/…` stacked into `layers/…` on a leading axis."""
-    out = {k: v for k, v in decoder.items() if not k.startswith("layer_")}
-    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[decoder[f"layer_{i}"] for i in range(num_layers)])
+def stacked(tree):
+    """Unscanned parameters → scanned: wherever `layer_0…layer_n` sit, `layers/…` stacked on a leading axis."""
+    if not isinstance(tree, dict):
+        return tree
+    n = sum(k.startswith("layer_") for k in tree)
+    out = {k: stacked(v) for k, v in tree.items() if not k.startswith("layer_")}
+    if n:
+        out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"layer_{i}"] for i in range(n)])
     return out
 
 
@@ -27,7 +31,7 @@ def test_scanned_semantic_lm_gives_the_unscanned_loss():
     with activate(mesh, rules):
         params = init_sharded_state(task, shardings, jax.random.key(0)).params
         layers = plain_cfg.model.num_layers
-        scan_params = {"decoder": stacked(params["decoder"], layers)}
+        scan_params = stacked(params)
         assert jax.tree.structure(scan_params) == jax.tree.structure(scan_abstract.params)
         for got, want in zip(jax.tree.leaves(scan_params), jax.tree.leaves(scan_abstract.params)):
             assert got.shape == want.shape
@@ -37,6 +41,25 @@ def test_scanned_semantic_lm_gives_the_unscanned_loss():
         scan_loss, _ = jax.jit(scan_task.loss)(scan_params, batch, rng)
     assert layers >= 2
     np.testing.assert_allclose(float(scan_loss), float(loss), rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_mulan_towers_give_the_unscanned_embeddings():
+    fields = dict(data__path="unused", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    plain_cfg, scan_cfg = stage_config("mulan", **fields), stage_config("mulan", model__scan_layers=True, **fields)
+    task, mesh, rules, _, shardings = stage_layout(plain_cfg)
+    scan_task, _, _, scan_abstract, _ = stage_layout(scan_cfg)
+    assert min(plain_cfg.model.audio_layers, plain_cfg.model.text_layers) >= 2
+    audio = 0.1 * jax.random.normal(jax.random.key(1), (4, int(plain_cfg.data.crop_seconds * plain_cfg.data.sample_rate)))
+    tokens = jax.random.randint(jax.random.key(2), (4, 12), 1, 200)
+    mask = jnp.arange(12)[None] < jnp.array([[12], [7], [3], [12]])
+    with activate(mesh, rules):
+        params = init_sharded_state(task, shardings, jax.random.key(0)).params
+        scan_params = stacked(params)
+        assert jax.tree.structure(scan_params) == jax.tree.structure(scan_abstract.params)
+        out = jax.jit(task.model.apply)({"params": params}, audio, tokens, mask)
+        scan_out = jax.jit(scan_task.model.apply)({"params": scan_params}, audio, tokens, mask)
+    for a, b in zip(scan_out, out):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_scanned_checkpoint_is_refused_unscanned_in_one_line(tmp_path):
