@@ -62,6 +62,30 @@ def test_scanned_mulan_towers_give_the_unscanned_embeddings():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+def test_scanned_conformer_gives_the_unscanned_outputs_and_hidden_states():
+    fields = dict(data__path="unused", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    plain_cfg, scan_cfg = stage_config("ssl", **fields), stage_config("ssl", model__scan_layers=True, **fields)
+    task, mesh, rules, _, shardings = stage_layout(plain_cfg)
+    scan_task, _, _, scan_abstract, _ = stage_layout(scan_cfg)
+    layers = plain_cfg.model.num_layers
+    assert layers >= 2
+    audio = 0.1 * jax.random.normal(jax.random.key(1), (2, task.crop_samples))
+    with activate(mesh, rules):
+        params = init_sharded_state(task, shardings, jax.random.key(0)).params
+        scan_params = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+        scan_params["stack"] = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                       *[params[f"blocks_{i}"] for i in range(layers)])}
+        assert jax.tree.structure(scan_params) == jax.tree.structure(scan_abstract.params)
+        rngs = {"mask": jax.random.key(3), "gumbel": jax.random.key(4)}
+        forward = lambda model, p: model.apply({"params": p}, audio, train=False, rngs=rngs)["context"]  # noqa: E731
+        hidden = lambda model, p: model.apply({"params": p}, audio, layers // 2,  # noqa: E731
+                                              method=type(model).hidden_states)
+        for fn in (forward, hidden):
+            np.testing.assert_allclose(np.asarray(jax.jit(fn, static_argnums=0)(scan_task.model, scan_params)),
+                                       np.asarray(jax.jit(fn, static_argnums=0)(task.model, params)),
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_scanned_checkpoint_is_refused_unscanned_in_one_line(tmp_path):
     train(toy_config(model__scan_layers=True, train__num_steps=1), str(tmp_path))
     with pytest.raises(WorkdirError, match=r"different model: parameter layer_0/attn/key/kernel has shape None there "
