@@ -6,7 +6,7 @@ from melody_jax.tasks.vae_gan import VAEGANTask
 from melody_jax.training.loop import init_sharded_state, sharded_abstract_state
 from melody_jax.training.plan import plan_train_step
 from melody_jax.training.sharding import activate, make_mesh, rules_from_config
-from tests.helpers import stage_config, toy_config, train_and_restore
+from tests.helpers import stage_config, stage_layout, toy_config, train_and_restore
 
 # Plain SGD at lr 1 without clipping: the step's change of the parameters is the gradient itself,
 # so the comparison sees the accumulated gradient (Adam's first step, ≈ lr·sign(g), would hide it).
@@ -29,7 +29,9 @@ def test_toy_lm_accumulated_step_equals_whole_batch(tmp_path):
     _, _, _, whole = train_and_restore(toy_config(**fields), str(tmp_path / "whole"))
     _, _, _, micro = train_and_restore(toy_config(train__grad_accum_steps=4, **fields), str(tmp_path / "micro"))
     assert_close(micro, whole)
-    _, _, _, start = train_and_restore(toy_config(**{**fields, "optim__lr": 1e-30}), str(tmp_path / "start"))
+    task, mesh, rules, _, shardings = stage_layout(toy_config(**fields))
+    with activate(mesh, rules):  # the loop's initial state (its init key)
+        start = jax.device_get(init_sharded_state(task, shardings, jax.random.split(jax.random.key(0), 3)[0]).params)
     assert max_diff(whole, start) > 1e-2, "the step must move the parameters (else the test proves nothing)"
 
 

@@ -11,7 +11,7 @@ from melody_jax.training.sharding import activate
 from tests.helpers import stage_layout, toy_config
 
 DECAY = 0.8
-STEPS = 6
+STEPS = 4
 
 
 def config(**overrides):
@@ -60,7 +60,7 @@ def test_ema_closed_form_resume_and_old_checkpoints(tmp_path):
     assert moved > 1e-3, "the EMA must differ from the raw parameters (else the test proves nothing)"
 
     resumed = tmp_path / "resumed"
-    assert train(config(train__stop_at_step=3), str(resumed))["status"] == "stopped"
+    assert train(config(train__stop_at_step=2), str(resumed))["status"] == "stopped"
     train(config(), str(resumed))
     r = states(resumed, config(), [STEPS])[STEPS]
     for a, b in zip(jax.tree.leaves(r.ema), jax.tree.leaves(s[STEPS].ema)):
@@ -68,11 +68,11 @@ def test_ema_closed_form_resume_and_old_checkpoints(tmp_path):
 
     # a checkpoint written without EMA resumes with it: the EMA starts at the restored parameters
     old = tmp_path / "old"
-    train(config(train__ema_decay=0.0, train__stop_at_step=3), str(old))
+    train(config(train__ema_decay=0.0, train__stop_at_step=2), str(old))
     train(config(), str(old))
-    o = states(old, config(), range(3, STEPS + 1))
-    assert o[3].ema is None and o[4].ema is not None
-    assert_close(o[STEPS].ema, closed_form([o[k].params for k in range(3, STEPS + 1)]), 1e-6)
+    o = states(old, config(), range(2, STEPS + 1))
+    assert o[2].ema is None and o[3].ema is not None
+    assert_close(o[STEPS].ema, closed_form([o[k].params for k in range(2, STEPS + 1)]), 1e-6)
 
     # export: --weights=ema holds the EMA, --weights=raw the parameters
     task, mesh, rules, _, _ = stage_layout(config())
