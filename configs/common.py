@@ -30,6 +30,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.train.max_bad_steps = 10  # consecutive non-finite steps before the run stops
     c.train.tensorboard = True
     c.train.progress_bar = True
+    c.train.ema_decay = 0.0  # >0: keep an EMA of the parameters; evaluation and bundles use it
+    c.train.grad_accum_steps = 1  # micro-batches per step (lax.scan); memory follows batch_size / this
+    c.train.init_from = ""  # a workdir or bundle of this stage: start from its parameters (by name and shape)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
@@ -43,9 +46,12 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.optim.decay_rate = 0.999  # exponential: factor per `decay_steps`
     c.optim.decay_steps = 1000
     c.optim.grad_clip_norm = 1.0  # 0 disables
+    c.optim.estim_lr0 = 1e-6  # dadapt_adamw / prodigy: initial step-size estimate (lr is then a multiplier)
 
     c.data = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
+    # LoRA fine-tuning (training/lora.py): rank 0 = off; kernels whose path matches a pattern get adapters
+    c.model.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 8.0, "patterns": ["*/query/kernel", "*/value/kernel"]})
     return c
 
 

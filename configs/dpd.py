@@ -70,4 +70,5 @@ def get_config(arg: str | None = None):
     c.optim.lr = {"tiny": 1e-2, "small": 2e-3}.get(preset, 1e-4)
     c.optim.warmup_steps = 100 if preset == "tiny" else 1000
     c.sample = dict(schedule="paper")  # the MeLoDy pipeline's angle schedule: paper | uniform (its ablation)
+    c.train.ema_decay = 0.0 if preset == "tiny" else 0.9999  # weight EMA, the standard for diffusion models
     return c

@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
     c.model.max_text_length = 128 if tiny else 256  # bytes, including the leading [CLS]
     c.model.dtype = dtype
     c.model.remat = preset == "paper"
+    c.model.scan_layers = False  # True: each tower's blocks as one nn.scan (other param names)
 
     c.data.update(default_data_config())
     c.data.sample_rate = rate

@@ -100,6 +100,9 @@ def get_config(arg: str | None = None):
     c.optim.lr = 3e-3 if tiny else 1e-4
     c.optim.warmup_steps = 10 if tiny else 4000
     c.optim.weight_decay = 0.0 if tiny else 0.1
+    if not tiny:  # audiocraft's MusicGen recipe: D-Adaptation Adam at lr 1, betas (0.9, 0.95); EMA 0.99 every
+        c.optim.name, c.optim.lr, c.optim.b2 = "dadapt_adamw", 1.0, 0.95  # 10 steps ≈ 0.999 every step
+        c.train.ema_decay = 0.999
 
     c.sample = ml_collections.ConfigDict()
     c.sample.top_k = 250

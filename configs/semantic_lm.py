@@ -28,6 +28,8 @@ def get_config(arg: str | None = None):
     c.model.mlp_dim = mlp
     c.model.dtype = dtype
     c.model.remat = preset == "paper"
+    c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention; needs bfloat16)
+    c.model.scan_layers = False  # True: the blocks as one nn.scan (compile time flat in depth; other param names)
     c.model.num_mulan_tokens = 12
     c.model.mulan_codebook_size = 1024
     c.model.semantic_vocab_size = 1024

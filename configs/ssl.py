@@ -49,6 +49,7 @@ def get_config(arg: str | None = None):
     m.normalize_audio = True
     m.dtype = "float32" if preset in ("tiny", "small") else "bfloat16"
     m.remat = preset == "paper"
+    m.scan_layers = False  # True: the Conformer blocks as one nn.scan (other param names)
 
     c.data.update(default_data_config())
     c.data.sample_rate = 24000

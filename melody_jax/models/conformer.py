@@ -132,6 +132,39 @@ class ConformerBlock(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+class _ScannedBlock(ConformerBlock):
+    """A ConformerBlock in `nn.scan`'s (carry, output) form; the output is the block's, when `collect`."""
+
+    deterministic: bool = True
+    collect: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: None = None) -> tuple[jax.Array, jax.Array | None]:
+        y = super().__call__(x, self.deterministic)
+        return y, (y if self.collect else None)
+
+
+class ScannedBlocks(nn.Module):
+    """`num_layers` ConformerBlocks as one `nn.scan` over parameters stacked on a `layers` axis."""
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    conv_kernel: int
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool, collect: bool = False) -> tuple[jax.Array, jax.Array | None]:
+        """(last block's output, every block's output [L, …] when `collect`)."""
+        block = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        return stack(self.num_heads, self.mlp_dim, self.conv_kernel, self.dropout, self.dtype, deterministic, collect,
+                     name="layers")(x, None)
+
+
 def perplexity_of(probs: jax.Array) -> jax.Array:
     """Σ_g exp(H(p_g)) for probs [G, V]: the effective number of codebook entries in use (≤ G·V)."""
     entropy = -jnp.sum(probs * jnp.log(probs + 1e-7), -1)
@@ -203,6 +236,7 @@ class Wav2Vec2Conformer(nn.Module):
     normalize_audio: bool = True
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False  # the blocks as one nn.scan (ScannedBlocks): other parameter names
 
     def setup(self):
         self.feature_encoder = FeatureEncoder(tuple(self.conv_channels), tuple(self.conv_strides), self.dtype)
@@ -211,8 +245,12 @@ class Wav2Vec2Conformer(nn.Module):
         self.mask_embedding = self.param("mask_embedding", nn.with_logical_partitioning(
             nn.initializers.uniform(1.0), ("embed",)), (self.embed_dim,))
         block = nn.remat(ConformerBlock, static_argnums=(2,)) if self.remat else ConformerBlock
-        self.blocks = [block(self.num_heads, self.mlp_dim, self.conv_kernel, self.dropout, self.dtype)
-                       for _ in range(self.num_layers)]
+        if self.scan_layers:
+            self.stack = ScannedBlocks(self.num_layers, self.num_heads, self.mlp_dim, self.conv_kernel, self.dropout,
+                                       self.dtype, self.remat)
+        else:
+            self.blocks = [block(self.num_heads, self.mlp_dim, self.conv_kernel, self.dropout, self.dtype)
+                           for _ in range(self.num_layers)]
         self.quantizer = GumbelQuantizer(self.num_groups, self.num_vars, self.codevector_dim, self.dtype)
         self.project_q = dense(self.final_dim, ("embed", "latent"), jnp.float32, use_bias=True)
         self.final_proj = dense(self.final_dim, ("embed", "latent"), jnp.float32, use_bias=True)
@@ -239,6 +277,8 @@ class Wav2Vec2Conformer(nn.Module):
         if not 0 <= layer <= self.num_layers:
             raise ValueError(f"layer={layer} must lie in [0, {self.num_layers}]")
         x = self.features(audio)[2]
+        if self.scan_layers:  # every block runs; the one asked for is read out
+            return x if layer == 0 else self.stack(x, True, collect=True)[1][layer - 1]
         for blk in self.blocks[:layer]:
             x = blk(x, True)
         return x
@@ -252,8 +292,11 @@ class Wav2Vec2Conformer(nn.Module):
             mask = span_mask(self.make_rng("mask"), x.shape[:2], self.mask_prob, self.mask_length)
         x = jnp.where(mask[..., None], self.mask_embedding.astype(x.dtype), x)
         x = self.input_dropout(x, not train)
-        for blk in self.blocks:
-            x = blk(x, not train)
+        if self.scan_layers:
+            x = self.stack(x, not train)[0]
+        else:
+            for blk in self.blocks:
+                x = blk(x, not train)
         q, codes, prob_ppl, code_ppl = self.quantizer(feats, temperature, train)
         return {"context": self.final_proj(x.astype(jnp.float32)), "targets": self.project_q(q.astype(jnp.float32)),
                 "codes": codes, "mask": mask, "prob_perplexity": prob_ppl, "code_perplexity": code_ppl,

@@ -46,10 +46,19 @@ class EncoderBlock(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+class _ScannedBlock(EncoderBlock):
+    """An EncoderBlock in `nn.scan`'s (carry, output) form."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array) -> tuple[jax.Array, None]:
+        return super().__call__(x, mask, positions), None
+
+
 class Encoder(nn.Module):
     """Pre-norm bidirectional blocks, then masked mean pool and a projection to the shared space.
 
     `pool=False` returns the normed sequence [B, T, D] instead (MusicGen's text encoder, §6).
+    `scan_layers`: the blocks as one `nn.scan` over parameters stacked on a `layers` axis.
     """
 
     num_layers: int
@@ -59,13 +68,21 @@ class Encoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     pool: bool = True
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, valid: jax.Array, positions: jax.Array) -> jax.Array:
-        block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
         mask = padding_mask(valid)
-        for i in range(self.num_layers):
-            x = block(self.num_heads, self.mlp_dim, self.dtype, name=f"layer_{i}")(x, mask, positions)
+        if self.scan_layers:
+            block = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(self.num_heads, self.mlp_dim, self.dtype, name="layers")(x, mask, positions)
+        else:
+            block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+            for i in range(self.num_layers):
+                x = block(self.num_heads, self.mlp_dim, self.dtype, name=f"layer_{i}")(x, mask, positions)
         x = RMSNorm(dtype=self.dtype, name="final_norm")(x).astype(jnp.float32)
         if not self.pool:
             return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -92,10 +109,11 @@ class MuLan(nn.Module):
     out_dim: int = 128
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False  # Encoder.scan_layers, both towers
 
     def setup(self):
         tower = functools.partial(Encoder, num_heads=self.num_heads, mlp_dim=self.mlp_dim, out_dim=self.out_dim,
-                                  dtype=self.dtype, remat=self.remat)
+                                  dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers)
         self.audio_encoder = tower(self.audio_layers)
         self.text_encoder = tower(self.text_layers)
         self.patch_proj = dense(self.embed_dim, (None, "embed"), self.dtype, use_bias=True)

@@ -40,6 +40,8 @@ class SemanticLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     decode: bool = False
+    scan_layers: bool = False  # DecoderLM.scan_layers
+    attention_impl: str = "xla"  # Attention.implementation
 
     @nn.compact
     def __call__(self, codes: jnp.ndarray) -> jnp.ndarray:
@@ -56,5 +58,6 @@ class SemanticLM(nn.Module):
             vocab_size=self.num_prefix * self.prefix_codebook_size + self.vocab_size,
             output_size=self.vocab_size, num_layers=self.num_layers, embed_dim=self.embed_dim,
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, remat=self.remat,
-            decode=self.decode, name="decoder",
+            decode=self.decode, scan_layers=self.scan_layers,
+            attention_impl=self.attention_impl, name="decoder",
         )(ids)

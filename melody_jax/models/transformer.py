@@ -19,19 +19,33 @@ class DecoderBlock(nn.Module):
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
     decode: bool = False
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         h = RMSNorm(dtype=self.dtype, name="attn_norm")(x)
-        x = x + Attention(self.num_heads, dtype=self.dtype, decode=self.decode, name="attn")(
+        x = x + Attention(self.num_heads, dtype=self.dtype, decode=self.decode, implementation=self.attention_impl,
+                          name="attn")(
             h, mask=mask, causal=True)
         h = RMSNorm(dtype=self.dtype, name="mlp_norm")(x)
         x = x + SwiGLU(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+class _ScannedBlock(DecoderBlock):
+    """A DecoderBlock in `nn.scan`'s (carry, output) form."""
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, None]:
+        return super().__call__(x, mask), None
+
+
 class DecoderLM(nn.Module):
-    """tokens int32 [B, T] → logits float32 [B, T, output_size or vocab_size]."""
+    """tokens int32 [B, T] → logits float32 [B, T, output_size or vocab_size].
+
+    `scan_layers`: the blocks as one `nn.scan` over parameters stacked on a leading `layers` axis
+    (one block compiled instead of `num_layers`); same math, other parameter names (`layers/…`).
+    """
 
     vocab_size: int
     num_layers: int
@@ -42,6 +56,8 @@ class DecoderLM(nn.Module):
     remat: bool = False
     decode: bool = False
     output_size: int | None = None  # head width when the model embeds more ids than it predicts
+    scan_layers: bool = False
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -52,9 +68,18 @@ class DecoderLM(nn.Module):
         )
         x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
-        for i in range(self.num_layers):
-            x = block(self.num_heads, self.mlp_dim, self.dtype, self.decode, name=f"layer_{i}")(x, mask)
+        if self.scan_layers:
+            block = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
+            stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast,), length=self.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(self.num_heads, self.mlp_dim, self.dtype, self.decode, self.attention_impl, name="layers")(
+                x, mask)
+        else:
+            block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
+            for i in range(self.num_layers):
+                x = block(self.num_heads, self.mlp_dim, self.dtype, self.decode, self.attention_impl,
+                          name=f"layer_{i}")(x, mask)
         x = RMSNorm(dtype=self.dtype, name="final_norm")(x)
         logits = dense(self.output_size or self.vocab_size, ("embed", "vocab"), self.dtype, name="head")(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))

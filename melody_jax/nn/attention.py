@@ -59,6 +59,7 @@ class Attention(nn.Module):
     rotary_base: float = 10000.0
     use_bias: bool = False
     decode: bool = False
+    implementation: str = "xla"  # jax.nn.dot_product_attention's: "xla", or "cudnn" (GPU flash kernel, bf16/fp16)
 
     @nn.compact
     def __call__(
@@ -107,7 +108,8 @@ class Attention(nn.Module):
                 q, k = apply_rotary(q, pos, self.rotary_base), apply_rotary(k, pos, self.rotary_base)
             if causal:
                 mask = combine_masks(mask, causal_mask(jnp.arange(t), jnp.arange(t)))
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5,
+                                               implementation=self.implementation)
         out = nn.with_logical_constraint(out, act)
         return dense(d_model, ("heads", "kv", "embed"), self.dtype, axis=(-2, -1),
                      use_bias=self.use_bias, name="out")(out)

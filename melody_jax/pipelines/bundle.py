@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from melody_jax.training import config as config_lib
+from melody_jax.training import lora
 from melody_jax.training.checkpoint import Checkpointer, param_signature
 from melody_jax.training.errors import BundleError, WorkdirError
 from melody_jax.training.frozen import load_stage, read_config
@@ -117,11 +119,20 @@ def write_stage(out: str, stage: str, config_json: str, params: Any, step: int) 
         ckpt.close()
 
 
-def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules) -> int:
-    """Copies a stage's config and newest parameters (only) from a workdir into `out`; returns the step."""
-    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage))
-    with open(os.path.join(source, "config.json")) as f:
-        write_stage(out, stage, f.read(), params, step)
+def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rules, weights: str = "ema",
+                 merge_lora: bool = False) -> int:
+    """Copies a stage's config and newest parameters (only) from a workdir into `out`; returns the step.
+
+    `weights="ema"` exports the run's EMA of the parameters where it kept one, `"raw"` the parameters.
+    A stage fine-tuned with LoRA is exported with its adapters merged into plain weights, and only
+    when `merge_lora` says so."""
+    config = read_config(source, stage, f"--{stage}")
+    _need(merge_lora or not lora.rank(config),
+          f"--{stage}={source} was fine-tuned with LoRA adapters; pass --merge_lora to export merged weights")
+    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage), weights=weights)
+    if lora.rank(config):
+        config.model.lora.rank = 0  # the exported weights are plain
+    write_stage(out, stage, config_lib.to_json(config), params, step)
     return step
 
 
@@ -137,7 +148,7 @@ def refuse_existing(out: str) -> None:
 
 
 def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rules,
-             stages: tuple[str, ...] = MELODY_STAGES) -> dict[str, Any]:
+             stages: tuple[str, ...] = MELODY_STAGES, weights: str = "ema", merge_lora: bool = False) -> dict[str, Any]:
     """Checks the workdirs fit together, then writes the bundle; returns its manifest. A failure part-way
     removes the stage folders it wrote (and `out`, if it made it), so the same command can run again."""
     missing = [s for s in stages if not sources.get(s)]
@@ -157,7 +168,7 @@ def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rule
             # a stage folder without a manifest is a failed earlier run's: export it again
             shutil.rmtree(os.path.join(out, s), ignore_errors=True)
             try:
-                steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules)
+                steps[s] = export_stage(sources[s], s, os.path.join(out, s), mesh, rules, weights, merge_lora)
             except WorkdirError as e:
                 raise BundleError(str(e)) from None
     except BaseException:  # a half-written bundle is never left behind

@@ -31,7 +31,7 @@ import optax
 from data_pipeline.builder import held_out_split
 from data_pipeline.input import make_train_iterator
 from melody_jax.models import discriminators
-from melody_jax.training import balancer
+from melody_jax.training import accumulate, balancer
 from melody_jax.training.config import one_of, positive, require
 from melody_jax.training.optim import make_optimizer
 from melody_jax.training.state import TrainState
@@ -109,6 +109,9 @@ class GANTask(Task):
         positive(c, "loss.balancer_total_norm")
         require(0.0 <= c.loss.balancer_ema_decay < 1.0,
                 f"config.loss.balancer_ema_decay={c.loss.balancer_ema_decay} must lie in [0, 1)")
+        require(accumulate.steps(c) == 1 or (c.train.gan_updates == "simultaneous" and not c.loss.balancer),
+                f"config.train.grad_accum_steps={accumulate.steps(c)} needs train.gan_updates='simultaneous' and "
+                "no loss.balancer (both need the whole batch's gradients at once)")
 
     def balanced_losses(self, fake: jax.Array, real: jax.Array) -> dict[str, jax.Array]:
         """Unweighted losses that reach the generator only through `fake`, by `config.loss` name; with
@@ -180,27 +183,66 @@ class GANTask(Task):
         adv, fm = generator_adversarial(*_halves(outs), *self._reduction())
         return w.adversarial * adv + w.feature_matching * fm, {"g_adv": adv, "g_fm": fm}
 
-    def train_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
-        p, opt = state.params, self.optimizer()
-
+    def _discriminator_pass(self, p: Any, gen_state: Any, batch: Batch, rng: jax.Array):
+        """The generator's forward (with its pullback) and the discriminator's loss and gradients on
+        real and generated audio: what every update mode starts from."""
         def generate(g_params):
-            fake, real, rec, metrics, new_gen_state = self.reconstruct(
-                g_params, p.get("generator_state"), batch, rng, True)
+            fake, real, rec, metrics, new_gen_state = self.reconstruct(g_params, gen_state, batch, rng, True)
             return (fake, rec), (real, metrics, new_gen_state)
 
         (fake, rec), pullback, (real, metrics, new_gen_state) = jax.vjp(generate, p["generator"], has_aux=True)
         real, fake_sg = jax.lax.stop_gradient(real), jax.lax.stop_gradient(fake)
-        d_apply = lambda d, audio: self.discriminator.apply({"params": d}, audio)  # noqa: E731
-        outs, d_pullback = jax.vjp(d_apply, p["discriminator"], jnp.concatenate([real, fake_sg], axis=0))
-
+        outs, d_pullback = jax.vjp(self._d_apply, p["discriminator"], jnp.concatenate([real, fake_sg], axis=0))
         d_objective = lambda o: discriminator_loss(*_halves(o), *self._reduction())  # noqa: E731
         (d_loss, d_metrics), d_cotangent = jax.value_and_grad(d_objective, has_aux=True)(outs)
         d_grads = d_pullback(d_cotangent)[0]
+        metrics = {**metrics, **d_metrics, "g_rec": rec, "d_loss": d_loss}
+        return fake, real, fake_sg, rec, pullback, outs, d_pullback, d_grads, metrics, new_gen_state
+
+    def _d_apply(self, d_params: Any, audio: jax.Array) -> Outputs:
+        return self.discriminator.apply({"params": d_params}, audio)
+
+    def _gradients(self, p: Any, gen_state: Any, batch: Batch, rng: jax.Array):
+        """(generator grads, discriminator grads, metrics, new generator state) of one (micro-)batch,
+        both against the same discriminator (simultaneous updates, no balancer)."""
+        _, _, _, rec, pullback, outs, d_pullback, d_grads, metrics, new_gen_state = self._discriminator_pass(
+            p, gen_state, batch, rng)
+        (adv, adv_metrics), g_cotangent = jax.value_and_grad(self._weighted_adversarial, has_aux=True)(outs)
+        fake_grad = jnp.split(d_pullback(g_cotangent)[1], 2, axis=0)[1]
+        (g_grads,) = pullback((fake_grad, jnp.ones_like(rec)))
+        return g_grads, d_grads, {**metrics, **adv_metrics, "loss": rec + adv}, new_gen_state
+
+    def train_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        """Both networks step from the same discriminator forward; with `train.grad_accum_steps` = k,
+        both gradients are means over k micro-batches (a generator state, e.g. EMA codebooks, is
+        updated micro-batch after micro-batch). D-then-G updates and the balancer take `_recipe_step`."""
+        if self.config.train.gan_updates == "alternating" or self.balancing:
+            return self._recipe_step(state, batch, rng)
+        p, opt = state.params, self.optimizer()
+
+        def micro(gen_state, b, r):
+            g_grads, d_grads, metrics, new_gen_state = self._gradients(p, gen_state, b, r)
+            return new_gen_state, (g_grads, d_grads, metrics)
+
+        new_gen_state, (g_grads, d_grads, metrics) = accumulate.accumulate(
+            micro, p.get("generator_state"), batch, rng, accumulate.steps(self.config))
+        d_updates, d_opt = opt.update(d_grads, state.opt_state["discriminator"], p["discriminator"])
+        g_updates, g_opt = opt.update(g_grads, state.opt_state["generator"], p["generator"])
+        params = {**p, "generator": optax.apply_updates(p["generator"], g_updates),
+                  "discriminator": optax.apply_updates(p["discriminator"], d_updates)}
+        return self._finish(state, params, new_gen_state, {"generator": g_opt, "discriminator": d_opt},
+                            g_grads, d_grads, metrics)
+
+    def _recipe_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        """One whole-batch step with D-then-G updates (`train.gan_updates="alternating"`: G against the
+        updated D, as HiFi-GAN) and/or the loss balancer; validation refuses accumulation with them."""
+        p, opt = state.params, self.optimizer()
+        fake, real, fake_sg, rec, pullback, outs, d_pullback, d_grads, metrics, new_gen_state = (
+            self._discriminator_pass(p, p.get("generator_state"), batch, rng))
         d_updates, d_opt = opt.update(d_grads, state.opt_state["discriminator"], p["discriminator"])
         d_params = optax.apply_updates(p["discriminator"], d_updates)
-
         if self.config.train.gan_updates == "alternating":  # G against the updated D
-            outs, audio_pullback = jax.vjp(lambda audio: d_apply(d_params, audio), jnp.concatenate([real, fake]))
+            outs, audio_pullback = jax.vjp(lambda audio: self._d_apply(d_params, audio), jnp.concatenate([real, fake]))
             fake_pull = lambda cot: jnp.split(audio_pullback(cot)[0], 2, axis=0)[1]  # noqa: E731
         else:
             fake_pull = lambda cot: jnp.split(d_pullback(cot)[1], 2, axis=0)[1]  # noqa: E731
@@ -214,11 +256,15 @@ class GANTask(Task):
         (g_grads,) = pullback((fake_grad, jnp.ones_like(rec)))
         g_updates, opt_state["generator"] = opt.update(g_grads, state.opt_state["generator"], p["generator"])
         params = {**p, "generator": optax.apply_updates(p["generator"], g_updates), "discriminator": d_params}
+        return self._finish(state, params, new_gen_state, opt_state, g_grads, d_grads,
+                            {**metrics, **adv_metrics, "loss": rec + adv})
+
+    @staticmethod
+    def _finish(state, params, new_gen_state, opt_state, g_grads, d_grads, metrics):
         if new_gen_state is not None:
             params["generator_state"] = new_gen_state
         g_norm, d_norm = optax.tree.norm(g_grads), optax.tree.norm(d_grads)
-        metrics = {**metrics, **d_metrics, **adv_metrics, "loss": rec + adv, "g_rec": rec, "d_loss": d_loss,
-                   "g_grad_norm": g_norm, "d_grad_norm": d_norm, "grad_norm": jnp.sqrt(g_norm**2 + d_norm**2)}
+        metrics = {**metrics, "g_grad_norm": g_norm, "d_grad_norm": d_norm, "grad_norm": jnp.sqrt(g_norm**2 + d_norm**2)}
         return state.replace(params=params, opt_state=opt_state), metrics
 
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:

@@ -69,6 +69,7 @@ def frame_batches(config, mesh: jax.sharding.Mesh) -> RepeatedBatch:
 
 class KMeansTask(Task):
     name = "kmeans"
+    accumulates = False  # fitted by k-means steps, not gradients
 
     def validate(self) -> None:
         c = self.config

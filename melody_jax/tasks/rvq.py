@@ -97,6 +97,7 @@ def reconstruction(codebooks: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.A
 
 class RVQTask(Task):
     name = "rvq"
+    accumulates = False  # fitted by k-means steps, not gradients
 
     def validate(self) -> None:
         c = self.config

@@ -101,7 +101,8 @@ class SemanticLMTask(Task):
         m = self.config.model
         return SemanticLM(num_layers=m.num_layers, embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
                           num_prefix=m.num_mulan_tokens, prefix_codebook_size=m.mulan_codebook_size,
-                          vocab_size=m.semantic_vocab_size, dtype=jnp.dtype(m.dtype), remat=m.remat)
+                          vocab_size=m.semantic_vocab_size, dtype=jnp.dtype(m.dtype), remat=m.remat,
+                          scan_layers=m.get("scan_layers", False), attention_impl=m.get("attention_impl", "xla"))
 
     def init_params(self, rng: jax.Array) -> Any:
         length = self.config.model.num_mulan_tokens + self.config.data.semantic_len - 1

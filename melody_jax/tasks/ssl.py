@@ -18,6 +18,7 @@ from data_pipeline.builder import held_out_split
 from data_pipeline.input import make_train_iterator
 from melody_jax.models.conformer import Wav2Vec2Conformer
 from melody_jax.models.ssl_loss import wav2vec2_loss
+from melody_jax.training import accumulate
 from melody_jax.training.config import positive, require
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Batch, Task
@@ -31,7 +32,7 @@ def ssl_model(m) -> Wav2Vec2Conformer:
         num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim, conv_kernel=m.conv_kernel,
         num_groups=m.num_groups, num_vars=m.num_vars, codevector_dim=m.codevector_dim, final_dim=m.final_dim,
         dropout=m.dropout, mask_prob=m.mask_prob, mask_length=m.mask_length, normalize_audio=m.normalize_audio,
-        dtype=jnp.dtype(m.dtype), remat=m.remat)
+        dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.get("scan_layers", False))
 
 
 def gumbel_temperature(m, step: jax.Array) -> jax.Array:
@@ -95,8 +96,8 @@ class SSLTask(Task):
 
     def train_step(self, state: TrainState, batch: Batch, rng: jax.Array):
         temperature = gumbel_temperature(self.config.model, state.step)
-        grad_fn = jax.value_and_grad(self.objective, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, rng, True, temperature)
+        (loss, metrics), grads = accumulate.value_and_grad(self.objective, state.params, batch, rng,
+                                                           accumulate.steps(self.config), True, temperature)
         updates, opt_state = self.optimizer().update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}

@@ -42,7 +42,8 @@ class ToyLMTask(Task):
     def model(self) -> DecoderLM:
         m = self.config.model
         return DecoderLM(vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim,
-                         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dtype=jnp.dtype(m.dtype), remat=m.remat)
+                         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dtype=jnp.dtype(m.dtype), remat=m.remat,
+                         scan_layers=m.get("scan_layers", False), attention_impl=m.get("attention_impl", "xla"))
 
     def init_params(self, rng: jax.Array) -> Any:
         dummy = jnp.zeros((1, self.config.data.seq_len), jnp.int32)

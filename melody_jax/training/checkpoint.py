@@ -134,19 +134,19 @@ class Checkpointer:
                                f"(first: {bad[0]}); delete that step directory to resume from an earlier one")
         return out["state"], out["data"]
 
-    def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only `state.params` of a step (for frozen use and bundles): no optimizer state is read."""
-        item = {"params": abstract_params}
+    def restore_params(self, step: int, abstract_params: Any, key: str = "params") -> Any:
+        """Only `state.<key>` of a step (`params`, or `ema` when the run kept one): no optimizer state is read."""
+        item = {key: abstract_params}
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
         except Exception as e:  # noqa: BLE001 - any failure here is a damaged checkpoint for the user
             raise WorkdirError(f"checkpoint {self.directory}/{step} could not be restored: {_first_line(e)}") from e
-        bad = non_finite_leaves(out["state"]["params"])
+        bad = non_finite_leaves(out["state"][key])
         if bad:
             raise WorkdirError(f"checkpoint {self.directory}/{step} is damaged: {len(bad)} parameter arrays hold "
                                f"NaN/Inf (first: {bad[0]})")
-        return out["state"]["params"]
+        return out["state"][key]
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 
 from melody_jax.training.errors import ConfigError
@@ -60,10 +61,20 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
              "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps", "optim.lr")
     non_negative(config, "train.stop_at_step", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip_norm")
     one_of(config, "optim.schedule", ("cosine", "constant", "exponential"))
-    one_of(config, "optim.name", ("adamw", "adam", "sgd"))
+    one_of(config, "optim.name", ("adamw", "adam", "sgd", "dadapt_adamw", "prodigy"))
+    train = config.train
+    require(_finite(train.get("ema_decay", 0.0)) and 0 <= train.get("ema_decay", 0.0) < 1,
+            f"config.train.ema_decay={train.get('ema_decay')!r} must lie in [0, 1) (0 = off)")
+    accum = train.get("grad_accum_steps", 1)
+    require(isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
+            f"config.train.grad_accum_steps={accum!r} must be an integer >= 1")
+    require(train.batch_size % accum == 0,
+            f"config.train.grad_accum_steps={accum} does not divide train.batch_size={train.batch_size}")
     require(_finite(config.optim.b1) and _finite(config.optim.b2) and 0 <= config.optim.b1 < 1
             and 0 <= config.optim.b2 < 1,
             f"config.optim.b1={config.optim.b1}, b2={config.optim.b2} must lie in [0, 1)")
+    if "attention_impl" in config.model:
+        check_attention(config)
     for axis, size in config.mesh.items():
         require(isinstance(size, int) and (size > 0 or size == -1),
                 f"config.mesh.{axis}={size!r} must be a positive int or -1")
@@ -74,6 +85,18 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(message if message.startswith("config.") else
                           f"config.sharding_rules={' '.join(repr(config.get('sharding_rules')).split())[:120]}: "
                           f"each rule must be [logical name, mesh axis or list or null] ({message})") from None
+
+
+def check_attention(config: ml_collections.ConfigDict) -> None:
+    """`model.attention_impl`: the cuDNN kernel exists on GPUs only, for 16-bit inputs."""
+    one_of(config, "model.attention_impl", ("xla", "cudnn"))
+    if config.model.attention_impl == "cudnn":
+        backend = jax.default_backend()
+        require(backend == "gpu", f"config.model.attention_impl='cudnn' needs a GPU with cuDNN; this backend is "
+                                  f"{backend} (use 'xla')")
+        require(config.model.get("dtype") in ("bfloat16", "float16"),
+                f"config.model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, not "
+                f"{config.model.get('dtype')!r}")
 
 
 def _short(text: str, limit: int = 120) -> str:

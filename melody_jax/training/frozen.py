@@ -22,6 +22,7 @@ import ml_collections
 from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.errors import WorkdirError
+from melody_jax.training.lora import LoRATask, merge
 from melody_jax.training.sharding import sharded_shapes
 from melody_jax.training.task import Task, get_task
 
@@ -39,10 +40,12 @@ def read_config(directory: str, stage: str, field: str) -> ml_collections.Config
 
 
 def load_stage(directory: str, stage: str, mesh: jax.sharding.Mesh, rules, *, field: str = "stage directory",
-               keep: Sequence[str] | None = None) -> tuple[Task, Any, int]:
+               keep: Sequence[str] | None = None, weights: str = "raw") -> tuple[Task, Any, int]:
     """(task as configured there, its newest parameters on `mesh`, the step they come from).
 
     `keep` names the top-level parameter groups to read (e.g. a GAN's "generator"); None reads all.
+    `weights="ema"` reads the run's EMA of the parameters where it kept one (else the raw ones).
+    A stage fine-tuned with LoRA comes back as the plain stage with its adapters merged.
     """
     task = get_task(read_config(directory, stage, field))
     abstract, _ = sharded_shapes(task.init_params, jax.random.key(0), mesh, rules)
@@ -58,9 +61,11 @@ def load_stage(directory: str, stage: str, mesh: jax.sharding.Mesh, rules, *, fi
             saved = meta.get("param_signature", {})
             meta = {**meta, "param_signature": {n: s for n, s in saved.items() if n.split("/")[0] in keep}}
         check_compatible(meta, stage, param_signature(abstract), directory)
-        params = ckpt.restore_params(step, abstract)
+        params = ckpt.restore_params(step, abstract, "ema" if weights == "ema" and meta.get("ema") else "params")
     finally:
         ckpt.close()
+    if isinstance(task, LoRATask):
+        return task.inner, merge(params, task.config), step
     return task, params, step
 
 

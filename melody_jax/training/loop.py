@@ -21,6 +21,7 @@ from absl import logging
 from flax import linen as nn
 from tqdm import tqdm
 
+from melody_jax.training import accumulate, ema, init_from
 from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
@@ -48,23 +49,43 @@ def validate(config: ml_collections.ConfigDict) -> Task:
     config_lib.validate_common(config)
     task = get_task(config)
     task.validate()
+    check_accumulation(task)
     return task
+
+
+def check_accumulation(task: Task) -> None:
+    if accumulate.steps(task.config) > 1 and not task.accumulates:
+        raise ConfigError(f"config.train.grad_accum_steps={accumulate.steps(task.config)}: the {task.config.stage} "
+                          "stage is not trained by gradients; leave it at 1")
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Every (micro-)batch splits evenly over data × fsdp."""
+    k = accumulate.steps(config)
+    if (config.train.batch_size // k) % batch_divisor(mesh):
+        per = f" / grad_accum_steps={k}" if k > 1 else ""
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size}{per} is not divisible by "
+                          f"mesh data×fsdp={batch_divisor(mesh)}")
 
 
 def sharded_abstract_state(task: Task, mesh: jax.sharding.Mesh, rules, rng: jax.Array):
     """(abstract unboxed state with shardings, sharding tree) without materialising anything."""
-    return sharded_shapes(task.init_state, rng, mesh, rules)
+    return sharded_shapes(lambda r: ema.attach(task.init_state(r), task.config), rng, mesh, rules)
 
 
 def init_sharded_state(task: Task, shardings, rng: jax.Array) -> TrainState:
-    return jax.jit(lambda r: nn.meta.unbox(task.init_state(r)), out_shardings=shardings)(rng)
+    return jax.jit(lambda r: nn.meta.unbox(ema.attach(task.init_state(r), task.config)),
+                   out_shardings=shardings)(rng)
 
 
 def guarded(task: Task, step_rng: jax.Array):
     """Wraps the task's step: a non-finite loss or gradient leaves the state as it was, counted."""
 
+    decay = ema.decay(task.config)
+
     def step(state: TrainState, batch):
         new_state, metrics = task.train_step(state, batch, jax.random.fold_in(step_rng, state.step))
+        new_state = ema.update(new_state, decay)
         finite = jnp.isfinite(metrics["loss"])
         if "grad_norm" in metrics:
             finite &= jnp.isfinite(metrics["grad_norm"])
@@ -134,12 +155,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
     else:
         config_lib.validate_common(config)
         task.validate()
+        check_accumulation(task)
     prepare_workdir(workdir)
     mesh = config_mesh(config)
     rules = config_rules(config)
-    if config.train.batch_size % batch_divisor(mesh):
-        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
-                          f"mesh data×fsdp={batch_divisor(mesh)}")
+    check_batch(config, mesh)
     is_main = jax.process_index() == 0
 
     with activate(mesh, rules):
@@ -147,14 +167,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
         abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)
         assert_sharded(abstract, config)  # before any memory is spent on a layout that would not fit
         signature = param_signature(abstract.params)
-        meta = {"stage": config.stage, "param_signature": signature, "seed": config.seed}
+        source = init_from.check(config, abstract.params) if init_from.requested(config) else None
+        meta = {"stage": config.stage, "param_signature": signature, "seed": config.seed,
+                "ema": abstract.ema is not None}
         ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
         train_it = task.train_iterator(mesh)
         latest = ckpt.latest_step()
         if latest is not None:
             try:
-                check_compatible(ckpt.read_meta(latest), config.stage, signature, f"workdir {workdir}", config.seed)
-                state, data_state = ckpt.restore(latest, abstract)
+                saved_meta = ckpt.read_meta(latest)
+                check_compatible(saved_meta, config.stage, signature, f"workdir {workdir}", config.seed)
+                state, data_state = ckpt.restore(latest, ema.as_saved(abstract, saved_meta))
+                state = ema.match_config(state, config, shardings)
             except BaseException:
                 ckpt.close()  # a refused workdir must not leave Orbax's threads behind
                 raise
@@ -162,6 +186,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
             logging.info("resumed from step %d", latest)
         else:
             state = init_sharded_state(task, shardings, init_rng)
+            if source is not None:
+                state = init_from.load(source, state, abstract, config, shardings)
             if is_main:
                 counts = task.describe(state.params)
                 logging.info("parameters: %s (total %d)", counts, sum(counts.values()))
@@ -231,7 +257,7 @@ def _run(task, config, mesh, state, start, train_it, step_fn, eval_fn, eval_rng,
             pending = (step, metrics)
             bar.update(1)
             if step % config.train.eval_every == 0 or step == num_steps:
-                evals_at[step] = _evaluate(task, state.params, mesh, eval_fn, config, eval_rng)
+                evals_at[step] = _evaluate(task, ema.weights(state), mesh, eval_fn, config, eval_rng)
             if ckpt.should_save(step):  # a step's line is in the log before its checkpoint can commit
                 consume(*pending)
                 pending = None

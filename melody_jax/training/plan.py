@@ -15,9 +15,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from melody_jax.training.errors import ConfigError
-from melody_jax.training.loop import guarded, sharded_abstract_state, validate
-from melody_jax.training.sharding import activate, assert_sharded, batch_divisor, config_mesh, config_rules
+from melody_jax.training.loop import check_batch, guarded, sharded_abstract_state, validate
+from melody_jax.training.sharding import activate, assert_sharded, config_mesh, config_rules
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -51,9 +50,7 @@ def plan_train_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
     task = validate(config)
     mesh = config_mesh(config)
     rules = config_rules(config)
-    if config.train.batch_size % batch_divisor(mesh):
-        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
-                          f"mesh data×fsdp={batch_divisor(mesh)}")
+    check_batch(config, mesh)
     with activate(mesh, rules):
         init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
         abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)

@@ -13,6 +13,8 @@ class TrainState:
     """`params`/`opt_state` are any pytrees (a GAN keeps generator and discriminator side by side).
 
     `bad_steps` counts skipped non-finite updates in total; `bad_streak` the current run of them.
+    `ema` is the exponential moving average of `params` (same tree, same shardings) when
+    `train.ema_decay > 0`, else None (no leaves: a state without EMA checkpoints as it always has).
     """
 
     step: jax.Array
@@ -20,6 +22,7 @@ class TrainState:
     opt_state: Any
     bad_steps: jax.Array
     bad_streak: jax.Array
+    ema: Any = None
 
     @classmethod
     def create(cls, params: Any, opt_state: Any) -> "TrainState":

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import optax
 
+from melody_jax.training import accumulate
 from melody_jax.training.optim import make_optimizer
 from melody_jax.training.state import TrainState
 
@@ -35,6 +36,7 @@ class Task(abc.ABC):
     """Base class of every stage; subclasses set `name` and implement the abstract parts."""
 
     name: str = ""
+    accumulates: bool = True  # whether train.grad_accum_steps applies (stages fitted without gradients: no)
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -70,7 +72,8 @@ class Task(abc.ABC):
 
     def train_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         """Must return metrics with the total `loss`; `grad_norm` if gradients exist."""
-        (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, rng)
+        (loss, metrics), grads = accumulate.value_and_grad(self.loss, state.params, batch, rng,
+                                                           accumulate.steps(self.config))
         updates, opt_state = self.optimizer().update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -106,5 +109,7 @@ def get_task(config: ml_collections.ConfigDict) -> Task:
     stage = config.get("stage")
     if stage not in REGISTRY:
         raise ConfigError(f"config.stage={stage!r} is not a registered stage; known: {sorted(REGISTRY)}")
+    from melody_jax.training.lora import wrap
+
     module, cls = REGISTRY[stage].split(":")
-    return getattr(importlib.import_module(module), cls)(config)
+    return wrap(getattr(importlib.import_module(module), cls)(config))

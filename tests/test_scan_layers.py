@@ -1,0 +1,101 @@
+"""model.scan_layers: the decoder's blocks as one nn.scan give the unscanned model's loss;
+model.attention_impl: the cuDNN kernel is refused in one line where there is none."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from melody_jax.training.errors import ConfigError, WorkdirError
+from melody_jax.training.loop import init_sharded_state, train
+from melody_jax.training.sharding import activate
+from tests.helpers import stage_config, stage_layout, toy_config
+
+
+def stacked(tree):
+    """Unscanned parameters → scanned: wherever `layer_0…layer_n` sit, `layers/…` stacked on a leading axis."""
+    if not isinstance(tree, dict):
+        return tree
+    n = sum(k.startswith("layer_") for k in tree)
+    out = {k: stacked(v) for k, v in tree.items() if not k.startswith("layer_")}
+    if n:
+        out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[f"layer_{i}"] for i in range(n)])
+    return out
+
+
+def test_scanned_semantic_lm_gives_the_unscanned_loss():
+    mesh_fields = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    plain_cfg = stage_config("semantic_lm", **mesh_fields)
+    scan_cfg = stage_config("semantic_lm", model__scan_layers=True, **mesh_fields)
+    task, mesh, rules, _, shardings = stage_layout(plain_cfg)
+    scan_task, _, _, scan_abstract, _ = stage_layout(scan_cfg)
+    with activate(mesh, rules):
+        params = init_sharded_state(task, shardings, jax.random.key(0)).params
+        layers = plain_cfg.model.num_layers
+        scan_params = stacked(params)
+        assert jax.tree.structure(scan_params) == jax.tree.structure(scan_abstract.params)
+        for got, want in zip(jax.tree.leaves(scan_params), jax.tree.leaves(scan_abstract.params)):
+            assert got.shape == want.shape
+        batch = next(iter(task.train_iterator(mesh)))
+        rng = jax.random.key(1)
+        loss, _ = jax.jit(task.loss)(params, batch, rng)
+        scan_loss, _ = jax.jit(scan_task.loss)(scan_params, batch, rng)
+    assert layers >= 2
+    np.testing.assert_allclose(float(scan_loss), float(loss), rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_mulan_towers_give_the_unscanned_embeddings():
+    fields = dict(data__path="unused", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    plain_cfg, scan_cfg = stage_config("mulan", **fields), stage_config("mulan", model__scan_layers=True, **fields)
+    task, mesh, rules, _, shardings = stage_layout(plain_cfg)
+    scan_task, _, _, scan_abstract, _ = stage_layout(scan_cfg)
+    assert min(plain_cfg.model.audio_layers, plain_cfg.model.text_layers) >= 2
+    audio = 0.1 * jax.random.normal(jax.random.key(1), (4, int(plain_cfg.data.crop_seconds * plain_cfg.data.sample_rate)))
+    tokens = jax.random.randint(jax.random.key(2), (4, 12), 1, 200)
+    mask = jnp.arange(12)[None] < jnp.array([[12], [7], [3], [12]])
+    with activate(mesh, rules):
+        params = init_sharded_state(task, shardings, jax.random.key(0)).params
+        scan_params = stacked(params)
+        assert jax.tree.structure(scan_params) == jax.tree.structure(scan_abstract.params)
+        out = jax.jit(task.model.apply)({"params": params}, audio, tokens, mask)
+        scan_out = jax.jit(scan_task.model.apply)({"params": scan_params}, audio, tokens, mask)
+    for a, b in zip(scan_out, out):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_conformer_gives_the_unscanned_outputs_and_hidden_states():
+    fields = dict(data__path="unused", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    plain_cfg, scan_cfg = stage_config("ssl", **fields), stage_config("ssl", model__scan_layers=True, **fields)
+    task, mesh, rules, _, shardings = stage_layout(plain_cfg)
+    scan_task, _, _, scan_abstract, _ = stage_layout(scan_cfg)
+    layers = plain_cfg.model.num_layers
+    assert layers >= 2
+    audio = 0.1 * jax.random.normal(jax.random.key(1), (2, task.crop_samples))
+    with activate(mesh, rules):
+        params = init_sharded_state(task, shardings, jax.random.key(0)).params
+        scan_params = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+        scan_params["stack"] = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                       *[params[f"blocks_{i}"] for i in range(layers)])}
+        assert jax.tree.structure(scan_params) == jax.tree.structure(scan_abstract.params)
+        rngs = {"mask": jax.random.key(3), "gumbel": jax.random.key(4)}
+        forward = lambda model, p: model.apply({"params": p}, audio, train=False, rngs=rngs)["context"]  # noqa: E731
+        hidden = lambda model, p: model.apply({"params": p}, audio, layers // 2,  # noqa: E731
+                                              method=type(model).hidden_states)
+        for fn in (forward, hidden):
+            np.testing.assert_allclose(np.asarray(jax.jit(fn, static_argnums=0)(scan_task.model, scan_params)),
+                                       np.asarray(jax.jit(fn, static_argnums=0)(task.model, params)),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_checkpoint_is_refused_unscanned_in_one_line(tmp_path):
+    train(toy_config(model__scan_layers=True, train__num_steps=1), str(tmp_path))
+    with pytest.raises(WorkdirError, match=r"different model: parameter layer_0/attn/key/kernel has shape None there "
+                                           r"and \[64, 4, 16\] in this config"):
+        train(toy_config(train__num_steps=2), str(tmp_path))
+
+
+def test_cudnn_attention_is_refused_on_a_backend_without_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config.model.attention_impl='cudnn' needs a GPU with cuDNN; this "
+                                          r"backend is cpu \(use 'xla'\)$"):
+        train(toy_config(model__attention_impl="cudnn"), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"config.model.attention_impl='flash' must be one of \('xla', 'cudnn'\)"):
+        train(toy_config(model__attention_impl="flash"), str(tmp_path))
