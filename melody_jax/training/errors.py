@@ -1,6 +1,6 @@
 """Errors a user can act on: the CLI prints their message as one line and exits non-zero."""
 
-MAX_WORD_CHARS = 80
+MAX_WORD_CHARS = 256  # long enough for any real path (object-store paths included)
 MAX_MESSAGE_CHARS = 600
 
 
@@ -9,7 +9,7 @@ def one_line(text: str) -> str:
     words = []
     for word in text.split():
         if len(word) > MAX_WORD_CHARS:
-            word = f"{word[:48]}…({len(word) - 64} more characters)…{word[-16:]}"
+            word = f"{word[:160]}…({len(word) - 224} more characters)…{word[-64:]}"
         words.append(word)
     line = " ".join(words)
     return line if len(line) <= MAX_MESSAGE_CHARS else line[:MAX_MESSAGE_CHARS - 1] + "…"
