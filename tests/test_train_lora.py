@@ -13,6 +13,7 @@ from melody_jax.training.frozen import load_stage
 from melody_jax.training.lora import LoRATask
 from melody_jax.training.loop import init_sharded_state, train
 from melody_jax.training.sharding import activate
+from melody_jax.training.workdir_lock import LOCK_NAME
 from tests.helpers import run_cli, stage_config, stage_layout, toy_config
 
 QUIET = dict(train__eval_every=1000, train__checkpoint_every=1000)
@@ -78,14 +79,15 @@ def test_init_from_refuses_another_stage_or_shape_in_one_line(tmp_path):
     assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-1500:]
     assert lines[0] == (f"error: config.train.init_from={str(base_dir)!r} does not fit this model: parameter "
                         "layer_0/mlp/down/kernel has shape [128, 64] there and [96, 64] here")
-    assert not any(files for _, _, files in os.walk(work)), "nothing may be written"
+    written = [f for _, _, files in os.walk(work) for f in files if f != LOCK_NAME]  # the run's lock only
+    assert not written, "nothing may be written"
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"stage": "dpd"}))
     with pytest.raises(WorkdirError, match=r"holds the 'dpd' stage, not 'toy_lm'"):
         train(toy_config(train__init_from=str(other), **QUIET), str(tmp_path / "work2"))
-    assert not any(files for _, _, files in os.walk(tmp_path / "work2"))
+    assert not [f for _, _, files in os.walk(tmp_path / "work2") for f in files if f != LOCK_NAME]
 
 
 def test_lora_on_the_dpd_changes_only_adapters(tmp_path):
