@@ -37,7 +37,11 @@ def test_sharded_training_learns_and_shards_params(tmp_path):
     rules = rules_from_config(config.sharding_rules)
     with activate(mesh, rules):
         abstract, _ = sharded_abstract_state(ToyLMTask(config), mesh, rules, jax.random.key(0))
-        state, _ = Checkpointer(str(tmp_path), keep=3, every=1).restore(50, abstract)
+        ckpt = Checkpointer(str(tmp_path), keep=3, every=1)
+        try:
+            state, _ = ckpt.restore(50, abstract)
+        finally:
+            ckpt.close()
     params = state.params
     assert params["embedding"].sharding.spec == P("tensor", "fsdp")  # (vocab, embed)
     assert params["layer_0"]["mlp"]["gate"]["kernel"].sharding.spec == P("fsdp", "tensor")  # (embed, mlp)
