@@ -20,13 +20,13 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from melody_jax.audio.chroma import NUM_CHROMA, melody_rows
+from melody_jax.audio.chroma import NUM_CHROMA
 from melody_jax.models import codec
 from melody_jax.pipelines.bundle import KEEP, audio_channels, check_musicgen_fit, read_configs
 from melody_jax.pipelines.melody import MAX_PROMPT_CHARS, MAX_SECONDS, AudioInputError, Result
 from melody_jax.pipelines.musicgen_sampling import generate
 from melody_jax.pipelines.validation import check_duration, check_prompt
-from melody_jax.tasks.musicgen import musicgen_model, musicgen_pattern
+from melody_jax.tasks.musicgen import melody_condition, musicgen_model, musicgen_pattern
 from melody_jax.tokenizers.text import tokenize as byte_tokenize
 from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
@@ -102,8 +102,9 @@ class MusicGen:
             raise AudioInputError(f"the melody is {len(melody)} samples; give at least one codec frame")
         if self.prepend:
             return hub_chroma(melody, self.sample_rate)
-        return melody_rows(np.asarray(melody, np.float32), self.sample_rate, self.codec.hop * m.chroma_hop_frames,
-                           math.ceil(num_frames / m.chroma_hop_frames))
+        return melody_condition(np.asarray(melody, np.float32), self.sample_rate, self.codec.hop, m,
+                                math.ceil(num_frames / m.chroma_hop_frames),
+                                self.config.data.get("melody_separation", "none"))
 
     def _chroma(self, melody, batch: int, num_frames: int) -> np.ndarray | None:
         if not self.config.model.use_melody:
