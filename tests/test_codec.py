@@ -28,6 +28,10 @@ from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import DEFAULT_RULES, activate, config_mesh, make_mesh
 from tests.helpers import stage_config
 
+# Module fixtures train several stages (seen up to ~12 min on 2 cores under a full suite's load):
+# the limit is a hang guard at over twice that, not a benchmark.
+pytestmark = pytest.mark.timeout(1800)
+
 SR, HOP = 32000, 640
 STEPS = 150
 LM_STEPS = 300

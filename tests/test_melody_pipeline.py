@@ -20,6 +20,10 @@ from melody_jax.training.errors import BundleError, UserError
 from tests.bundle_fixture import build_bundle, tiny_configs
 from tests.helpers import run_cli
 
+# Module fixtures train several stages (seen up to ~12 min on 2 cores under a full suite's load):
+# the limit is a hang guard at over twice that, not a benchmark.
+pytestmark = pytest.mark.timeout(1800)
+
 RATE = 24000
 
 
