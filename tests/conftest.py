@@ -43,7 +43,8 @@ def pytest_sessionfinish(session, exitstatus):
 # and the many short files fill the gaps after them (longest-processing-time-first). xdist's default
 # order, most tests first, started them last and left one worker running alone at the end.
 SLOWEST_FILES = ("test_codec.py", "test_vae_gan.py", "test_melody_pipeline.py", "test_dpd_stage.py",
-                 "test_ssl_stage.py", "test_musicgen.py", "test_semantic_lm.py", "test_dpd.py", "test_mulan.py",
+                 "test_ssl_stage.py", "test_app.py", "test_hf_musicgen.py", "test_musicgen.py",
+                 "test_train_accumulate.py", "test_reliability_cli.py", "test_semantic_lm.py", "test_dpd.py", "test_mulan.py",
                  "test_conformer.py", "test_multiprocess.py", "test_training.py")
 
 
