@@ -120,7 +120,9 @@ def peer_row(result: dict, ours: dict, frames: int) -> dict:
             "rtf": frames / 50 / result["seconds"]}
 
 
-def run(shapes: list[str], batches: list[int], seconds: float, repeats: int, venv: str | None = None) -> dict:
+def run(shapes: list[str], batches: list[int], seconds: float, repeats: int, venv: str | None = None,
+        keep: str | None = None) -> dict:
+    """`keep`: a folder for the checkpoints (one per shape, reused when present, kept), else a temp dir."""
     python = peer_python(venv)
     if not os.path.exists(python):
         return {"skipped": "peer environment absent: run make bench-peer"}
@@ -128,7 +130,8 @@ def run(shapes: list[str], batches: list[int], seconds: float, repeats: int, ven
     out = {"threads": n, "memory_bandwidth_bytes_per_s": bandwidth, "frames": frames, "cfg_scale": 3.0,
            "top_k": 250, "rows": []}
     for shape in shapes:
-        sizes, directory = shape_sizes(shape), tempfile.mkdtemp(prefix=f"hf-musicgen-{shape}-")
+        sizes = shape_sizes(shape)
+        directory = os.path.join(keep, shape) if keep else tempfile.mkdtemp(prefix=f"hf-musicgen-{shape}-")
         try:
             steps = frames + sizes["num_codebooks"] - 1
             peers = [run_peer({**sizes, "checkpoint": directory, "batch": b}, steps, n, python) for b in batches]
@@ -138,7 +141,8 @@ def run(shapes: list[str], batches: list[int], seconds: float, repeats: int, ven
             shutil.copy(TOKENIZER, directory)  # the converter wants the checkpoint's tokenizer (ids are random)
             ours = measure_ours(directory, batches, frames, bandwidth, repeats)
         finally:
-            shutil.rmtree(directory, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(directory, ignore_errors=True)
         for mine, theirs in zip(ours, peers):
             peer = peer_row(theirs, mine, frames)
             if "rtf" in peer:
@@ -164,9 +168,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of ours after the compiling one")
     parser.add_argument("--venv", help="the peer environment (default benchmarks/peers/.venv)")
     parser.add_argument("--name", default="hf_musicgen", help="benchmarks/results/<name>.json")
+    parser.add_argument("--keep", help="keep (and reuse) the random checkpoints in this folder, one per shape")
     args = parser.parse_args()
     result = run(args.shapes.split(","), [int(b) for b in args.batches.split(",")], args.seconds, args.repeats,
-                 args.venv)
+                 args.venv, args.keep)
     print(markdown(result))
     print("wrote", write_json(args.name, result))
 
