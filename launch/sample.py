@@ -18,6 +18,7 @@ import numpy as np
 from absl import flags
 
 from launch.common import quiet_library_logs, run_app, run_user_errors
+from launch.outputs import write_outputs
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "Bundle directory (python -m launch.bundle).")
 _MODEL = flags.DEFINE_enum("model", "melody", ["melody", "musicgen"], "Which system the bundle holds.")
@@ -54,13 +55,6 @@ def read_audio(path: str, sample_rate: int) -> np.ndarray:
         raise AudioInputError(f"{path}: {e}") from None
 
 
-def output_paths(out: str, count: int) -> list[str]:
-    if count == 1:
-        return [out]
-    stem, ext = os.path.splitext(out)
-    return [f"{stem}_{i}{ext or '.wav'}" for i in range(count)]
-
-
 def check_arguments() -> str:
     """Every flag in range and the output path writable, before a bundle is loaded; the absolute --out."""
     from melody_jax.pipelines.validation import (MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_min_duration,
@@ -76,27 +70,6 @@ def check_arguments() -> str:
                    top_p=1.0 if top_p is None or (top_p == 0 and _MODEL.value == "musicgen") else top_p,
                    cfg=_CFG.value, steps=_STEPS.value)
     return check_output_path(_OUT.value)
-
-
-def write_outputs(result, out: str, titles: list[str]) -> list[str]:
-    """Every WAV first (the audio is what took the time), then the spectrograms; a figure that
-    fails is a warning, never a lost WAV."""
-    import soundfile as sf
-    from absl import logging
-
-    from melody_jax.evaluation.plots import spectrogram_png
-
-    paths = output_paths(out, len(result.audio))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for audio, path in zip(result.audio, paths):  # audio [T] or stereo [T, 2]
-        sf.write(path, np.clip(audio, -1, 1), result.sample_rate, subtype="PCM_16")
-    for audio, path, title in zip(result.audio, paths, titles):
-        try:
-            spectrogram_png(audio.mean(-1) if audio.ndim == 2 else audio, result.sample_rate,
-                            os.path.splitext(path)[0] + ".png", title)
-        except Exception as e:  # noqa: BLE001 - a figure is a convenience; the WAV is already written
-            logging.warning("no spectrogram for %s: %s", path, " ".join(str(e).split())[:200])
-    return paths
 
 
 def run_musicgen(pipeline, prompts: list[str] | None) -> tuple:

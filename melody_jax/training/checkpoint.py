@@ -58,7 +58,7 @@ def _first_line(e: BaseException) -> str:
     source-location dumps TensorStore appends in brackets."""
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
-    return re.split(r"\s*\[(?:tensorstore_spec|source locations|os_error_code)=", line)[0]
+    return re.split(r"\s*\[(?:tensorstore_spec(?:\[\d+\])?|source locations|os_error_code)=", line)[0]
 
 
 _OPEN: set[Checkpointer] = set()
