@@ -30,7 +30,7 @@ def reconstruct(workdir: str, in_path: str, out_path: str) -> dict[str, float]:
     import soundfile as sf
 
     from data_pipeline.audio_io import BadAudio, decode as read_audio
-    from melody_jax.evaluation.audio_metrics import reconstruction_metrics
+    from melody_jax.audio.metrics import reconstruction_metrics
     from melody_jax.models import vae_gan
     from melody_jax.tasks.vae_gan import load_vae_gan
     from melody_jax.training.sharding import activate, make_mesh, rules_from_config

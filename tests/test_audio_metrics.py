@@ -1,4 +1,4 @@
-"""melody_jax.evaluation.audio_metrics against librosa/numpy references and a hand-computed SI-SNR.
+"""melody_jax.audio.metrics against librosa/numpy references and a hand-computed SI-SNR.
 
 STFT and mel spectrograms themselves are checked against librosa in tests/test_audio_dsp.py; here
 the distances built on them are, on a clip of the synthetic music generator (real-like audio).
@@ -10,7 +10,7 @@ import pytest
 
 from data_pipeline.synthetic import generate_clip
 from melody_jax.audio.losses import PAPER_MR_STFT
-from melody_jax.evaluation.audio_metrics import log_mel_distance, mr_stft_distance, reconstruction_metrics, si_snr
+from melody_jax.audio.metrics import log_mel_distance, mr_stft_distance, reconstruction_metrics, si_snr
 
 SR = 24000
 

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
-from melody_jax.tokenizers.kmeans import assign, fit_kmeans, kmeans_plusplus, lloyd_step, shard_rows
+from melody_jax.nn.kmeans import assign, fit_kmeans, kmeans_plusplus, lloyd_step, shard_rows
 from melody_jax.training.sharding import make_mesh
 
 K, D, PER = 16, 8, 64  # clusters, dims, points per cluster

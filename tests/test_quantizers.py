@@ -6,13 +6,8 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from melody_jax.nn.quantizers import (
-    VQ_COLLECTION,
-    ResidualVectorQuantizer,
-    VectorQuantizer,
-    fit_rvq_kmeans,
-    kmeans,
-)
+from melody_jax.nn.kmeans import assign, kmeans
+from melody_jax.nn.quantizers import VQ_COLLECTION, ResidualVectorQuantizer, VectorQuantizer
 
 DIM = 128
 
@@ -23,6 +18,15 @@ def _mixture(n, dim, num_components, seed, spread=4.0):
     centres = spread * rng.standard_normal((num_components, dim))
     labels = rng.integers(0, num_components, n)
     return (centres[labels] + rng.standard_normal((n, dim))).astype(np.float32), centres.astype(np.float32)
+
+
+def fit_rvq_kmeans(x: jax.Array, num_quantizers: int, codebook_size: int, key: jax.Array, iters: int) -> jax.Array:
+    """RVQ codebooks [Q, K, D] by k-means on each level's residual (what the rvq stage fits, §4.3)."""
+    residual, codebooks = jnp.asarray(x, jnp.float32), []
+    for level_key in jax.random.split(key, num_quantizers):
+        codebooks.append(kmeans(residual, codebook_size, level_key, iters))
+        residual = residual - codebooks[-1][assign(residual, codebooks[-1])]
+    return jnp.stack(codebooks)
 
 
 @pytest.fixture(scope="module")

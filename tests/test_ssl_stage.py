@@ -17,7 +17,7 @@ from sklearn.neighbors import NearestCentroid
 from data_pipeline.builder import PrepareSettings, prepare, read_clips
 from melody_jax.tasks.kmeans import KMeansTask
 from melody_jax.tasks.ssl import SSLTask
-from melody_jax.tokenizers.kmeans import fit_kmeans, shard_rows
+from melody_jax.nn.kmeans import fit_kmeans, shard_rows
 from melody_jax.tokenizers.semantic import hidden_states, load_semantic_tokenizer, tokenize
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import train

@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from melody_jax.nn.attention import Attention
 from melody_jax.nn.init import dense
+from melody_jax.nn.quantizers import perplexity
 
 
 class LayerNorm(nn.Module):
@@ -165,16 +166,11 @@ class ScannedBlocks(nn.Module):
                      name="layers")(x, None)
 
 
-def perplexity_of(probs: jax.Array) -> jax.Array:
-    """Σ_g exp(H(p_g)) for probs [G, V]: the effective number of codebook entries in use (≤ G·V)."""
-    entropy = -jnp.sum(probs * jnp.log(probs + 1e-7), -1)
-    return jnp.sum(jnp.exp(entropy))
-
-
 class GumbelQuantizer(nn.Module):
     """Product quantizer: G groups × V entries, Gumbel-softmax (hard, straight-through) while training.
 
-    Returns (quantized [B, T, codevector_dim], codes int32 [B, T, G], soft perplexity, hard perplexity).
+    Returns (quantized [B, T, codevector_dim], codes int32 [B, T, G], soft perplexity, hard perplexity),
+    each perplexity summed over the groups (at most G·V).
     The soft one (from batch-averaged softmax probabilities) drives the diversity loss.
     """
 
@@ -204,7 +200,7 @@ class GumbelQuantizer(nn.Module):
         avg_probs = jax.nn.softmax(logits, -1).reshape(-1, g, v).mean(0)
         hard_probs = jax.nn.one_hot(codes, v).reshape(-1, g, v).mean(0)
         q = jnp.einsum("btgv,gvd->btgd", onehot, codebook).reshape(*x.shape[:-1], self.codevector_dim)
-        return q.astype(self.dtype), codes.astype(jnp.int32), perplexity_of(avg_probs), perplexity_of(hard_probs)
+        return q.astype(self.dtype), codes.astype(jnp.int32), perplexity(avg_probs).sum(), perplexity(hard_probs).sum()
 
 
 def span_mask(rng: jax.Array, shape: tuple[int, int], mask_prob: float, mask_length: int) -> jax.Array:

@@ -24,7 +24,7 @@ from melody_jax.nn.attention import Attention, padding_mask
 from melody_jax.nn.init import dense
 from melody_jax.nn.mlp import GeluMLP
 from melody_jax.nn.norms import RMSNorm
-from melody_jax.nn.quantizers import nearest_code
+from melody_jax.nn.kmeans import assign
 from melody_jax.tokenizers.text import VOCAB_SIZE
 
 MAX_LOG_SCALE = math.log(100.0)  # CLIP's clip: logits at most 100 × cosine
@@ -189,7 +189,7 @@ def embed_text(model: MuLan, params, text_tokens: jax.Array, mask: jax.Array) ->
 def rvq_levels(codebooks: jax.Array, embedding: jax.Array):
     """Scans the residual through codebooks [Q, K, D]: (codes [Q, B], quantized parts [Q, B, D])."""
     def level(residual, codebook):
-        codes = nearest_code(residual, codebook)
+        codes = assign(residual, codebook)
         part = codebook[codes]
         return residual - part, (codes, part)
 

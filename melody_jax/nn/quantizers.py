@@ -1,7 +1,7 @@
-"""Vector quantization: k-means fitting, VQ and residual VQ (RVQ) as Linen modules.
+"""Vector quantization: VQ and residual VQ (RVQ) as Linen modules (k-means: `melody_jax.nn.kmeans`).
 
-Shared by MuLan's conditioning RVQ (12 × 1024 over 128-d, fitted after training with
-`fit_rvq_kmeans`, §4.3) and the MusicGen codec (4 × 2048, trained with EMA codebooks, k-means init
+Shared by MuLan's conditioning RVQ (12 × 1024 over 128-d, fitted after training by the rvq stage,
+§4.3) and the MusicGen codec (4 × 2048, trained with EMA codebooks, k-means init
 from the first batch and dead-code re-seeding, §6).
 
 Codebooks are learned by EMA / k-means, never by gradients, so each codebook lives with its
@@ -16,27 +16,16 @@ flip near-tied assignments and bias the EMA sums.
 """
 from __future__ import annotations
 
-import functools
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from melody_jax.nn.kmeans import assign, kmeans
+
 VQ_COLLECTION = "vq_stats"
 VQ_RNG = "vq"
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def squared_distances(x: jax.Array, codebook: jax.Array) -> jax.Array:
-    """`[N, D] × [K, D] → [N, K]` squared L2, as ||x||² − 2 x·c + ||c||² (one matmul, no [N, K, D])."""
-    cross = jnp.matmul(x, codebook.T, precision=_HIGHEST)
-    return jnp.sum(x**2, -1, keepdims=True) - 2.0 * cross + jnp.sum(codebook**2, -1)[None, :]
-
-
-def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
-    """`int32 [N]`: index of the nearest codebook row for each row of x."""
-    return jnp.argmin(squared_distances(x, codebook), axis=-1).astype(jnp.int32)
 
 
 def _counts_and_sums(x: jax.Array, codes: jax.Array, num_codes: int) -> tuple[jax.Array, jax.Array]:
@@ -45,55 +34,11 @@ def _counts_and_sums(x: jax.Array, codes: jax.Array, num_codes: int) -> tuple[ja
     return onehot.sum(0), jnp.matmul(onehot.T, x, precision=_HIGHEST)
 
 
-def _kmeans_plusplus(x: jax.Array, num_clusters: int, key: jax.Array) -> jax.Array:
-    """k-means++ seeding: each next centre drawn with probability ∝ squared distance to the chosen ones."""
-    first_key, key = jax.random.split(key)
-    first = x[jax.random.randint(first_key, (), 0, x.shape[0])]
-    centres = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(first)
-    min_dist = jnp.sum((x - first) ** 2, -1)
-
-    def pick(i, carry):
-        centres, min_dist = carry
-        logits = jnp.log(jnp.maximum(min_dist, 0.0) + 1e-30)
-        centre = x[jax.random.categorical(jax.random.fold_in(key, i), logits)]
-        return centres.at[i].set(centre), jnp.minimum(min_dist, jnp.sum((x - centre) ** 2, -1))
-
-    return jax.lax.fori_loop(1, num_clusters, pick, (centres, min_dist))[0]
-
-
-@functools.partial(jax.jit, static_argnames=("num_clusters", "iters"))
-def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, iters: int = 20) -> jax.Array:
-    """Full-batch k-means (k-means++ init, `iters` Lloyd steps) of `[N, D]` → centres `[K, D]`.
-
-    Clusters that lose all their points keep their previous centre. Sums run over the whole batch,
-    so under jit with a batch-sharded `x` every device contributes.
-    """
-    x = jnp.asarray(x, jnp.float32)
-
-    def lloyd(_, centres):
-        counts, sums = _counts_and_sums(x, nearest_code(x, centres), num_clusters)
-        return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centres)
-
-    return jax.lax.fori_loop(0, iters, lloyd, _kmeans_plusplus(x, num_clusters, key))
-
-
-def fit_rvq_kmeans(
-    x: jax.Array, num_quantizers: int, codebook_size: int, key: jax.Array, iters: int = 20
-) -> jax.Array:
-    """RVQ codebooks `[Q, K, D]` by k-means on each level's residual (MusicLM's MuLan RVQ, §4.3)."""
-    residual = jnp.asarray(x, jnp.float32)
-    codebooks = []
-    for level_key in jax.random.split(key, num_quantizers):
-        codebook = kmeans(residual, codebook_size, level_key, iters)
-        residual = residual - codebook[nearest_code(residual, codebook)]
-        codebooks.append(codebook)
-    return jnp.stack(codebooks)
-
-
 def perplexity(counts: jax.Array) -> jax.Array:
-    """exp(entropy) of the code histogram: the effective number of codes in use (K at best)."""
-    p = counts / jnp.maximum(counts.sum(), 1.0)
-    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
+    """exp(entropy) of code histograms or distributions along the last axis: the effective number of
+    codes in use (K at best)."""
+    p = counts / jnp.maximum(counts.sum(-1, keepdims=True), 1.0)
+    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1))
 
 
 @flax.struct.dataclass
@@ -157,14 +102,14 @@ class VectorQuantizer(nn.Module):
     def encode(self, x: jax.Array) -> jax.Array:
         """`[..., D]` → `int32 [...]` nearest-code indices."""
         flat = jnp.asarray(x, jnp.float32).reshape(-1, self.dim)
-        return nearest_code(flat, self.codebook.value).reshape(x.shape[:-1])
+        return assign(flat, self.codebook.value).reshape(x.shape[:-1])
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """`int [...]` → `float32 [..., D]` codebook rows."""
         return jnp.take(self.codebook.value, codes, axis=0)
 
     def set_codebook(self, codebook: jax.Array) -> None:
-        """Installs a fitted codebook `[K, D]` (e.g. from `fit_rvq_kmeans`) and skips k-means init."""
+        """Installs a fitted codebook `[K, D]` (e.g. fitted by `nn.kmeans.kmeans`) and skips k-means init."""
         codebook = jnp.asarray(codebook, jnp.float32)
         self.codebook.value = codebook
         self.cluster_size.value = jnp.full((self.codebook_size,), self._fresh_size, jnp.float32)
@@ -178,7 +123,7 @@ class VectorQuantizer(nn.Module):
         if updating and self.kmeans_init:
             self._init_from_batch(flat, self.make_rng(VQ_RNG))
         codebook = self.codebook.value
-        codes = nearest_code(flat, codebook)
+        codes = assign(flat, codebook)
         counts, sums = _counts_and_sums(flat, codes, self.codebook_size)  # unused sums: XLA drops them
         dead = jnp.zeros((), jnp.int32)
         if updating:
@@ -197,7 +142,7 @@ class VectorQuantizer(nn.Module):
     def _init_from_batch(self, flat: jax.Array, key: jax.Array) -> None:
         def fit(_):
             codebook = kmeans(flat, self.codebook_size, key, self.kmeans_iters)
-            counts, _ = _counts_and_sums(flat, nearest_code(flat, codebook), self.codebook_size)
+            counts, _ = _counts_and_sums(flat, assign(flat, codebook), self.codebook_size)
             return codebook, counts, codebook * counts[:, None]
 
         current = (self.codebook.value, self.cluster_size.value, self.embed_sum.value)
@@ -286,7 +231,7 @@ class ResidualVectorQuantizer(nn.Module):
         return jnp.stack([level.codebook.value for level in self.levels])
 
     def set_codebooks(self, codebooks: jax.Array) -> None:
-        """Installs `[Q, K, D]` fitted codebooks (`fit_rvq_kmeans`); use with `mutable=["vq_stats"]`."""
+        """Installs `[Q, K, D]` fitted codebooks (the rvq stage's); use with `mutable=["vq_stats"]`."""
         if codebooks.shape != (self.num_quantizers, self.codebook_size, self.dim):
             raise ValueError(
                 f"codebooks shape {codebooks.shape} != {(self.num_quantizers, self.codebook_size, self.dim)}"

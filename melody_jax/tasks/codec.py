@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from melody_jax.audio.losses import STFTResolution, multi_scale_mel_loss
-from melody_jax.evaluation.audio_metrics import mr_stft_distance, si_snr
+from melody_jax.audio.metrics import mr_stft_distance, si_snr
 from melody_jax.models import codec
 from melody_jax.nn.quantizers import VQ_COLLECTION, VQ_RNG
 from melody_jax.tasks.gan import GANTask

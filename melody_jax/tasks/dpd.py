@@ -23,6 +23,7 @@ import numpy as np
 from flax import linen as nn
 
 from data_pipeline.indexed import IndexedBatches
+from melody_jax.audio.metrics import si_snr
 from melody_jax.diffusion.angles import (Schedule, add_noise, chunk_boundaries, multi_chunk_noising, predict_clean,
                                          velocity)
 from melody_jax.diffusion.guidance import classifier_free_guidance
@@ -77,15 +78,6 @@ def synthetic_latents(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
         return {"latents": latents, "semantic_tokens": tokens}
 
     return IndexedBatches(make, c.train.batch_size, mesh)
-
-
-def si_snr(estimate: jax.Array, reference: jax.Array) -> jax.Array:
-    """Scale-invariant SNR in dB per example, over all frames and channels of [B, ...]."""
-    est = estimate.reshape(estimate.shape[0], -1)
-    ref = reference.reshape(reference.shape[0], -1)
-    est, ref = est - est.mean(-1, keepdims=True), ref - ref.mean(-1, keepdims=True)
-    target = (est * ref).sum(-1, keepdims=True) / ((ref * ref).sum(-1, keepdims=True) + 1e-8) * ref
-    return 10 * jnp.log10(((target**2).sum(-1) + 1e-8) / (((est - target) ** 2).sum(-1) + 1e-8))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "length", "num_steps", "schedule"))

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from data_pipeline.indexed import RepeatedBatch
 from data_pipeline.input import make_train_iterator
+from melody_jax.nn.kmeans import kmeans_plusplus, lloyd_stats, lloyd_step, minibatch_step
 from melody_jax.nn.quantizers import perplexity
-from melody_jax.tokenizers.kmeans import kmeans_plusplus, lloyd_stats, lloyd_step, minibatch_step
 from melody_jax.tokenizers.semantic import hidden_states, load_ssl, resolve_layer
 from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.sharding import rules_from_config

@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from data_pipeline.builder import read_clips
 from data_pipeline.indexed import RepeatedBatch
 from melody_jax.models.mulan import MuLan, embed_audio, l2_normalize, rvq_levels
-from melody_jax.nn.quantizers import kmeans, perplexity
+from melody_jax.nn.kmeans import kmeans
+from melody_jax.nn.quantizers import perplexity
 from melody_jax.tasks.mulan import MuLanTask
 from melody_jax.training.config import positive, require
 from melody_jax.training.frozen import load_stage

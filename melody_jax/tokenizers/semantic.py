@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from melody_jax.models.conformer import Wav2Vec2Conformer
-from melody_jax.tokenizers.kmeans import assign
+from melody_jax.nn.kmeans import assign
 from melody_jax.training.errors import WorkdirError
 from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, make_mesh

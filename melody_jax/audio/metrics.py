@@ -26,9 +26,11 @@ def log_mel_distance(estimate: jax.Array, reference: jax.Array, sample_rate: int
 
 
 def si_snr(estimate: jax.Array, reference: jax.Array, eps: float = 1e-8) -> jax.Array:
-    """dB per example of `[B, T]` (zero-mean signals; the reference rescaled to best fit)."""
-    est = estimate - estimate.mean(-1, keepdims=True)
-    ref = reference - reference.mean(-1, keepdims=True)
+    """dB per example of `[B, ...]` over all its samples (or frames and channels of latents): zero-mean
+    signals, the reference rescaled to best fit."""
+    est = estimate.reshape(estimate.shape[0], -1)
+    ref = reference.reshape(reference.shape[0], -1)
+    est, ref = est - est.mean(-1, keepdims=True), ref - ref.mean(-1, keepdims=True)
     target = (est * ref).sum(-1, keepdims=True) / ((ref * ref).sum(-1, keepdims=True) + eps) * ref
     noise = est - target
     return 10.0 * jnp.log10(((target**2).sum(-1) + eps) / ((noise**2).sum(-1) + eps))

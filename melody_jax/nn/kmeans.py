@@ -1,5 +1,6 @@
-"""k-means in JAX (DESIGN §4.2): k-means++ seeding, then full Lloyd (sums accumulated over chunks) or
-mini-batch (Sculley) steps, with empty clusters re-seeded at the worst-fitted points.
+"""The one k-means (DESIGN §4.2, §4.3, §6): k-means++ seeding, then full Lloyd (sums accumulated over
+chunks) or mini-batch (Sculley) steps, with empty clusters re-seeded at the worst-fitted points. Used by
+the kmeans stage (`fit_kmeans`'s steps), the rvq stage and VQ initialisation (`kmeans`, traceable).
 
 Data layout: `x [C, N, D]` = C chunks of N rows whose row axis is sharded over the mesh's batch axes
 (`shard_rows`), `w [C, N]` row weights (0 = padding). Every reduction over rows is a sum or an argmax
@@ -140,6 +141,17 @@ def minibatch_step(x: jax.Array, w: jax.Array, centroids: jax.Array, totals: jax
         return (c, totals, inertia + s.inertia), None
 
     return jax.lax.scan(body, (centroids, totals, jnp.zeros(())), (x, w))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("num_clusters", "iters"))
+def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, iters: int = 20) -> jax.Array:
+    """Centres [K, D] of the rows of x [N, D] (each of weight 1): k-means++, then `iters` Lloyd steps.
+
+    One traced program, so it runs inside a jitted step; with a batch-sharded `x` every device contributes.
+    """
+    x = jnp.asarray(x, jnp.float32)[None]
+    w = jnp.ones(x.shape[:2], jnp.float32)
+    return jax.lax.fori_loop(0, iters, lambda _, c: lloyd_step(x, w, c)[0], kmeans_plusplus(key, x, w, num_clusters))
 
 
 class KMeansResult(NamedTuple):
