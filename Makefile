@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: test demo bench bench-peer fixtures install browser app clean
+.PHONY: test test-fast durations demo bench bench-peer fixtures install browser app clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -24,8 +24,19 @@ install: $(STAMP) browser
 
 # Three workers on two cores: a third fills the gaps (checkpoint writes, CLI start-up) the other two leave.
 TEST_WORKERS ?= 3
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# Every tier: the unit tests, the learning experiments (marker `learning`) and the long ones (`slow`).
 test: $(STAMP) browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# The fast tier, for development: no learning experiment, no long test (under 5 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(PYTEST) -m "not learning and not slow" $(PYTEST_ARGS)
+
+# `make test` that also records each file's seconds in tests/durations.json (commit it): the order in
+# which the files start (tests/conftest.py).
+durations: $(STAMP) browser
+	$(PYTEST) --record-durations=tests/durations.json $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m launch.demo --workdir=$${WORKDIR:-runs/demo}

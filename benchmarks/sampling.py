@@ -1,7 +1,7 @@
 """Text → audio, end to end: MeLoDy vs our MusicGen path at a matched parameter budget, same prompts.
 
 `python -m benchmarks.sampling [--quick]` builds untrained bundles of one preset
-(`pipelines.untrained`; speed does not depend on the weights) and times `generate` for 10 s and
+(`benchmarks.untrained`; speed does not depend on the weights) and times `generate` for 10 s and
 30 s (quick: 10 s) of audio from the same two prompts: per-stage seconds, forward passes, real-time
 factor, and the MusicGen / MeLoDy time ratio beside the ratio of their forward-pass counts. MeLoDy
 runs twice: with the preset's DPD window (CPU presets train on short windows, so 10 s is a chain of
@@ -27,10 +27,10 @@ import jax
 from flax import linen as nn
 
 from benchmarks.report import chosen_presets, markdown_table, median_time, write_json
+from benchmarks.untrained import untrained_bundle
 from melody_jax.pipelines.bundle import MELODY_STAGES, MUSICGEN_STAGES, check_fit
 from melody_jax.pipelines.melody import MeLoDy
 from melody_jax.pipelines.musicgen import MusicGen
-from melody_jax.pipelines.untrained import untrained_bundle
 from melody_jax.training.config import apply_overrides
 from melody_jax.training.task import get_task
 

@@ -1,12 +1,12 @@
-"""Tiny untrained MeLoDy and MusicGen bundles whose stages fit together (`pipelines.untrained`).
+"""Tiny untrained MeLoDy and MusicGen bundles whose stages fit together (`benchmarks.untrained`).
 
 What the pipeline tests check (lengths, kept latents, determinism, errors) does not depend on
 trained weights.
 """
 from __future__ import annotations
 
+from benchmarks.untrained import untrained_bundle
 from melody_jax.pipelines.bundle import MELODY_STAGES, MUSICGEN_STAGES
-from melody_jax.pipelines.untrained import untrained_bundle
 from melody_jax.training import config as config_lib
 from tests.helpers import stage_config
 

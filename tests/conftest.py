@@ -4,6 +4,9 @@ Compiled programs go to a persistent cache that lives for one test run only (sha
 workers and by the CLIs the tests start, through the environment, and removed at the end): the many
 CLI runs and restarts recompile the same programs, and a run never reads another run's entries.
 """
+import collections
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -33,21 +36,50 @@ settings.register_profile("melody-jax", derandomize=True, database=None, print_b
 settings.load_profile("melody-jax")
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        shutil.rmtree(_CACHE, ignore_errors=True)
-
-
 # Longest files first: `make test` runs xdist with --dist loadfile --no-loadscope-reorder, which hands
 # whole files to workers in collection order, so the long ones (a trained fixture each) start at once
-# and the many short files fill the gaps after them (longest-processing-time-first). xdist's default
-# order, most tests first, started them last and left one worker running alone at the end.
-SLOWEST_FILES = ("test_codec.py", "test_vae_gan.py", "test_melody_pipeline.py", "test_dpd_stage.py",
-                 "test_ssl_stage.py", "test_app.py", "test_hf_musicgen.py", "test_musicgen.py",
-                 "test_train_accumulate.py", "test_reliability_cli.py", "test_semantic_lm.py", "test_dpd.py", "test_mulan.py",
-                 "test_conformer.py", "test_multiprocess.py", "test_training.py")
+# and the many short files fill the gaps after them (longest-processing-time-first). The order comes
+# from each file's seconds in the last full run (`make durations` writes DURATIONS); a file not
+# recorded there goes first if it holds a learning experiment (a long one, most likely), else last.
+DURATIONS = os.path.join(os.path.dirname(__file__), "durations.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", metavar="PATH", help="write each test file's seconds (JSON) to PATH")
+
+
+def _recorded() -> dict[str, float]:
+    try:
+        with open(DURATIONS) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: file order kept
+    recorded = _recorded()
+    learning = {item.path.name for item in items if item.get_closest_marker("learning")}
+
+    def seconds(item) -> float:
+        name = item.path.name
+        return recorded.get(name, math.inf if name in learning else 0.0)
+
+    items.sort(key=lambda item: -seconds(item))  # stable: file order kept among equals
+
+
+_SECONDS: dict[str, float] = collections.defaultdict(float)
+
+
+def pytest_runtest_logreport(report):
+    _SECONDS[os.path.basename(report.nodeid.split("::")[0])] += report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    shutil.rmtree(_CACHE, ignore_errors=True)
+    path = session.config.getoption("record_durations")
+    if path:
+        with open(path, "w") as f:
+            json.dump({k: round(v, 1) for k, v in sorted(_SECONDS.items(), key=lambda kv: -kv[1])}, f, indent=0)
+            f.write("\n")

@@ -8,6 +8,7 @@ import sys
 
 import ml_collections
 
+from melody_jax.tasks.toy_lm import ToyLMTask
 from melody_jax.training.config import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +72,11 @@ def train_and_restore(config: ml_collections.ConfigDict, workdir: str):
         state, _ = ckpt.restore(config.train.num_steps, abstract)
     ckpt.close()
     return summary, read_metrics(workdir), task, jax.device_get(state.params)
+
+
+class PoisonedToyLM(ToyLMTask):
+    """The toy LM whose loss adds a batch's `poison` (NaN, Inf or 0): tests inject non-finite steps through the data."""
+
+    def loss(self, params, batch, rng, train=True):
+        loss, metrics = super().loss(params, batch, rng, train)
+        return (loss + batch["poison"].mean() if "poison" in batch else loss), metrics

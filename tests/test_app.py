@@ -23,6 +23,8 @@ from melody_jax.pipelines.melody import MAX_PROMPT_CHARS
 from melody_jax.training.errors import BundleError
 from tests.helpers import ROOT, cli_env
 
+pytestmark = pytest.mark.slow  # a browser session against a served bundle
+
 RATE = 24000
 MAX_SECONDS = 8.0
 

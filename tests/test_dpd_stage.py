@@ -36,6 +36,7 @@ def stage_run(tmp_path_factory):
     return train(stage(mesh_devices=1), str(workdir)), workdir
 
 
+@pytest.mark.learning
 def test_stage_trains_through_the_loop(stage_run):
     """What `python -m launch.train --config=configs/dpd.py:tiny --workdir=DIR` runs, in-process."""
     summary, workdir = stage_run
@@ -47,6 +48,7 @@ def test_stage_trains_through_the_loop(stage_run):
     assert summary["eval_loss"] < first - 0.5, summary  # held-out, no CFG dropout
 
 
+@pytest.mark.learning
 def test_mesh_layout_does_not_change_the_losses(stage_run, tmp_path):
     """Data × FSDP × tensor = 2 × 2 × 2 (every axis split) against the one-device run."""
     summary = train(stage(train__stop_at_step=MESH_STEPS, mesh__data=2, mesh__fsdp=2, mesh__tensor=2), str(tmp_path))
@@ -120,6 +122,7 @@ def ablation():
     return config, dpd_params, dpd, conv
 
 
+@pytest.mark.learning
 def test_dpd_beats_a_same_size_conv_baseline(ablation):
     """The paper's architecture ablation in miniature: velocity MSE and SI-SNRi of ẑ at δ = π/4."""
     _, _, dpd, conv = ablation
@@ -129,6 +132,7 @@ def test_dpd_beats_a_same_size_conv_baseline(ablation):
     assert dpd["si_snri_db_quarter_pi"] > conv["si_snri_db_quarter_pi"] + 0.5, numbers
 
 
+@pytest.mark.learning
 def test_sampling_follows_the_tokens_and_cfg(ablation):
     config, params, _, _ = ablation
     task = DPDTask(config)

@@ -19,6 +19,8 @@ from melody_jax.pipelines.musicgen_sampling import generate
 from melody_jax.tasks.musicgen import musicgen_model, musicgen_pattern
 from melody_jax.tokenizers.t5_text import T5Tokenizer
 
+pytestmark = pytest.mark.slow  # every variant converted and compared
+
 FIXTURES = "tests/fixtures/hf"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from melody_jax.tasks.toy_lm import ToyLMTask
 from melody_jax.training.checkpoint import Checkpointer
@@ -24,6 +25,8 @@ from melody_jax.training.loop import sharded_abstract_state
 from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import activate, config_rules, make_mesh
 from tests.helpers import ROOT, cli_env, toy_config
+
+pytestmark = pytest.mark.slow  # trainer processes killed and restarted
 
 NUM_STEPS = 24
 FLAGS = ("--config=configs/toy_lm.py:tiny", f"--config.train.num_steps={NUM_STEPS}",

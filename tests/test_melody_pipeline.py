@@ -22,7 +22,7 @@ from tests.helpers import run_cli
 
 # Module fixtures train several stages (seen up to ~12 min on 2 cores under a full suite's load):
 # the limit is a hang guard at over twice that, not a benchmark.
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow]
 
 RATE = 24000
 

@@ -131,6 +131,7 @@ def text_embeddings(trained, texts: list[str]) -> np.ndarray:
     return np.asarray(embed_text(task.model, trained["params"], tokens, mask))
 
 
+@pytest.mark.learning
 def test_iterator_yields_global_arrays_with_captions_and_tags(trained):
     task = trained["task"]
     it = task.train_iterator(trained["mesh"])
@@ -153,6 +154,7 @@ def test_iterator_yields_global_arrays_with_captions_and_tags(trained):
         np.testing.assert_array_equal(np.asarray(got["audio"]), np.asarray(want["audio"]))
 
 
+@pytest.mark.learning
 def test_training_fell_and_logged(trained):
     lines = [json.loads(x) for x in open(f"{trained['workdir']}/metrics.jsonl")]
     assert lines[-1]["step"] == STEPS and trained["summary"]["status"] == "done"
@@ -162,6 +164,7 @@ def test_training_fell_and_logged(trained):
     assert {"accuracy", "logit_scale", "mcc", "eval_loss"} <= set(lines[-1])
 
 
+@pytest.mark.learning
 def test_text_to_audio_retrieval_beats_chance(trained):
     """Held-out captions retrieve their own held-out clip among N (chance: 1/N and 5/N)."""
     clips, audio = trained["clips"], trained["audio_emb"]
@@ -175,6 +178,7 @@ def test_text_to_audio_retrieval_beats_chance(trained):
     assert r5 >= 2 * 5.0 / n, (r1, r5, n)
 
 
+@pytest.mark.learning
 def test_instrument_words_matter(trained):
     """Swapping the lead instrument in a held-out clip's tag list lowers its match (chance: 50 %)."""
     clips, audio = trained["clips"], trained["audio_emb"]
@@ -194,6 +198,7 @@ def test_instrument_words_matter(trained):
 
 
 # --- RVQ stage -----------------------------------------------------------------------------------
+@pytest.mark.learning
 def test_rvq_stage_fits_levels_on_mulan_embeddings(trained):
     workdir = str(trained["root"] / "rvq")
     c = stage_config("rvq", model__mulan_workdir=trained["workdir"])

@@ -16,6 +16,8 @@ from melody_jax.training.loop import train
 from melody_jax.training.metrics import read_metrics
 from tests.helpers import ROOT, cli_env, toy_config
 
+pytestmark = pytest.mark.slow  # two trainer processes and a reference run
+
 MESH = dict(mesh__data=4, mesh__fsdp=2)
 STEPS, HALF = 12, 6
 

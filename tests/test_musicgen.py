@@ -109,6 +109,7 @@ def test_any_pattern_continues_a_prompt(random_model, pattern_name):
     assert out.forward_passes == window_forward_passes(pattern, 8, 3) == expected
 
 
+@pytest.mark.learning
 def test_trained_model_follows_the_rule(trained):
     summary, log, task, params = trained
     losses = {m["step"]: m["loss"] for m in log}
@@ -130,6 +131,7 @@ def test_trained_model_follows_the_rule(trained):
     assert agree["samples"] > 0.9, agree
 
 
+@pytest.mark.learning
 def test_melody_conditioning_proxy(trained):
     """Synthetic stand-in for "the chroma of the output follows the given chroma" (module docstring):
     code_0 mod 12 of the samples against the melody bins, with the melody given, swapped, or null."""

@@ -8,8 +8,8 @@ import shutil
 import jax
 import pytest
 
+from benchmarks.untrained import init_workdir
 from melody_jax.pipelines.bundle import MANIFEST, MUSICGEN_STAGES, assemble
-from melody_jax.pipelines.untrained import init_workdir
 from melody_jax.training.errors import BundleError
 from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 from tests.helpers import stage_config

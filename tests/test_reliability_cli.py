@@ -17,6 +17,8 @@ from melody_jax.pipelines.validation import (DurationError, SamplingError, check
 from melody_jax.training.errors import ConfigError, one_line
 from tests.helpers import run_cli
 
+pytestmark = pytest.mark.slow  # many CLI starts
+
 
 def error_line(proc) -> str:
     """The CLI's one `error:` line, after asserting exit 2 and no traceback."""

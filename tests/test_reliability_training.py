@@ -22,7 +22,7 @@ from melody_jax.training.errors import TrainingDiverged, WorkdirError
 from melody_jax.training.loop import guarded, init_sharded_state, sharded_abstract_state, train
 from melody_jax.training.metrics import MetricsWriter, read_metrics
 from melody_jax.training.sharding import activate, config_rules, make_mesh
-from tests.helpers import run_cli, toy_config
+from tests.helpers import PoisonedToyLM, run_cli, toy_config
 
 
 @jax.custom_vjp
@@ -34,7 +34,7 @@ def _scale_grad(x: jax.Array, s: jax.Array) -> jax.Array:
 _scale_grad.defvjp(lambda x, s: (x, s), lambda s, g: (g * s, jnp.zeros_like(s)))
 
 
-class FaultyTask(ToyLMTask):
+class FaultyTask(PoisonedToyLM):
     """Injects faults by batch index: `loss_bad` adds a value to the loss through the batch (an input),
     `grad_bad` multiplies only the gradients by it; `hide_grad_norm` drops grad_norm from the metrics."""
 

@@ -114,6 +114,7 @@ def test_sampling_is_deterministic_and_rows_are_independent(random_model):
     assert (changed[1:] != tokens[1:]).any()
 
 
+@pytest.mark.learning
 def test_trained_model_follows_the_rule(trained):
     summary, log, model, params = trained
     losses = {m["step"]: m["loss"] for m in log}
@@ -183,7 +184,7 @@ def test_frozen_models_tokenise_audio_inside_the_step(tmp_path):
     through the loss), the run trains and evaluates through the loop and resumes by audio position."""
     from data_pipeline.builder import PrepareSettings, prepare
     from melody_jax.training.sharding import DEFAULT_RULES
-    from melody_jax.pipelines.untrained import init_workdir
+    from benchmarks.untrained import init_workdir
     from tests.bundle_fixture import tiny_configs
 
     configs = tiny_configs()

@@ -52,6 +52,7 @@ def metrics(workdir: str) -> list[dict]:
     return [json.loads(x) for x in open(f"{workdir}/metrics.jsonl")]
 
 
+@pytest.mark.learning
 def test_ssl_accuracy_beats_chance_and_perplexity_rises(stages):
     lines = metrics(stages["ssl"])
     assert stages["ssl_summary"]["status"] == "done" and lines[-1]["step"] == SSL_STEPS
@@ -72,6 +73,7 @@ def test_ssl_accuracy_beats_chance_and_perplexity_rises(stages):
                                                                                                                rel=0.05)
 
 
+@pytest.mark.learning
 def test_kmeans_stage_fits_and_saves_centroids(stages):
     lines = metrics(stages["kmeans"])
     c = stage_config("kmeans")
@@ -131,6 +133,7 @@ def half_clip_mean_rank(tokens: np.ndarray) -> float:
     return float(np.mean([(d[i] < d[i, i]).sum() for i in range(len(a))]))
 
 
+@pytest.mark.learning
 def test_tokens_carry_the_key_and_identify_the_music_better_after_training(stages):
     """Held-out clips (another seed) tokenized by the trained and by the untrained encoder, same layer,
     same k-means: a nearest-centroid probe on token histograms reads the key (12 tonics), and one half

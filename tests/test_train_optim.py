@@ -6,6 +6,7 @@ from melody_jax.training.metrics import read_metrics
 from tests.helpers import toy_config
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("name, margin", [("dadapt_adamw", 3.0), ("prodigy", 3.0)])
 def test_step_size_free_optimizer_trains_the_toy_lm(tmp_path, name, margin):
     # lr is the multiplier of the estimated step size (1.0, as in the recipes); the first estimate

@@ -18,7 +18,7 @@ from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirErr
 from melody_jax.training.loop import sharded_abstract_state, train
 from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import activate, make_mesh, rules_from_config
-from tests.helpers import ROOT, cli_env, run_cli, toy_config
+from tests.helpers import ROOT, PoisonedToyLM, cli_env, run_cli, toy_config
 
 MESH_222 = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
 
@@ -27,6 +27,7 @@ def losses(workdir):
     return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
 
+@pytest.mark.learning
 def test_sharded_training_learns_and_shards_params(tmp_path):
     config = toy_config(train__num_steps=50, **MESH_222)
     train(config, str(tmp_path))
@@ -87,7 +88,7 @@ def test_iterator_position_is_restored(tmp_path):
     np.testing.assert_array_equal(np.asarray(next(fresh)["tokens"]), expected)
 
 
-class PoisonedTask(ToyLMTask):
+class PoisonedTask(PoisonedToyLM):
     """Adds `poison` (NaN or 0) to chosen batches; the toy loss adds it, so those steps go non-finite."""
 
     bad_batches: set = set()

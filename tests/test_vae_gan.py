@@ -136,6 +136,7 @@ def trained(tmp_path_factory):
     return {"data": data, "workdir": workdir, "summary": summary, "before": before}
 
 
+@pytest.mark.learning
 def test_stage_improves_held_out_mr_stft(trained):
     """What `python -m launch.train --config=configs/vae_gan.py:tiny --workdir=DIR` runs, in-process."""
     summary, workdir = trained["summary"], trained["workdir"]
@@ -151,6 +152,7 @@ def test_stage_improves_held_out_mr_stft(trained):
     assert (workdir / "config.json").exists()
 
 
+@pytest.mark.learning
 def test_mesh_layout_does_not_change_the_losses(trained, tmp_path):
     summary = train(stage(trained["data"], mesh__data=4, mesh__tensor=2, train__stop_at_step=MESH_STEPS),
                     str(tmp_path))
@@ -163,6 +165,7 @@ def test_mesh_layout_does_not_change_the_losses(trained, tmp_path):
                                    [reference[s][key] for s in range(1, MESH_STEPS + 1)], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.learning
 def test_reconstruct_cli(trained, tmp_path):
     clip = generate_clip(7, duration_s=0.6, sample_rate=16000).audio  # another rate: resampled to 24 kHz
     wav_in, wav_out = tmp_path / "in.wav", tmp_path / "out.wav"

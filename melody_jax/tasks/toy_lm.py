@@ -53,8 +53,6 @@ class ToyLMTask(Task):
         tokens = batch["tokens"]
         logits = self.model.apply({"params": params}, tokens[:, :-1])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-        if "poison" in batch:  # lets tests inject NaN/Inf into the loss through the data
-            loss = loss + batch["poison"].mean()
         accuracy = (logits.argmax(-1) == tokens[:, 1:]).mean()
         return loss, {"accuracy": accuracy}
 

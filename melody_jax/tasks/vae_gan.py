@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from melody_jax.audio.losses import mr_stft_l1, resolutions
-from melody_jax.evaluation.audio_metrics import reconstruction_metrics
+from melody_jax.audio.metrics import reconstruction_metrics
 from melody_jax.models import vae_gan
 from melody_jax.tasks.gan import GANTask
 from melody_jax.training.config import non_negative, positive, require
