@@ -30,6 +30,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # Property tests explore the same inputs on every run (derandomized, no example database), so the
 # suite gives one verdict per commit; a new failure is pinned with `@example` where it is found.
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("melody-jax", derandomize=True, database=None, print_blob=True)
@@ -83,3 +84,22 @@ def pytest_sessionfinish(session, exitstatus):
         with open(path, "w") as f:
             json.dump({k: round(v, 1) for k, v in sorted(_SECONDS.items(), key=lambda kv: -kv[1])}, f, indent=0)
             f.write("\n")
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    """`prepared_data(**settings)` → a folder of `launch.prepare_data`'s output for those PrepareSettings
+    (progress off), made once per worker and shared by every test file that asks for the same settings;
+    read it, never change it."""
+    from data_pipeline.builder import PrepareSettings, prepare
+
+    made: dict[tuple, str] = {}
+
+    def make(**fields) -> str:
+        key = tuple(sorted(fields.items()))
+        if key not in made:
+            made[key] = str(tmp_path_factory.mktemp("prepared"))
+            prepare(PrepareSettings(**fields), made[key], progress=False)
+        return made[key]
+
+    return make

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 from flax import linen as nn
 
-from data_pipeline.builder import PrepareSettings, prepare, read_clips
+from data_pipeline.builder import read_clips
 from melody_jax.evaluation.melody import chroma_adherence
 from melody_jax.models import codec
 from melody_jax.pipelines.bundle import MUSICGEN_STAGES, assemble
@@ -54,12 +54,10 @@ def write_melodies(folder: str, n: int, seed: int = 0, seconds: float = 1.2, not
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, prepared_data):
     root = tmp_path_factory.mktemp("codec")
-    data = str(root / "data")
     write_melodies(str(root / "wav"), 64)
-    prepare(PrepareSettings(source="folder", input=str(root / "wav"), sample_rate=SR, val_fraction=0.25), data,
-            progress=False)
+    data = prepared_data(source="folder", input=str(root / "wav"), sample_rate=SR, val_fraction=0.25)
     config = stage_config("codec", data__path=data, mesh_devices=1, train__num_steps=STEPS, train__eval_every=STEPS,
                           train__checkpoint_every=STEPS, train__log_every=10, train__eval_batches=2)
     task = CodecTask(config)

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import PartitionSpec
 
-from data_pipeline.builder import PrepareSettings, find_prepared, prepare
+from data_pipeline.builder import find_prepared
 from data_pipeline.input import default_data_config, make_train_iterator
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.sharding import make_mesh
@@ -20,11 +20,8 @@ N_CLIPS = 12
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("input"))
-    prepare(PrepareSettings(source="synthetic", num_clips=N_CLIPS, seed=2, clip_seconds=CLIP_S, sample_rate=SR),
-            out, progress=False)
-    return out
+def dataset(prepared_data) -> str:
+    return prepared_data(source="synthetic", num_clips=N_CLIPS, seed=2, clip_seconds=CLIP_S, sample_rate=SR)
 
 
 @pytest.fixture(scope="module")

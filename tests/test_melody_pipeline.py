@@ -142,15 +142,13 @@ def test_sample_cli_writes_wavs_and_spectrograms(bundle, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --duration")
 
 
-def test_evaluation_scores_generated_audio_beside_the_reference(melody, tmp_path):
+def test_evaluation_scores_generated_audio_beside_the_reference(melody, prepared_data):
     """Untrained stages make noise: on the independent musicnn embeddings it must sit further from the
     reference than half of the reference sits from the other half."""
-    from data_pipeline.builder import PrepareError, PrepareSettings, prepare, read_clips
+    from data_pipeline.builder import PrepareError, read_clips
     from melody_jax.evaluation.generation import evaluate, markdown, read_prompts
 
-    data = str(tmp_path / "ref")
-    prepare(PrepareSettings(source="synthetic", num_clips=8, clip_seconds=4.0, sample_rate=RATE, seed=5), data,
-            progress=False)
+    data = prepared_data(source="synthetic", num_clips=8, clip_seconds=4.0, sample_rate=RATE, seed=5)
     reference = read_clips(data, "train", RATE)
     report = evaluate(melody, read_prompts("synthetic:4"), reference, duration_s=3.0, steps=2, batch_size=2)
     fad = report["fad_musicnn"]

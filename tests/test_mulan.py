@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data_pipeline.builder import PrepareSettings, prepare, read_clips
+from data_pipeline.builder import read_clips
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.models.mulan import contrastive_loss, dequantize, embed_text, mulan_tokens, similarity
 from melody_jax.tasks.mulan import MuLanTask
@@ -106,11 +106,10 @@ def test_bad_config_is_one_line_error():
 
 # --- training on the synthetic dataset -----------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, prepared_data):
     root = tmp_path_factory.mktemp("mulan")
-    data = str(root / "data")
-    prepare(PrepareSettings(source="synthetic", num_clips=NUM_CLIPS, seed=0, clip_seconds=3.0, sample_rate=SR,
-                            val_fraction=VAL_FRACTION), data, progress=False)
+    data = prepared_data(source="synthetic", num_clips=NUM_CLIPS, seed=0, clip_seconds=3.0, sample_rate=SR,
+                         val_fraction=VAL_FRACTION)
     workdir = str(root / "mulan")
     c = stage_config("mulan", data__path=data, mesh_devices=1, train__num_steps=STEPS, train__log_every=50,
                      train__eval_every=STEPS, train__checkpoint_every=STEPS)

@@ -179,20 +179,18 @@ def test_cached_records_round_trip(tmp_path):
                                     data__semantic_len=21)).train_iterator(mesh)
 
 
-def test_frozen_models_tokenise_audio_inside_the_step(tmp_path):
+def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
     """data.source="frozen_models": the in-step tokens are the frozen stages' own tokens (checked
     through the loss), the run trains and evaluates through the loop and resumes by audio position."""
-    from data_pipeline.builder import PrepareSettings, prepare
-    from melody_jax.training.sharding import DEFAULT_RULES
     from benchmarks.untrained import init_workdir
+    from melody_jax.training.sharding import DEFAULT_RULES
     from tests.bundle_fixture import tiny_configs
 
     configs = tiny_configs()
     for stage in ("ssl", "kmeans", "mulan", "rvq"):
         init_workdir(configs[stage], str(tmp_path / stage))
-    data = str(tmp_path / "data")
-    prepare(PrepareSettings(source="synthetic", num_clips=12, clip_seconds=2.0, sample_rate=24000, seed=2,
-                            val_fraction=0.25), data, progress=False)
+    data = prepared_data(source="synthetic", num_clips=12, clip_seconds=2.0, sample_rate=24000, seed=2,
+                         val_fraction=0.25)
     fields = {f"data__frozen__{s}": str(tmp_path / s) for s in ("ssl", "kmeans", "mulan", "rvq")}
     lm = configs["semantic_lm"]
     config = stage_config("semantic_lm", data__source="frozen_models", data__path=data, data__semantic_len=16,

@@ -14,7 +14,7 @@ from flax import linen as nn
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import NearestCentroid
 
-from data_pipeline.builder import PrepareSettings, prepare, read_clips
+from data_pipeline.builder import read_clips
 from melody_jax.tasks.kmeans import KMeansTask
 from melody_jax.tasks.ssl import SSLTask
 from melody_jax.nn.kmeans import fit_kmeans, shard_rows
@@ -32,18 +32,16 @@ PROBE_CLIPS = 240
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
+def stages(tmp_path_factory, prepared_data):
     root = tmp_path_factory.mktemp("semantic")
-    data = str(root / "data")
-    prepare(PrepareSettings(source="synthetic", num_clips=NUM_CLIPS, seed=0, clip_seconds=CLIP_SECONDS,
-                            sample_rate=SR, val_fraction=0.0), data, progress=False)
+    data = prepared_data(source="synthetic", num_clips=NUM_CLIPS, seed=0, clip_seconds=CLIP_SECONDS,
+                         sample_rate=SR, val_fraction=0.0)
     ssl_dir, km_dir = str(root / "ssl"), str(root / "kmeans")
     ssl_summary = train(stage_config("ssl", data__path=data, data__eval_split="", train__num_steps=SSL_STEPS,
                                      train__checkpoint_every=SSL_STEPS), ssl_dir)
     km_summary = train(stage_config("kmeans", model__ssl_workdir=ssl_dir), km_dir)
-    probe = str(root / "probe")  # held-out labelled clips for the token probes
-    prepare(PrepareSettings(source="synthetic", num_clips=PROBE_CLIPS, seed=1, clip_seconds=CLIP_SECONDS,
-                            sample_rate=SR, val_fraction=0.0), probe, progress=False)
+    probe = prepared_data(source="synthetic", num_clips=PROBE_CLIPS, seed=1, clip_seconds=CLIP_SECONDS,
+                          sample_rate=SR, val_fraction=0.0)  # held-out labelled clips for the token probes
     return {"data": data, "ssl": ssl_dir, "kmeans": km_dir, "probe": probe, "ssl_summary": ssl_summary,
             "km_summary": km_summary}
 

@@ -10,7 +10,6 @@ import pytest
 import soundfile as sf
 from flax import linen as nn
 
-from data_pipeline.builder import PrepareSettings, prepare
 from data_pipeline.synthetic import generate_clip
 from melody_jax.models import vae_gan
 from melody_jax.models.discriminators import Discriminators
@@ -119,11 +118,10 @@ def stage(data, **overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, prepared_data):
     root = tmp_path_factory.mktemp("vae_gan")
-    data = str(root / "data")
-    prepare(PrepareSettings(source="synthetic", num_clips=48, seed=0, clip_seconds=2.0, sample_rate=24000,
-                            val_fraction=0.25), data, progress=False)
+    data = prepared_data(source="synthetic", num_clips=48, seed=0, clip_seconds=2.0, sample_rate=24000,
+                         val_fraction=0.25)
     workdir = root / "run"
     task = VAEGANTask(stage(data))
     mesh = make_mesh({"data": 1}, jax.devices()[:1])  # one device: the mesh test compares 4 × 2 against it
