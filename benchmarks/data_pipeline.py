@@ -10,7 +10,6 @@ benchmarks/results/data_pipeline.json. Figures:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -20,7 +19,7 @@ import jax
 import numpy as np
 import soundfile as sf
 
-from benchmarks.report import write_json
+from benchmarks.report import quick_cli
 from data_pipeline.builder import PrepareSettings, prepare
 from data_pipeline.input import default_data_config, make_train_iterator
 from data_pipeline.synthetic import clip_seed, generate_clip, synthetic_clips
@@ -94,11 +93,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer clips and files")
-    results = run(parser.parse_args().quick)
-    print(markdown(results))
-    print("wrote", write_json("data_pipeline", results))
+    quick_cli("data_pipeline", __doc__, "fewer clips and files", run, markdown)
 
 
 if __name__ == "__main__":

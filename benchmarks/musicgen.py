@@ -15,7 +15,6 @@ cache and the cached text keys/values of both rows. On CPU the presets run in fl
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from benchmarks.limits import memory_bandwidth
-from benchmarks.report import markdown_table, median_time, write_json
+from benchmarks.report import markdown_table, median_time, quick_cli
 from configs import musicgen as musicgen_config
 from melody_jax.pipelines.musicgen_sampling import generate
 from melody_jax.tasks.musicgen import MusicGenTask
@@ -86,11 +85,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small preset only, 1 s (50 frames)")
-    result = run(parser.parse_args().quick)
-    print(markdown(result))
-    print("wrote", write_json("musicgen", result))
+    quick_cli("musicgen", __doc__, "small preset only, 1 s (50 frames)", run, markdown)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What every benchmark shares: timing, the machine description, Markdown tables and JSON output."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -61,6 +62,16 @@ def write_json(name: str, payload: dict[str, Any], directory: str | None = None)
     with open(path, "w") as f:
         json.dump({"machine": machine(), **payload}, f, indent=2, sort_keys=True, default=str)
     return path
+
+
+def quick_cli(name: str, doc: str, quick: str, run: Callable[[bool], dict[str, Any]],
+              markdown: Callable[[dict[str, Any]], str]) -> None:
+    """A section's command line: `--quick` (what `quick` says), then its table and where its JSON went."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    result = run(parser.parse_args().quick)
+    print(markdown(result))
+    print("wrote", write_json(name, result))
 
 
 def partitions(compiled) -> int:

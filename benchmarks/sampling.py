@@ -16,7 +16,6 @@ Compilation is timed separately (first call); the table's times are warm medians
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 import os
@@ -26,7 +25,7 @@ from typing import Any
 import jax
 from flax import linen as nn
 
-from benchmarks.report import chosen_presets, markdown_table, median_time, write_json
+from benchmarks.report import chosen_presets, markdown_table, median_time, quick_cli
 from benchmarks.untrained import untrained_bundle
 from melody_jax.pipelines.bundle import MELODY_STAGES, MUSICGEN_STAGES, check_fit
 from melody_jax.pipelines.melody import MeLoDy
@@ -151,11 +150,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10 s only, one timed repeat")
-    result = run(parser.parse_args().quick)
-    print(markdown(result))
-    print("wrote", write_json("sampling", result))
+    quick_cli("sampling", __doc__, "10 s only, one timed repeat", run, markdown)
 
 
 if __name__ == "__main__":

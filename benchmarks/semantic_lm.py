@@ -13,14 +13,13 @@ the larger of those two. On CPU the presets run in float32 (bfloat16 matmuls are
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 from flax import linen as nn
 
 from benchmarks.limits import matmul_peak, memory_bandwidth
-from benchmarks.report import chosen_presets, markdown_table, median_time, write_json
+from benchmarks.report import chosen_presets, markdown_table, median_time, quick_cli
 from configs import semantic_lm as semantic_lm_config
 from melody_jax.pipelines.lm_sampling import sample
 from melody_jax.tasks.semantic_lm import SemanticLMTask
@@ -73,11 +72,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small preset only, 64 tokens")
-    result = run(parser.parse_args().quick)
-    print(markdown(result))
-    print("wrote", write_json("semantic_lm", result))
+    quick_cli("semantic_lm", __doc__, "small preset only, 64 tokens", run, markdown)
 
 
 if __name__ == "__main__":

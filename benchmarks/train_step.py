@@ -6,13 +6,12 @@ against the matmul peak of the same machine, measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 
 from benchmarks.limits import matmul_peak
-from benchmarks.report import chosen_presets, compiled_flops, markdown_table, median_time, write_json
+from benchmarks.report import chosen_presets, compiled_flops, markdown_table, median_time, quick_cli
 from melody_jax.tasks.toy_lm import ToyLMTask
 from melody_jax.training.config import apply_overrides
 from melody_jax.training.loop import guarded, init_sharded_state, sharded_abstract_state
@@ -75,11 +74,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    result = run(parser.parse_args().quick)
-    print(markdown(result))
-    print("wrote", write_json("train_step", result))
+    quick_cli("train_step", __doc__, "a shorter run", run, markdown)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ settings.load_profile("melody-jax")
 # whole files to workers in collection order, so the long ones (a trained fixture each) start at once
 # and the many short files fill the gaps after them (longest-processing-time-first). The order comes
 # from each file's seconds in the last full run (`make durations` writes DURATIONS); a file not
-# recorded there goes first if it holds a learning experiment (a long one, most likely), else last.
+# recorded there goes first if it holds a learning experiment or a long test (`slow`), else last.
 DURATIONS = os.path.join(os.path.dirname(__file__), "durations.json")
 
 
@@ -59,11 +59,11 @@ def _recorded() -> dict[str, float]:
 
 def pytest_collection_modifyitems(items):
     recorded = _recorded()
-    learning = {item.path.name for item in items if item.get_closest_marker("learning")}
+    long = {item.path.name for item in items if item.get_closest_marker("learning") or item.get_closest_marker("slow")}
 
     def seconds(item) -> float:
         name = item.path.name
-        return recorded.get(name, math.inf if name in learning else 0.0)
+        return recorded.get(name, math.inf if name in long else 0.0)
 
     items.sort(key=lambda item: -seconds(item))  # stable: file order kept among equals
 

@@ -42,7 +42,7 @@ from melody_jax.audio.chroma import NUM_CHROMA, chroma_onehot
 from melody_jax.models.mulan import Encoder
 from melody_jax.models.t5 import T5Encoder
 from melody_jax.nn.attention import Attention, cached_attention, padding_mask
-from melody_jax.nn.init import dense
+from melody_jax.nn.init import dense, embed_tokens
 from melody_jax.nn.mlp import GeluMLP
 from melody_jax.nn.norms import RMSNorm
 from melody_jax.tokenizers.text import VOCAB_SIZE
@@ -89,10 +89,7 @@ class TextEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-        table = self.param("token_embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                                           ("vocab", "embed")),
-                           (VOCAB_SIZE, self.embed_dim))
-        x = nn.with_logical_constraint(jnp.take(table, tokens, axis=0).astype(self.dtype), ACT)
+        x = embed_tokens(self, "token_embedding", tokens, VOCAB_SIZE, self.embed_dim, self.dtype)
         encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim, out_dim=self.embed_dim, dtype=self.dtype,
                           remat=self.remat, pool=False, name="encoder")
         return encoder(x, mask.astype(bool), jnp.arange(tokens.shape[1]))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from melody_jax.nn.init import dense
+from melody_jax.nn.init import dense, embed_tokens
 from melody_jax.nn.norms import RMSNorm
 
 ACT = ("batch", "length", "embed")
@@ -76,10 +76,7 @@ class T5Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-        table = self.param("token_embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                                           ("vocab", "embed")),
-                           (self.vocab_size, self.embed_dim))
-        x = nn.with_logical_constraint(jnp.take(table, tokens, axis=0).astype(self.dtype), ACT)
+        x = embed_tokens(self, "token_embedding", tokens, self.vocab_size, self.embed_dim, self.dtype)
         relative = self.param("relative_bias", nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                             (None, "heads")),
                               (self.num_buckets, self.num_heads))

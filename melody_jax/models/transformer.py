@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from melody_jax.nn.attention import Attention
-from melody_jax.nn.init import dense
+from melody_jax.nn.init import dense, embed_tokens
 from melody_jax.nn.mlp import SwiGLU
 from melody_jax.nn.norms import RMSNorm
 
@@ -61,13 +61,7 @@ class DecoderLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
-        embed = self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
-            (self.vocab_size, self.embed_dim),
-        )
-        x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = embed_tokens(self, "embedding", tokens, self.vocab_size, self.embed_dim, self.dtype)
         if self.scan_layers:
             block = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
             stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},

@@ -1,4 +1,4 @@
-"""Dense layers whose kernels (and biases) carry logical axis names: the one way weights are made.
+"""Dense layers and token embeddings whose weights carry logical axis names: the one way weights are made.
 
 Our own small DenseGeneral: flax's flattens multi-axis kernels to 2-D inside the initializer, which
 breaks logical-axis boxes under an active mesh; this one initialises the kernel in its real shape.
@@ -57,3 +57,12 @@ def dense(
     features = features if isinstance(features, int) else tuple(features)
     axis = axis if isinstance(axis, int) else tuple(axis)
     return Dense(features, tuple(names), axis, use_bias, dtype, kernel_init, name=name)
+
+
+def embed_tokens(module: nn.Module, name: str, tokens: jax.Array, vocab_size: int, dim: int,
+                 dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """`tokens [B, L]` → `[B, L, dim]` rows of `module`'s N(0, 1) table parameter `name` [vocab_size, dim]
+    (axes vocab × embed), from inside a compact method of `module`."""
+    table = module.param(name, nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                         (vocab_size, dim))
+    return nn.with_logical_constraint(jnp.take(table, tokens, axis=0).astype(dtype), ("batch", "length", "embed"))
