@@ -26,7 +26,6 @@ import numpy as np
 from absl import flags
 
 from melody_jax.diffusion.angles import SCHEDULES
-from melody_jax.pipelines.generation import AudioInputError
 from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
 from melody_jax.training.errors import UserError
 
