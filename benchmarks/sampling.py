@@ -28,6 +28,7 @@ from flax import linen as nn
 from benchmarks.report import chosen_presets, markdown_table, median_time, quick_cli
 from benchmarks.untrained import untrained_bundle
 from melody_jax.pipelines.bundle import MELODY_STAGES, MUSICGEN_STAGES, check_fit
+from melody_jax.pipelines.generation import Generator
 from melody_jax.pipelines.melody import MeLoDy
 from melody_jax.pipelines.musicgen import MusicGen
 from melody_jax.training.config import apply_overrides
@@ -98,11 +99,9 @@ def musicgen_configs(preset: str, budget: int, melody: dict) -> dict:
     return {"codec": codec, "musicgen": _config("musicgen", preset, **fields, **{"model.num_layers": layers})}
 
 
-def measure(system: str, pipeline, seconds: float, params: int, repeats: int) -> dict:
+def measure(system: str, pipeline: Generator, seconds: float, params: int, repeats: int) -> dict:
     def run():
-        if system.startswith("melody"):
-            return pipeline.generate(PROMPTS, seconds, steps=10, cfg=2.5, seed=0)
-        return pipeline.generate(PROMPTS, seconds, seed=0)
+        return pipeline.generate(PROMPTS, seconds, seed=0)  # each system's config.sample
 
     first = run()
     wall = median_time(lambda: run().audio, warmup=0, repeats=repeats)
@@ -143,8 +142,8 @@ def run(quick: bool = False, durations: tuple[float, ...] | None = None) -> dict
 
 
 def markdown(result: dict) -> str:
-    return (f"batch {result['batch']} (two prompts), MeLoDy: 10 DPD steps, CFG 2.5; MusicGen: the preset's top-k and "
-            "CFG; warm medians; time_ratio = MusicGen wall / this row's wall (> 1: faster than MusicGen), "
+    return (f"batch {result['batch']} (two prompts), each system sampling with its preset's `config.sample` (MeLoDy: "
+            "DPD steps, CFG, schedule; MusicGen: top-k, CFG); warm medians; time_ratio = MusicGen wall / this row's wall (> 1: faster than MusicGen), "
             "passes_ratio likewise\n\n"
             + markdown_table(result["rows"], COLUMNS))
 

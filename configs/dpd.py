@@ -11,7 +11,10 @@ Roformer depth per block, its FFN width, the BiSRU layout or where biases sit; o
 layers, FFN 2560, concatenate-and-project BiSRU, biases on MLP/SRU/FiLM/IO layers only) lands
 1.0M (0.3 %) below. Closing that gap would mean guessing a detail, not reproducing one.
 """
+import ml_collections
+
 from configs.common import base_config, check_preset
+from melody_jax.pipelines.dpd_sampling import SAMPLE_DEFAULTS
 
 SIZES = {  # hidden, blocks, K, heads, roformer layers, FFN, angle dim, vocab, L, T_ST, batch
     "tiny": (32, 2, 16, 2, 1, 64, 16, 32, 160, 16, 8),
@@ -69,6 +72,8 @@ def get_config(arg: str | None = None):
     # baseline of tests/test_dpd_stage.py train best in 300 steps (swept 3e-3 … 1.5e-2).
     c.optim.lr = {"tiny": 1e-2, "small": 2e-3}.get(preset, 1e-4)
     c.optim.warmup_steps = 100 if preset == "tiny" else 1000
-    c.sample = dict(schedule="paper")  # the MeLoDy pipeline's angle schedule: paper | uniform (its ablation)
+    # MeLoDy's sampling (DPD and semantic LM), stored in bundles: steps, cfg, schedule (paper | uniform),
+    # temperature, top_k, top_p, duration; see melody_jax/pipelines/dpd_sampling.py
+    c.sample = ml_collections.ConfigDict(SAMPLE_DEFAULTS)
     c.train.ema_decay = 0.0 if preset == "tiny" else 0.9999  # weight EMA, the standard for diffusion models
     return c

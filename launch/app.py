@@ -10,7 +10,6 @@ comes back as one `error: ...` line in the page, never a traceback.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -26,10 +25,9 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from melody_jax.pipelines.bundle import MANIFEST, MELODY_STAGES, MUSICGEN_STAGES
-from melody_jax.pipelines.melody import MAX_PROMPT_CHARS, MAX_SECONDS, AudioInputError
-from melody_jax.pipelines.validation import check_duration, check_prompt
-from melody_jax.training.errors import BundleError, UserError
+from melody_jax.diffusion.angles import SCHEDULES
+from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
+from melody_jax.training.errors import UserError
 
 _BUNDLES = flags.DEFINE_multi_string("bundle", [], "Bundle directory (python -m launch.bundle); repeat for more.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0 to be reachable from other hosts).")
@@ -43,7 +41,7 @@ MODES = {"melody": ("text", "continue the clip", "inpaint a span of the clip", "
          "musicgen": ("text", "text + the clip as melody")}
 TEXT, CONTINUE, INPAINT, AUDIO_PROMPT = MODES["melody"]
 MELODY = MODES["musicgen"][1]
-SCHEDULES = ("paper", "uniform")
+MELODY_ONLY = ("steps", "schedule", "top_p")  # the page's controls that only MeLoDy reads
 
 
 class AppInputError(UserError, ValueError):
@@ -51,22 +49,6 @@ class AppInputError(UserError, ValueError):
 
 
 # --- checks on a request: plain functions, no JAX -----------------------------------------------------
-def bundle_kind(bundle: str) -> str:
-    """'melody' or 'musicgen', from the stages a bundle's manifest lists."""
-    path = os.path.join(bundle, MANIFEST)
-    try:
-        with open(path) as f:
-            stages = tuple(json.load(f)["stages"])
-    except FileNotFoundError:
-        raise BundleError(f"{bundle} is not a bundle (no {MANIFEST}); make one with `python -m launch.bundle`") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BundleError(f"{path} is damaged: {e}") from None
-    for kind, expected in (("melody", MELODY_STAGES), ("musicgen", MUSICGEN_STAGES)):
-        if set(stages) == set(expected):
-            return kind
-    raise BundleError(f"{bundle} holds stages {list(stages)}: neither a MeLoDy nor a MusicGen bundle")
-
-
 def _message(e: UserError) -> str:
     """The pipelines' messages name CLI flags (`--duration=...`); the page has fields, not flags."""
     return str(e).replace("--", "")
@@ -99,26 +81,27 @@ def _number(value: object, name: str, low: float, high: float, integer: bool = F
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """The sampling controls of the page, checked; `steps`, `schedule`, `top_p` are MeLoDy's only."""
+    """The sampling controls of the page, checked; `steps`, `schedule`, `top_p` are MeLoDy's only (None:
+    MusicGen's request, which leaves them to its bundle)."""
 
     seed: int
     cfg: float
     top_k: int
     temperature: float
-    steps: int = 10
-    schedule: str = "paper"
-    top_p: float = 1.0
+    steps: int | None = None
+    schedule: str | None = None
+    top_p: float | None = None
 
 
-def check_sampling(seed: object, cfg: object, top_k: object, temperature: object, steps: object = 10,
-                   schedule: object = "paper", top_p: object = 1.0) -> Sampling:
-    if schedule not in SCHEDULES:
+def check_sampling(seed: object, cfg: object, top_k: object, temperature: object, steps: object = None,
+                   schedule: object = None, top_p: object = None) -> Sampling:
+    if schedule not in (None, *SCHEDULES):
         raise AppInputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     return Sampling(seed=_number(seed, "seed", 0, 2**31 - 1, integer=True), cfg=_number(cfg, "CFG scale", 0, 100),
                     top_k=_number(top_k, "top-k", 0, 1 << 20, integer=True),
                     temperature=_number(temperature, "temperature", 1e-3, 100),
-                    steps=_number(steps, "DPD steps", 1, 1000, integer=True), schedule=str(schedule),
-                    top_p=_number(top_p, "top-p", 1e-3, 1.0))
+                    steps=None if steps is None else _number(steps, "DPD steps", 1, 1000, integer=True),
+                    schedule=schedule, top_p=None if top_p is None else _number(top_p, "top-p", 1e-3, 1.0))
 
 
 def read_clip(path: str | None, sample_rate: int, max_seconds: float) -> np.ndarray:
@@ -176,29 +159,22 @@ class Model:
     kind: str
     pipeline: Any
 
-    def defaults(self) -> dict[str, float]:
-        """CFG, top-k and temperature as the model samples by default."""
-        if self.kind == "musicgen":
-            s = self.pipeline.config.sample
-            return {"cfg": float(s.cfg_scale), "top_k": int(s.top_k), "temperature": float(s.temperature)}
-        return {"cfg": 2.5, "top_k": 0, "temperature": 1.0}
+    def defaults(self) -> dict[str, Any]:
+        """The page's sampling controls as the model samples by default (its bundle's config.sample)."""
+        names = ("cfg", "top_k", "temperature") + (MELODY_ONLY if self.kind == "melody" else ())
+        return {name: self.pipeline.defaults[name] for name in names}
 
 
 def load_models(bundles: Sequence[str]) -> dict[str, Model]:
     """{label: Model} with one pipeline per bundle; labels name the bundle and its kind."""
+    from melody_jax.pipelines.load import load_pipeline
+
     if not bundles:
         raise AppInputError("give at least one --bundle")
     models: dict[str, Model] = {}
     for bundle in bundles:
-        kind = bundle_kind(bundle)
-        if kind == "musicgen":
-            from melody_jax.pipelines.musicgen import MusicGen
-
-            pipeline = MusicGen(bundle)
-        else:
-            from melody_jax.pipelines.melody import MeLoDy
-
-            pipeline = MeLoDy(bundle)
+        pipeline = load_pipeline(bundle)
+        kind = pipeline.name
         label = f"{KINDS[kind]}: {os.path.normpath(bundle)}"
         if label in models:
             raise AppInputError(f"--bundle={bundle} is given twice")
@@ -236,7 +212,7 @@ def run(model: Model, requests: Sequence[Request]):
     if model.kind == "musicgen":
         if len(requests) != 1:
             raise ValueError("MusicGen requests run one at a time")
-        return model.pipeline.generate([r.prompt], r.duration, cfg=s.cfg, top_k=s.top_k or None,
+        return model.pipeline.generate([r.prompt], r.duration, cfg=s.cfg, top_k=s.top_k,
                                        temperature=s.temperature, seed=s.seed,
                                        melody=r.clip if r.mode == MELODY else None)
     melody = model.pipeline
@@ -249,7 +225,7 @@ def run(model: Model, requests: Sequence[Request]):
     if len(requests) != 1:
         raise ValueError("audio-conditioned requests run one at a time")
     if r.mode == CONTINUE:
-        return melody.continue_audio(r.clip, r.duration, prompts, seed=s.seed, **common)
+        return melody.generate_continuation(r.clip, r.duration, prompts, seed=s.seed, **common)
     if r.mode == INPAINT:
         return melody.inpaint(r.clip, *r.span, prompts, seed=s.seed, **common)
     return melody.generate_from_audio_prompt(r.clip, r.duration, seed=s.seed, **common)
@@ -386,9 +362,11 @@ def build_page(models: dict[str, Model], max_seconds: float, max_batch: int):
                         top_k = gr.Number(value=defaults["top_k"], precision=0, label="top-k (0: off)",
                                           elem_id="top_k")
                     with gr.Row(visible=first.kind == "melody") as melody_row:
-                        steps = gr.Slider(1, 100, value=10, step=1, label="DPD steps", elem_id="steps")
-                        schedule = gr.Radio(list(SCHEDULES), value="paper", label="DPD schedule", elem_id="schedule")
-                        top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="top-p (semantic LM)",
+                        steps = gr.Slider(1, 100, value=defaults.get("steps"), step=1, label="DPD steps",
+                                          elem_id="steps")
+                        schedule = gr.Radio(list(SCHEDULES), value=defaults.get("schedule"), label="DPD schedule",
+                                            elem_id="schedule")
+                        top_p = gr.Slider(0.01, 1.0, value=defaults.get("top_p"), step=0.01, label="top-p (semantic LM)",
                                           elem_id="top_p")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
@@ -402,9 +380,11 @@ def build_page(models: dict[str, Model], max_seconds: float, max_batch: int):
             m = models[name]
             d = m.defaults()
             return (gr.update(choices=list(MODES[m.kind]), value=TEXT), gr.update(visible=m.kind == "melody"),
-                    gr.update(visible=m.kind == "melody"), d["cfg"], d["temperature"], d["top_k"])
+                    gr.update(visible=m.kind == "melody"), d["cfg"], d["temperature"], d["top_k"],
+                    *(gr.update(value=d[name]) if name in d else gr.update() for name in MELODY_ONLY))
 
-        model.change(on_model, model, [mode, span_row, melody_row, cfg, temperature, top_k], queue=False)
+        model.change(on_model, model, [mode, span_row, melody_row, cfg, temperature, top_k, steps, schedule, top_p],
+                     queue=False)
         inputs = [model, mode, prompt, duration, seed, steps, schedule, cfg, top_k, top_p, temperature, clip,
                   start, end]
 

@@ -4,7 +4,7 @@
 musicgen-small, -medium, -large, -melody, -stereo-*: config.json, model.safetensors or a sharded
 index, tokenizer.json); nothing is fetched. The bundle holds the codec and musicgen stages (config +
 parameters, float32) and the T5 tokenizer, and loads with `MusicGen(bundle)` or
-`python -m launch.sample --model=musicgen --bundle=BUNDLE --prompt=...`. A directory that is not such
+`python -m launch.sample --bundle=BUNDLE --prompt=...`. A directory that is not such
 a checkpoint, a missing or misshapen tensor, or a variant we do not compute: `error: ...`, exit 2.
 """
 from __future__ import annotations

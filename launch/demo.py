@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
         outputs = []
         for i, (prompt, seconds) in enumerate(PROMPTS):
             print(f"[demo] generating {seconds:g} s: {prompt}", flush=True)
-            result = melody.generate([prompt], seconds, steps=10, cfg=2.5, seed=i)
+            result = melody.generate([prompt], seconds, seed=i)
             wav, png = os.path.join(root, f"demo_{i}.wav"), os.path.join(root, f"demo_{i}.png")
             import soundfile as sf
 

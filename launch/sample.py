@@ -1,10 +1,11 @@
-"""`python -m launch.sample --bundle=DIR --prompt="..." [--prompt=...] --duration=30 --steps=10 --cfg=2.5
+"""`python -m launch.sample --bundle=DIR --prompt="..." [--prompt=...] [--duration=30 --steps=N --cfg=S]
 --seed=0 --out=out.wav`, or from audio: `--continue=FILE`, `--inpaint=FILE --start=S --end=E`,
-`--audio_prompt=FILE`. `--model=musicgen` samples a MusicGen bundle instead — one trained here or
-converted from a public checkpoint (`launch.convert`) — with audiocraft's modes: `--prompt` (optionally
-`--melody=FILE` to follow its chromagram), `--continue=FILE` (its audio encoded and continued by
-`--duration` seconds; with or without `--prompt`), `--unconditional`; duration, top-k, top-p,
-temperature and CFG default to the bundle's `sample` config.
+`--audio_prompt=FILE`. A MusicGen bundle — one trained here or converted from a public checkpoint
+(`launch.convert`) — is sampled with audiocraft's modes: `--prompt` (optionally `--melody=FILE` to
+follow its chromagram), `--continue=FILE` (its audio encoded and continued by `--duration` seconds;
+with or without `--prompt`), `--unconditional`. The bundle's stages say which system it holds;
+every sampling flag left out (duration, steps, schedule, CFG, temperature, top-k, top-p) takes the
+bundle's `sample` config.
 
 Writes one WAV (16-bit, the bundle's rate) and one spectrogram PNG per output (`out.wav`, or
 `out_0.wav`, `out_1.wav`, … for a batch), and prints the time per stage and the real-time factor.
@@ -19,21 +20,22 @@ from absl import flags
 
 from launch.common import quiet_library_logs, run_app, run_user_errors
 from launch.outputs import write_outputs
+from melody_jax.diffusion.angles import SCHEDULES
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "Bundle directory (python -m launch.bundle).")
-_MODEL = flags.DEFINE_enum("model", "melody", ["melody", "musicgen"], "Which system the bundle holds.")
 _MELODY = flags.DEFINE_string("melody", None, "musicgen: audio whose chromagram the music follows.")
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Text prompt; repeat for a batch.")
-_DURATION = flags.DEFINE_float("duration", None, "Seconds to generate (continuation: seconds to add); default "
-                                                 "10, musicgen the bundle's.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Diffusion sampling steps.")
-_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: melody 2.5, musicgen the "
-                                       "bundle's sample.cfg_scale).")
+_DURATION = flags.DEFINE_float("duration", None, "Seconds to generate (continuation: seconds to add); default: "
+                                                 "the bundle's.")
+_STEPS = flags.DEFINE_integer("steps", None, "MeLoDy: diffusion sampling steps (default: the bundle's).")
+_SCHEDULE = flags.DEFINE_enum("schedule", None, list(SCHEDULES), "MeLoDy: DPD angle schedule (default: the bundle's).")
+_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the bundle's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt i uses seed + i.")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (default 1; musicgen: the bundle's).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k of the semantic LM (0 = off) or of musicgen (0 = the bundle's).")
-_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass: semantic LM (default 1 = off); musicgen (default the "
-                                           "bundle's; > 0 replaces top-k, as audiocraft).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (default: the bundle's).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Top-k of the semantic LM or of musicgen, 0 = off (default: the "
+                                             "bundle's).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus mass: semantic LM (1 = off); musicgen (0 = off; > 0 replaces "
+                                           "top-k, as audiocraft); default: the bundle's.")
 _UNCONDITIONAL = flags.DEFINE_bool("unconditional", False, "musicgen: sample the null condition (no text, no melody).")
 _CONTINUE = flags.DEFINE_string("continue", None, "Audio file to continue by --duration seconds.")
 _INPAINT = flags.DEFINE_string("inpaint", None, "Audio file whose [--start, --end) span is regenerated.")
@@ -47,7 +49,7 @@ flags.mark_flags_as_required(["bundle"])
 
 def read_audio(path: str, sample_rate: int) -> np.ndarray:
     from data_pipeline.audio_io import BadAudio, decode
-    from melody_jax.pipelines.melody import AudioInputError
+    from melody_jax.pipelines.generation import AudioInputError
 
     try:
         return decode(path, sample_rate)
@@ -56,35 +58,37 @@ def read_audio(path: str, sample_rate: int) -> np.ndarray:
 
 
 def check_arguments() -> str:
-    """Every flag in range and the output path writable, before a bundle is loaded; the absolute --out."""
+    """Every flag given in range and the output path writable, before a bundle is loaded; the absolute --out."""
     from melody_jax.pipelines.validation import (MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_min_duration,
                                                   check_output_path, check_prompt, check_sampling)
 
     for prompt in _PROMPTS.value:
         check_prompt(prompt, MAX_PROMPT_CHARS)
-    if _DURATION.value is not None:  # None: 10 s, or a MusicGen bundle's default
+    if _DURATION.value is not None:
         check_min_duration(check_duration(_DURATION.value, MAX_SECONDS))
-    top_p = _TOP_P.value  # None: the default; MusicGen reads 0 as "top-k instead"
-    check_sampling(seed=_SEED.value, count=max(len(_PROMPTS.value), 1),
-                   temperature=1.0 if _TEMPERATURE.value is None else _TEMPERATURE.value, top_k=_TOP_K.value,
-                   top_p=1.0 if top_p is None or (top_p == 0 and _MODEL.value == "musicgen") else top_p,
-                   cfg=_CFG.value, steps=_STEPS.value)
+    given = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, cfg=_CFG.value, steps=_STEPS.value,
+                 top_p=None if _TOP_P.value == 0 else _TOP_P.value)  # top_p 0: MusicGen's "top-k instead"
+    check_sampling(seed=_SEED.value, count=max(len(_PROMPTS.value), 1), **given)
     return check_output_path(_OUT.value)
+
+
+def sampling() -> dict:
+    """The sampling flags; None (not given) takes the bundle's."""
+    return dict(steps=_STEPS.value, schedule=_SCHEDULE.value, cfg=_CFG.value, temperature=_TEMPERATURE.value,
+                top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
 
 
 def run_musicgen(pipeline, prompts: list[str] | None) -> tuple:
     """(result, titles) of a MusicGen bundle in the mode the flags ask for."""
-    from melody_jax.pipelines.melody import AudioInputError
+    from melody_jax.pipelines.generation import AudioInputError
 
     if _INPAINT.value or _AUDIO_PROMPT.value:
-        raise AudioInputError("--model=musicgen takes --prompt, --melody, --continue or --unconditional, not "
+        raise AudioInputError("a MusicGen bundle takes --prompt, --melody, --continue or --unconditional, not "
                               "--inpaint or --audio_prompt")
-    common = dict(cfg=_CFG.value, top_k=_TOP_K.value or None, top_p=_TOP_P.value, temperature=_TEMPERATURE.value,
-                  seed=_SEED.value)
+    common = sampling()
     if _UNCONDITIONAL.value:
         if prompts or _MELODY.value or _CONTINUE.value:
             raise AudioInputError("--unconditional takes no --prompt, --melody or --continue")
-        del common["cfg"]
         return pipeline.generate_unconditional(1, _DURATION.value, **common), ["unconditional"]
     if _CONTINUE.value:
         if _MELODY.value:
@@ -100,23 +104,21 @@ def run_musicgen(pipeline, prompts: list[str] | None) -> tuple:
 
 def run(pipeline) -> tuple:
     """(result, titles) for the mode the flags ask for."""
-    from melody_jax.pipelines.melody import AudioInputError
+    from melody_jax.pipelines.generation import AudioInputError
 
     modes = [m for m in (_CONTINUE.value, _INPAINT.value, _AUDIO_PROMPT.value) if m]
     if len(modes) > 1:
         raise AudioInputError("give at most one of --continue, --inpaint, --audio_prompt")
     prompts = _PROMPTS.value or None
-    if _MODEL.value == "musicgen":
+    if pipeline.name == "musicgen":
         return run_musicgen(pipeline, prompts)
     if _MELODY.value or _UNCONDITIONAL.value:
-        raise AudioInputError("--melody and --unconditional need --model=musicgen")
-    duration = 10.0 if _DURATION.value is None else _DURATION.value
-    common = dict(steps=_STEPS.value, cfg=2.5 if _CFG.value is None else _CFG.value, seed=_SEED.value,
-                  temperature=1.0 if _TEMPERATURE.value is None else _TEMPERATURE.value, top_k=_TOP_K.value,
-                  top_p=1.0 if _TOP_P.value is None else _TOP_P.value)
+        raise AudioInputError("--melody and --unconditional need a MusicGen bundle")
+    common = sampling()
     if _CONTINUE.value:
         audio = read_audio(_CONTINUE.value, pipeline.sample_rate)
-        return pipeline.continue_audio(audio, duration, prompts, **common), [f"continuation of {_CONTINUE.value}"]
+        return (pipeline.generate_continuation(audio, _DURATION.value, prompts, **common),
+                [f"continuation of {_CONTINUE.value}"])
     if _INPAINT.value:
         if _START.value is None or _END.value is None:
             raise AudioInputError("--inpaint needs --start and --end (seconds)")
@@ -125,11 +127,11 @@ def run(pipeline) -> tuple:
                 [f"{_INPAINT.value} inpainted {_START.value:g}-{_END.value:g} s"])
     if _AUDIO_PROMPT.value:
         audio = read_audio(_AUDIO_PROMPT.value, pipeline.sample_rate)
-        return (pipeline.generate_from_audio_prompt(audio, duration, **common),
+        return (pipeline.generate_from_audio_prompt(audio, _DURATION.value, **common),
                 [f"prompted by {_AUDIO_PROMPT.value}"])
     if not prompts:
         raise AudioInputError("give --prompt (text), --continue, --inpaint or --audio_prompt")
-    return pipeline.generate(prompts, duration, **common), list(prompts)
+    return pipeline.generate(prompts, _DURATION.value, **common), list(prompts)
 
 
 def main(argv: list[str]) -> None:
@@ -137,14 +139,9 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     def go() -> None:
         out = check_arguments()
-        if _MODEL.value == "musicgen":
-            from melody_jax.pipelines.musicgen import MusicGen
+        from melody_jax.pipelines.load import load_pipeline
 
-            pipeline = MusicGen(_BUNDLE.value)
-        else:
-            from melody_jax.pipelines.melody import MeLoDy
-
-            pipeline = MeLoDy(_BUNDLE.value, progress=not _NO_PROGRESS.value)
+        pipeline = load_pipeline(_BUNDLE.value, progress=not _NO_PROGRESS.value)
         result, titles = run(pipeline)
         paths = write_outputs(result, out, titles * (len(result.audio) // len(titles)))
         seconds = len(result.audio[0]) / result.sample_rate

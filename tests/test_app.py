@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from launch.app import (CONTINUE, INPAINT, MELODY, TEXT, AppInputError, Batcher, Model, Request, bundle_kind, check_sampling,
+from launch.app import (CONTINUE, INPAINT, MELODY, TEXT, AppInputError, Batcher, Model, Request, check_sampling,
                         check_seconds, check_span, check_text, parse_request, read_clip, serve_batch)
-from melody_jax.pipelines.melody import MAX_PROMPT_CHARS
+from melody_jax.pipelines.bundle import bundle_kind
+from melody_jax.pipelines.validation import MAX_PROMPT_CHARS
 from melody_jax.training.errors import BundleError
 from tests.helpers import ROOT, cli_env
 
@@ -99,7 +100,7 @@ class _Recorder:
         self.calls = []
 
     def generate(self, prompts, duration, seed, **kwargs):
-        from melody_jax.pipelines.melody import Result
+        from melody_jax.pipelines.generation import Result
 
         self.calls.append((list(prompts), list(seed), kwargs))
         audio = np.stack([np.full(int(round(duration * RATE)), 0.01 * s, np.float32) for s in seed])

@@ -60,7 +60,7 @@ def test_sample_cli_continues_audio_with_a_converted_bundle(stereo_bundle, tmp_p
     prompt = str(tmp_path / "prompt.wav")
     sf.write(prompt, 0.3 * np.sin(2 * np.pi * 330 * np.arange(3200) / 32000), 32000)  # 0.1 s = 5 frames
     out = str(tmp_path / "cont.wav")
-    proc = run_cli("launch.sample", "--model=musicgen", f"--bundle={stereo_bundle}", f"--continue={prompt}",
+    proc = run_cli("launch.sample", f"--bundle={stereo_bundle}", f"--continue={prompt}",
                    "--prompt=calm violin", "--duration=0.2", "--top_k=0", "--top_p=0.9", "--seed=1", f"--out={out}",
                    timeout=600, devices=1)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -134,7 +134,7 @@ def test_bfloat16_bundle_generates_close_to_float32(tmp_path):
 
 def test_melody_bundle_follows_the_given_melody(tmp_path):
     """generate_with_chroma on a converted musicgen-melody: the tune's chroma (hub_chroma) reaches the model."""
-    from melody_jax.pipelines.melody import AudioInputError
+    from melody_jax.pipelines.generation import AudioInputError
     from melody_jax.pipelines.musicgen import MusicGen
 
     convert(f"{FIXTURES}/musicgen-melody", str(tmp_path / "melody"))

@@ -1,13 +1,16 @@
 """The DPD's paper recipe: the chunks continuation regenerates are chunks multi-chunk training noised,
-and token alignment (not in the paper) off for paper/base."""
+token alignment (not in the paper) off for paper/base, and MeLoDy's sampling defaults (`config.sample`)."""
 import math
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from configs.dpd import get_config
 from melody_jax.diffusion import angles
+from melody_jax.pipelines.dpd_sampling import SAMPLE_DEFAULTS, sample_defaults
+from melody_jax.pipelines.generation import AudioInputError, Generator
 from melody_jax.tasks.dpd import DPDTask, training_chunk_length
 from melody_jax.training.errors import ConfigError
 from tests.helpers import stage_config
@@ -50,3 +53,29 @@ def test_chunk_edges_config_is_checked():
     with pytest.raises(ConfigError, match="sample.schedule"):
         DPDTask(stage_config("dpd", sample__schedule="cosine")).validate()
     DPDTask(stage_config("dpd", model__chunk_edges="tokens")).validate()
+
+
+def test_melody_sampling_defaults_come_from_the_dpd_config_sample_block():
+    """Every preset stores MeLoDy's sampling; a bundle predating a field gets its default in one place;
+    a call's None leaves the bundle's value and a name the system does not take is an error."""
+    for preset in ("tiny", "paper"):
+        assert dict(get_config(preset).sample) == SAMPLE_DEFAULTS
+    assert (SAMPLE_DEFAULTS["steps"], SAMPLE_DEFAULTS["cfg"], SAMPLE_DEFAULTS["schedule"]) == (10, 2.5, "paper")
+    older = ml_collections.ConfigDict({"sample": {"schedule": "uniform"}})  # before steps, cfg, … were stored
+    assert sample_defaults(older) == {**SAMPLE_DEFAULTS, "schedule": "uniform"}
+    assert sample_defaults(ml_collections.ConfigDict()) == SAMPLE_DEFAULTS
+
+    class Stub(Generator):
+        name, sample_rate, defaults = "stub", 8000, sample_defaults(older)
+        generate = generate_continuation = None
+
+    stub = Stub()
+    assert stub.settings(None, steps=3, cfg=None) == {**sample_defaults(older), "steps": 3}
+    assert stub.settings(2.0, window_frames=None)["duration"] == 2.0  # None: a flag this system ignores
+    with pytest.raises(AudioInputError, match="stub takes no sampling argument window_frames"):
+        stub.settings(window_frames=4)
+    with pytest.raises(AudioInputError, match="stub has no unconditional mode"):
+        stub.generate_unconditional(1)
+    for field, value in (("steps", 0), ("cfg", -1.0), ("top_p", 0.0)):
+        with pytest.raises(ConfigError, match=f"sample.{field}"):
+            DPDTask(stage_config("dpd", **{f"sample__{field}": value})).validate()

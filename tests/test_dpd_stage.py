@@ -8,8 +8,9 @@ from flax import linen as nn
 from melody_jax.diffusion.samplers import generate
 from melody_jax.models.conv_baseline import ConvBaseline
 from melody_jax.models.dpd import Condition, velocity_fn
-from melody_jax.tasks.dpd import (EVAL_ANGLE, EVAL_SPLIT, TRAIN_SPLIT, DPDTask, synthetic_latents, sample_latents,
-                                  token_content, token_patterns)
+from melody_jax.pipelines.dpd_sampling import sample_latents
+from melody_jax.tasks.dpd import (EVAL_ANGLE, EVAL_SPLIT, TRAIN_SPLIT, DPDTask, synthetic_latents, token_content,
+                                  token_patterns)
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import train, validate
 from melody_jax.training.metrics import read_metrics
@@ -139,8 +140,9 @@ def test_sampling_follows_the_tokens_and_cfg(ablation):
     tokens = jax.random.randint(jax.random.key(1), (4, config.data.token_length), 0, config.model.vocab_size)
     key, shape = jax.random.key(2), (4, config.data.latent_length, config.model.latent_dim)
     compiled_before = sample_latents._cache_size()
-    guided = task.sample(params, tokens, key, num_steps=10, cfg_scale=2.5)
-    plain = task.sample(params, tokens, key, num_steps=10, cfg_scale=1.0)
+    sample = lambda cfg: sample_latents(task.model, params, tokens, key, cfg, length=shape[1], num_steps=10,  # noqa: E731
+                                        schedule="paper")
+    guided, plain = sample(2.5), sample(1.0)
     assert guided.shape == shape and float(jnp.abs(guided).max()) <= 1.0 and bool(jnp.isfinite(guided).all())
     assert sample_latents._cache_size() == compiled_before + 1, "a new CFG scale must not recompile"
     assert float(jnp.abs(guided - plain).mean()) > 0.01, "CFG on vs off must change the samples"

@@ -196,12 +196,14 @@ def test_sampling_arguments_are_accepted_in_range_or_one_line_errors(seed, count
     except SamplingError as e:
         assert str(e).startswith("--") and "\n" not in str(e) and len(str(e)) < 200, str(e)
         return
-    for value in (seed, top_k, steps):
-        assert isinstance(value, int) and not isinstance(value, bool)
+    assert isinstance(seed, int) and not isinstance(seed, bool)  # None (the bundle's) is allowed for the rest
+    for value in (top_k, steps):
+        assert value is None or (isinstance(value, int) and not isinstance(value, bool))
     assert 0 <= seed and seed + count - 1 < SEED_LIMIT  # every prompt's seed is a uint32
     np.asarray([seed + i for i in range(count)], np.uint32)  # what melody.row_keys does with them
-    assert top_k >= 0 and 1 <= steps
-    assert math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1
+    assert (top_k is None or top_k >= 0) and (steps is None or 1 <= steps)
+    assert temperature is None or (math.isfinite(temperature) and temperature >= 0)
+    assert top_p is None or 0 < top_p <= 1
     assert cfg is None or (math.isfinite(cfg) and cfg >= 0)
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from melody_jax.pipelines.bundle import check_fit, read_configs
-from melody_jax.pipelines.melody import AudioInputError, MeLoDy
+from melody_jax.pipelines.generation import AudioInputError
+from melody_jax.pipelines.melody import MeLoDy
 from melody_jax.pipelines.validation import DurationError, PromptError
 from melody_jax.training.errors import BundleError, UserError
 from tests.bundle_fixture import build_bundle, tiny_configs
@@ -53,7 +54,7 @@ def test_lengths_of_direct_and_continued_generation(melody):
 
 def test_uniform_schedule_is_a_choice(bundle, melody):
     """The paper's ablation schedule: same tokens (the LM does not see it), other latents."""
-    assert melody.schedule == "paper"  # the bundle's dpd config: sample.schedule
+    assert melody.defaults["schedule"] == "paper"  # the bundle's dpd config: sample.schedule
     uniform = MeLoDy(bundle, progress=False, schedule="uniform")
     paper, flat = (m.generate(["strings"], 0.4, steps=2, seed=0) for m in (melody, uniform))
     np.testing.assert_array_equal(paper.semantic_tokens, flat.semantic_tokens)
@@ -65,11 +66,11 @@ def test_uniform_schedule_is_a_choice(bundle, melody):
 def test_continuation_keeps_the_given_latents(melody):
     audio = np.asarray(melody.generate(["strings"], 1.2, steps=2, seed=3).audio)
     known = melody.vae.encode(audio[:, : audio.shape[1] // 960 * 960])
-    out = melody.continue_audio(audio, 1.0, ["strings"], steps=2, seed=4)
+    out = melody.generate_continuation(audio, 1.0, ["strings"], steps=2, seed=4)
     assert out.audio.shape == (1, (30 * 960) + RATE)  # 1.2 s → 30 whole tokens, plus 1 s
     np.testing.assert_array_equal(out.latents[:, : known.shape[1]], np.asarray(known))
     assert not np.allclose(out.latents[:, known.shape[1]:], 0)
-    prompted = melody.continue_audio(audio, 0.5, None, steps=2, seed=4)  # prompt from the audio itself
+    prompted = melody.generate_continuation(audio, 0.5, None, steps=2, seed=4)  # prompt from the audio itself
     np.testing.assert_array_equal(prompted.latents[:, : known.shape[1]], np.asarray(known))
 
 
@@ -105,7 +106,7 @@ def test_bad_requests_get_one_line_errors(melody):
     with pytest.raises(AudioInputError, match="inpainting span"):
         melody.inpaint(np.zeros(RATE, np.float32), 0.8, 0.2)
     with pytest.raises(AudioInputError, match="NaN"):
-        melody.continue_audio(np.full(RATE, np.nan, np.float32), 1.0)
+        melody.generate_continuation(np.full(RATE, np.nan, np.float32), 1.0)
 
 
 def test_mismatched_bundles_are_refused(bundle, tmp_path):
@@ -199,7 +200,7 @@ def test_musicgen_sample_cli_and_bundle_checks(musicgen_bundle, tmp_path):
 
     melody_wav = str(tmp_path / "melody.wav")
     sf.write(melody_wav, 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000), 16000)
-    proc = run_cli("launch.sample", "--model=musicgen", f"--bundle={musicgen_bundle}", "--prompt=piano",
+    proc = run_cli("launch.sample", f"--bundle={musicgen_bundle}", "--prompt=piano",
                    "--duration=0.5", f"--melody={melody_wav}", f"--out={tmp_path / 'mg.wav'}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     audio, rate = sf.read(str(tmp_path / "mg.wav"))

@@ -83,7 +83,7 @@ def test_case4_dollar_prompt_spectrogram_is_text_not_mathtext(tmp_path):
 def test_case4_a_failing_spectrogram_never_loses_a_wav(tmp_path, monkeypatch):
     from launch.outputs import write_outputs
     from melody_jax.evaluation import plots
-    from melody_jax.pipelines.melody import Result
+    from melody_jax.pipelines.generation import Result
 
     def broken(audio, sr, path, title):
         raise RuntimeError("figure failed")
@@ -132,7 +132,8 @@ def test_case9_config_mistakes_are_one_line_exit_2(tmp_path, args, message):
 
 def test_case18_inpaint_end_may_be_the_files_own_length():
     """--end=<file length> used to be refused because the audio was first trimmed to whole tokens."""
-    from melody_jax.pipelines.melody import AudioInputError, inpaint_span
+    from melody_jax.pipelines.generation import AudioInputError
+    from melody_jax.pipelines.melody import inpaint_span
 
     samples = 24000 + 500  # 1 s of 24 kHz audio plus part of a 960-sample token
     assert inpaint_span(samples, 960, 24000, 0.5, samples / 24000) == (24000, 1.0)

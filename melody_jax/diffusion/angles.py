@@ -8,7 +8,7 @@ latent axis of a [..., D] tensor (a scalar angle works too).
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ import numpy as np
 HALF_PI = math.pi / 2
 
 Schedule = Literal["paper", "uniform"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)  # the paper's proposed one, and its ablation
 
 
 def _trig(angle: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -111,7 +112,7 @@ def angle_steps(num_steps: int, schedule: Schedule = "paper") -> np.ndarray:
         return math.pi / (6 * num_steps) + 2 * math.pi * t / (3 * num_steps * (num_steps + 1))
     if schedule == "uniform":
         return np.full(num_steps, math.pi / (2 * num_steps))
-    raise ValueError(f"unknown angle schedule {schedule!r}; expected 'paper' or 'uniform'")
+    raise ValueError(f"unknown angle schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
 def sampling_angles(num_steps: int, schedule: Schedule = "paper") -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,12 @@
-"""Evaluate a bundle's text → music against reference audio (DESIGN §10, issue 9).
+"""Evaluate a bundle's text → music against reference audio (DESIGN §10, issue 9), MeLoDy or MusicGen.
 
 Reports, with the reference's own score beside every generated one so numbers can be read:
 - FAD on MuLan audio embeddings (ours) and on musicnn embeddings (not ours), generated vs
   reference; "reference halves" is the FAD between two halves of the reference — the floor at that
   sample count (FAD is biased upward for few samples, so compare only equal counts);
 - MuLan cycle consistency (prompt text vs generated audio), beside the reference captions vs their
-  audio;
+  audio (the MuLan measures need the pipeline's `mulan`: MeLoDy's own; a MusicGen bundle has none,
+  so they are n/a);
 - on synthetic prompts, attribute accuracy (tempo, key/mode, drums, lead instrument) of generated
   audio, beside the same checks on reference clips against their own attributes.
 """
@@ -22,6 +23,7 @@ from melody_jax.evaluation import attributes
 from melody_jax.evaluation.fad import frechet_audio_distance
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.evaluation.musicnn import musicnn_features
+from melody_jax.pipelines.generation import Generator
 from melody_jax.training.errors import EvaluationError
 
 Prompt = tuple[str, dict[str, Any] | None]  # (text, synthetic attributes or None)
@@ -56,24 +58,23 @@ def read_prompts(spec: str) -> list[Prompt]:
     return prompts
 
 
-def _generate(pipeline, texts: list[str], duration_s: float, steps: int, cfg: float, seed: int,
-              batch_size: int) -> np.ndarray:
+def _generate(pipeline: Generator, texts: list[str], duration_s: float, seed: int, batch_size: int,
+              sampling: dict[str, Any]) -> np.ndarray:
     """[P, T] audio; the last batch is padded with its own prompts so every batch has one shape."""
     out = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        seeds = [seed + start + i for i in range(batch_size)]
-        out.append(pipeline.generate(padded, duration_s, steps=steps, cfg=cfg, seed=seeds).audio[: len(chunk)])
+        out.append(pipeline.generate(padded, duration_s, seed=seed + start, **sampling).audio[: len(chunk)])
     return np.concatenate(out)
 
 
-def _mulan_audio(pipeline, clips: Sequence[np.ndarray]) -> np.ndarray:
+def _mulan_audio(mulan, clips: Sequence[np.ndarray]) -> np.ndarray:
     """Per-clip MuLan embeddings, one call per distinct clip length."""
     out = np.zeros((len(clips), 0), np.float32)
     for length in sorted({len(c) for c in clips}):
         rows = [i for i, c in enumerate(clips) if len(c) == length]
-        emb = np.asarray(pipeline.mulan.audio_embeddings(np.stack([clips[i] for i in rows])))
+        emb = np.asarray(mulan.audio_embeddings(np.stack([clips[i] for i in rows])))
         if out.shape[1] == 0:
             out = np.zeros((len(clips), emb.shape[1]), np.float32)
         out[rows] = emb
@@ -88,27 +89,35 @@ def _halves_fad(embeddings: np.ndarray, owner: np.ndarray, count: int) -> float 
     return frechet_audio_distance(embeddings[first], embeddings[~first])
 
 
-def evaluate(pipeline, prompts: Sequence[Prompt], reference: Sequence[Mapping[str, Any]], duration_s: float = 10.0,
-             steps: int = 10, cfg: float = 2.5, seed: int = 0, batch_size: int = 4) -> dict[str, Any]:
+def evaluate(pipeline: Generator, prompts: Sequence[Prompt], reference: Sequence[Mapping[str, Any]],
+             duration_s: float | None = None, seed: int = 0, batch_size: int = 4, **sampling: Any) -> dict[str, Any]:
     """Generates one clip per prompt and scores it against `reference` clips (dicts of `audio` at the
-    pipeline's rate, `caption`, `attributes`, as `data_pipeline.builder.read_clips` returns)."""
+    pipeline's rate, `caption`, `attributes`, as `data_pipeline.builder.read_clips` returns).
+    Prompt i uses seed + i; `duration_s` and `sampling` left out (None) are the bundle's."""
     if len(prompts) < 2 or len(reference) < 4:
         raise EvaluationError(f"evaluation needs ≥ 2 prompts and ≥ 4 reference clips, got {len(prompts)} and "
                               f"{len(reference)}")
     sr = pipeline.sample_rate
+    settings = pipeline.settings(duration_s, **sampling)
+    duration_s = settings.pop("duration")
     texts = [t for t, _ in prompts]
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    generated = _generate(pipeline, texts, duration_s, steps, cfg, seed, batch_size)
+    generated = _generate(pipeline, texts, duration_s, seed, batch_size, settings)
     seconds["generate"] = time.perf_counter() - t0
     ref_audio = [np.asarray(r["audio"], np.float32) for r in reference]
 
-    t0 = time.perf_counter()
-    gen_mulan, ref_mulan = _mulan_audio(pipeline, list(generated)), _mulan_audio(pipeline, ref_audio)
-    mcc_gen = float(mulan_cycle_consistency(pipeline.mulan.text_embeddings(texts), gen_mulan))
-    mcc_ref = float(mulan_cycle_consistency(pipeline.mulan.text_embeddings([r["caption"] for r in reference]),
-                                            ref_mulan))
-    seconds["mulan"] = time.perf_counter() - t0
+    fad_mulan, mcc = {"generated": None, "reference_halves": None}, {"generated": None, "reference": None}
+    if pipeline.mulan is not None:
+        t0 = time.perf_counter()
+        mulan = pipeline.mulan
+        gen_mulan, ref_mulan = _mulan_audio(mulan, list(generated)), _mulan_audio(mulan, ref_audio)
+        fad_mulan = {"generated": frechet_audio_distance(gen_mulan, ref_mulan),
+                     "reference_halves": _halves_fad(ref_mulan, np.arange(len(reference)), len(reference))}
+        mcc = {"generated": float(mulan_cycle_consistency(mulan.text_embeddings(texts), gen_mulan)),
+               "reference": float(mulan_cycle_consistency(
+                   mulan.text_embeddings([r["caption"] for r in reference]), ref_mulan))}
+        seconds["mulan"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     feats = musicnn_features(list(generated) + ref_audio, sr)
@@ -119,14 +128,13 @@ def evaluate(pipeline, prompts: Sequence[Prompt], reference: Sequence[Mapping[st
     gen_clip_emb, ref_clip_emb = clip_emb[: len(generated)], clip_emb[len(generated):]
 
     report: dict[str, Any] = {
-        "prompts": len(prompts), "reference_clips": len(reference), "duration_s": duration_s, "steps": steps,
-        "cfg": cfg, "seed": seed,
-        "fad_mulan": {"generated": frechet_audio_distance(gen_mulan, ref_mulan),
-                      "reference_halves": _halves_fad(ref_mulan, np.arange(len(reference)), len(reference))},
+        "system": pipeline.name, "prompts": len(prompts), "reference_clips": len(reference),
+        "duration_s": duration_s, "sampling": settings, "seed": seed,
+        "fad_mulan": fad_mulan,
         "fad_musicnn": {"generated": frechet_audio_distance(feats.embeddings[is_gen], ref_patches),
                         "reference_halves": _halves_fad(ref_patches, ref_owner, len(reference)),
                         "patches_generated": int(is_gen.sum()), "patches_reference": int((~is_gen).sum())},
-        "mcc": {"generated": mcc_gen, "reference": mcc_ref},
+        "mcc": mcc,
         "attributes": None,
     }
     asked = [(i, a) for i, (_, a) in enumerate(prompts) if a]
@@ -154,8 +162,9 @@ def markdown(report: Mapping[str, Any]) -> str:
     def f(x) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
-    lines = [f"{report['prompts']} prompts × {report['duration_s']:g} s ({report['steps']} steps, cfg "
-             f"{report['cfg']:g}) vs {report['reference_clips']} reference clips", "",
+    sampling = ", ".join(f"{k} {v}" for k, v in report["sampling"].items())
+    lines = [f"{report['system']}: {report['prompts']} prompts × {report['duration_s']:g} s ({sampling}) vs "
+             f"{report['reference_clips']} reference clips", "",
              "| measure | generated | reference |", "|---|---|---|",
              f"| FAD, MuLan embeddings (lower is better) | {f(report['fad_mulan']['generated'])} | "
              f"{f(report['fad_mulan']['reference_halves'])} (half vs half) |",

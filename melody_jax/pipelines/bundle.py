@@ -86,6 +86,22 @@ def check_musicgen_fit(configs: Mapping[str, ml_collections.ConfigDict]) -> None
           f"{lm.data.frame_rate:g} at {lm.data.sample_rate} Hz")
 
 
+def bundle_kind(bundle: str) -> str:
+    """'melody' or 'musicgen', from the stages a bundle's manifest lists (reads no config, loads nothing)."""
+    path = os.path.join(bundle, MANIFEST)
+    try:
+        with open(path) as f:
+            stages = tuple(json.load(f)["stages"])
+    except FileNotFoundError:
+        raise BundleError(f"{bundle} is not a bundle (no {MANIFEST}); make one with `python -m launch.bundle`") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BundleError(f"{path} is damaged: {e}") from None
+    for kind, expected in (("melody", MELODY_STAGES), ("musicgen", MUSICGEN_STAGES)):
+        if set(stages) == set(expected):
+            return kind
+    raise BundleError(f"{bundle} holds stages {list(stages)}: neither a MeLoDy nor a MusicGen bundle")
+
+
 def read_configs(directory: str) -> dict[str, ml_collections.ConfigDict]:
     """{stage: config} of a bundle, with a clear error when it is not one."""
     path = os.path.join(directory, MANIFEST)

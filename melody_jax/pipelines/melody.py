@@ -8,7 +8,6 @@ from `seed_b` (an int seed s gives row b the seed s + b), so a batch equals its 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -20,40 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from melody_jax.diffusion.angles import SCHEDULES
 from melody_jax.pipelines.bundle import check_fit, read_configs
+from melody_jax.pipelines.dpd_sampling import (continue_sampled_latents, inpaint_sampled_latents, sample_defaults,
+                                               sample_latents)
+from melody_jax.pipelines.generation import AudioInputError, Generator, Result
 from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, sample
 from melody_jax.pipelines.stages import frames, load_mulan, load_vae
 from melody_jax.tokenizers.semantic import load_semantic_tokenizer
 from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
-from melody_jax.diffusion.angles import Schedule
-from melody_jax.tasks.dpd import SCHEDULES, continue_sampled_latents, inpaint_sampled_latents, sample_latents
 from melody_jax.training.errors import UserError
 from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
-
-
-
-class AudioInputError(UserError, ValueError):
-    """Given audio (continuation, inpainting, prompting) cannot be used as asked."""
-
-
-@dataclasses.dataclass
-class Result:
-    """One batch of generated music and how it was made."""
-
-    audio: np.ndarray  # float32 [B, T] at sample_rate
-    sample_rate: int
-    seconds: dict[str, float]  # wall time per stage (compilation included on first use)
-    forward_passes: dict[str, int]  # network evaluations per stage, per batch
-    latents: np.ndarray | None = None  # MeLoDy: [B, L, 16] mapped VAE latents
-    semantic_tokens: np.ndarray | None = None  # MeLoDy: int32 [B, N]
-    mulan_tokens: np.ndarray | None = None  # MeLoDy: int32 [B, Q]
-    codes: np.ndarray | None = None  # MusicGen: int32 [B, K, frames] codec codes
-
-    @property
-    def real_time_factor(self) -> float:
-        """Audio seconds generated per wall second (> 1: faster than real time), whole batch."""
-        return self.audio.shape[0] * self.audio.shape[1] / self.sample_rate / max(sum(self.seconds.values()), 1e-9)
 
 
 def row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
@@ -81,11 +58,13 @@ def fold(keys: jax.Array, data: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, data))(keys)
 
 
-class MeLoDy:
+class MeLoDy(Generator):
     """A loaded bundle; every method samples with jit-compiled `lax` loops on `mesh` (default: one
-    device; pass a mesh to shard the stages' parameters by their logical axes). `schedule` is the DPD's
-    angle schedule: "paper" (the paper's proposed one) or "uniform" (its ablation); None takes the
-    bundle's `dpd` config `sample.schedule` ("paper" for bundles predating it)."""
+    device; pass a mesh to shard the stages' parameters by their logical axes). Sampling defaults
+    come from the bundle's `dpd` config `sample` block (`dpd_sampling.sample_defaults`); `schedule`
+    replaces its DPD angle schedule: "paper" (the paper's proposed one) or "uniform" (its ablation)."""
+
+    name = "melody"
 
     def __init__(self, bundle: str, mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES,
                  progress: bool = True, schedule: str | None = None):
@@ -93,6 +72,8 @@ class MeLoDy:
             raise UserError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         configs = read_configs(bundle)
         check_fit(configs)
+        self.defaults = sample_defaults(configs["dpd"])
+        self.defaults["schedule"] = schedule or self.defaults["schedule"]
         # default: one device — a sampling batch of a few prompts gains nothing from being split
         self.mesh = mesh or make_mesh({"data": 1}, jax.devices()[:1])
         self.rules, self.progress = rules, progress
@@ -104,7 +85,6 @@ class MeLoDy:
             lm_task, self.lm_params, _ = load_stage(path("semantic_lm"), "semantic_lm", self.mesh, rules)
             dpd_task, self.dpd_params, _ = load_stage(path("dpd"), "dpd", self.mesh, rules)
         self.lm, self.dpd = lm_task.model, dpd_task.model
-        self.schedule = schedule or dpd_task.config.get("sample", {}).get("schedule", "paper")
         self.sample_rate = self.vae.sample_rate
         self.frames_per_token = self.tokenizer.hop // self.vae.hop
         self.token_rate = self.sample_rate / self.tokenizer.hop
@@ -114,46 +94,43 @@ class MeLoDy:
         self.lm_context = max(0, min(self.lm_window, self.window_tokens) - self.chunk_tokens)
 
     # --- public API -----------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], duration_s: float, steps: int = 10, cfg: float = 2.5,
-                 seed: int | Sequence[int] = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 schedule: Schedule | None = None) -> Result:
+    def generate(self, prompts: Sequence[str], duration_s: float | None = None, seed: int | Sequence[int] = 0,
+                 **sampling) -> Result:
         """Text → music of `duration_s` seconds for each prompt."""
+        s = self.settings(duration_s, **sampling)
         prompts = [check_prompt(p, MAX_PROMPT_CHARS) for p in prompts]
-        duration = check_duration(duration_s, MAX_SECONDS)
-        return self._run(lambda: self.mulan.text_tokens(prompts), len(prompts), None, None, duration,
-                         steps, cfg, seed, (temperature, top_k, top_p), schedule)
+        duration = check_duration(s["duration"], MAX_SECONDS)
+        return self._run(lambda: self.mulan.text_tokens(prompts), len(prompts), None, None, duration, seed, s)
 
-    def generate_from_audio_prompt(self, audio: np.ndarray, duration_s: float, steps: int = 10,
-                                   cfg: float = 2.5, seed: int | Sequence[int] = 0, schedule: Schedule | None = None,
-                                   **sampling) -> Result:
+    def generate_from_audio_prompt(self, audio: np.ndarray, duration_s: float | None = None,
+                                   seed: int | Sequence[int] = 0, **sampling) -> Result:
         """Music prompting: the MuLan audio tower embeds `audio` [B, T] instead of a text."""
+        s = self.settings(duration_s, **sampling)
         audio = self._check_audio(audio, min_seconds=0.0)
-        duration = check_duration(duration_s, MAX_SECONDS)
-        return self._run(lambda: self.mulan.audio_tokens(audio), len(audio), None, None, duration,
-                         steps, cfg, seed, self._sampling(**sampling), schedule)
+        duration = check_duration(s["duration"], MAX_SECONDS)
+        return self._run(lambda: self.mulan.audio_tokens(audio), len(audio), None, None, duration, seed, s)
 
-    def continue_audio(self, audio: np.ndarray, extra_s: float, prompts: Sequence[str] | None = None,
-                       steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0,
-                       schedule: Schedule | None = None, **sampling) -> Result:
-        """`audio` [B, T] (trimmed to whole tokens) followed by `extra_s` new seconds; the prompt is
+    def generate_continuation(self, audio: np.ndarray, duration_s: float | None = None,
+                              prompts: Sequence[str] | None = None, seed: int | Sequence[int] = 0,
+                              **sampling) -> Result:
+        """`audio` [B, T] (trimmed to whole tokens) followed by `duration_s` new seconds; the prompt is
         the text given, else the audio itself (MuLan audio tower). Its latents are kept unchanged."""
+        s = self.settings(duration_s, **sampling)
         audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
         audio = audio[:, : audio.shape[1] // self.tokenizer.hop * self.tokenizer.hop]
-        extra = check_duration(extra_s, MAX_SECONDS, name="extra")
+        extra = check_duration(s["duration"], MAX_SECONDS, name="extra")
         prefix = self._prefix(prompts, audio)
         total = audio.shape[1] / self.sample_rate + extra
-        return self._run(prefix, len(audio), self.vae.encode(audio), self.tokenizer(audio), total,
-                         steps, cfg, seed, self._sampling(**sampling), schedule)
+        return self._run(prefix, len(audio), self.vae.encode(audio), self.tokenizer(audio), total, seed, s)
 
     def inpaint(self, audio: np.ndarray, start_s: float, end_s: float, prompts: Sequence[str] | None = None,
-                steps: int = 10, cfg: float = 2.5, seed: int | Sequence[int] = 0, schedule: Schedule | None = None,
-                **sampling) -> Result:
+                seed: int | Sequence[int] = 0, **sampling) -> Result:
         """Regenerates [start_s, end_s) of `audio` [B, T] (widened to whole tokens); the latents outside
         stay as encoded. The span's semantic tokens come from the LM, continuing the tokens before it."""
+        s = self._checked(self.settings(**sampling))
         audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
         samples, end_s = inpaint_span(audio.shape[1], self.tokenizer.hop, self.sample_rate, start_s, end_s)
         audio = audio[:, :samples]
-        temperature, top_k, top_p = self._sampling(**sampling)
         keys = row_keys(seed, len(audio))
         t0, t1 = int(math.floor(start_s * self.token_rate)), frames(end_s, self.token_rate)
         seconds: dict[str, float] = {}
@@ -162,25 +139,29 @@ class MeLoDy:
             tokens = np.asarray(self.tokenizer(audio))
             z = self.vae.encode(audio)
             context = tokens[:, max(0, t0 - self.lm_context):t0]
-            new = self._timed(seconds, "semantic_lm", lambda: self._lm(prefix, context, t1 - t0, fold(keys, 1),
-                                                                       temperature, top_k, top_p))
+            new = self._timed(seconds, "semantic_lm", lambda: self._lm(prefix, context, t1 - t0, fold(keys, 1), s))
             tokens = np.concatenate([tokens[:, :t0], np.asarray(new), tokens[:, t1:]], axis=1)
             fpt = self.frames_per_token
             mask = np.zeros(z.shape[:2], bool)
             mask[:, t0 * fpt:t1 * fpt] = True
             z = self._timed(seconds, "dpd", lambda: inpaint_sampled_latents(
-                self.dpd, self.dpd_params, z, jnp.asarray(mask), jnp.asarray(tokens), fold(keys, 2), cfg,
-                num_steps=steps, schedule=schedule or self.schedule))
+                self.dpd, self.dpd_params, z, jnp.asarray(mask), jnp.asarray(tokens), fold(keys, 2), s["cfg"],
+                num_steps=s["steps"], schedule=s["schedule"]))
             audio_out = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
-        passes = {"mulan": 1, "semantic_lm": t1 - t0, "dpd": steps, "vae_decode": 1}
+        passes = {"mulan": 1, "semantic_lm": t1 - t0, "dpd": s["steps"], "vae_decode": 1}
         return Result(np.asarray(audio_out), self.sample_rate, seconds, passes, np.asarray(z), tokens,
                       np.asarray(prefix))
 
     # --- the shared path ------------------------------------------------------------------------
-    def _run(self, prefix_fn, batch: int, z0, tokens0, duration: float, steps: int, cfg: float, seed,
-             sampling: tuple[float, int, float], schedule: Schedule | None) -> Result:
-        if steps < 1 or not math.isfinite(cfg):
-            raise AudioInputError(f"need steps >= 1 and a finite cfg, got steps={steps}, cfg={cfg}")
+    @staticmethod
+    def _checked(s: dict[str, Any]) -> dict[str, Any]:
+        if s["steps"] < 1 or not math.isfinite(s["cfg"]) or s["schedule"] not in SCHEDULES:
+            raise AudioInputError(f"need steps >= 1, a finite cfg and a schedule in {SCHEDULES}, got "
+                                  f"steps={s['steps']}, cfg={s['cfg']}, schedule={s['schedule']!r}")
+        return s
+
+    def _run(self, prefix_fn, batch: int, z0, tokens0, duration: float, seed, s: dict[str, Any]) -> Result:
+        s = self._checked(s)
         keys = row_keys(seed, batch)
         known = 0 if tokens0 is None else tokens0.shape[1]
         wanted = frames(duration, self.token_rate)
@@ -194,12 +175,11 @@ class MeLoDy:
             stages.set_description("semantic_lm")
             context = np.zeros((batch, 0), np.int32) if tokens0 is None else np.asarray(tokens0)
             new = self._timed(seconds, "semantic_lm", lambda: self._lm(
-                prefix, context[:, max(0, known - self.lm_context):], total - known, fold(keys, 1), *sampling))
+                prefix, context[:, max(0, known - self.lm_context):], total - known, fold(keys, 1), s))
             tokens = np.concatenate([context, np.asarray(new)], axis=1)
             stages.update(1)
             stages.set_description("dpd")
-            z = self._timed(seconds, "dpd", lambda: self._latents(z0, tokens, fold(keys, 2), steps, cfg,
-                                                                        schedule))
+            z = self._timed(seconds, "dpd", lambda: self._latents(z0, tokens, fold(keys, 2), s))
             stages.update(1)
             stages.set_description("vae_decode")
             audio = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
@@ -208,7 +188,7 @@ class MeLoDy:
         samples = int(round(duration * self.sample_rate))
         windows = max(0, total - max(known, self.window_tokens)) // self.chunk_tokens
         # CFG runs both branches as one batched call per step
-        passes = {"mulan": 1, "semantic_lm": total - known, "dpd": steps * (1 + windows), "vae_decode": 1}
+        passes = {"mulan": 1, "semantic_lm": total - known, "dpd": s["steps"] * (1 + windows), "vae_decode": 1}
         return Result(np.asarray(audio)[:, :samples], self.sample_rate, seconds, passes, np.asarray(z), tokens,
                       np.asarray(prefix))
 
@@ -219,11 +199,11 @@ class MeLoDy:
             return max(wanted, known)
         return start + math.ceil((wanted - start) / self.chunk_tokens) * self.chunk_tokens
 
-    def _lm(self, prefix, context: np.ndarray, num_new: int, keys, temperature, top_k, top_p) -> jax.Array:
+    def _lm(self, prefix, context: np.ndarray, num_new: int, keys, s: dict[str, Any]) -> jax.Array:
         """num_new semantic tokens after `context`, window by window (each sees ≤ lm_context tokens):
         the first windows one call each (from scratch, or while the context is still short), all
         whole windows after them in one `lax.scan`, then a last partial window."""
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        sampling = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
         out, have, i = [], np.asarray(context), 0
         last = lambda: have[:, have.shape[1] - self.lm_context:]  # noqa: E731 - the context a window sees
 
@@ -250,9 +230,9 @@ class MeLoDy:
             add(continue_tokens(self.lm, self.lm_params, prefix, last(), remaining(), fold(keys, i), **sampling))
         return jnp.asarray(np.concatenate(out, axis=1) if out else np.zeros((len(context), 0), np.int32))
 
-    def _latents(self, z0, tokens: np.ndarray, keys, steps: int, cfg: float, schedule: Schedule | None) -> jax.Array:
+    def _latents(self, z0, tokens: np.ndarray, keys, s: dict[str, Any]) -> jax.Array:
         """Latents for all `tokens`; the frames of z0 (for the first tokens) come back unchanged."""
-        schedule = schedule or self.schedule
+        cfg, steps, schedule = s["cfg"], s["steps"], s["schedule"]
         fpt, window, chunk = self.frames_per_token, self.window_tokens, self.chunk_tokens
         n = tokens.shape[1]
         known = 0 if z0 is None else z0.shape[1] // fpt
@@ -295,10 +275,6 @@ class MeLoDy:
             raise AudioInputError(f"audio of {audio.shape[1] / self.sample_rate:.3f} s is shorter than one "
                                   f"semantic token ({self.tokenizer.hop / self.sample_rate:.3f} s)")
         return audio
-
-    @staticmethod
-    def _sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[float, int, float]:
-        return temperature, top_k, top_p
 
     @staticmethod
     def _timed(seconds: dict[str, float], name: str, fn) -> Any:

@@ -6,8 +6,8 @@ The verbs are audiocraft's — `generate`, `generate_unconditional`, `generate_c
 `generate_with_chroma` — each sampling codes with the jit-compiled KV-cache loop of
 `musicgen_sampling` (CFG, top-k or top-p, sliding windows beyond the trained length) and decoding
 them with the frozen codec, returning the same `Result` as MeLoDy so the two systems can be run and
-timed side by side. Unset arguments take the bundle's `sample` defaults (duration, top_k, top_p,
-temperature, cfg_scale). A stereo checkpoint's codes are [L0, R0, L1, R1, …]: each channel decodes
+timed side by side (`pipelines.generation.Generator`). Unset arguments take the bundle's `sample`
+defaults (duration, top_k, top_p, temperature, cfg_scale — the argument `cfg`). A stereo checkpoint's codes are [L0, R0, L1, R1, …]: each channel decodes
 with the mono codec, and the audio is `[B, T, 2]`.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ import numpy as np
 from melody_jax.audio.chroma import NUM_CHROMA
 from melody_jax.models import codec
 from melody_jax.pipelines.bundle import KEEP, audio_channels, check_musicgen_fit, read_configs
-from melody_jax.pipelines.melody import MAX_PROMPT_CHARS, MAX_SECONDS, AudioInputError, Result
+from melody_jax.pipelines.generation import AudioInputError, Generator, Result
 from melody_jax.pipelines.musicgen_sampling import generate
-from melody_jax.pipelines.validation import check_duration, check_prompt
+from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
 from melody_jax.tasks.musicgen import melody_condition, musicgen_model, musicgen_pattern
 from melody_jax.tokenizers.text import tokenize as byte_tokenize
 from melody_jax.training.frozen import load_stage
@@ -56,8 +56,10 @@ def hub_chroma(audio: np.ndarray, sample_rate: int, n_fft: int = HUB_CHROMA["n_f
     return np.eye(NUM_CHROMA, dtype=np.float32)[chroma.argmax(axis=0)]
 
 
-class MusicGen:
+class MusicGen(Generator):
     """A loaded MusicGen bundle on `mesh` (default one device)."""
+
+    name = "musicgen"
 
     def __init__(self, bundle: str, mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES):
         configs = read_configs(bundle)
@@ -81,7 +83,8 @@ class MusicGen:
             from melody_jax.tokenizers.t5_text import T5Tokenizer
 
             self.tokenizer = T5Tokenizer(os.path.join(bundle, "musicgen", "tokenizer.json"))
-        self.defaults = {k: self.config.sample.get(k, v) for k, v in SAMPLE_DEFAULTS.items()}
+        stored = {k: self.config.sample.get(k, v) for k, v in SAMPLE_DEFAULTS.items()}
+        self.defaults = {"cfg": stored.pop("cfg_scale"), **stored}
         self._codec_variables = {"params": self.codec_params["generator"], **self.codec_params["generator_state"]}
         self._decode = jax.jit(lambda variables, codes: codec.decode(variables, codes, self.codec))  # weights: args
         self._encode = jax.jit(lambda variables, audio: codec.encode(variables, audio, self.codec))
@@ -125,14 +128,11 @@ class MusicGen:
         length = min(len(r) for r in rows)
         return np.stack([r[:length] for r in rows])
 
-    def _run(self, prompts: Sequence[str] | None, batch: int, duration_s: float | None, cfg, top_k, top_p,
-             temperature, seed: int, melody=None, prompt_codes: np.ndarray | None = None) -> Result:
-        d = self.defaults
-        duration_s = check_duration(d["duration"] if duration_s is None else duration_s, MAX_SECONDS)
+    def _run(self, prompts: Sequence[str] | None, batch: int, seed: int, s: dict, melody=None,
+             prompt_codes: np.ndarray | None = None) -> Result:
+        duration_s = check_duration(s["duration"], MAX_SECONDS)
         unconditional = prompts is None
         prompts = [""] * batch if unconditional else [check_prompt(p, MAX_PROMPT_CHARS) for p in prompts]
-        pick = lambda value, name: d[name] if value is None else value  # noqa: E731
-        s = self.config.sample
         prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[2]
         num_frames = prompt_frames + math.ceil(duration_s * self.frame_rate - 1e-9)
         chroma = self._chroma(melody, len(prompts), num_frames)
@@ -141,10 +141,10 @@ class MusicGen:
             start = time.perf_counter()
             tokens, mask = self.tokenize(prompts)
             out = generate(self.model, self.lm_params, self.pattern, tokens, mask, num_frames, jax.random.key(seed),
-                           chroma=chroma, prompt=prompt_codes, cfg_scale=pick(cfg, "cfg_scale"),
-                           top_k=pick(top_k, "top_k"), top_p=pick(top_p, "top_p"),
-                           temperature=pick(temperature, "temperature"), window_frames=s.window_frames,
-                           keep_frames=s.keep_frames, chroma_hop_frames=self.chroma_hop_frames,
+                           chroma=chroma, prompt=prompt_codes, cfg_scale=s["cfg"], top_k=s["top_k"],
+                           top_p=s["top_p"], temperature=s["temperature"],
+                           window_frames=self.config.sample.window_frames,
+                           keep_frames=self.config.sample.keep_frames, chroma_hop_frames=self.chroma_hop_frames,
                            melody_frames=None if self.prepend else self.config.model.melody_frames,
                            unconditional=unconditional)
             codes = jax.block_until_ready(out.codes)
@@ -173,35 +173,32 @@ class MusicGen:
             codes = [np.asarray(self._encode(self._codec_variables, sides[..., c])) for c in range(self.channels)]
         return np.stack(codes, axis=2).reshape(codes[0].shape[0], -1, codes[0].shape[2])  # [L0, R0, L1, R1, …]
 
-    def generate(self, prompts: Sequence[str], duration_s: float | None = None, cfg: float | None = None,
-                 top_k: int | None = None, temperature: float | None = None, seed: int = 0,
-                 melody: np.ndarray | Sequence[np.ndarray] | None = None, top_p: float | None = None) -> Result:
+    def generate(self, prompts: Sequence[str], duration_s: float | None = None, seed: int = 0,
+                 melody: np.ndarray | Sequence[np.ndarray] | None = None, **sampling) -> Result:
         """Audio `[B, duration_s · sample_rate]` for text prompts (+ a melody to follow, any length:
         one waveform for every prompt, or a sequence of one per prompt)."""
-        return self._run(prompts, len(prompts), duration_s, cfg, top_k, top_p, temperature, seed, melody)
+        return self._run(prompts, len(prompts), seed, self.settings(duration_s, **sampling), melody)
 
-    def generate_unconditional(self, num_samples: int, duration_s: float | None = None, top_k: int | None = None,
-                               temperature: float | None = None, seed: int = 0, top_p: float | None = None) -> Result:
+    def generate_unconditional(self, num_samples: int, duration_s: float | None = None, seed: int = 0,
+                               **sampling) -> Result:
         """Audio from the null condition (no text, no melody; no guidance, as transformers' unconditional inputs)."""
         if num_samples < 1:
             raise AudioInputError(f"num_samples must be >= 1, got {num_samples}")
-        return self._run(None, num_samples, duration_s, None, top_k, top_p, temperature, seed)
+        return self._run(None, num_samples, seed, self.settings(duration_s, **sampling))
 
     def generate_with_chroma(self, prompts: Sequence[str], melody: np.ndarray | Sequence[np.ndarray],
-                             duration_s: float | None = None, cfg: float | None = None, top_k: int | None = None,
-                             temperature: float | None = None, seed: int = 0, top_p: float | None = None) -> Result:
+                             duration_s: float | None = None, seed: int = 0, **sampling) -> Result:
         """`generate` following a melody's chromagram (a melody model only)."""
         if not self.config.model.use_melody:
             raise AudioInputError("this MusicGen has no melody conditioning; use generate")
-        return self._run(prompts, len(prompts), duration_s, cfg, top_k, top_p, temperature, seed, melody)
+        return self._run(prompts, len(prompts), seed, self.settings(duration_s, **sampling), melody)
 
     def generate_continuation(self, audio: np.ndarray, duration_s: float | None = None,
-                              prompts: Sequence[str] | None = None, cfg: float | None = None,
-                              top_k: int | None = None, temperature: float | None = None, seed: int = 0,
-                              top_p: float | None = None) -> Result:
+                              prompts: Sequence[str] | None = None, seed: int = 0, **sampling) -> Result:
         """The audio prompt (`[T]` or `[B, T]`, stereo `[..., 2]`, at the codec's rate) encoded to codes and
         continued by `duration_s`; the result starts with the prompt's decoded frames. Without text
         prompts the continuation is unconditional."""
+        s = self.settings(duration_s, **sampling)
         audio = np.asarray(audio, np.float32)
         audio = audio[None] if audio.ndim == 1 or (audio.ndim == 2 and audio.shape[-1] == self.channels > 1) else audio
         if audio.shape[1] < self.codec.hop:
@@ -214,4 +211,4 @@ class MusicGen:
         if codes.shape[2] >= window:
             raise AudioInputError(f"the audio prompt is {codes.shape[2] / self.frame_rate:.2f} s; give less than "
                                   f"{window / self.frame_rate:.2f} s (the model's window)")
-        return self._run(prompts, batch, duration_s, cfg, top_k, top_p, temperature, seed, prompt_codes=codes)
+        return self._run(prompts, batch, seed, s, prompt_codes=codes)

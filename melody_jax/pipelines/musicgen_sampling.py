@@ -5,7 +5,7 @@ known in advance — empty slots (the special token) and the codes of the prompt
 the rest are drawn. The KV cache is preallocated for the melody prefix plus S inputs; one prefill
 call feeds the prefix and every step up to the first step with a free slot, then a `lax.scan` runs
 one decoder call per remaining step. Classifier-free guidance runs conditional and unconditional rows
-(text and melody both nulled) as one batch of 2B rows: logits = u + cfg_scale · (c − u). Each row
+(text and melody both nulled) as one batch of 2B rows: logits = u + cfg_scale · (c − u) (`guide`). Each row
 draws from keys folded from (key, window, row, step) with top-k and temperature
 (`melody_jax.pipelines.lm_sampling.sample_from_logits`).
 
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from melody_jax.diffusion.guidance import guide
 from melody_jax.models.musicgen_lm import MusicGenLM, shift_right
 from melody_jax.pipelines.lm_sampling import _active_rules, _compute_dtype_params, sample_from_logits
 from melody_jax.tokenizers.patterns import Pattern
@@ -83,7 +84,7 @@ def _decode(model: MusicGenLM, params, conds, known: jax.Array, fixed: np.ndarra
         logits = logits[:, :, -1]
         if cfg_scale is not None:
             cond, uncond = logits[:batch], logits[batch:]
-            logits = uncond + cfg_scale * (cond - uncond)
+            logits = guide(cond, uncond, cfg_scale)
         return updated["cache"], logits
 
     def pick(logits, step):

@@ -103,33 +103,37 @@ def _integer(value: object, name: str) -> int:
     return int(value)
 
 
-def check_sampling(*, seed: object, count: int = 1, temperature: object = 1.0, top_k: object = 0,
-                   top_p: object = 1.0, cfg: object = None, steps: object = 10) -> None:
-    """Every sampling argument of `launch.sample` in its range, before a bundle is loaded.
+def check_sampling(*, seed: object, count: int = 1, temperature: object = None, top_k: object = None,
+                   top_p: object = None, cfg: object = None, steps: object = None) -> None:
+    """Every sampling argument of `launch.sample` given in its range, before a bundle is loaded.
 
-    `count` outputs use seeds seed … seed + count - 1, which must all fit a uint32 key; `cfg=None`
-    means the bundle's default. Temperature 0 is greedy decoding.
+    `count` outputs use seeds seed … seed + count - 1, which must all fit a uint32 key; None means
+    the bundle's default. Temperature 0 is greedy decoding.
     """
     seed = _integer(seed, "seed")
     if not 0 <= seed <= SEED_LIMIT - max(count, 1):
         uses = f"{count} prompts use seeds seed … seed+{count - 1}" if count > 1 else "a 32-bit seed"
         raise SamplingError(f"--seed={_short(seed)} must lie in [0, {SEED_LIMIT - max(count, 1)}] ({uses})")
-    temperature = _real(temperature, "temperature")
-    if not 0 <= temperature <= MAX_TEMPERATURE:
-        raise SamplingError(f"--temperature={temperature:g} must lie in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
-    top_k = _integer(top_k, "top_k")
-    if top_k < 0:
-        raise SamplingError(f"--top_k={top_k} must be >= 0 (0 = off)")
-    top_p = _real(top_p, "top_p")
-    if not 0 < top_p <= 1:
-        raise SamplingError(f"--top_p={top_p:g} must lie in (0, 1] (1 = off)")
+    if temperature is not None:
+        temperature = _real(temperature, "temperature")
+        if not 0 <= temperature <= MAX_TEMPERATURE:
+            raise SamplingError(f"--temperature={temperature:g} must lie in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
+    if top_k is not None:
+        top_k = _integer(top_k, "top_k")
+        if top_k < 0:
+            raise SamplingError(f"--top_k={top_k} must be >= 0 (0 = off)")
+    if top_p is not None:
+        top_p = _real(top_p, "top_p")
+        if not 0 < top_p <= 1:
+            raise SamplingError(f"--top_p={top_p:g} must lie in (0, 1] (1 = off)")
     if cfg is not None:
         cfg = _real(cfg, "cfg")
         if not 0 <= cfg <= MAX_CFG:
             raise SamplingError(f"--cfg={cfg:g} must lie in [0, {MAX_CFG:g}]")
-    steps = _integer(steps, "steps")
-    if not 1 <= steps <= MAX_STEPS:
-        raise SamplingError(f"--steps={steps} must lie in [1, {MAX_STEPS}]")
+    if steps is not None:
+        steps = _integer(steps, "steps")
+        if not 1 <= steps <= MAX_STEPS:
+            raise SamplingError(f"--steps={steps} must lie in [1, {MAX_STEPS}]")
 
 
 def check_min_duration(seconds: float, name: str = "duration") -> float:

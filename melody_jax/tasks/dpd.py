@@ -12,7 +12,6 @@ MSE and the SI-SNR improvement of ẑ = predict_clean(z_δ, v̂, δ) over z_δ.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -24,12 +23,10 @@ from flax import linen as nn
 
 from data_pipeline.indexed import IndexedBatches
 from melody_jax.audio.metrics import si_snr
-from melody_jax.diffusion.angles import (Schedule, add_noise, chunk_boundaries, multi_chunk_noising, predict_clean,
+from melody_jax.diffusion.angles import (SCHEDULES, add_noise, chunk_boundaries, multi_chunk_noising, predict_clean,
                                          velocity)
-from melody_jax.diffusion.guidance import classifier_free_guidance
-from melody_jax.diffusion.samplers import continue_latents, generate, inpaint
-from melody_jax.models.dpd import DPD, guidance_conditions, velocity_fn
-from melody_jax.training.config import non_negative, positive, require
+from melody_jax.models.dpd import DPD
+from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.task import Batch, Metrics, Task
 
@@ -80,43 +77,9 @@ def synthetic_latents(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     return IndexedBatches(make, c.train.batch_size, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "length", "num_steps", "schedule"))
-def sample_latents(
-    model: nn.Module, params: Any, tokens: jax.Array, key: jax.Array, cfg_scale: float | jax.Array, *,
-    length: int, num_steps: int, schedule: Schedule,
-) -> jax.Array:
-    """Text-to-music's diffusion half: latents [B, length, latent] in [-1, 1] from semantic tokens,
-    with CFG (both branches in one batch); a new scale does not recompile."""
-    vfn = classifier_free_guidance(velocity_fn(model, {"params": params}), cfg_scale)
-    shape = (tokens.shape[0], length, model.latent_dim)
-    return generate(vfn, key, guidance_conditions(tokens), shape, num_steps=num_steps, schedule=schedule)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "window_length", "chunk_length", "num_steps", "schedule"))
-def continue_sampled_latents(
-    model: nn.Module, params: Any, z: jax.Array, window_tokens: jax.Array, key: jax.Array,
-    cfg_scale: float | jax.Array, *, window_length: int, chunk_length: int, num_steps: int, schedule: Schedule,
-) -> jax.Array:
-    """Continuation (Algorithm 2): z [B, L0, latent] extended by N chunks; window_tokens [N, B, T_ST]
-    are the semantic tokens of each new window. The first L0 frames come back unchanged."""
-    vfn = classifier_free_guidance(velocity_fn(model, {"params": params}), cfg_scale)
-    conds = jax.vmap(guidance_conditions)(window_tokens)
-    return continue_latents(vfn, key, z, conds, window_length=window_length, chunk_length=chunk_length,
-                            num_steps=num_steps, schedule=schedule)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "num_steps", "schedule"))
-def inpaint_sampled_latents(
-    model: nn.Module, params: Any, z: jax.Array, mask: jax.Array, tokens: jax.Array, key: jax.Array,
-    cfg_scale: float | jax.Array, *, num_steps: int, schedule: Schedule,
-) -> jax.Array:
-    """Fills the frames of z [B, L, latent] where mask [B, L] is true; the others come back unchanged."""
-    vfn = classifier_free_guidance(velocity_fn(model, {"params": params}), cfg_scale)
-    return inpaint(vfn, key, z, mask, guidance_conditions(tokens), num_steps=num_steps, schedule=schedule)
 
 
 CHUNK_EDGES = ("even", "tokens")
-SCHEDULES = ("paper", "uniform")
 
 
 def training_chunk_length(config) -> int | None:
@@ -160,8 +123,10 @@ class DPDTask(Task):
             chunk_boundaries(d.latent_length, m.num_chunks, training_chunk_length(self.config))
         except ValueError as e:
             raise ConfigError(f"config.model.chunk_edges: {e}") from None
-        require(self.config.sample.schedule in SCHEDULES,
-                f"config.sample.schedule={self.config.sample.schedule!r} must be one of {SCHEDULES}")
+        one_of(self.config, "sample.schedule", SCHEDULES)
+        positive(self.config, "sample.steps", "sample.duration")
+        non_negative(self.config, "sample.cfg", "sample.temperature", "sample.top_k")
+        require(0 < self.config.sample.top_p <= 1, f"config.sample.top_p={self.config.sample.top_p} must lie in (0, 1]")
         require(0 <= m.cfg_dropout < 1, f"config.model.cfg_dropout={m.cfg_dropout} must lie in [0, 1)")
         require(m.dtype in ("float32", "bfloat16"), f"config.model.dtype={m.dtype!r} must be float32 or bfloat16")
         try:
@@ -227,12 +192,3 @@ class DPDTask(Task):
         if self.config.data.source == "cached":
             return self._records(mesh, self.config.data.eval_path) if self.config.data.eval_path else None
         return synthetic_latents(self.config, mesh, EVAL_SPLIT)
-
-    def sample(
-        self, params: Any, tokens: jax.Array, key: jax.Array, *, num_steps: int = 20, cfg_scale: float = 2.5,
-        schedule: Schedule = "paper", length: int | None = None,
-    ) -> jax.Array:
-        """Latents [B, L, latent] for semantic tokens [B, T_ST] (L defaults to data.latent_length)."""
-        return sample_latents(self.model, params, tokens, key, cfg_scale,
-                              length=length or self.config.data.latent_length, num_steps=num_steps,
-                              schedule=schedule)
