@@ -1,6 +1,10 @@
 """Fields every stage shares (DESIGN §3 'shared contracts'); stage configs start from `base_config`."""
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
 PRESETS = ("tiny", "small", "base", "paper")
@@ -55,8 +59,27 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     return c
 
 
+def set_fields(config: ml_collections.ConfigDict, fields: Mapping[str, Any]) -> None:
+    """Sets (creating them) the dotted fields of a preset table: each preset names what it sets."""
+    for dotted, value in fields.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+
+
 def check_preset(arg: str | None) -> str:
     preset = arg or "tiny"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
     return preset
+
+
+def stage_config(stage: str, preset: str = "tiny", overrides: Mapping[str, Any] | None = None
+                 ) -> ml_collections.ConfigDict:
+    """configs/<stage>.py at `preset` with dotted `a.b` overrides, the syntax of `--config.a.b=value`."""
+    from melody_jax.training.config import apply_overrides
+
+    config = importlib.import_module(f"configs.{stage}").get_config(preset)
+    return apply_overrides(config, {k: str(v) for k, v in (overrides or {}).items()})

@@ -14,7 +14,7 @@ def get_config(arg: str | None = None):
     c.preset = preset
     c.model.mulan_workdir = ""
     c.model.num_quantizers = 12
-    c.model.codebook_size = 4 if tiny else 1024  # tiny: ~200 clips fit 16-code levels exactly after 3
+    c.model.codebook_size = 16 if tiny else 1024  # tiny: the semantic LM's tiny MuLan vocabulary
     c.model.embed_dim = 128  # MuLan's out_dim (checked against the checkpoint)
     c.model.kmeans_iters = 20 if tiny else 50
     c.data.path = ""  # "" = the mulan stage's data.path
