@@ -2,8 +2,8 @@
 
 Loss: MSE on multi-chunk velocities (M chunks per example, each at its own angle); CFG training
 drops the tokens (cross-attention → self-attention) for `model.cfg_dropout` of the examples.
-Data: `data.source = "synthetic"` (latents made from the tokens by the task, see
-melody_jax/tasks/dpd.py) until the VAE-GAN stage can encode audio into real latents.
+Data (`data.source`): "synthetic" (latents made from the tokens by the task, see melody_jax/tasks/dpd.py;
+tiny/small) or "cached" (VAE-GAN latents + semantic tokens from `launch.tokenize`; paper/base).
 
 Parameter count of `paper`: 295,582,224 (295.6M; logged at the start of training) vs the
 paper's 296.6M. The paper gives D_hid, N, K, the embeddings and the block structure but not the
@@ -51,7 +51,9 @@ def get_config(arg: str | None = None):
     # regenerates a chunk training noised; paper/base take "tokens" (610, 630, 630, 630).
     c.model.chunk_edges = "tokens" if reference else "even"
     c.model.cfg_dropout = 0.1  # [paper]
-    c.data.source = "synthetic"  # synthetic | cached (VAE-GAN latents + semantic tokens from launch.tokenize)
+    # synthetic | cached (VAE-GAN latents + semantic tokens from launch.tokenize). paper/base train on real
+    # data: validation refuses them until data.path names the records.
+    c.data.source = "cached" if reference else "synthetic"
     c.data.path = ""  # cached: TFRecord file or glob
     c.data.eval_path = ""  # cached: held-out records ("" = no evaluation)
     c.data.shuffle_buffer = 256

@@ -5,8 +5,9 @@ FFN blocks, plus cross-attention and our text encoder); `paper` is the same; `ba
 (d 1536, 48 layers, 24 heads, FFN 6144). `tiny` trains on a 64-code synthetic rule in tests.
 The `model.norm`/`positions`/`mlp_bias`/`text_*`/`melody_mode` options exist for the public
 checkpoints (`python -m launch.convert`, README "Public MusicGen checkpoints"); the presets keep ours.
-Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py) or "codec"
-(codes of prepared audio from the frozen codec in `data.codec_checkpoint`, chroma from librosa).
+Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py; tiny/small) or
+"codec" (paper/base: codes of prepared audio from the frozen codec in `data.codec_checkpoint`, chroma
+from librosa).
 """
 import math
 
@@ -65,7 +66,9 @@ def get_config(arg: str | None = None):
 
     c.data.update(default_data_config())  # the audio pipeline's fields (data.source="codec")
     del c.data["crop_seconds"]  # codec: data.frames codec frames, in samples at the codec's rate
-    c.data.source = "synthetic"  # synthetic | codec
+    # synthetic | codec. paper/base train on real audio: validation refuses them until data.path and
+    # data.codec_checkpoint are set.
+    c.data.source = "codec" if reference else "synthetic"
     c.data.max_note_frames = 4  # synthetic melody: notes last 1..this many chroma frames
     c.data.codec_checkpoint = ""  # codec: the codec stage's workdir
     c.data.path = ""  # codec: a prepared audio dataset at the codec's rate (launch.prepare_data)

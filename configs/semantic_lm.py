@@ -1,8 +1,8 @@
 """Semantic LM (DESIGN §4.4): 12 MuLan RVQ tokens ⊕ 25-Hz semantic tokens, loss on the semantic ones.
 
 `paper` is 24 layers, d 1024, 16 heads, FFN 4096: 417.3M parameters (the paper reports 429.5M).
-Data (`data.source`): "synthetic" (a learnable token rule, see melody_jax/tasks/semantic_lm.py),
-"cached" (TFRecords from `launch.tokenize`), or "frozen_models" (audio crops tokenised inside the step
+Data (`data.source`): "synthetic" (a learnable token rule, see melody_jax/tasks/semantic_lm.py; tiny/small),
+"cached" (TFRecords from `launch.tokenize`; paper/base), or "frozen_models" (audio crops tokenised inside the step
 by the ssl/kmeans/mulan/rvq stages named in data.frozen). 10 s of audio = 250 semantic tokens.
 """
 import ml_collections
@@ -37,7 +37,9 @@ def get_config(arg: str | None = None):
     c.model.scan_layers = False  # True: the blocks as one nn.scan (compile time flat in depth; other param names)
     c.model.num_mulan_tokens = 12
 
-    c.data.source = "synthetic"  # synthetic | cached | frozen_models
+    # synthetic | cached | frozen_models. paper/base train on real data: validation refuses them until
+    # data.path names the records.
+    c.data.source = "cached" if preset in ("paper", "base") else "synthetic"
     # codes the synthetic rule uses (≤ both vocabularies)
     c.data.synthetic_codes = min(c.model.semantic_vocab_size, c.model.mulan_codebook_size)
     c.data.num_strides = 4
