@@ -6,26 +6,28 @@ discriminator (5 scales) with its loss weights. Needs a prepared dataset at 32 k
 (20 frames), 4 × 64 codebooks, and the multi-period discriminator instead of the MS-STFT one
 (XLA:CPU's 2-D convs on few channels are slow; see configs/vae_gan.py).
 """
-from configs.common import base_config, check_preset
+from configs.common import base_config, check_preset, set_fields
 from data_pipeline.input import default_data_config
 
-PRESETS = {  # channels, codebook size, batch, crop seconds
-    "tiny": (8, 64, 8, 0.4),
-    "small": (16, 1024, 16, 1.0),
-    "base": (32, 2048, 32, 1.0),
-    "paper": (64, 2048, 64, 1.0),  # audiocraft's 32-kHz MusicGen codec width (n_filters 64)
+PRESETS = {
+    "tiny": {"model.channels": 8, "model.quantizer.codebook_size": 64, "train.batch_size": 8, "data.crop_seconds": 0.4},
+    "small": {"model.channels": 16, "model.quantizer.codebook_size": 1024, "train.batch_size": 16,
+              "data.crop_seconds": 1.0},
+    "base": {"model.channels": 32, "model.quantizer.codebook_size": 2048, "train.batch_size": 32,
+             "data.crop_seconds": 1.0},
+    # audiocraft's 32-kHz MusicGen codec width (n_filters 64)
+    "paper": {"model.channels": 64, "model.quantizer.codebook_size": 2048, "train.batch_size": 64,
+              "data.crop_seconds": 1.0},
 }
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
-    channels, codebook, batch, crop = PRESETS[preset]
     tiny = preset == "tiny"
     reference = preset in ("paper", "base")  # audiocraft's compression solver; tiny/small keep ours
     c = base_config("codec")
     c.preset = preset
     c.model.strides = [8, 5, 4, 4]  # 640 samples per frame at 32 kHz = 50 Hz
-    c.model.channels = channels
     c.model.latent_dim = 128
     # EnCodec parity (converted checkpoints set them; melody_jax/models/codec.py SEANetOptions)
     c.model.lstm_layers = 0
@@ -33,7 +35,7 @@ def get_config(arg: str | None = None):
     c.model.split = "left"
     c.model.conv_shortcut = False
     c.model.dtype = "float32" if preset in ("tiny", "small") else "bfloat16"
-    c.model.quantizer = dict(num_quantizers=4, codebook_size=codebook, decay=0.99, epsilon=1e-5,
+    c.model.quantizer = dict(num_quantizers=4, decay=0.99, epsilon=1e-5,
                              dead_code_threshold=2.0, kmeans_init=True, kmeans_iters=10 if tiny else 50)
     stft = [[2048, 512, 2048], [1024, 256, 1024], [512, 128, 512], [256, 64, 256], [128, 32, 128]]
     c.discriminator = dict(periods=[2, 3, 5] if tiny else [], period_channels=[8, 16],
@@ -48,11 +50,10 @@ def get_config(arg: str | None = None):
 
     c.data.update(default_data_config())
     c.data.sample_rate = 32000
-    c.data.crop_seconds = crop
     c.data.shuffle_buffer = 64 if tiny else 256
     c.data.eval_split = "validation"
 
-    c.train.batch_size = batch
+    set_fields(c, PRESETS[preset])
     c.train.num_steps = 200 if tiny else 200_000
     c.train.eval_every = 100 if tiny else 5000
     c.train.checkpoint_every = 100 if tiny else 5000

@@ -2,8 +2,8 @@
 
 Loss: MSE on multi-chunk velocities (M chunks per example, each at its own angle); CFG training
 drops the tokens (cross-attention → self-attention) for `model.cfg_dropout` of the examples.
-Data: `data.source = "synthetic"` (latents made from the tokens by the task, see
-melody_jax/tasks/dpd.py) until the VAE-GAN stage can encode audio into real latents.
+Data (`data.source`): "synthetic" (latents made from the tokens by the task, see melody_jax/tasks/dpd.py;
+tiny/small) or "cached" (VAE-GAN latents + semantic tokens from `launch.tokenize`; paper/base).
 
 Parameter count of `paper`: 295,582,224 (295.6M; logged at the start of training) vs the
 paper's 296.6M. The paper gives D_hid, N, K, the embeddings and the block structure but not the
@@ -13,34 +13,35 @@ layers, FFN 2560, concatenate-and-project BiSRU, biases on MLP/SRU/FiLM/IO layer
 """
 import ml_collections
 
-from configs.common import base_config, check_preset
+from configs.common import base_config, check_preset, set_fields
 from melody_jax.pipelines.dpd_sampling import SAMPLE_DEFAULTS
 
-SIZES = {  # hidden, blocks, K, heads, roformer layers, FFN, angle dim, vocab, L, T_ST, batch
-    "tiny": (32, 2, 16, 2, 1, 64, 16, 32, 160, 16, 8),
-    "small": (128, 4, 32, 4, 1, 256, 64, 256, 500, 50, 16),
-    "base": (512, 8, 64, 8, 2, 1536, 256, 1024, 2500, 250, 32),
-    "paper": (768, 8, 64, 12, 3, 2560, 256, 1024, 2500, 250, 64),
+# model.segment_length is K (S half-overlapping segments of K frames), data.latent_length L frames at
+# 250 Hz (2500 = 10 s), data.token_length T_ST semantic tokens at 25 Hz (250 = 10 s).
+SIZES = {
+    "tiny": {"model.hidden_dim": 32, "model.num_blocks": 2, "model.segment_length": 16, "model.num_heads": 2,
+             "model.roformer_layers": 1, "model.mlp_dim": 64, "model.angle_dim": 16, "model.vocab_size": 32,
+             "data.latent_length": 160, "data.token_length": 16, "train.batch_size": 8},
+    "small": {"model.hidden_dim": 128, "model.num_blocks": 4, "model.segment_length": 32, "model.num_heads": 4,
+              "model.roformer_layers": 1, "model.mlp_dim": 256, "model.angle_dim": 64, "model.vocab_size": 256,
+              "data.latent_length": 500, "data.token_length": 50, "train.batch_size": 16},
+    "base": {"model.hidden_dim": 512, "model.num_blocks": 8, "model.segment_length": 64, "model.num_heads": 8,
+             "model.roformer_layers": 2, "model.mlp_dim": 1536, "model.angle_dim": 256, "model.vocab_size": 1024,
+             "data.latent_length": 2500, "data.token_length": 250, "train.batch_size": 32},
+    "paper": {"model.hidden_dim": 768, "model.num_blocks": 8, "model.segment_length": 64, "model.num_heads": 12,
+              "model.roformer_layers": 3, "model.mlp_dim": 2560, "model.angle_dim": 256, "model.vocab_size": 1024,
+              "data.latent_length": 2500, "data.token_length": 250, "train.batch_size": 64},
 }
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
-    hidden, blocks, k, heads, layers, ffn, angle, vocab, length, tokens, batch = SIZES[preset]
     on_cpu = preset in ("tiny", "small")
     reference = preset in ("paper", "base")  # the paper's recipe; tiny/small keep ours
     c = base_config("dpd")
     c.preset = preset
     c.model.latent_dim = 16
-    c.model.hidden_dim = hidden
-    c.model.num_blocks = blocks
-    c.model.segment_length = k  # K; S half-overlapping segments of K frames
     c.model.merge_lengths = []  # K_MS per block; [] = K / 2^min(i-1, N-i) [choice]
-    c.model.num_heads = heads
-    c.model.roformer_layers = layers
-    c.model.mlp_dim = ffn
-    c.model.angle_dim = angle
-    c.model.vocab_size = vocab
     # Add each frame's token embedding to its input [choice, see models/dpd.py]: not in the paper, so
     # off for paper/base; on for tiny/small, whose synthetic tokens are otherwise ignored.
     c.model.align_tokens = not reference
@@ -53,17 +54,17 @@ def get_config(arg: str | None = None):
     # regenerates a chunk training noised; paper/base take "tokens" (610, 630, 630, 630).
     c.model.chunk_edges = "tokens" if reference else "even"
     c.model.cfg_dropout = 0.1  # [paper]
-    c.data.source = "synthetic"  # synthetic | cached (VAE-GAN latents + semantic tokens from launch.tokenize)
+    # synthetic | cached (VAE-GAN latents + semantic tokens from launch.tokenize). paper/base train on real
+    # data: validation refuses them until data.path names the records.
+    c.data.source = "cached" if reference else "synthetic"
     c.data.path = ""  # cached: TFRecord file or glob
     c.data.eval_path = ""  # cached: held-out records ("" = no evaluation)
     c.data.shuffle_buffer = 256
-    c.data.latent_length = length  # L frames at 250 Hz (2500 = 10 s)
-    c.data.token_length = tokens  # T_ST semantic tokens at 25 Hz (250 = 10 s)
     # Synthetic latents: std of each token's pattern and of the slow drift's amplitudes. At 0.4 / 0.4
     # the part the tokens give and the part the network must infer carry about equal variance.
     c.data.pattern_scale = 0.4
     c.data.drift_scale = 0.4
-    c.train.batch_size = batch
+    set_fields(c, SIZES[preset])
     c.train.num_steps = 100 if preset == "tiny" else 20000
     c.train.log_every = 10
     c.train.eval_every = 100 if preset == "tiny" else 1000

@@ -5,13 +5,13 @@ train.num_steps is the number of iterations. `model.ssl_workdir` names the train
 data is used unless `data.path` names another prepared dataset (at its sample rate).
 `model.layer` = -1 takes the middle Conformer block.
 """
-from configs.common import base_config, check_preset
+from configs.common import check_preset, fitting_config
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
     tiny = preset == "tiny"
-    c = base_config("kmeans")
+    c = fitting_config("kmeans")
     c.preset = preset
     c.model.ssl_workdir = ""
     c.model.layer = -1  # -1 = num_layers // 2
@@ -26,7 +26,6 @@ def get_config(arg: str | None = None):
     c.data.num_batches = 0 if tiny else 500
     c.data.frames_per_crop = 0 if tiny else 50  # random frames kept per crop (0 = all 250)
     c.train.num_steps = 20 if tiny else 100
-    c.train.batch_size = 8  # unused by fitting (all frames each step); kept for the shared contract
     c.train.log_every = 1
     c.train.eval_every = c.train.num_steps
     c.train.checkpoint_every = 5 if tiny else 10

@@ -2,49 +2,45 @@
 
 `paper` has two 12-layer, 768-wide encoders (AST-base + BERT-base shapes): 170.6M parameters against
 the paper's 195.3M (no BERT word-piece vocabulary or AST positional tables; bytes + rotary instead).
-`tiny` needs a small prepared dataset at 16 kHz (the tests prepare one); set data.path for any preset.
+Every preset works at 24 kHz (the MeLoDy stages' rate); set data.path (a prepared dataset) for any preset.
 """
-from configs.common import base_config, check_preset
+from configs.common import base_config, check_preset, set_fields
 from data_pipeline.input import default_data_config
 
-SIZES = {  # audio layers, text layers, embed, heads, mlp, batch, crop s, sample rate, dtype
-    "tiny": (2, 2, 64, 4, 128, 16, 2.0, 16000, "float32"),
-    "small": (4, 4, 256, 4, 1024, 32, 10.0, 24000, "float32"),
-    "base": (6, 6, 512, 8, 2048, 128, 10.0, 24000, "bfloat16"),
-    "paper": (12, 12, 768, 12, 3072, 256, 10.0, 24000, "bfloat16"),
+SIZES = {
+    "tiny": {"model.audio_layers": 2, "model.text_layers": 2, "model.embed_dim": 64, "model.num_heads": 4,
+             "model.mlp_dim": 128, "model.dtype": "float32", "train.batch_size": 16, "data.crop_seconds": 2.0},
+    "small": {"model.audio_layers": 4, "model.text_layers": 4, "model.embed_dim": 256, "model.num_heads": 4,
+              "model.mlp_dim": 1024, "model.dtype": "float32", "train.batch_size": 32, "data.crop_seconds": 10.0},
+    "base": {"model.audio_layers": 6, "model.text_layers": 6, "model.embed_dim": 512, "model.num_heads": 8,
+             "model.mlp_dim": 2048, "model.dtype": "bfloat16", "train.batch_size": 128, "data.crop_seconds": 10.0},
+    "paper": {"model.audio_layers": 12, "model.text_layers": 12, "model.embed_dim": 768, "model.num_heads": 12,
+              "model.mlp_dim": 3072, "model.dtype": "bfloat16", "train.batch_size": 256, "data.crop_seconds": 10.0},
 }
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
-    audio_layers, text_layers, embed, heads, mlp, batch, crop, rate, dtype = SIZES[preset]
     tiny = preset == "tiny"
     c = base_config("mulan")
     c.preset = preset
     c.model.out_dim = 128
-    c.model.audio_layers = audio_layers
-    c.model.text_layers = text_layers
-    c.model.embed_dim = embed
-    c.model.num_heads = heads
-    c.model.mlp_dim = mlp
     c.model.n_fft = 512 if tiny else 1024
     c.model.hop_length = 256 if tiny else 240  # 240 at 24 kHz = 100 frames/s
     c.model.n_mels = 64 if tiny else 128
     c.model.patch_frames = 4 if tiny else 16
     c.model.patch_mels = 16
     c.model.max_text_length = 128 if tiny else 256  # bytes, including the leading [CLS]
-    c.model.dtype = dtype
     c.model.remat = preset == "paper"
     c.model.scan_layers = False  # True: each tower's blocks as one nn.scan (other param names)
 
     c.data.update(default_data_config())
-    c.data.sample_rate = rate
-    c.data.crop_seconds = crop
+    c.data.sample_rate = 24000  # every preset: the rate of the VAE-GAN and SSL stages it is bundled with
     c.data.shuffle_buffer = 64 if tiny else 256
     c.data.caption_probability = 0.5  # else the tag list (DESIGN §4.3: each clip paired at random)
     c.data.eval_split = "validation"  # "" = no evaluation; needs prepare_data --val_fraction > 0
 
-    c.train.batch_size = batch
+    set_fields(c, SIZES[preset])
     c.train.num_steps = 300 if tiny else 50000
     c.train.eval_every = 100 if tiny else 1000
     c.train.checkpoint_every = 100 if tiny else 1000

@@ -5,33 +5,44 @@ FFN blocks, plus cross-attention and our text encoder); `paper` is the same; `ba
 (d 1536, 48 layers, 24 heads, FFN 6144). `tiny` trains on a 64-code synthetic rule in tests.
 The `model.norm`/`positions`/`mlp_bias`/`text_*`/`melody_mode` options exist for the public
 checkpoints (`python -m launch.convert`, README "Public MusicGen checkpoints"); the presets keep ours.
-Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py) or "codec"
-(codes of prepared audio from the frozen codec in `data.codec_checkpoint`, chroma from librosa).
+Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py; tiny/small) or
+"codec" (paper/base: codes of prepared audio from the frozen codec in `data.codec_checkpoint`, chroma
+from librosa).
 """
 import math
 
 import ml_collections
 
-from configs.common import base_config, check_preset
+from configs.common import base_config, check_preset, set_fields
 from data_pipeline.input import default_data_config
 
-SIZES = {  # layers, embed, heads, mlp, text (layers, embed, heads, mlp), codebook size, frames, chroma hop, batch, dtype
-    "tiny": (2, 128, 4, 512, (1, 64, 4, 128), 64, 16, 1, 16, "float32"),
-    "small": (24, 1024, 16, 4096, (6, 768, 12, 3072), 2048, 1500, 8, 64, "bfloat16"),
-    "base": (48, 1536, 24, 6144, (12, 768, 12, 3072), 2048, 1500, 6, 64, "bfloat16"),
-    "paper": (24, 1024, 16, 4096, (6, 768, 12, 3072), 2048, 1500, 6, 64, "bfloat16"),
+# The text encoder of small/base/paper is BERT-base's shape; data.frames are codec frames per example
+# (50 Hz: 1500 = 30 s); model.chroma_hop_frames codec frames per chroma frame (8 → 6.25 Hz at 50 Hz).
+_TEXT_BASE = {"model.text_layers": 6, "model.text_embed_dim": 768, "model.text_heads": 12, "model.text_mlp_dim": 3072}
+SIZES = {
+    "tiny": {"model.num_layers": 2, "model.embed_dim": 128, "model.num_heads": 4, "model.mlp_dim": 512,
+             "model.text_layers": 1, "model.text_embed_dim": 64, "model.text_heads": 4, "model.text_mlp_dim": 128,
+             "model.codebook_size": 64, "data.frames": 16, "model.chroma_hop_frames": 1, "train.batch_size": 16,
+             "model.dtype": "float32"},
+    "small": {"model.num_layers": 24, "model.embed_dim": 1024, "model.num_heads": 16, "model.mlp_dim": 4096,
+              **_TEXT_BASE, "model.codebook_size": 2048, "data.frames": 1500, "model.chroma_hop_frames": 8,
+              "train.batch_size": 64, "model.dtype": "bfloat16"},
+    "base": {"model.num_layers": 48, "model.embed_dim": 1536, "model.num_heads": 24, "model.mlp_dim": 6144,
+             **_TEXT_BASE, "model.text_layers": 12, "model.codebook_size": 2048, "data.frames": 1500,
+             "model.chroma_hop_frames": 6, "train.batch_size": 64, "model.dtype": "bfloat16"},
+    "paper": {"model.num_layers": 24, "model.embed_dim": 1024, "model.num_heads": 16, "model.mlp_dim": 4096,
+              **_TEXT_BASE, "model.codebook_size": 2048, "data.frames": 1500, "model.chroma_hop_frames": 6,
+              "train.batch_size": 64, "model.dtype": "bfloat16"},
 }
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
-    layers, embed, heads, mlp, text, codebook_size, frames, chroma_hop, batch, dtype = SIZES[preset]
     tiny = preset == "tiny"
     reference = preset in ("paper", "base")  # audiocraft's musicgen-melody recipe; tiny/small keep ours
     c = base_config("musicgen")
     c.preset = preset
     c.model.num_codebooks = 4
-    c.model.codebook_size = codebook_size
     c.model.pattern = "delay"  # delay | parallel | unroll | coarse_first | musiclm (audiocraft's patterns)
     # The patterns' options (None = the pattern's default; melody_jax/tokenizers/patterns.py):
     c.model.delays = None  # delay, unroll: K ints (delay: 0, 1, …, K−1); coarse_first: K−1 (one per fine codebook)
@@ -39,19 +50,9 @@ def get_config(arg: str | None = None):
     c.model.flatten_first = None  # delay: frames flattened one code per step before the delayed part
     c.model.empty_initial = None  # delay: empty steps first
     c.model.group_by = None  # musiclm: codebooks per group (None = 2)
-    c.model.num_layers = layers
-    c.model.embed_dim = embed
-    c.model.num_heads = heads
-    c.model.mlp_dim = mlp
-    c.model.text_layers, c.model.text_embed_dim, c.model.text_heads, c.model.text_mlp_dim = text
     c.model.max_text_length = 64 if tiny else 256  # bytes, including the leading [CLS]
     c.model.use_melody = True
-    # Codec frames per chroma frame (8 → 6.25 Hz at 50 Hz). audiocraft's hop, 4096 samples at 32 kHz
-    # (7.8 Hz), is 6.4 codec frames; paper/base take 6 (3840 samples, 8.3 Hz), the nearest whole number.
-    c.model.chroma_hop_frames = chroma_hop
     c.model.chroma_n_fft = 16384 if reference else 4096  # audiocraft's chroma_stem: radix2_exp 14
-    c.model.melody_frames = math.ceil(frames / chroma_hop)  # the fixed prefix length F
-    c.model.dtype = dtype
     c.model.remat = not tiny
     # architecture options of the public checkpoints (launch.convert sets them; the defaults are ours)
     c.model.norm = "rms"  # rms | layer
@@ -65,8 +66,9 @@ def get_config(arg: str | None = None):
 
     c.data.update(default_data_config())  # the audio pipeline's fields (data.source="codec")
     del c.data["crop_seconds"]  # codec: data.frames codec frames, in samples at the codec's rate
-    c.data.source = "synthetic"  # synthetic | codec
-    c.data.frames = frames  # codec frames per example (50 Hz: 1500 = 30 s)
+    # synthetic | codec. paper/base train on real audio: validation refuses them until data.path and
+    # data.codec_checkpoint are set.
+    c.data.source = "codec" if reference else "synthetic"
     c.data.max_note_frames = 4  # synthetic melody: notes last 1..this many chroma frames
     c.data.codec_checkpoint = ""  # codec: the codec stage's workdir
     c.data.path = ""  # codec: a prepared audio dataset at the codec's rate (launch.prepare_data)
@@ -79,7 +81,10 @@ def get_config(arg: str | None = None):
     c.data.sample_rate = 32000
     c.data.frame_rate = 50
 
-    c.train.batch_size = batch
+    # audiocraft's chroma hop, 4096 samples at 32 kHz (7.8 Hz), is 6.4 codec frames; paper/base take 6
+    # (3840 samples, 8.3 Hz), the nearest whole number.
+    set_fields(c, SIZES[preset])
+    c.model.melody_frames = math.ceil(c.data.frames / c.model.chroma_hop_frames)  # the fixed prefix length F
     c.train.num_steps = 300 if tiny else 100000
     c.train.eval_every = 150 if tiny else 2000
     c.train.checkpoint_every = 150 if tiny else 2000
@@ -113,6 +118,6 @@ def get_config(arg: str | None = None):
     # near-deterministic synthetic rule those tails are noise, and 3.0 breaks the tiny model's fine
     # codebooks (seen: 28 % of them right at 3.0, 100 % at 1.5), so tiny samples at 1.5.
     c.sample.cfg_scale = 1.5 if tiny else 3.0
-    c.sample.window_frames = frames  # longer generations slide a window of this many frames
+    c.sample.window_frames = c.data.frames  # longer generations slide a window of this many frames
     c.sample.keep_frames = 8 if tiny else 600  # …keeping this many as the next window's prompt (12 s of 30)
     return c

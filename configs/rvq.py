@@ -4,24 +4,23 @@ Not gradient training: one step fits one level (melody_jax/tasks/rvq.py), so tra
 model.num_quantizers. `model.mulan_workdir` names the trained mulan stage; its data is used unless
 `data.path` names another prepared dataset (at MuLan's sample rate).
 """
-from configs.common import base_config, check_preset
+from configs.common import check_preset, fitting_config
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
     tiny = preset == "tiny"
-    c = base_config("rvq")
+    c = fitting_config("rvq")
     c.preset = preset
     c.model.mulan_workdir = ""
     c.model.num_quantizers = 12
-    c.model.codebook_size = 4 if tiny else 1024  # tiny: ~200 clips fit 16-code levels exactly after 3
+    c.model.codebook_size = 16 if tiny else 1024  # tiny: the semantic LM's tiny MuLan vocabulary
     c.model.embed_dim = 128  # MuLan's out_dim (checked against the checkpoint)
     c.model.kmeans_iters = 20 if tiny else 50
     c.data.path = ""  # "" = the mulan stage's data.path
     c.data.window_seconds = 2.0 if tiny else 10.0  # a clip's embedding is the mean over these windows
     c.data.embed_batch_size = 16 if tiny else 64  # windows per MuLan forward pass (global)
     c.train.num_steps = c.model.num_quantizers
-    c.train.batch_size = 8  # unused by fitting (all embeddings each step); kept for the shared contract
     c.train.log_every = 1
     c.train.eval_every = c.train.num_steps
     c.train.checkpoint_every = 1

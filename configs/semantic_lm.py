@@ -1,42 +1,47 @@
 """Semantic LM (DESIGN §4.4): 12 MuLan RVQ tokens ⊕ 25-Hz semantic tokens, loss on the semantic ones.
 
 `paper` is 24 layers, d 1024, 16 heads, FFN 4096: 417.3M parameters (the paper reports 429.5M).
-Data (`data.source`): "synthetic" (a learnable token rule, see melody_jax/tasks/semantic_lm.py),
-"cached" (TFRecords from `launch.tokenize`), or "frozen_models" (audio crops tokenised inside the step
+Data (`data.source`): "synthetic" (a learnable token rule, see melody_jax/tasks/semantic_lm.py; tiny/small),
+"cached" (TFRecords from `launch.tokenize`; paper/base), or "frozen_models" (audio crops tokenised inside the step
 by the ssl/kmeans/mulan/rvq stages named in data.frozen). 10 s of audio = 250 semantic tokens.
 """
 import ml_collections
 
-from configs.common import base_config, check_preset
+from configs.common import base_config, check_preset, set_fields
 
-SIZES = {  # layers, embed, heads, mlp, semantic tokens per example, batch, dtype
-    "tiny": (2, 64, 4, 128, 20, 16, "float32"),
-    "small": (4, 256, 4, 1024, 250, 32, "float32"),
-    "base": (12, 768, 12, 3072, 250, 64, "bfloat16"),
-    "paper": (24, 1024, 16, 4096, 250, 64, "bfloat16"),
+# data.semantic_len: semantic tokens per example. tiny's vocabularies are the tiny k-means' 32 clusters
+# and the tiny RVQ's 16 codes, and its 16 tokens the tiny DPD's window: the tiny stages compose.
+SIZES = {
+    "tiny": {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 4, "model.mlp_dim": 128,
+             "model.semantic_vocab_size": 32, "model.mulan_codebook_size": 16, "data.semantic_len": 16,
+             "train.batch_size": 16, "model.dtype": "float32"},
+    "small": {"model.num_layers": 4, "model.embed_dim": 256, "model.num_heads": 4, "model.mlp_dim": 1024,
+              "model.semantic_vocab_size": 1024, "model.mulan_codebook_size": 1024, "data.semantic_len": 250,
+              "train.batch_size": 32, "model.dtype": "float32"},
+    "base": {"model.num_layers": 12, "model.embed_dim": 768, "model.num_heads": 12, "model.mlp_dim": 3072,
+             "model.semantic_vocab_size": 1024, "model.mulan_codebook_size": 1024, "data.semantic_len": 250,
+             "train.batch_size": 64, "model.dtype": "bfloat16"},
+    "paper": {"model.num_layers": 24, "model.embed_dim": 1024, "model.num_heads": 16, "model.mlp_dim": 4096,
+              "model.semantic_vocab_size": 1024, "model.mulan_codebook_size": 1024, "data.semantic_len": 250,
+              "train.batch_size": 64, "model.dtype": "bfloat16"},
 }
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
-    layers, embed, heads, mlp, semantic_len, batch, dtype = SIZES[preset]
     c = base_config("semantic_lm")
     c.preset = preset
-    c.model.num_layers = layers
-    c.model.embed_dim = embed
-    c.model.num_heads = heads
-    c.model.mlp_dim = mlp
-    c.model.dtype = dtype
+    set_fields(c, SIZES[preset])
     c.model.remat = preset == "paper"
     c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention; needs bfloat16)
     c.model.scan_layers = False  # True: the blocks as one nn.scan (compile time flat in depth; other param names)
     c.model.num_mulan_tokens = 12
-    c.model.mulan_codebook_size = 1024
-    c.model.semantic_vocab_size = 1024
 
-    c.data.source = "synthetic"  # synthetic | cached | frozen_models
-    c.data.semantic_len = semantic_len
-    c.data.synthetic_codes = 32 if preset == "tiny" else 1024  # codes the synthetic rule uses (≤ both vocabularies)
+    # synthetic | cached | frozen_models. paper/base train on real data: validation refuses them until
+    # data.path names the records.
+    c.data.source = "cached" if preset in ("paper", "base") else "synthetic"
+    # codes the synthetic rule uses (≤ both vocabularies)
+    c.data.synthetic_codes = min(c.model.semantic_vocab_size, c.model.mulan_codebook_size)
     c.data.num_strides = 4
     c.data.path = ""  # cached: a TFRecord file or glob written by token_records.write_token_records
     c.data.eval_path = ""  # cached: held-out records for evaluation ("" = no evaluation)
@@ -48,7 +53,6 @@ def get_config(arg: str | None = None):
     c.data.cycle_length = 4
     c.data.prefetch_batches = 2
 
-    c.train.batch_size = batch
     c.train.num_steps = 150 if preset == "tiny" else 20000
     c.train.log_every = 10
     c.train.eval_every = 50 if preset == "tiny" else 1000

@@ -7,35 +7,33 @@ exponentially from `gumbel_start` to `gumbel_end` over `gumbel_anneal_steps` (wa
 fairseq's ×0.999995 per step reaches 0.5 after ~277k steps). `tiny` is 1.6-s crops, 200 steps on CPU in minutes;
 set data.path (a dataset prepared at 24 kHz) for every preset.
 """
-from configs.common import base_config, check_preset
+from configs.common import base_config, check_preset, set_fields
 from data_pipeline.input import default_data_config
 
-SIZES = {  # conv channels, embed, layers, heads, mlp, conv kernel, vars, codevector/final dim, batch, crop s
-    "tiny": (16, 64, 2, 4, 128, 7, 16, 64, 16, 1.6),
-    "small": (128, 256, 4, 4, 1024, 15, 64, 128, 16, 5.0),
-    "base": (512, 512, 8, 8, 2048, 31, 320, 256, 64, 10.0),
-    "paper": (512, 768, 14, 12, 3072, 31, 320, 768, 128, 10.0),
+SIZES = {  # model.conv_channels: the width of each of the 5 feature convs
+    "tiny": {"model.conv_channels": [16] * 5, "model.embed_dim": 64, "model.num_layers": 2, "model.num_heads": 4,
+             "model.mlp_dim": 128, "model.conv_kernel": 7, "model.num_vars": 16, "model.codevector_dim": 64,
+             "model.final_dim": 64, "train.batch_size": 16, "data.crop_seconds": 1.6},
+    "small": {"model.conv_channels": [128] * 5, "model.embed_dim": 256, "model.num_layers": 4, "model.num_heads": 4,
+              "model.mlp_dim": 1024, "model.conv_kernel": 15, "model.num_vars": 64, "model.codevector_dim": 128,
+              "model.final_dim": 128, "train.batch_size": 16, "data.crop_seconds": 5.0},
+    "base": {"model.conv_channels": [512] * 5, "model.embed_dim": 512, "model.num_layers": 8, "model.num_heads": 8,
+             "model.mlp_dim": 2048, "model.conv_kernel": 31, "model.num_vars": 320, "model.codevector_dim": 256,
+             "model.final_dim": 256, "train.batch_size": 64, "data.crop_seconds": 10.0},
+    "paper": {"model.conv_channels": [512] * 5, "model.embed_dim": 768, "model.num_layers": 14, "model.num_heads": 12,
+              "model.mlp_dim": 3072, "model.conv_kernel": 31, "model.num_vars": 320, "model.codevector_dim": 768,
+              "model.final_dim": 768, "train.batch_size": 128, "data.crop_seconds": 10.0},
 }
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
-    channels, embed, layers, heads, mlp, kernel, num_vars, code_dim, batch, crop = SIZES[preset]
     tiny = preset == "tiny"
     c = base_config("ssl")
     c.preset = preset
     m = c.model
-    m.conv_channels = [channels] * 5
     m.conv_strides = [5, 4, 4, 4, 3]  # total 960: 25 Hz at 24 kHz
-    m.embed_dim = embed
-    m.num_layers = layers
-    m.num_heads = heads
-    m.mlp_dim = mlp
-    m.conv_kernel = kernel
     m.num_groups = 2
-    m.num_vars = num_vars
-    m.codevector_dim = code_dim
-    m.final_dim = code_dim
     m.dropout = 0.0 if tiny else 0.1
     m.mask_prob = 0.65  # fairseq meaning: a span starts at a frame with probability mask_prob / mask_length
     m.mask_length = 2 if tiny else 10  # tiny: short gaps, learnable in 200 CPU steps
@@ -53,11 +51,10 @@ def get_config(arg: str | None = None):
 
     c.data.update(default_data_config())
     c.data.sample_rate = 24000
-    c.data.crop_seconds = crop
     c.data.shuffle_buffer = 64 if tiny else 256
     c.data.eval_split = "validation"  # "" = no evaluation; needs prepare_data --val_fraction > 0
 
-    c.train.batch_size = batch
+    set_fields(c, SIZES[preset])
     c.train.num_steps = 200 if tiny else 20000 if preset == "small" else 400000
     c.train.eval_every = 100 if tiny else 2000
     c.train.checkpoint_every = 100 if tiny else 2000

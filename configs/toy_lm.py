@@ -3,33 +3,31 @@
 Each sequence steps through the vocabulary by a stride drawn per sequence: x_t = (x_{t-1} + b) mod V.
 A bigram model gets the loss down to log(num_strides); reading the stride from context gets it to ~0.
 """
-from configs.common import base_config, check_preset
+from configs.common import base_config, check_preset, set_fields
 
-SIZES = {  # layers, embed, heads, mlp, seq_len, batch
-    "tiny": (2, 64, 4, 128, 32, 16),
-    "small": (4, 256, 4, 1024, 128, 32),
-    "base": (12, 768, 12, 3072, 256, 64),
-    "paper": (24, 1024, 16, 4096, 512, 64),
+SIZES = {
+    "tiny": {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 4, "model.mlp_dim": 128,
+             "data.seq_len": 32, "train.batch_size": 16},
+    "small": {"model.num_layers": 4, "model.embed_dim": 256, "model.num_heads": 4, "model.mlp_dim": 1024,
+              "data.seq_len": 128, "train.batch_size": 32},
+    "base": {"model.num_layers": 12, "model.embed_dim": 768, "model.num_heads": 12, "model.mlp_dim": 3072,
+             "data.seq_len": 256, "train.batch_size": 64},
+    "paper": {"model.num_layers": 24, "model.embed_dim": 1024, "model.num_heads": 16, "model.mlp_dim": 4096,
+              "data.seq_len": 512, "train.batch_size": 64},
 }
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
-    layers, embed, heads, mlp, seq_len, batch = SIZES[preset]
     c = base_config("toy_lm")
     c.preset = preset
     c.model.vocab_size = 64
-    c.model.num_layers = layers
-    c.model.embed_dim = embed
-    c.model.num_heads = heads
-    c.model.mlp_dim = mlp
     c.model.dtype = "float32"
     c.model.remat = False
     c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention; needs bfloat16)
     c.model.scan_layers = False  # True: the blocks as one nn.scan (compile time flat in depth; other param names)
-    c.data.seq_len = seq_len
     c.data.num_strides = 4
-    c.train.batch_size = batch
+    set_fields(c, SIZES[preset])
     c.train.num_steps = 200 if preset == "tiny" else 2000
     c.train.log_every = 10
     c.train.eval_every = 100

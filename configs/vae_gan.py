@@ -19,20 +19,35 @@ one kernel (7) and two dilations, its MPD two conv layers: XLA:CPU compile time 
 distinct conv, and the tests compile this step three times. Every preset needs a prepared 24 kHz dataset
 in `data.path` (`python -m launch.prepare_data --source=synthetic ...` makes one).
 """
-from configs.common import base_config, check_preset
+from configs.common import base_config, check_preset, set_fields
 from data_pipeline.input import default_data_config
 
-PRESETS = {  # encoder channels, block; decoder channels, block; MRF dilations; MPD channels, MRD channels; batch, crop
-    "tiny": ((4, 8, 8, 16), 2, (32, 16, 16, 8), 2, (1, 3), (8, 16), 4, 8, 0.4),
-    "small": ((8, 16, 32, 64), 1, (256, 128, 64, 32), 2, (1, 3, 5), (16, 64, 128, 128), 16, 8, 1.0),
-    "base": ((16, 32, 64, 128), 1, (512, 256, 128, 64), 2, (1, 3, 5), (32, 128, 512, 1024, 1024), 32, 16, 1.0),
-    "paper": ((32, 64, 128, 256), 1, (768, 384, 192, 96), 2, (1, 3, 5), (32, 128, 512, 1024, 1024), 32, 16, 1.0),
+PRESETS = {  # discriminator.period_channels: the MPD's widths; spectrogram_channels: the MRD's
+    "tiny": {"model.encoder.channels": [4, 8, 8, 16], "model.encoder.block": 2,
+             "model.decoder.channels": [32, 16, 16, 8], "model.decoder.block": 2,
+             "model.encoder.mrf_dilations": [1, 3], "model.decoder.mrf_dilations": [1, 3],
+             "discriminator.period_channels": [8, 16], "discriminator.spectrogram_channels": 4,
+             "train.batch_size": 8, "data.crop_seconds": 0.4},
+    "small": {"model.encoder.channels": [8, 16, 32, 64], "model.encoder.block": 1,
+              "model.decoder.channels": [256, 128, 64, 32], "model.decoder.block": 2,
+              "model.encoder.mrf_dilations": [1, 3, 5], "model.decoder.mrf_dilations": [1, 3, 5],
+              "discriminator.period_channels": [16, 64, 128, 128], "discriminator.spectrogram_channels": 16,
+              "train.batch_size": 8, "data.crop_seconds": 1.0},
+    "base": {"model.encoder.channels": [16, 32, 64, 128], "model.encoder.block": 1,
+             "model.decoder.channels": [512, 256, 128, 64], "model.decoder.block": 2,
+             "model.encoder.mrf_dilations": [1, 3, 5], "model.decoder.mrf_dilations": [1, 3, 5],
+             "discriminator.period_channels": [32, 128, 512, 1024, 1024], "discriminator.spectrogram_channels": 32,
+             "train.batch_size": 16, "data.crop_seconds": 1.0},
+    "paper": {"model.encoder.channels": [32, 64, 128, 256], "model.encoder.block": 1,
+              "model.decoder.channels": [768, 384, 192, 96], "model.decoder.block": 2,
+              "model.encoder.mrf_dilations": [1, 3, 5], "model.decoder.mrf_dilations": [1, 3, 5],
+              "discriminator.period_channels": [32, 128, 512, 1024, 1024], "discriminator.spectrogram_channels": 32,
+              "train.batch_size": 16, "data.crop_seconds": 1.0},
 }
 
 
 def get_config(arg: str | None = None):
     preset = check_preset(arg)
-    enc_ch, enc_block, dec_ch, dec_block, dilations, mpd_ch, mrd_ch, batch, crop = PRESETS[preset]
     tiny = preset == "tiny"
     reference = preset in ("paper", "base")  # HiFi-GAN's reductions and updates; tiny/small keep ours
     mrf_kernels = [7] if tiny else [3, 7, 11]  # tiny: one receptive field (compile time, see above)
@@ -41,15 +56,13 @@ def get_config(arg: str | None = None):
     c.model.latent_dim = 16
     c.model.latent_scale = 3.0  # z = clip(z̄ / 3, -1, 1) [paper]
     c.model.dtype = "float32" if preset in ("tiny", "small") else "bfloat16"
-    c.model.encoder = dict(rates=[2, 3, 4, 4], channels=list(enc_ch), kernels=[5, 7, 9, 9], block=enc_block,
-                           mrf_kernels=mrf_kernels, mrf_dilations=list(dilations))
-    c.model.decoder = dict(rates=[4, 4, 3, 2], channels=list(dec_ch), kernels=[9, 9, 5, 7], block=dec_block,
-                           mrf_kernels=mrf_kernels, mrf_dilations=list(dilations))
+    c.model.encoder = dict(rates=[2, 3, 4, 4], kernels=[5, 7, 9, 9], mrf_kernels=mrf_kernels)
+    c.model.decoder = dict(rates=[4, 4, 3, 2], kernels=[9, 9, 5, 7], mrf_kernels=mrf_kernels)
 
-    c.discriminator = dict(periods=[2, 3, 5, 7, 11], period_channels=list(mpd_ch),
+    c.discriminator = dict(periods=[2, 3, 5, 7, 11],
                            spectrogram_resolutions=([] if tiny else  # see the docstring
                                                     [[1024, 120, 600], [2048, 240, 1200], [512, 50, 240]]),
-                           spectrogram_channels=mrd_ch, stft_resolutions=[], stft_channels=32,
+                           stft_resolutions=[], stft_channels=32,
                            dtype=c.model.dtype)
 
     c.loss = dict(mr_stft=50.0, feature_matching=20.0, adversarial=1.0, kl=5e-3,  # [paper]
@@ -64,11 +77,10 @@ def get_config(arg: str | None = None):
 
     c.data.update(default_data_config())
     c.data.sample_rate = 24000
-    c.data.crop_seconds = crop
     c.data.shuffle_buffer = 64 if tiny else 256
     c.data.eval_split = "validation"  # "" = no evaluation; needs prepare_data --val_fraction > 0
 
-    c.train.batch_size = batch
+    set_fields(c, PRESETS[preset])
     c.train.num_steps = 200 if tiny else 500_000
     c.train.eval_every = 100 if tiny else 5000
     c.train.checkpoint_every = 100 if tiny else 5000

@@ -32,10 +32,11 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     import jax
 
-    from melody_jax.pipelines.bundle import MELODY_STAGES, MUSICGEN_STAGES, assemble
+    from configs.melody import STAGES
+    from melody_jax.pipelines.bundle import MUSICGEN_STAGES, assemble
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
-    stages = MELODY_STAGES if _MODEL.value == "melody" else MUSICGEN_STAGES
+    stages = STAGES if _MODEL.value == "melody" else MUSICGEN_STAGES
     sources = {FLAG_STAGES[f]: d.value for f, d in _DIRS.items() if d.value and FLAG_STAGES[f] in stages}
     mesh = make_mesh({"data": 1}, jax.devices()[:1])  # copying parameters needs no sharding
     manifest = run_user_errors(lambda: assemble(_OUT.value, sources, mesh, DEFAULT_RULES, stages,

@@ -29,36 +29,7 @@ _STEPS = flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's step c
 
 PROMPTS = [("solo piano, slow, calm, in C major", 10.0), ("drums and bass, fast, energetic", 10.0),
            ("strings and flute, happy, in G major", 30.0)]
-VOCAB, MULAN_CODES = 32, 16
 EVAL_PROMPTS = 8
-CROP_SECONDS = 0.64  # the tiny DPD window: 160 latent frames, 16 semantic tokens
-
-
-def stage_configs(data: str, root: str, scale: float) -> dict:
-    """The tiny presets, made to fit together and to train in minutes on two cores."""
-    import importlib
-
-    from melody_jax.training.config import apply_overrides
-
-    def get(stage: str, steps: int, **fields):
-        c = importlib.import_module(f"configs.{stage}").get_config("tiny")
-        c.train.num_steps = max(1, int(steps * scale)) if stage not in ("rvq", "kmeans") else c.train.num_steps
-        c.train.tensorboard = False
-        return apply_overrides(c, {key: str(value) for key, value in fields.items()})
-
-    w = lambda s: os.path.join(root, s)  # noqa: E731
-    return {
-        "vae_gan": get("vae_gan", 500, **{"data.path": data}),
-        "ssl": get("ssl", 400, **{"data.path": data}),
-        "mulan": get("mulan", 500, **{"data.path": data, "data.sample_rate": 24000}),
-        "kmeans": get("kmeans", 0, **{"model.ssl_workdir": w("ssl"), "model.num_clusters": VOCAB}),
-        "rvq": get("rvq", 0, **{"model.mulan_workdir": w("mulan"), "model.codebook_size": MULAN_CODES}),
-        "semantic_lm": get("semantic_lm", 1000, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
-                                                  "data.semantic_len": 16, "model.semantic_vocab_size": VOCAB,
-                                                  "model.mulan_codebook_size": MULAN_CODES}),
-        "dpd": get("dpd", 1200, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
-                                  "model.vocab_size": VOCAB}),
-    }
 
 
 def train_stage(name: str, config, workdir: str, log: dict) -> None:
@@ -82,12 +53,14 @@ def tokenize(root: str, data: str) -> None:
     from melody_jax.pipelines.stages import tokenize_dataset
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
-    out = os.path.join(root, "tokens.tfrecord")
+    from configs.melody import TOKEN_CROP_SECONDS, TOKENIZE_STAGES, TOKENS
+
+    out = os.path.join(root, TOKENS)
     if os.path.exists(out):
         return
     print("[demo] caching latents and tokens", flush=True)
-    dirs = {s: os.path.join(root, s) for s in ("vae_gan", "ssl", "kmeans", "mulan", "rvq")}
-    tokenize_dataset(data, "train", out, dirs, CROP_SECONDS, 16, make_mesh({"data": 1}, jax.devices()[:1]),
+    dirs = {s: os.path.join(root, s) for s in TOKENIZE_STAGES}
+    tokenize_dataset(data, "train", out, dirs, TOKEN_CROP_SECONDS, 16, make_mesh({"data": 1}, jax.devices()[:1]),
                      DEFAULT_RULES)
 
 
@@ -119,9 +92,10 @@ def main(argv: list[str]) -> None:
         import jax
         import numpy as np
 
+        from configs.melody import STAGES, demo_configs
         from data_pipeline.builder import PrepareSettings, prepare
         from melody_jax.evaluation.plots import spectrogram_png
-        from melody_jax.pipelines.bundle import MELODY_STAGES, assemble
+        from melody_jax.pipelines.bundle import assemble
         from melody_jax.pipelines.melody import MeLoDy
         from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
@@ -131,16 +105,15 @@ def main(argv: list[str]) -> None:
         print("[demo] preparing the synthetic dataset", flush=True)
         prepare(PrepareSettings(source="synthetic", num_clips=96, clip_seconds=4.0, val_fraction=0.15), data,
                 progress=False)
-        configs = stage_configs(data, root, _STEPS.value)
+        configs = demo_configs(data, root, _STEPS.value)
         log: dict = {}
-        for name in ("vae_gan", "ssl", "kmeans", "mulan", "rvq"):
-            train_stage(name, configs[name], os.path.join(root, name), log)
-        tokenize(root, data)
-        for name in ("semantic_lm", "dpd"):
+        for name in STAGES:
+            if configs[name].data.get("source") == "cached":
+                tokenize(root, data)
             train_stage(name, configs[name], os.path.join(root, name), log)
         bundle = os.path.join(root, "bundle")
         if not os.path.exists(os.path.join(bundle, "bundle.json")):
-            assemble(bundle, {s: os.path.join(root, s) for s in MELODY_STAGES},
+            assemble(bundle, {s: os.path.join(root, s) for s in STAGES},
                      make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
         melody = MeLoDy(bundle)
         outputs = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from configs.melody import TOKENIZE_STAGES
 from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset (python -m launch.prepare_data).")
@@ -16,9 +17,9 @@ _SPLIT = flags.DEFINE_string("split", "train", "Dataset split to tokenize.")
 _OUT = flags.DEFINE_string("out", None, "TFRecord file to write.")
 _CROP = flags.DEFINE_float("crop_seconds", 10.0, "Crop length: the DPD's window (latent_length · hop / rate).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Crops per forward pass.")
-_STAGES = {s: flags.DEFINE_string(s, None, f"Directory of the {s} stage.")
-           for s in ("vae", "ssl", "kmeans", "mulan", "rvq")}
-flags.mark_flags_as_required(["data", "out", *_STAGES])
+_STAGES = {s: flags.DEFINE_string("vae" if s == "vae_gan" else s, None, f"Directory of the {s} stage.")
+           for s in TOKENIZE_STAGES}
+flags.mark_flags_as_required(["data", "out", *(f.name for f in _STAGES.values())])
 
 
 def check_arguments() -> str:
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> None:
 
     def run() -> None:
         out = check_arguments()
-        dirs = {("vae_gan" if k == "vae" else k): v.value for k, v in _STAGES.items()}
+        dirs = {stage: flag.value for stage, flag in _STAGES.items()}
         arrays = tokenize_dataset(_DATA.value, _SPLIT.value, out, dirs, _CROP.value, _BATCH.value,
                                   make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
         shapes = ", ".join(f"{k} {v.shape[1:]}" for k, v in arrays.items())

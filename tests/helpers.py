@@ -1,28 +1,24 @@
 """Shared test utilities: tiny configs and subprocess runs of the CLIs."""
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
 
 import ml_collections
 
+from configs import common
 from melody_jax.tasks.toy_lm import ToyLMTask
-from melody_jax.training.config import apply_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDED_MUSIC = os.path.join(ROOT, "assets", "audio", "music21_test_audio.flac")  # see its NOTICE.md
+QUIET = {"train.tensorboard": False, "train.progress_bar": False, "train.log_every": 1}  # every test config's
 
 
 def stage_config(stage: str, preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
-    """configs/<stage>.py:<preset>, quiet, logging every step, with `a__b=value` overrides (__ = dot)."""
-    module = importlib.import_module(f"configs.{stage}")
-    c = module.get_config(preset)
-    c.train.tensorboard = False
-    c.train.progress_bar = False
-    c.train.log_every = 1
-    return apply_overrides(c, {k.replace("__", "."): str(v) for k, v in overrides.items()})
+    """configs/<stage>.py:<preset>, quiet, logging every step, with the `a.b=value` overrides written
+    `a__b=value` (keyword arguments)."""
+    return common.stage_config(stage, preset, {**QUIET, **{k.replace("__", "."): v for k, v in overrides.items()}})
 
 
 def toy_config(**overrides) -> ml_collections.ConfigDict:

@@ -21,7 +21,7 @@ from configs.toy_lm import get_config
 from data_pipeline import audio_io, sources
 from melody_jax.pipelines.validation import SEED_LIMIT, SamplingError, check_output_path, check_sampling
 from melody_jax.tokenizers.text import VOCAB_SIZE, tokenize
-from melody_jax.training.config import apply_overrides, get_field, parse_value, validate_common
+from melody_jax.training.config import apply_overrides, get_field, parse_value, validate_common, validate_optimization
 from melody_jax.training.errors import ConfigError
 
 ANY_CHAR = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=())  # incl. lone surrogates
@@ -70,6 +70,7 @@ def test_config_overrides_raise_only_config_errors(overrides):
     try:
         config = apply_overrides(BASE, overrides)
         validate_common(config)
+        validate_optimization(config)
     except ConfigError as e:
         message = str(e)
         assert message.startswith("config.") and "\n" not in message and len(message) <= 600, message

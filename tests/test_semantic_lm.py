@@ -20,18 +20,25 @@ from melody_jax.training.loop import train
 from melody_jax.training.sharding import activate, make_mesh
 from tests.helpers import stage_config, stage_layout, train_and_restore
 
-CODES = 32  # data.synthetic_codes of the tiny preset
+CODES = 32  # data.synthetic_codes of the figures below
+
+
+def lm_config(**overrides):
+    """The tiny preset at the vocabularies (1024) and length (20) the figures below were measured at:
+    the tiny preset itself now takes the tiny k-means' and RVQ's sizes (32, 16) and the DPD's 16 tokens."""
+    return stage_config("semantic_lm", **{"model__semantic_vocab_size": 1024, "model__mulan_codebook_size": 1024,
+                                          "data__semantic_len": 20, "data__synthetic_codes": CODES, **overrides})
 
 
 @pytest.fixture(scope="module")
 def random_model():
-    task = SemanticLMTask(stage_config("semantic_lm"))
+    task = SemanticLMTask(lm_config())
     return task.model, nn.meta.unbox(task.init_params(jax.random.key(0)))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    summary, records, task, params = train_and_restore(stage_config("semantic_lm", mesh_devices=1), str(tmp_path_factory.mktemp("trained")))
+    summary, records, task, params = train_and_restore(lm_config(mesh_devices=1), str(tmp_path_factory.mktemp("trained")))
     return summary, records, task.model, params
 
 
@@ -136,7 +143,7 @@ def test_sampling_under_a_mesh_equals_one_device(random_model):
     key = jax.random.key(5)
     single = np.asarray(sample(model, params, mulan, 8, key))
     single_logits = np.asarray(teacher_forced_logits(model, params, mulan, semantic))
-    _, mesh, rules, _, shardings = stage_layout(stage_config("semantic_lm", mesh__data=2, mesh__fsdp=2, mesh__tensor=2))
+    _, mesh, rules, _, shardings = stage_layout(lm_config(mesh__data=2, mesh__fsdp=2, mesh__tensor=2))
     sharded = jax.device_put(params, shardings.params)
     assert sharded["decoder"]["layer_0"]["mlp"]["gate"]["kernel"].sharding.spec == P("fsdp", "tensor")
     with activate(mesh, rules):
@@ -150,8 +157,7 @@ def test_cached_records_round_trip(tmp_path):
     mulan, semantic = synthetic_tokens(0, 0, 64, 12, 20, CODES, 4)
     path = str(tmp_path / "tokens.tfrecord")
     assert write_token_records(path, mulan, semantic) == 64
-    config = stage_config("semantic_lm", data__source="cached", data__path=path, train__num_steps=3,
-                          train__checkpoint_every=3)
+    config = lm_config(data__source="cached", data__path=path, train__num_steps=3, train__checkpoint_every=3)
     mesh = make_mesh(config.mesh)
     it = SemanticLMTask(config).train_iterator(mesh)
     straight = [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(6)]
@@ -164,7 +170,7 @@ def test_cached_records_round_trip(tmp_path):
         fresh.set_state({"batches": consumed})
         for k, v in next(fresh).items():
             np.testing.assert_array_equal(np.asarray(v), straight[consumed][k])
-    other_seed = SemanticLMTask(stage_config("semantic_lm", seed=1, data__source="cached", data__path=path))
+    other_seed = SemanticLMTask(lm_config(seed=1, data__source="cached", data__path=path))
     assert not np.array_equal(np.asarray(next(other_seed.train_iterator(mesh))["semantic_tokens"]),
                               straight[0]["semantic_tokens"])
 
@@ -175,8 +181,7 @@ def test_cached_records_round_trip(tmp_path):
     ckpt.close()
 
     with pytest.raises(ConfigError, match=r"field sizes .*'semantic_tokens': 20.*expects .*'semantic_tokens': 21"):
-        SemanticLMTask(stage_config("semantic_lm", data__source="cached", data__path=path,
-                                    data__semantic_len=21)).train_iterator(mesh)
+        SemanticLMTask(lm_config(data__source="cached", data__path=path, data__semantic_len=21)).train_iterator(mesh)
 
 
 def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):

@@ -20,13 +20,13 @@ from tqdm import tqdm
 
 from data_pipeline.indexed import RepeatedBatch
 from data_pipeline.input import make_train_iterator
-from melody_jax.nn.kmeans import kmeans_plusplus, lloyd_stats, lloyd_step, minibatch_step
+from melody_jax.nn.kmeans import kmeans_plusplus, lloyd_step, minibatch_step
 from melody_jax.nn.quantizers import perplexity
 from melody_jax.tokenizers.semantic import hidden_states, load_ssl, resolve_layer
 from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.sharding import rules_from_config
 from melody_jax.training.state import TrainState
-from melody_jax.training.task import Batch, Task
+from melody_jax.training.task import Batch, FittingTask
 
 
 def frame_embeddings(model, layer: int, params, audio: jax.Array, mask: jax.Array, rng: jax.Array,
@@ -67,9 +67,8 @@ def frame_batches(config, mesh: jax.sharding.Mesh) -> RepeatedBatch:
     return RepeatedBatch({"embeddings": jnp.stack(xs), "weights": jnp.stack(ws)})
 
 
-class KMeansTask(Task):
+class KMeansTask(FittingTask):
     name = "kmeans"
-    accumulates = False  # fitted by k-means steps, not gradients
 
     def validate(self) -> None:
         c = self.config
@@ -83,13 +82,6 @@ class KMeansTask(Task):
         m = self.config.model
         return {"centroids": nn.LogicallyPartitioned(jnp.zeros((m.num_clusters, m.embed_dim)), ("vocab", None)),
                 "counts": nn.LogicallyPartitioned(jnp.zeros((m.num_clusters,)), ("vocab",))}
-
-    def init_state(self, rng: jax.Array) -> TrainState:
-        return TrainState.create(self.init_params(rng), ())
-
-    def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
-        s = lloyd_stats(batch["embeddings"], batch["weights"], params["centroids"])
-        return s.inertia / jnp.maximum(batch["weights"].sum(), 1.0), {"inertia": s.inertia}
 
     def train_step(self, state: TrainState, batch: Batch, rng: jax.Array):
         m = self.config.model

@@ -30,7 +30,7 @@ from melody_jax.training.config import positive, require
 from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, batch_divisor, host_to_global, make_mesh, rules_from_config
 from melody_jax.training.state import TrainState
-from melody_jax.training.task import Batch, Task
+from melody_jax.training.task import Batch, FittingTask
 
 
 def load_mulan(mulan_workdir: str, mesh: jax.sharding.Mesh, rules) -> tuple[MuLanTask, Any]:
@@ -96,9 +96,8 @@ def reconstruction(codebooks: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.A
     return quantized, jnp.mean(jnp.sum((x - quantized) ** 2, -1)), codes
 
 
-class RVQTask(Task):
+class RVQTask(FittingTask):
     name = "rvq"
-    accumulates = False  # fitted by k-means steps, not gradients
 
     def validate(self) -> None:
         c = self.config
@@ -113,9 +112,6 @@ class RVQTask(Task):
         m = self.config.model
         zeros = jnp.zeros((m.num_quantizers, m.codebook_size, m.embed_dim), jnp.float32)
         return {"codebooks": nn.LogicallyPartitioned(zeros, (None, "vocab", None))}
-
-    def init_state(self, rng: jax.Array) -> TrainState:
-        return TrainState.create(self.init_params(rng), ())
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         x = batch["embeddings"]

@@ -53,13 +53,33 @@ def get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 def validate_common(config: ml_collections.ConfigDict) -> None:
     """The shared contract of DESIGN §3: fields every stage has."""
-    for field in ("seed", "stage", "mesh", "train.num_steps", "train.batch_size", "optim.lr"):
+    for field in ("seed", "stage", "mesh", "train.num_steps"):
         get_field(config, field)
     require(isinstance(config.seed, int) and not isinstance(config.seed, bool),
             f"config.seed={config.seed!r} must be an integer")
-    positive(config, "train.num_steps", "train.batch_size", "train.log_every", "train.eval_every",
-             "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps", "optim.lr")
-    non_negative(config, "train.stop_at_step", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip_norm")
+    positive(config, "train.num_steps", "train.log_every", "train.eval_every",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps")
+    non_negative(config, "train.stop_at_step")
+    if "attention_impl" in config.model:
+        check_attention(config)
+    for axis, size in config.mesh.items():
+        require(isinstance(size, int) and (size > 0 or size == -1),
+                f"config.mesh.{axis}={size!r} must be a positive int or -1")
+    try:
+        config_rules(config)
+    except (ValueError, TypeError) as e:
+        message = " ".join(str(e).split())
+        raise ConfigError(message if message.startswith("config.") else
+                          f"config.sharding_rules={' '.join(repr(config.get('sharding_rules')).split())[:120]}: "
+                          f"each rule must be [logical name, mesh axis or list or null] ({message})") from None
+
+
+def validate_optimization(config: ml_collections.ConfigDict) -> None:
+    """The contract of a stage trained by gradients (not of a fitted one): batch size, optimizer, EMA."""
+    for field in ("train.batch_size", "optim.lr"):
+        get_field(config, field)
+    positive(config, "train.batch_size", "optim.lr")
+    non_negative(config, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip_norm")
     one_of(config, "optim.schedule", ("cosine", "constant", "exponential"))
     one_of(config, "optim.name", ("adamw", "adam", "sgd", "dadapt_adamw", "prodigy"))
     train = config.train
@@ -73,18 +93,6 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     require(_finite(config.optim.b1) and _finite(config.optim.b2) and 0 <= config.optim.b1 < 1
             and 0 <= config.optim.b2 < 1,
             f"config.optim.b1={config.optim.b1}, b2={config.optim.b2} must lie in [0, 1)")
-    if "attention_impl" in config.model:
-        check_attention(config)
-    for axis, size in config.mesh.items():
-        require(isinstance(size, int) and (size > 0 or size == -1),
-                f"config.mesh.{axis}={size!r} must be a positive int or -1")
-    try:
-        config_rules(config)
-    except (ValueError, TypeError) as e:
-        message = " ".join(str(e).split())
-        raise ConfigError(message if message.startswith("config.") else
-                          f"config.sharding_rules={' '.join(repr(config.get('sharding_rules')).split())[:120]}: "
-                          f"each rule must be [logical name, mesh axis or list or null] ({message})") from None
 
 
 def check_attention(config: ml_collections.ConfigDict) -> None:

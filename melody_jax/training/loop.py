@@ -48,19 +48,21 @@ def prepare_workdir(workdir: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> Task:
     config_lib.validate_common(config)
     task = get_task(config)
-    task.validate()
-    check_accumulation(task)
+    check_task(task)
     return task
 
 
-def check_accumulation(task: Task) -> None:
-    if accumulate.steps(task.config) > 1 and not task.accumulates:
-        raise ConfigError(f"config.train.grad_accum_steps={accumulate.steps(task.config)}: the {task.config.stage} "
-                          "stage is not trained by gradients; leave it at 1")
+def check_task(task: Task) -> None:
+    """The optimizer's fields (a stage trained by gradients), then the stage's own checks."""
+    if not task.fitted:
+        config_lib.validate_optimization(task.config)
+    task.validate()
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-    """Every (micro-)batch splits evenly over data × fsdp."""
+    """Every (micro-)batch splits evenly over data × fsdp (a fitted stage has no batch size)."""
+    if "batch_size" not in config.train:
+        return
     k = accumulate.steps(config)
     if (config.train.batch_size // k) % batch_divisor(mesh):
         per = f" / grad_accum_steps={k}" if k > 1 else ""
@@ -154,8 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
         task = validate(config)
     else:
         config_lib.validate_common(config)
-        task.validate()
-        check_accumulation(task)
+        check_task(task)
     prepare_workdir(workdir)
     mesh = config_mesh(config)
     rules = config_rules(config)
@@ -242,7 +243,8 @@ def _run(task, config, mesh, state, start, train_it, step_fn, eval_fn, eval_rng,
         if step % log_every == 0 or step == last_step or extra:
             now = time.perf_counter()
             values["steps_per_sec"] = (step - tick_step) / max(now - tick, 1e-9)
-            values["examples_per_sec"] = values["steps_per_sec"] * config.train.batch_size
+            if "batch_size" in config.train:
+                values["examples_per_sec"] = values["steps_per_sec"] * config.train.batch_size
             tick, tick_step = now, step
             writer.write(step, values)
             bar.set_postfix(loss=f"{values['loss']:.4f}")

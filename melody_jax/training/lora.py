@@ -122,7 +122,6 @@ class LoRATask(Task):
         super().__init__(inner.config)
         self.inner = inner
         self.name = inner.name
-        self.accumulates = inner.accumulates
 
     def __getattr__(self, item: str) -> Any:  # the stage's own helpers (model, iterators' settings, ...)
         inner = self.__dict__.get("inner")

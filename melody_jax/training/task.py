@@ -36,7 +36,7 @@ class Task(abc.ABC):
     """Base class of every stage; subclasses set `name` and implement the abstract parts."""
 
     name: str = ""
-    accumulates: bool = True  # whether train.grad_accum_steps applies (stages fitted without gradients: no)
+    fitted: bool = False  # FittingTask: no optimizer, batch size or gradient accumulation
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -86,6 +86,24 @@ class Task(abc.ABC):
     def describe(self, params: Any) -> dict[str, int]:
         """Parameter count per top-level module, printed at start."""
         return {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in params.items()}
+
+
+class FittingTask(Task):
+    """A stage fitted by its own `train_step` (k-means iterations, RVQ levels) over all its data each
+    step: no optimizer, no batch size, no gradients (configs/common.py `fitting_config`). Its state's
+    params are what it fits, checkpointed and resumed like any stage's."""
+
+    fitted = True
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        return TrainState.create(self.init_params(rng), ())
+
+    @abc.abstractmethod
+    def train_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        """One fitting step; metrics with the `loss` the loop logs."""
+
+    def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:
+        raise TypeError(f"the {self.name} stage is fitted by its train_step; it has no loss to differentiate")
 
 
 # Stage name → "module:Class"; modules import lazily so a CLI pays only for its own stage.

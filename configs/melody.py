@@ -1,0 +1,57 @@
+"""The MeLoDy stage graph (DESIGN §4) and the demo's recipe: one place for the order the seven
+stages train in, the trained stages each one reads, and the per-stage changes of a run.
+
+`launch.demo`, `launch.bundle`, `launch.tokenize` and the test fixtures read the graph from here.
+The tiny presets compose as they are (sample rates, vocabularies, MuLan/RVQ sizes, latent sizes:
+what `pipelines.bundle.check_fit` checks), so a recipe changes only data, upstream stages and steps.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import ml_collections
+
+from configs.common import stage_config
+
+STAGES = ("vae_gan", "ssl", "kmeans", "mulan", "rvq", "semantic_lm", "dpd")  # each after the stages it reads
+# The trained stages each stage reads. k-means and RVQ load theirs; the semantic LM loads its four in
+# the step (data.source="frozen_models") or, like the DPD, reads their outputs cached by `launch.tokenize`
+# (data.source="cached").
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "vae_gan": (), "ssl": (), "kmeans": ("ssl",), "mulan": (), "rvq": ("mulan",),
+    "semantic_lm": ("ssl", "kmeans", "mulan", "rvq"), "dpd": ("vae_gan", "ssl", "kmeans"),
+}
+# What `launch.tokenize` runs over a prepared dataset: the stages the cached records come from.
+TOKENIZE_STAGES = tuple(s for s in STAGES if s in UPSTREAM["semantic_lm"] + UPSTREAM["dpd"])
+TOKENS = "tokens.tfrecord"  # the demo's cached records, under its root
+TOKEN_CROP_SECONDS = 0.64  # the tiny DPD's window: 160 latent frames, 16 semantic tokens
+# The demo's steps per stage at steps_scale 1 (k-means and RVQ fit: their steps are iterations/levels).
+DEMO_STEPS = {"vae_gan": 500, "ssl": 400, "mulan": 500, "semantic_lm": 1000, "dpd": 1200}
+
+
+def upstream_field(stage: str, upstream: str) -> str:
+    """The field of `stage` naming its trained `upstream` stage's directory: the one place that spells
+    the upstream fields (they become `upstream.<upstream>` when the frozen-stage floor lands)."""
+    return {"kmeans": "model.ssl_workdir", "rvq": "model.mulan_workdir"}.get(stage, f"data.frozen.{upstream}")
+
+
+def upstream_overrides(stage: str, workdirs: Mapping[str, str]) -> dict[str, str]:
+    """Overrides pointing a stage that loads its upstream stages (k-means, RVQ, the semantic LM on
+    frozen models) at their workdirs."""
+    return {upstream_field(stage, s): workdirs[s] for s in UPSTREAM[stage]}
+
+
+def demo_configs(data: str, root: str, steps_scale: float = 1.0) -> dict[str, ml_collections.ConfigDict]:
+    """The demo's seven configs: tiny presets on the prepared dataset `data`, k-means and RVQ reading
+    the SSL and MuLan runs under `root`, the LM and the DPD reading the records cached there."""
+    workdirs = {s: os.path.join(root, s) for s in STAGES}
+    audio = {"data.path": data}
+    cached = {"data.source": "cached", "data.path": os.path.join(root, TOKENS)}
+    changes = {"vae_gan": audio, "ssl": audio, "mulan": audio, "kmeans": upstream_overrides("kmeans", workdirs),
+               "rvq": upstream_overrides("rvq", workdirs), "semantic_lm": cached, "dpd": cached}
+    configs = {}
+    for stage in STAGES:
+        steps = {"train.num_steps": max(1, int(DEMO_STEPS[stage] * steps_scale))} if stage in DEMO_STEPS else {}
+        configs[stage] = stage_config(stage, "tiny", {**changes[stage], **steps, "train.tensorboard": False})
+    return configs
