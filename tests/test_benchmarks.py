@@ -19,6 +19,8 @@ from benchmarks import train_step as train_step_bench
 from benchmarks.report import compiled_flops, machine, partitions, write_json
 from melody_jax.models.transformer import DecoderBlock
 
+pytestmark = pytest.mark.slow  # benchmark sections run
+
 MACHINE_FIELDS = {"cpu", "cores", "device_kind", "platform", "devices", "jax", "flax"}
 TRAIN_COLUMNS = {"preset", "batch", "seq_len", "compile_s", "step_s", "examples_per_s", "xla_flops", "analytic_flops",
                  "flops_ratio_xla_over_analytic", "achieved_flops_per_s", "mfu"}

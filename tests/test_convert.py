@@ -14,6 +14,8 @@ from melody_jax.convert.checkpoint_dir import ConversionError
 from melody_jax.training.errors import BundleError
 from tests.helpers import run_cli
 
+pytestmark = pytest.mark.slow  # converted checkpoints through the CLI
+
 FIXTURES = "tests/fixtures/hf"
 
 

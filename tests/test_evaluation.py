@@ -50,6 +50,7 @@ def clips():
             for i, (lead, acc) in enumerate(leads)]
 
 
+@pytest.mark.slow  # musicnn in its own process
 def test_musicnn_runs_its_pretrained_tagger(clips):
     feats = musicnn_features([c.audio for c in clips], 24000)
     assert feats.embeddings.shape == (8, 200) and list(feats.clip_of_patch) == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -65,6 +66,7 @@ def test_musicnn_runs_its_pretrained_tagger(clips):
         ["piano", "strings", "piano", "strings"]
 
 
+@pytest.mark.slow  # musicnn in its own process
 def test_a_missing_musicnn_checkpoint_is_a_clear_error(clips):
     with pytest.raises(EvaluationError, match="musicnn failed: .*no musicnn checkpoint for 'MSD_musicnn_big'"):
         musicnn_features([clips[0].audio], 24000, model="MSD_musicnn_big")

@@ -14,6 +14,8 @@ from melody_jax.convert.hf_encodec import encodec_from_hf
 from melody_jax.models import codec
 from melody_jax.nn.conv import Conv, Upsample
 
+pytestmark = pytest.mark.slow  # every EnCodec variant converted and compared
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 
 

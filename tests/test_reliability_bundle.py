@@ -14,6 +14,8 @@ from melody_jax.training.errors import BundleError
 from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 from tests.helpers import stage_config
 
+pytestmark = pytest.mark.slow  # bundles assembled through the CLI
+
 
 def test_case10_bundle_failing_part_way_cleans_up_and_reruns(tmp_path):
     configs = {"codec": stage_config("codec", data__path="x"), "musicgen": stage_config("musicgen")}

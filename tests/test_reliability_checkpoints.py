@@ -26,6 +26,8 @@ from melody_jax.training.sharding import make_mesh
 from tests.helpers import run_cli, toy_config
 from tests.test_reliability_training import FaultyTask, restore
 
+pytestmark = pytest.mark.slow  # a trained workdir damaged and resumed
+
 CONFIG = dict(train__num_steps=4, train__checkpoint_every=1, train__keep_checkpoints=10)
 
 

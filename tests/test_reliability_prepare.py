@@ -16,6 +16,8 @@ from data_pipeline import audio_io
 from data_pipeline.builder import PrepareError, PrepareSettings, _hash_fraction, find_prepared, prepare
 from tests.helpers import run_cli
 
+pytestmark = pytest.mark.slow  # preparations and CLI runs
+
 SR = 8000
 
 

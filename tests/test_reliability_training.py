@@ -24,6 +24,8 @@ from melody_jax.training.metrics import MetricsWriter, read_metrics
 from melody_jax.training.sharding import activate, config_rules, make_mesh
 from tests.helpers import PoisonedToyLM, run_cli, toy_config
 
+pytestmark = pytest.mark.slow  # faulty trainings and CLI runs
+
 
 @jax.custom_vjp
 def _scale_grad(x: jax.Array, s: jax.Array) -> jax.Array:

@@ -184,6 +184,7 @@ def test_cached_records_round_trip(tmp_path):
         SemanticLMTask(lm_config(data__source="cached", data__path=path, data__semantic_len=21)).train_iterator(mesh)
 
 
+@pytest.mark.slow  # four frozen stages, a training and a resume
 def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
     """data.source="frozen_models": the in-step tokens are the frozen stages' own tokens (checked
     through the loss), the run trains and evaluates through the loop and resumes by audio position."""

@@ -1,12 +1,15 @@
 """Gradient accumulation: k micro-batches in one jitted step give the whole batch's update, with less memory."""
 import jax
 import numpy as np
+import pytest
 
 from melody_jax.tasks.vae_gan import VAEGANTask
 from melody_jax.training.loop import init_sharded_state, sharded_abstract_state
 from melody_jax.training.plan import plan_train_step
 from melody_jax.training.sharding import activate, make_mesh, rules_from_config
 from tests.helpers import stage_config, stage_layout, toy_config, train_and_restore
+
+pytestmark = pytest.mark.slow  # stage steps compared, one by one
 
 # Plain SGD at lr 1 without clipping: the step's change of the parameters is the gradient itself,
 # so the comparison sees the accumulated gradient (Adam's first step, ≈ lr·sign(g), would hide it).

@@ -16,6 +16,8 @@ from melody_jax.training.sharding import activate
 from melody_jax.training.workdir_lock import LOCK_NAME
 from tests.helpers import run_cli, stage_config, stage_layout, toy_config
 
+pytestmark = pytest.mark.slow  # trainings of a stage and its adapters
+
 QUIET = dict(train__eval_every=1000, train__checkpoint_every=1000)
 # new data: strides up to 6 where the base saw up to 4, from another seed
 LORA = dict(seed=1, data__num_strides=6, model__lora__rank=2, train__num_steps=30, optim__lr=1e-2, **QUIET)

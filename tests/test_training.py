@@ -20,6 +20,8 @@ from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import activate, make_mesh, rules_from_config
 from tests.helpers import ROOT, PoisonedToyLM, cli_env, run_cli, toy_config
 
+pytestmark = pytest.mark.slow  # trainings through the loop and the CLI
+
 MESH_222 = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
 
 
