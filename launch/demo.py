@@ -51,8 +51,8 @@ def stage_configs(data: str, root: str, scale: float) -> dict:
         "vae_gan": get("vae_gan", 500, **{"data.path": data}),
         "ssl": get("ssl", 400, **{"data.path": data}),
         "mulan": get("mulan", 500, **{"data.path": data, "data.sample_rate": 24000}),
-        "kmeans": get("kmeans", 0, **{"model.ssl_workdir": w("ssl"), "model.num_clusters": VOCAB}),
-        "rvq": get("rvq", 0, **{"model.mulan_workdir": w("mulan"), "model.codebook_size": MULAN_CODES}),
+        "kmeans": get("kmeans", 0, **{"upstream.ssl": w("ssl"), "model.num_clusters": VOCAB}),
+        "rvq": get("rvq", 0, **{"upstream.mulan": w("mulan"), "model.codebook_size": MULAN_CODES}),
         "semantic_lm": get("semantic_lm", 1000, **{"data.source": "cached", "data.path": w("tokens.tfrecord"),
                                                   "data.semantic_len": 16, "model.semantic_vocab_size": VOCAB,
                                                   "model.mulan_codebook_size": MULAN_CODES}),
@@ -62,6 +62,7 @@ def stage_configs(data: str, root: str, scale: float) -> dict:
 
 
 def train_stage(name: str, config, workdir: str, log: dict) -> None:
+    from melody_jax.tasks.registry import get_task
     from melody_jax.training.loop import train
 
     final = os.path.join(workdir, "final_metrics.json")
@@ -72,14 +73,14 @@ def train_stage(name: str, config, workdir: str, log: dict) -> None:
         return
     print(f"[demo] training {name} ({config.train.num_steps} steps)", flush=True)
     start = time.perf_counter()
-    summary = train(config, workdir)
+    summary = train(get_task(config), workdir)
     log[name] = {**summary, "seconds": time.perf_counter() - start}
 
 
 def tokenize(root: str, data: str) -> None:
     import jax
 
-    from melody_jax.pipelines.stages import tokenize_dataset
+    from data_pipeline.tokenized import tokenize_dataset
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
     out = os.path.join(root, "tokens.tfrecord")

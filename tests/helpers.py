@@ -46,7 +46,7 @@ def stage_layout(config: ml_collections.ConfigDict):
 
     from melody_jax.training.loop import sharded_abstract_state
     from melody_jax.training.sharding import activate, make_mesh, rules_from_config
-    from melody_jax.training.task import get_task
+    from melody_jax.tasks.registry import get_task
 
     task = get_task(config)
     mesh, rules = make_mesh(config.mesh), rules_from_config(config.sharding_rules)
@@ -64,7 +64,7 @@ def train_and_restore(config: ml_collections.ConfigDict, workdir: str):
     from melody_jax.training.metrics import read_metrics
     from melody_jax.training.sharding import activate
 
-    summary = train(config, workdir)
+    summary = train(get_task(config), workdir)
     task, mesh, rules, abstract, _ = stage_layout(config)
     ckpt = Checkpointer(workdir, keep=3, every=1)
     with activate(mesh, rules):
