@@ -157,4 +157,4 @@ def test_codec_source_refuses_a_codec_that_does_not_fit(trained):
     task.validate()
     with pytest.raises(ConfigError, match=r"config.upstream.codec: codec has 4 codebooks of 64 codes, "
                                           r"musicgen models 4 of 128"):
-        task.train_iterator(config_mesh(task.config))
+        task.setup(config_mesh(task.config))

@@ -50,7 +50,8 @@ def test_stage_trains_through_the_loop(stage_run):
 
 def test_mesh_layout_does_not_change_the_losses(stage_run, tmp_path):
     """Data × FSDP × tensor = 2 × 2 × 2 (every axis split) against the one-device run."""
-    summary = train(get_task(stage(train__stop_at_step=MESH_STEPS, mesh__data=2, mesh__fsdp=2, mesh__tensor=2)), str(tmp_path))
+    config = stage(train__stop_at_step=MESH_STEPS, mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    summary = train(get_task(config), str(tmp_path))
     assert summary["status"] == "stopped" and summary["step"] == MESH_STEPS
     reference, sharded = losses(stage_run[1]), losses(tmp_path)
     steps = range(1, MESH_STEPS + 1)

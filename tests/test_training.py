@@ -56,7 +56,8 @@ def test_sharded_training_learns_and_shards_params(tmp_path):
 def test_mesh_layout_does_not_change_the_math(tmp_path):
     dp = train(get_task(toy_config(train__num_steps=10, mesh__data=8)), str(tmp_path / "dp"))
     sharded = train(get_task(toy_config(train__num_steps=10, **MESH_222)), str(tmp_path / "222"))
-    one = train(get_task(toy_config(train__num_steps=10, mesh_devices=1)), str(tmp_path / "one"))  # the first device only
+    # the first device only
+    one = train(get_task(toy_config(train__num_steps=10, mesh_devices=1)), str(tmp_path / "one"))
     a, b, c = losses(tmp_path / "dp"), losses(tmp_path / "222"), losses(tmp_path / "one")
     np.testing.assert_allclose([a[s] for s in range(1, 11)], [b[s] for s in range(1, 11)], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose([a[s] for s in range(1, 11)], [c[s] for s in range(1, 11)], rtol=2e-5, atol=2e-5)
@@ -68,7 +69,8 @@ def test_mesh_layout_does_not_change_the_math(tmp_path):
 def test_resume_continues_bit_for_bit(tmp_path):
     train(get_task(toy_config(train__num_steps=40, train__checkpoint_every=20)), str(tmp_path / "straight"))
     resumed = tmp_path / "resumed"
-    first = train(get_task(toy_config(train__num_steps=40, train__checkpoint_every=20, train__stop_at_step=20)), str(resumed))
+    first = train(get_task(toy_config(train__num_steps=40, train__checkpoint_every=20, train__stop_at_step=20)),
+                  str(resumed))
     assert first["status"] == "stopped" and first["step"] == 20
     train(get_task(toy_config(train__num_steps=40, train__checkpoint_every=20)), str(resumed))
     a, b = losses(tmp_path / "straight"), losses(resumed)

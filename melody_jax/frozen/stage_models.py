@@ -123,18 +123,21 @@ def _semantic_lm(config) -> StageModel:
 
 
 def _dpd(config) -> StageModel:
-    m, d = config.model, config.data
+    m = config.model
     model = DPD(latent_dim=m.latent_dim, hidden_dim=m.hidden_dim, num_blocks=m.num_blocks,
                 segment_length=m.segment_length, merge_lengths=tuple(m.merge_lengths) or None,
                 num_heads=m.num_heads, roformer_layers=m.roformer_layers, mlp_dim=m.mlp_dim,
                 angle_dim=m.angle_dim, vocab_size=m.vocab_size, align_tokens=m.align_tokens,
                 parallel_sru=m.parallel_sru, remat=m.remat, dtype=jnp.dtype(m.dtype))
 
-    def init(rng):
-        z = jnp.zeros((1, d.latent_length, m.latent_dim))
-        return model.init(rng, z, jnp.zeros(z.shape[:2]), jnp.zeros((1, d.token_length), jnp.int32))["params"]
+    return StageModel(model, lambda rng: dpd_params(model, config, rng))
 
-    return StageModel(model, init)
+
+def dpd_params(model: nn.Module, config, rng: jax.Array) -> Any:
+    """Params of a DPD-shaped velocity network (the DPD, or an ablation's stand-in) at the config's sizes."""
+    d = config.data
+    z = jnp.zeros((1, d.latent_length, config.model.latent_dim))
+    return model.init(rng, z, jnp.zeros(z.shape[:2]), jnp.zeros((1, d.token_length), jnp.int32))["params"]
 
 
 ARCHITECTURE = {"norm": "rms", "positions": "rotary", "mlp_bias": True, "text_encoder": "bytes", "text_vocab_size": 0,

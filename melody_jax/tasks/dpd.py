@@ -27,7 +27,7 @@ from melody_jax.diffusion.angles import (Schedule, add_noise, chunk_boundaries, 
                                          velocity)
 from melody_jax.diffusion.guidance import classifier_free_guidance
 from melody_jax.diffusion.samplers import continue_latents, generate, inpaint
-from melody_jax.frozen.stage_models import build_model
+from melody_jax.frozen.stage_models import build_model, dpd_params
 from melody_jax.models.dpd import DPD, guidance_conditions, velocity_fn
 from melody_jax.training.config import non_negative, positive, require
 from melody_jax.training.errors import ConfigError
@@ -183,7 +183,7 @@ class DPDTask(Task):
         return build_model(self.config).module
 
     def init_params(self, rng: jax.Array) -> Any:
-        return build_model(self.config).init(rng)
+        return dpd_params(self.model, self.config, rng)
 
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:
         noise_key, drop_key = jax.random.split(rng)

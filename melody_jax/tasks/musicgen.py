@@ -209,9 +209,10 @@ class MusicGenTask(Task):
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         model, c = self.model, self.config
-        codes = batch["codes"]
         if "frozen" in batch:  # data.source="codec": the crops' codes, from the frozen codec
             codes = self.codec.encode_fn(batch["frozen"], batch["audio"])[:, :, : c.data.frames]
+        else:
+            codes = batch["codes"]
         seq = self.pattern.build(codes, model.special_token)
         drop_text = drop_melody = None
         if train:

@@ -1,7 +1,7 @@
 """The one training loop: any task, any mesh; resumable, preemptible, NaN-guarded.
 
-Order of work: validate → mesh → upstream stages (`Task.setup`) → shapes (`jax.eval_shape`) → shardings → restore or sharded init
-(`jax.jit(init, out_shardings=…)`) → jitted, donated step → log / eval / checkpoint.
+Order of work: validate → mesh → upstream stages (`Task.setup`) → shapes (`jax.eval_shape`) → shardings
+→ restore or sharded init (`jax.jit(init, out_shardings=…)`) → jitted, donated step → log / eval / checkpoint.
 Step k's metrics are read on the host while step k+1 runs, so logging never stalls the device; on a
 checkpoint step they are read (and logged) before the save, which waits for that step anyway, so no
 kill can leave a checkpointed step without its line. `holds_workdir`: one trainer per workdir.
