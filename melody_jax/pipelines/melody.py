@@ -110,9 +110,9 @@ class MeLoDy:
         self.sample_rate = self.vae.sample_rate
         self.frames_per_token = self.tokenizer.hop // self.vae.hop
         self.token_rate = self.sample_rate / self.tokenizer.hop
-        self.lm_window = lm_task.config.data.semantic_len
-        self.window_tokens = dpd_task.config.data.token_length
-        self.chunk_tokens = math.ceil(self.window_tokens / dpd_task.config.model.num_chunks)  # M_ST
+        self.lm_window = lm.config.data.semantic_len
+        self.window_tokens = dpd.config.data.token_length
+        self.chunk_tokens = math.ceil(self.window_tokens / dpd.config.model.num_chunks)  # M_ST
         self.lm_context = max(0, min(self.lm_window, self.window_tokens) - self.chunk_tokens)
 
     # --- public API -----------------------------------------------------------------------------
