@@ -32,7 +32,7 @@ from melody_jax.pipelines.generation import Generator
 from melody_jax.pipelines.melody import MeLoDy
 from melody_jax.pipelines.musicgen import MusicGen
 from melody_jax.training.config import apply_overrides
-from melody_jax.training.task import get_task
+from melody_jax.tasks.registry import get_task
 
 PROMPTS = ["an upbeat pop song with drums and a bright piano melody", "slow ambient strings in a minor key"]
 COLUMNS = ["preset", "system", "seconds", "params_m", "forward_passes", "first_call_s", "wall_s", "realtime_x",

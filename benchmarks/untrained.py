@@ -15,10 +15,10 @@ import ml_collections
 from flax import linen as nn
 
 from melody_jax.pipelines.bundle import assemble
+from melody_jax.tasks.registry import get_task
 from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, param_signature
 from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
-from melody_jax.training.task import get_task
 
 
 def init_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -1,10 +1,12 @@
 """k-means over a frozen SSL model's layer (DESIGN §4.2): the semantic tokenizer's 1024 centroids.
 
 Not gradient training: one step = one k-means iteration (melody_jax/tasks/kmeans.py), so
-train.num_steps is the number of iterations. `model.ssl_workdir` names the trained ssl stage; its
+train.num_steps is the number of iterations. `upstream.ssl` names the trained ssl stage; its
 data is used unless `data.path` names another prepared dataset (at its sample rate).
 `model.layer` = -1 takes the middle Conformer block.
 """
+import ml_collections
+
 from configs.common import check_preset, fitting_config
 
 
@@ -13,7 +15,7 @@ def get_config(arg: str | None = None):
     tiny = preset == "tiny"
     c = fitting_config("kmeans")
     c.preset = preset
-    c.model.ssl_workdir = ""
+    c.upstream = ml_collections.ConfigDict({"ssl": ""})  # the ssl stage's workdir (or a bundle's ssl folder)
     c.model.layer = -1  # -1 = num_layers // 2
     c.model.num_clusters = 32 if tiny else 1024
     c.model.embed_dim = {"tiny": 64, "small": 256, "base": 512, "paper": 768}[preset]  # checked against the SSL model

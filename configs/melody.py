@@ -31,9 +31,8 @@ DEMO_STEPS = {"vae_gan": 500, "ssl": 400, "mulan": 500, "semantic_lm": 1000, "dp
 
 
 def upstream_field(stage: str, upstream: str) -> str:
-    """The field of `stage` naming its trained `upstream` stage's directory: the one place that spells
-    the upstream fields (they become `upstream.<upstream>` when the frozen-stage floor lands)."""
-    return {"kmeans": "model.ssl_workdir", "rvq": "model.mulan_workdir"}.get(stage, f"data.frozen.{upstream}")
+    """The field of `stage` naming its trained `upstream` stage's directory."""
+    return f"upstream.{upstream}"
 
 
 def upstream_overrides(stage: str, workdirs: Mapping[str, str]) -> dict[str, str]:

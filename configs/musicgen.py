@@ -6,8 +6,7 @@ FFN blocks, plus cross-attention and our text encoder); `paper` is the same; `ba
 The `model.norm`/`positions`/`mlp_bias`/`text_*`/`melody_mode` options exist for the public
 checkpoints (`python -m launch.convert`, README "Public MusicGen checkpoints"); the presets keep ours.
 Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py; tiny/small) or
-"codec" (paper/base: codes of prepared audio from the frozen codec in `data.codec_checkpoint`, chroma
-from librosa).
+"codec" (paper/base: codes of prepared audio from the frozen codec in `upstream.codec`, chroma from librosa).
 """
 import math
 
@@ -67,10 +66,9 @@ def get_config(arg: str | None = None):
     c.data.update(default_data_config())  # the audio pipeline's fields (data.source="codec")
     del c.data["crop_seconds"]  # codec: data.frames codec frames, in samples at the codec's rate
     # synthetic | codec. paper/base train on real audio: validation refuses them until data.path and
-    # data.codec_checkpoint are set.
+    # upstream.codec are set.
     c.data.source = "codec" if reference else "synthetic"
     c.data.max_note_frames = 4  # synthetic melody: notes last 1..this many chroma frames
-    c.data.codec_checkpoint = ""  # codec: the codec stage's workdir
     c.data.path = ""  # codec: a prepared audio dataset at the codec's rate (launch.prepare_data)
     c.data.caption_probability = 1.0  # codec: the caption, else the tag list
     # codec: the melody chroma from the full mix ("none") or from librosa's harmonic part ("hpss"), the
@@ -109,6 +107,7 @@ def get_config(arg: str | None = None):
         c.optim.name, c.optim.lr, c.optim.b2 = "dadapt_adamw", 1.0, 0.95  # 10 steps ≈ 0.999 every step
         c.train.ema_decay = 0.999
 
+    c.upstream = ml_collections.ConfigDict({"codec": ""})  # data.source="codec": the codec stage's workdir
     c.sample = ml_collections.ConfigDict()
     c.sample.top_k = 250
     c.sample.top_p = 0.0  # nucleus mass; 0 = off

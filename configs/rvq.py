@@ -1,9 +1,11 @@
 """RVQ over MuLan audio embeddings (DESIGN §4.3): 12 × 1024 codebooks by k-means per residual level.
 
 Not gradient training: one step fits one level (melody_jax/tasks/rvq.py), so train.num_steps is
-model.num_quantizers. `model.mulan_workdir` names the trained mulan stage; its data is used unless
+model.num_quantizers. `upstream.mulan` names the trained mulan stage; its data is used unless
 `data.path` names another prepared dataset (at MuLan's sample rate).
 """
+import ml_collections
+
 from configs.common import check_preset, fitting_config
 
 
@@ -12,7 +14,7 @@ def get_config(arg: str | None = None):
     tiny = preset == "tiny"
     c = fitting_config("rvq")
     c.preset = preset
-    c.model.mulan_workdir = ""
+    c.upstream = ml_collections.ConfigDict({"mulan": ""})  # the mulan stage's workdir (or a bundle's folder)
     c.model.num_quantizers = 12
     c.model.codebook_size = 16 if tiny else 1024  # tiny: the semantic LM's tiny MuLan vocabulary
     c.model.embed_dim = 128  # MuLan's out_dim (checked against the checkpoint)

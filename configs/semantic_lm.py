@@ -3,7 +3,7 @@
 `paper` is 24 layers, d 1024, 16 heads, FFN 4096: 417.3M parameters (the paper reports 429.5M).
 Data (`data.source`): "synthetic" (a learnable token rule, see melody_jax/tasks/semantic_lm.py; tiny/small),
 "cached" (TFRecords from `launch.tokenize`; paper/base), or "frozen_models" (audio crops tokenised inside the step
-by the ssl/kmeans/mulan/rvq stages named in data.frozen). 10 s of audio = 250 semantic tokens.
+by the ssl/kmeans/mulan/rvq stages named in `upstream`). 10 s of audio = 250 semantic tokens.
 """
 import ml_collections
 
@@ -46,8 +46,6 @@ def get_config(arg: str | None = None):
     c.data.path = ""  # cached: a TFRecord file or glob written by token_records.write_token_records
     c.data.eval_path = ""  # cached: held-out records for evaluation ("" = no evaluation)
     c.data.shuffle_buffer = 1024
-    # frozen_models: audio from a prepared dataset (data.path), tokenised in the step by these stages
-    c.data.frozen = ml_collections.ConfigDict({"ssl": "", "kmeans": "", "mulan": "", "rvq": ""})
     c.data.sample_rate = 24000
     c.data.eval_split = "validation"
     c.data.cycle_length = 4
@@ -60,4 +58,6 @@ def get_config(arg: str | None = None):
     c.optim.lr = 3e-3 if preset == "tiny" else 3e-4
     c.optim.warmup_steps = 10 if preset == "tiny" else 1000
     c.optim.weight_decay = 0.0 if preset == "tiny" else 0.1
+    # frozen_models: audio from a prepared dataset (data.path), tokenised in the step by these stages' workdirs
+    c.upstream = ml_collections.ConfigDict({"ssl": "", "kmeans": "", "mulan": "", "rvq": ""})
     return c

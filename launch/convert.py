@@ -29,7 +29,8 @@ def convert(source: str, out: str, dtype: str = "float32") -> dict:
     """Writes the bundle of the HF checkpoint in `source` to `out`; returns its manifest."""
     from melody_jax.convert.checkpoint_dir import read_checkpoint
     from melody_jax.convert.hf_musicgen import TOKENIZER_FILE, musicgen_from_hf
-    from melody_jax.pipelines.bundle import check_musicgen_fit, refuse_existing, write_manifest, write_stage
+    from melody_jax.frozen.codec import check_musicgen_fit
+    from melody_jax.pipelines.bundle import refuse_existing, write_manifest, write_stage
     from melody_jax.training import config as config_lib
 
     refuse_existing(out)

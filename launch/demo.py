@@ -33,6 +33,7 @@ EVAL_PROMPTS = 8
 
 
 def train_stage(name: str, config, workdir: str, log: dict) -> None:
+    from melody_jax.tasks.registry import get_task
     from melody_jax.training.loop import train
 
     final = os.path.join(workdir, "final_metrics.json")
@@ -43,14 +44,14 @@ def train_stage(name: str, config, workdir: str, log: dict) -> None:
         return
     print(f"[demo] training {name} ({config.train.num_steps} steps)", flush=True)
     start = time.perf_counter()
-    summary = train(config, workdir)
+    summary = train(get_task(config), workdir)
     log[name] = {**summary, "seconds": time.perf_counter() - start}
 
 
 def tokenize(root: str, data: str) -> None:
     import jax
 
-    from melody_jax.pipelines.stages import tokenize_dataset
+    from data_pipeline.tokenized import tokenize_dataset
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
     from configs.melody import TOKEN_CROP_SECONDS, TOKENIZE_STAGES, TOKENS

@@ -47,6 +47,7 @@ def use_fake_devices(count: int) -> None:
 
 
 def run() -> dict:
+    from melody_jax.tasks.registry import get_task
     from melody_jax.training.plan import format_plan, plan_train_step
 
     config = _CONFIG.value
@@ -57,7 +58,7 @@ def run() -> dict:
     sizes = dict(config.mesh)
     devices = _DEVICES.value or (math.prod(sizes.values()) if -1 not in sizes.values() else 8)
     use_fake_devices(devices)
-    result = plan_train_step(config)
+    result = plan_train_step(get_task(config))
     print(format_plan(result), flush=True)
     if _JSON.value:
         write_json_atomic(_JSON.value, result)

@@ -30,24 +30,26 @@ def reconstruct(workdir: str, in_path: str, out_path: str) -> dict[str, float]:
     import soundfile as sf
 
     from data_pipeline.audio_io import BadAudio, decode as read_audio
+    from melody_jax.audio.losses import resolutions
     from melody_jax.audio.metrics import reconstruction_metrics
+    from melody_jax.frozen.vae import FrozenVAE
     from melody_jax.models import vae_gan
-    from melody_jax.tasks.vae_gan import load_vae_gan
     from melody_jax.training.sharding import activate, make_mesh, rules_from_config
 
     mesh = make_mesh({"data": -1})
     rules = rules_from_config(None)
     with activate(mesh, rules):
-        task, params = load_vae_gan(workdir, mesh, rules)
-        rate = int(task.config.data.sample_rate)
+        vae = FrozenVAE.load(workdir, mesh, rules, field="--checkpoint")
+        rate, params, model = vae.sample_rate, vae.params, vae.model
+        w = vae.config.loss
+        stft = resolutions(w.stft_n_ffts, w.stft_hops, w.stft_wins)
         try:
             audio = read_audio(in_path, rate)
         except BadAudio as e:
             raise InputAudioError(f"--input={in_path}: {e}") from None
-        if audio.size <= task.model.hop:
+        if audio.size <= model.hop:
             raise InputAudioError(f"--input={in_path}: {audio.size} samples at {rate} Hz is shorter than one "
-                                  f"latent frame ({task.model.hop} samples)")
-        model = task.model
+                                  f"latent frame ({model.hop} samples)")
         x = jax.device_put(np.asarray(audio, np.float32)[None], jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec()))
 
@@ -55,7 +57,7 @@ def reconstruct(workdir: str, in_path: str, out_path: str) -> dict[str, float]:
         def run(params, x):
             z, stats = vae_gan.encode(params, x, model, with_stats=True)
             y = vae_gan.decode(params, z, model)[:, : x.shape[-1]]
-            return y, {**reconstruction_metrics(y, x, rate, task.stft_resolutions), **stats,
+            return y, {**reconstruction_metrics(y, x, rate, stft), **stats,
                        "latent_frames": z.shape[1]}
 
         y, metrics = run(params, x)

@@ -70,6 +70,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
 
 def sweep(base, grid: list[str], root: str, dry_run: bool, base_overrides: dict[str, str],
           config_arg: str) -> list[tuple[str, dict]]:
+    from melody_jax.tasks.registry import get_task
     from melody_jax.training.loop import train
 
     runs = expand(parse_grid(grid))
@@ -90,7 +91,7 @@ def sweep(base, grid: list[str], root: str, dry_run: bool, base_overrides: dict[
             continue
         logging.info("[%d/%d] %s", i + 1, len(configs), name)
         try:
-            rows.append((name, train(config, workdir)))
+            rows.append((name, train(get_task(config), workdir)))
         except UserError as e:  # one bad run must not end the sweep
             rows.append((name, {"status": f"failed: {e}"}))
     os.makedirs(root, exist_ok=True)

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     import jax
 
-    from melody_jax.pipelines.stages import tokenize_dataset
+    from data_pipeline.tokenized import tokenize_dataset
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
     def run() -> None:

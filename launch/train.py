@@ -25,11 +25,12 @@ def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
     from melody_jax.training.distributed import initialize
+    from melody_jax.tasks.registry import get_task
     from melody_jax.training.loop import train
 
     run_user_errors(lambda: initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                        _PROCESS_ID.value))
-    summary = run_user_errors(lambda: train(_CONFIG.value, _WORKDIR.value))
+    summary = run_user_errors(lambda: train(get_task(_CONFIG.value), _WORKDIR.value))
     logging.info("finished: %s", summary)
 
 

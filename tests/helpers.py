@@ -41,9 +41,9 @@ def stage_layout(config: ml_collections.ConfigDict):
     """(task, mesh, rules, abstract train state with shardings, sharding tree) for the config's mesh."""
     import jax
 
+    from melody_jax.tasks.registry import get_task
     from melody_jax.training.loop import sharded_abstract_state
     from melody_jax.training.sharding import activate, make_mesh, rules_from_config
-    from melody_jax.training.task import get_task
 
     task = get_task(config)
     mesh, rules = make_mesh(config.mesh), rules_from_config(config.sharding_rules)
@@ -56,12 +56,13 @@ def train_and_restore(config: ml_collections.ConfigDict, workdir: str):
     """Trains the config to its last step in `workdir`; (summary, metric records, task, final params on host)."""
     import jax
 
+    from melody_jax.tasks.registry import get_task
     from melody_jax.training.checkpoint import Checkpointer
     from melody_jax.training.loop import train
     from melody_jax.training.metrics import read_metrics
     from melody_jax.training.sharding import activate
 
-    summary = train(config, workdir)
+    summary = train(get_task(config), workdir)
     task, mesh, rules, abstract, _ = stage_layout(config)
     ckpt = Checkpointer(workdir, keep=3, every=1)
     with activate(mesh, rules):

@@ -23,6 +23,7 @@ from melody_jax.pipelines.musicgen import MusicGen
 from melody_jax.tasks.codec import CodecTask
 from melody_jax.tasks.musicgen import MusicGenTask
 from melody_jax.training.errors import ConfigError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
 from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import DEFAULT_RULES, activate, config_mesh, make_mesh
@@ -66,7 +67,7 @@ def trained(tmp_path_factory, prepared_data):
         state = jax.jit(lambda r: nn.meta.unbox(task.init_state(r)))(jax.random.key(0))
         it = task.eval_iterator(mesh)
         before = [jax.jit(task.eval_step)(state.params, next(it), jax.random.key(0)) for _ in range(2)]
-    summary = train(config, str(root / "run"))
+    summary = train(get_task(config), str(root / "run"))
     return {"summary": summary, "records": read_metrics(str(root / "run")), "data": data, "workdir": str(root / "run"),
             "before": {k: float(np.mean([b[k] for b in before])) for k in before[0]}}
 
@@ -93,7 +94,7 @@ def test_codebook_usage_is_logged(trained):
 
 # --- the MusicGen LM on the codec's codes ---------------------------------------------------------
 def lm_config(trained, **overrides):
-    fields = dict(data__source="codec", data__path=trained["data"], data__codec_checkpoint=trained["workdir"],
+    fields = dict(data__source="codec", data__path=trained["data"], upstream__codec=trained["workdir"],
                   data__frames=FRAMES, model__melody_frames=FRAMES, sample__window_frames=FRAMES, mesh_devices=1,
                   train__num_steps=LM_STEPS, train__eval_every=LM_STEPS, train__checkpoint_every=LM_STEPS,
                   train__log_every=10, train__eval_batches=2)
@@ -107,7 +108,7 @@ def lms(trained, tmp_path_factory):
     out = {}
     for use_melody in (True, False):
         workdir, bundle = str(root / f"lm_{use_melody}"), str(root / f"bundle_{use_melody}")
-        summary = train(lm_config(trained, model__use_melody=use_melody), workdir)
+        summary = train(get_task(lm_config(trained, model__use_melody=use_melody)), workdir)
         assemble(bundle, {"codec": trained["workdir"], "musicgen": workdir}, make_mesh({"data": 1}, jax.devices()[:1]),
                  DEFAULT_RULES, MUSICGEN_STAGES)
         out[use_melody] = {"summary": summary, "records": read_metrics(workdir), "bundle": bundle}
@@ -152,6 +153,6 @@ def test_generated_audio_follows_the_given_melody(trained, lms):
 def test_codec_source_refuses_a_codec_that_does_not_fit(trained):
     task = MusicGenTask(lm_config(trained, model__codebook_size=128))
     task.validate()
-    with pytest.raises(ConfigError, match=r"config.data.codec_checkpoint: codec has 4 codebooks of 64 codes, "
+    with pytest.raises(ConfigError, match=r"config.upstream.codec: codec has 4 codebooks of 64 codes, "
                                           r"musicgen models 4 of 128"):
-        task.train_iterator(config_mesh(task.config))
+        task.setup(config_mesh(task.config))

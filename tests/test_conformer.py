@@ -13,7 +13,7 @@ from melody_jax.models.conformer import ConformerBlock, GumbelQuantizer, span_ma
 from melody_jax.models.ssl_loss import contrastive_logits, sample_negatives, wav2vec2_loss
 from melody_jax.nn.attention import Attention
 from melody_jax.tasks.ssl import SSLTask, gumbel_temperature
-from melody_jax.tokenizers.semantic import tokenize
+from melody_jax.frozen.semantic import tokenize
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 from tests.helpers import stage_config
 

@@ -12,6 +12,7 @@ from melody_jax.pipelines.dpd_sampling import sample_latents
 from melody_jax.tasks.dpd import (EVAL_ANGLE, EVAL_SPLIT, TRAIN_SPLIT, DPDTask, synthetic_latents, token_content,
                                   token_patterns)
 from melody_jax.training.errors import ConfigError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train, validate
 from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import MESH_AXES, activate, make_mesh, rules_from_config
@@ -34,7 +35,7 @@ def stage(**overrides):
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dpd_stage")
-    return train(stage(mesh_devices=1), str(workdir)), workdir
+    return train(get_task(stage(mesh_devices=1)), str(workdir)), workdir
 
 
 @pytest.mark.learning
@@ -52,7 +53,8 @@ def test_stage_trains_through_the_loop(stage_run):
 @pytest.mark.learning
 def test_mesh_layout_does_not_change_the_losses(stage_run, tmp_path):
     """Data × FSDP × tensor = 2 × 2 × 2 (every axis split) against the one-device run."""
-    summary = train(stage(train__stop_at_step=MESH_STEPS, mesh__data=2, mesh__fsdp=2, mesh__tensor=2), str(tmp_path))
+    config = stage(train__stop_at_step=MESH_STEPS, mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    summary = train(get_task(config), str(tmp_path))
     assert summary["status"] == "stopped" and summary["step"] == MESH_STEPS
     reference, sharded = losses(stage_run[1]), losses(tmp_path)
     steps = range(1, MESH_STEPS + 1)
@@ -66,7 +68,7 @@ def test_config_errors_name_the_field():
                              (dict(model__merge_lengths=[16, 3]), "merge_lengths"),
                              (dict(model__cfg_dropout=1.0), "cfg_dropout")]:
         with pytest.raises(ConfigError, match=field):
-            validate(stage_config("dpd", **overrides))
+            validate(get_task(stage_config("dpd", **overrides)))
     assert DPDTask(stage_config("dpd", "paper")).model.param_count() == 295_582_224
 
 

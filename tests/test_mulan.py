@@ -17,9 +17,11 @@ from data_pipeline.builder import read_clips
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.models.mulan import contrastive_loss, dequantize, embed_text, mulan_tokens, similarity
 from melody_jax.tasks.mulan import MuLanTask
-from melody_jax.tasks.rvq import RVQTask, clip_embeddings, load_codebooks, load_mulan
+from melody_jax.frozen.loader import load_stage
+from melody_jax.tasks.rvq import RVQTask, clip_embeddings
 from melody_jax.tokenizers.text import VOCAB_SIZE, decode, to_utf8, tokenize
 from melody_jax.training.errors import ConfigError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 from tests.helpers import stage_config
@@ -101,7 +103,7 @@ def test_bad_config_is_one_line_error():
     with pytest.raises(ConfigError, match="patch_mels"):
         MuLanTask(stage_config("mulan", data__path="x", model__patch_mels=24)).validate()
     with pytest.raises(ConfigError, match="num_quantizers"):
-        RVQTask(stage_config("rvq", model__mulan_workdir="x", train__num_steps=3)).validate()
+        RVQTask(stage_config("rvq", upstream__mulan="x", train__num_steps=3)).validate()
 
 
 # --- training on the synthetic dataset -----------------------------------------------------------
@@ -113,10 +115,11 @@ def trained(tmp_path_factory, prepared_data):
     workdir = str(root / "mulan")
     c = stage_config("mulan", data__path=data, data__sample_rate=SR, mesh_devices=1, train__num_steps=STEPS,
                      train__log_every=50, train__eval_every=STEPS, train__checkpoint_every=STEPS)
-    summary = train(c, workdir)
+    summary = train(get_task(c), workdir)
     mesh = make_mesh({"data": -1})
     with activate(mesh, DEFAULT_RULES):
-        task, params = load_mulan(workdir, mesh, DEFAULT_RULES)
+        stage = load_stage(workdir, "mulan", mesh, DEFAULT_RULES, field="mulan")
+        task, params = MuLanTask(stage.config), stage.params
         clips = read_clips(task.config.data.path, "validation", task.config.data.sample_rate)
         window = task.crop_samples
         audio_emb = clip_embeddings(task.model, params, [x["audio"] for x in clips], window, 16, mesh)
@@ -200,8 +203,8 @@ def test_instrument_words_matter(trained):
 @pytest.mark.learning
 def test_rvq_stage_fits_levels_on_mulan_embeddings(trained):
     workdir = str(trained["root"] / "rvq")
-    c = stage_config("rvq", model__mulan_workdir=trained["workdir"], model__codebook_size=4)  # the figures' size
-    summary = train(c, workdir)
+    c = stage_config("rvq", upstream__mulan=trained["workdir"], model__codebook_size=4)  # the figures' size
+    summary = train(get_task(c), workdir)
     q, k = c.model.num_quantizers, c.model.codebook_size
     assert summary["status"] == "done" and summary["step"] == q
     lines = [json.loads(x) for x in open(f"{workdir}/metrics.jsonl")]
@@ -212,7 +215,9 @@ def test_rvq_stage_fits_levels_on_mulan_embeddings(trained):
     assert errors[-1] < 0.2 * errors[0], errors
     assert all(0.0 < x["usage"] <= 1.0 and 1.0 <= x["perplexity"] <= k for x in lines)
     assert lines[0]["usage"] == 1.0  # the first level uses its whole codebook
-    codebooks = load_codebooks(workdir)
+    with activate(trained["mesh"], DEFAULT_RULES):
+        rvq = load_stage(workdir, "rvq", trained["mesh"], DEFAULT_RULES, field="rvq")
+    codebooks = np.asarray(rvq.params["codebooks"])
     assert codebooks.shape == (q, k, 128)
     # Quantize → dequantize keeps the direction. Measured cosine after 12 × 4 levels: 0.977 on the
     # training clips (logged by the stage), 0.963 on held-out clips.

@@ -12,6 +12,7 @@ import pytest
 
 from melody_jax.training import distributed
 from melody_jax.training.errors import ConfigError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
 from melody_jax.training.metrics import read_metrics
 from tests.helpers import ROOT, cli_env, toy_config
@@ -48,7 +49,7 @@ def test_two_processes_train_save_resume_and_match_one_process(tmp_path):
 
     multi = {m["step"]: m["loss"] for m in read_metrics(workdir)}
     assert sorted(multi) == list(range(1, STEPS + 1)), "one trajectory, logged once (by process 0)"
-    train(toy_config(train__num_steps=STEPS, train__checkpoint_every=HALF, **MESH), str(tmp_path / "one"))
+    train(get_task(toy_config(train__num_steps=STEPS, train__checkpoint_every=HALF, **MESH)), str(tmp_path / "one"))
     single = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "one")}
     np.testing.assert_allclose([multi[s] for s in range(1, STEPS + 1)], [single[s] for s in range(1, STEPS + 1)],
                                rtol=1e-5, atol=1e-5)

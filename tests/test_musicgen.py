@@ -173,7 +173,7 @@ def test_sharded_loss_and_sampling_equal_one_device(random_model):
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"config.data.path is empty; data.source='codec'"):
         MusicGenTask(stage_config("musicgen", data__source="codec")).validate()
-    with pytest.raises(ConfigError, match=r"config.data.codec_checkpoint is empty"):
+    with pytest.raises(ConfigError, match=r"config.upstream.codec is empty"):
         MusicGenTask(stage_config("musicgen", data__source="codec", data__path="x")).validate()
     with pytest.raises(ConfigError, match=r"config.model.pattern='zigzag'"):
         MusicGenTask(stage_config("musicgen", model__pattern="zigzag")).validate()

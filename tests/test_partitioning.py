@@ -13,7 +13,7 @@ from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import sharded_abstract_state, train
 from melody_jax.training.sharding import (DEFAULT_RULES, STRATEGIES, activate, assert_sharded, config_rules,
                                           make_mesh, rules_from_config)
-from melody_jax.training.task import get_task
+from melody_jax.tasks.registry import get_task
 from tests.helpers import stage_config, toy_config
 
 MESHES = {"fsdp": dict(mesh__data=2, mesh__fsdp=4, mesh__tensor=1),
@@ -95,7 +95,7 @@ def test_training_refuses_a_replicated_fsdp_layout_before_any_step(tmp_path):
     config = toy_config(sharding__strategy="fsdp", sharding__min_sharded_size=8192, **MESHES["fsdp"],
                         sharding_rules=json.dumps([["embed", None], ["mlp", None]]))
     with pytest.raises(ConfigError, match=r"params/layer_0/mlp/down/kernel \(128, 64\)"):
-        train(config, str(tmp_path))
+        train(get_task(config), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
 
 

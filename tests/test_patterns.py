@@ -201,9 +201,9 @@ def test_bad_pattern_configs():
 
 
 def test_config_options_reach_the_pattern():
-    from melody_jax.tasks.musicgen import musicgen_pattern
+    from melody_jax.frozen.stage_models import musicgen_pattern
     from melody_jax.training.errors import ConfigError
-    from melody_jax.training.task import get_task
+    from melody_jax.tasks.registry import get_task
     from tests.helpers import stage_config
 
     c = stage_config("musicgen", model__pattern="unroll", model__flattening="[0,1,1,1]", model__delays="[0,2,2,2]")

@@ -20,6 +20,7 @@ from data_pipeline.input import DataError, default_data_config, make_train_itera
 from melody_jax.training import checkpoint as checkpoint_lib
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import WorkdirError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
 from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import make_mesh
@@ -34,7 +35,7 @@ CONFIG = dict(train__num_steps=4, train__checkpoint_every=1, train__keep_checkpo
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    train(toy_config(**CONFIG), workdir)
+    train(get_task(toy_config(**CONFIG)), workdir)
     return workdir
 
 
@@ -64,10 +65,10 @@ def test_case6_checkpoint_that_restores_as_nan_is_refused_and_nothing_is_saved_o
     count = len(jax.tree.leaves(state.params))
     with pytest.raises(WorkdirError, match=rf"checkpoint .*/4 is damaged: {count} arrays hold NaN/Inf \(first: "
                                            r"params/.*\); delete that step directory to resume from an earlier one$"):
-        train(config, workdir)
+        train(get_task(config), workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2", "3", "4"]  # nothing rotated away
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # the message's advice resumes from step 3
-    assert train(config, workdir)["step"] == 8
+    assert train(get_task(config), workdir)["step"] == 8
     assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 9))
 
 
@@ -87,13 +88,13 @@ def test_case7_full_disk_during_a_save_is_one_line_and_resume_works(trained, tmp
 
     monkeypatch.setattr(checkpoint_lib.ocp.CheckpointManager, "save", full_disk)
     with pytest.raises(WorkdirError) as e:
-        train(config, workdir)
+        train(get_task(config), workdir)
     assert str(e.value) == (f"checkpoint {workdir}/checkpoints/6 could not be saved: the disk is full (no space left "
                             "on device); the complete checkpoints before it are intact: fix this and run the same "
                             "command to resume")
     assert not checkpoint_lib._OPEN - open_before, "the failed run left its checkpoint manager open"
     monkeypatch.undo()
-    assert train(config, workdir)["step"] == 7  # space freed: the same command resumes from step 5
+    assert train(get_task(config), workdir)["step"] == 7  # space freed: the same command resumes from step 5
     assert [m["step"] for m in read_metrics(workdir)] == list(range(1, 8))
 
 
@@ -101,7 +102,7 @@ def test_case8_resume_with_another_seed_is_one_line(trained, tmp_path):
     workdir = copy(trained, tmp_path)
     with pytest.raises(WorkdirError, match=r"^workdir .* was trained with config.seed=0, not 1; resume with "
                                            r"--config.seed=0 or use another --workdir$"):
-        train(toy_config(**{**CONFIG, "train__num_steps": 6, "seed": 1}), workdir)
+        train(get_task(toy_config(**{**CONFIG, "train__num_steps": 6, "seed": 1})), workdir)
     assert read_metrics(workdir) == read_metrics(trained)
 
 
@@ -144,7 +145,7 @@ def test_case13_skipped_steps_are_warned_counted_and_strict_json(tmp_path, caplo
     task = FaultyTask(config)
     task.loss_bad = {1: np.nan, 3: np.inf}
     with caplog.at_level(logging.WARNING):
-        summary = train(config, str(tmp_path), task=task)
+        summary = train(task, str(tmp_path))
     warnings = [r.getMessage() for r in caplog.records if "steps were skipped" in r.getMessage()]
     assert warnings == ["2 of 6 steps were skipped: non-finite loss or gradients (bad_steps in metrics.jsonl)"]
     text = (tmp_path / "final_metrics.json").read_text()

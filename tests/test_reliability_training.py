@@ -19,6 +19,7 @@ from data_pipeline.indexed import IndexedBatches
 from melody_jax.tasks.toy_lm import ToyLMTask
 from melody_jax.training.checkpoint import Checkpointer, check_compatible
 from melody_jax.training.errors import TrainingDiverged, WorkdirError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import guarded, init_sharded_state, sharded_abstract_state, train
 from melody_jax.training.metrics import MetricsWriter, read_metrics
 from melody_jax.training.sharding import activate, config_rules, make_mesh
@@ -91,7 +92,7 @@ def test_inf_input_and_nan_or_inf_gradients_are_skipped_and_counted(tmp_path):
     config = toy_config(train__num_steps=8, train__checkpoint_every=1, train__keep_checkpoints=20)
     task = FaultyTask(config)
     task.loss_bad, task.grad_bad = {2: np.inf}, {4: np.nan, 5: np.inf}
-    summary = train(config, str(tmp_path), task=task)
+    summary = train(task, str(tmp_path))
     log = {m["step"]: m for m in read_metrics(tmp_path)}
     assert summary["status"] == "done" and summary["bad_steps"] == 3
     assert [log[s]["bad_steps"] for s in range(1, 9)] == [0, 0, 1, 1, 2, 3, 3, 3]
@@ -137,7 +138,7 @@ def test_nan_storm_keeps_the_last_good_parameters_in_the_checkpoint(tmp_path):
     task = FaultyTask(config)
     task.grad_bad = {i: np.nan for i in range(6, 30)}
     with pytest.raises(TrainingDiverged, match=r"^training stopped at step 9: 3 consecutive non-finite steps") as e:
-        train(config, str(tmp_path), task=task)
+        train(task, str(tmp_path))
     assert "\n" not in str(e.value) and str(e.value).endswith("the last checkpoint (step 8) are intact")
     ckpt = Checkpointer(str(tmp_path), keep=10, every=2)
     steps = list(ckpt.manager.all_steps())
@@ -174,7 +175,7 @@ def _damage(path: str) -> None:
 
 def test_damaged_checkpoints_give_one_line_errors(tmp_path):
     config = toy_config(train__num_steps=4, train__checkpoint_every=2)
-    train(config, str(tmp_path / "run"))
+    train(get_task(config), str(tmp_path / "run"))
     again = toy_config(train__num_steps=6, train__checkpoint_every=2)
     for what, damage, message in [
         ("state", lambda d: _damage(os.path.join(d, "state")), r"checkpoint .*/4 could not be restored: "),
@@ -186,7 +187,7 @@ def test_damaged_checkpoints_give_one_line_errors(tmp_path):
         shutil.copytree(tmp_path / "run", workdir)
         damage(str(workdir / "checkpoints" / "4"))
         with pytest.raises(WorkdirError, match=message) as e:
-            train(again, str(workdir))
+            train(get_task(again), str(workdir))
         assert "\n" not in str(e.value) and "delete that step directory" in str(e.value), what
         assert read_metrics(workdir) == read_metrics(tmp_path / "run"), "a refused resume must not touch the log"
     # Following the message's advice resumes from the earlier complete checkpoint (2), also when an
@@ -194,7 +195,7 @@ def test_damaged_checkpoints_give_one_line_errors(tmp_path):
     assert sorted(os.listdir(tmp_path / "state" / "checkpoints")) == ["1", "2", "4"]
     shutil.rmtree(tmp_path / "state" / "checkpoints" / "4")
     shutil.rmtree(tmp_path / "state" / "checkpoints" / "1" / "state")
-    assert train(again, str(tmp_path / "state"))["step"] == 6
+    assert train(get_task(again), str(tmp_path / "state"))["step"] == 6
     assert [m["step"] for m in read_metrics(tmp_path / "state")] == [1, 2, 3, 4, 5, 6]
     assert sorted(os.listdir(tmp_path / "state" / "checkpoints")) == ["2", "4", "6"]  # keep-last-3 pruned 1
 
@@ -239,10 +240,10 @@ def test_same_seed_same_losses_across_processes(tmp_path):
                   "--config.train.log_every=1", "--config.train.tensorboard=False",
                   "--config.train.progress_bar=False", f"--workdir={tmp_path / 'cli'}", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    train(toy_config(train__num_steps=6), str(tmp_path / "here"))
+    train(get_task(toy_config(train__num_steps=6)), str(tmp_path / "here"))
     a, b = read_metrics(tmp_path / "cli"), read_metrics(tmp_path / "here")
     assert [m["step"] for m in a] == list(range(1, 7))
     keys = ("loss", "grad_norm", "accuracy", "eval_loss")
     assert [[m.get(k) for k in keys] for m in a] == [[m.get(k) for k in keys] for m in b]
-    train(toy_config(train__num_steps=6, train__stop_at_step=1, seed=1), str(tmp_path / "seed1"))
+    train(get_task(toy_config(train__num_steps=6, train__stop_at_step=1, seed=1)), str(tmp_path / "seed1"))
     assert read_metrics(tmp_path / "seed1")[0]["loss"] != a[0]["loss"]

@@ -16,6 +16,7 @@ import pytest
 from melody_jax.training import checkpoint as checkpoint_lib
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import WorkdirError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
 from melody_jax.training.metrics import MetricsWriter, read_metrics
 from melody_jax.training.workdir_lock import WorkdirLock
@@ -92,13 +93,13 @@ def test_case2_rerun_keeps_final_metrics_and_every_line_precedes_its_checkpoint(
         return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(Checkpointer, "save", save)
-    summary = train(config, str(tmp_path))
+    summary = train(get_task(config), str(tmp_path))
     assert {2, 4, 6} <= {step for step, _ in saved_with_line}, saved_with_line
     assert all(logged for _, logged in saved_with_line), saved_with_line
     first = (tmp_path / "final_metrics.json").read_text()
     assert json.loads(first) == summary and {"loss", "eval_loss", "bad_steps", "grad_norm"} <= set(summary)
     assert summary["status"] == "done" and summary["step"] == 6
-    again = train(config, str(tmp_path))
+    again = train(get_task(config), str(tmp_path))
     assert again == summary and (tmp_path / "final_metrics.json").read_text() == first
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert not checkpoint_lib._OPEN - open_before, "a checkpoint manager was left open"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from melody_jax.training.errors import ConfigError, WorkdirError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import init_sharded_state, train
 from melody_jax.training.sharding import activate
 from tests.helpers import stage_config, stage_layout, toy_config
@@ -87,15 +88,15 @@ def test_scanned_conformer_gives_the_unscanned_outputs_and_hidden_states():
 
 
 def test_scanned_checkpoint_is_refused_unscanned_in_one_line(tmp_path):
-    train(toy_config(model__scan_layers=True, train__num_steps=1), str(tmp_path))
+    train(get_task(toy_config(model__scan_layers=True, train__num_steps=1)), str(tmp_path))
     with pytest.raises(WorkdirError, match=r"different model: parameter layer_0/attn/key/kernel has shape None there "
                                            r"and \[64, 4, 16\] in this config"):
-        train(toy_config(train__num_steps=2), str(tmp_path))
+        train(get_task(toy_config(train__num_steps=2)), str(tmp_path))
 
 
 def test_cudnn_attention_is_refused_on_a_backend_without_it(tmp_path):
     with pytest.raises(ConfigError, match=r"^config.model.attention_impl='cudnn' needs a GPU with cuDNN; this "
                                           r"backend is cpu \(use 'xla'\)$"):
-        train(toy_config(model__attention_impl="cudnn"), str(tmp_path))
+        train(get_task(toy_config(model__attention_impl="cudnn")), str(tmp_path))
     with pytest.raises(ConfigError, match=r"config.model.attention_impl='flash' must be one of \('xla', 'cudnn'\)"):
-        train(toy_config(model__attention_impl="flash"), str(tmp_path))
+        train(get_task(toy_config(model__attention_impl="flash")), str(tmp_path))

@@ -16,6 +16,7 @@ from melody_jax.tasks.semantic_lm import SemanticLMTask, rule_targets, synthetic
 from melody_jax.tokenizers.token_records import write_token_records
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import ConfigError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
 from melody_jax.training.sharding import activate, make_mesh
 from tests.helpers import stage_config, stage_layout, train_and_restore
@@ -174,7 +175,7 @@ def test_cached_records_round_trip(tmp_path):
     assert not np.array_equal(np.asarray(next(other_seed.train_iterator(mesh))["semantic_tokens"]),
                               straight[0]["semantic_tokens"])
 
-    summary = train(config, str(tmp_path / "run"))
+    summary = train(get_task(config), str(tmp_path / "run"))
     assert summary["status"] == "done" and np.isfinite(summary["loss"])
     ckpt = Checkpointer(str(tmp_path / "run"), keep=3, every=1)
     assert ckpt.manager.restore(3, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"] == {"batches": 3}
@@ -197,28 +198,29 @@ def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
         init_workdir(configs[stage], str(tmp_path / stage))
     data = prepared_data(source="synthetic", num_clips=12, clip_seconds=2.0, sample_rate=24000, seed=2,
                          val_fraction=0.25)
-    fields = {f"data__frozen__{s}": str(tmp_path / s) for s in ("ssl", "kmeans", "mulan", "rvq")}
+    fields = {f"upstream__{s}": str(tmp_path / s) for s in ("ssl", "kmeans", "mulan", "rvq")}
     lm = configs["semantic_lm"]
     config = stage_config("semantic_lm", data__source="frozen_models", data__path=data, data__semantic_len=16,
                           model__semantic_vocab_size=lm.model.semantic_vocab_size,
                           model__mulan_codebook_size=lm.model.mulan_codebook_size, train__batch_size=8,
                           train__num_steps=2, train__eval_every=2, train__checkpoint_every=2, mesh_devices=1, **fields)
-    with pytest.raises(ConfigError, match=r"config.data.frozen.ssl is empty"):
+    with pytest.raises(ConfigError, match=r"config.upstream.ssl is empty"):
         SemanticLMTask(stage_config("semantic_lm", data__source="frozen_models", data__path=data)).validate()
     task = SemanticLMTask(config)
     task.validate()
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with activate(mesh, DEFAULT_RULES):
+        task.setup(mesh)
         batch = next(task.train_iterator(mesh))
         assert batch["audio"].shape == (8, 16 * 960)  # 16 tokens at 25 Hz, 24 kHz
-        tokenizer, mulan = task._frozen
+        tokenizer, mulan = task.tokenizer, task.mulan
         params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(jax.random.key(0))
         in_step, _ = jax.jit(task.loss)(params, batch, jax.random.key(1))
         outside = {"mulan_tokens": mulan.audio_tokens(batch["audio"]), "semantic_tokens": tokenizer(batch["audio"])}
         assert outside["semantic_tokens"].shape == (8, 16) and outside["mulan_tokens"].shape == (8, 12)
         expected, _ = jax.jit(task.loss)(params, outside, jax.random.key(1))
     np.testing.assert_allclose(float(in_step), float(expected), rtol=1e-5)
-    summary = train(config, str(tmp_path / "run"))
+    summary = train(get_task(config), str(tmp_path / "run"))
     assert summary["status"] == "done" and summary["step"] == 2 and np.isfinite(summary["eval_loss"])
     ckpt = Checkpointer(str(tmp_path / "run"), keep=3, every=1)
     restored = ckpt.manager.restore(2, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]

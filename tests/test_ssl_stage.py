@@ -18,8 +18,9 @@ from data_pipeline.builder import read_clips
 from melody_jax.tasks.kmeans import KMeansTask
 from melody_jax.tasks.ssl import SSLTask
 from melody_jax.nn.kmeans import fit_kmeans, shard_rows
-from melody_jax.tokenizers.semantic import hidden_states, load_semantic_tokenizer, tokenize
+from melody_jax.frozen.semantic import SemanticTokenizer, hidden_states, tokenize
 from melody_jax.training.errors import ConfigError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 from tests.helpers import stage_config
@@ -37,9 +38,9 @@ def stages(tmp_path_factory, prepared_data):
     data = prepared_data(source="synthetic", num_clips=NUM_CLIPS, seed=0, clip_seconds=CLIP_SECONDS,
                          sample_rate=SR, val_fraction=0.0)
     ssl_dir, km_dir = str(root / "ssl"), str(root / "kmeans")
-    ssl_summary = train(stage_config("ssl", data__path=data, data__eval_split="", train__num_steps=SSL_STEPS,
-                                     train__checkpoint_every=SSL_STEPS), ssl_dir)
-    km_summary = train(stage_config("kmeans", model__ssl_workdir=ssl_dir), km_dir)
+    ssl_summary = train(get_task(stage_config("ssl", data__path=data, data__eval_split="", train__num_steps=SSL_STEPS,
+                                              train__checkpoint_every=SSL_STEPS)), ssl_dir)
+    km_summary = train(get_task(stage_config("kmeans", upstream__ssl=ssl_dir)), km_dir)
     probe = prepared_data(source="synthetic", num_clips=PROBE_CLIPS, seed=1, clip_seconds=CLIP_SECONDS,
                           sample_rate=SR, val_fraction=0.0)  # held-out labelled clips for the token probes
     return {"data": data, "ssl": ssl_dir, "kmeans": km_dir, "probe": probe, "ssl_summary": ssl_summary,
@@ -81,7 +82,7 @@ def test_kmeans_stage_fits_and_saves_centroids(stages):
     assert all(b <= a * (1 + 2e-3) for a, b in zip(inertia, inertia[1:])), inertia
     # Measured: 1.37e5 after k-means++ → 8.61e4 after 20 iterations; all 32 clusters used.
     assert inertia[-1] < 0.9 * inertia[0] and lines[-1]["usage"] == 1.0
-    tok = load_semantic_tokenizer(stages["kmeans"])
+    tok = SemanticTokenizer.load(stages["kmeans"])
     assert tok.centroids.shape == (c.model.num_clusters, 64) and tok.layer == 1  # middle of 2 blocks
     audio = jnp.asarray(np.stack([x["audio"][: int(3.2 * SR)] for x in read_clips(stages["data"], limit=8)]))
     tokens = tok(audio)
@@ -93,10 +94,10 @@ def test_kmeans_stage_fits_and_saves_centroids(stages):
 
 
 def test_kmeans_config_errors_are_one_line():
-    with pytest.raises(ConfigError, match="ssl_workdir"):
+    with pytest.raises(ConfigError, match="upstream.ssl"):
         KMeansTask(stage_config("kmeans")).validate()
     with pytest.raises(ConfigError, match="mode"):
-        KMeansTask(stage_config("kmeans", model__ssl_workdir="x", model__mode="lloyd")).validate()
+        KMeansTask(stage_config("kmeans", upstream__ssl="x", model__mode="lloyd")).validate()
 
 
 def probe_tokens(task: SSLTask, params, audio: np.ndarray, key: jax.Array) -> np.ndarray:
@@ -146,7 +147,7 @@ def test_tokens_carry_the_key_and_identify_the_music_better_after_training(stage
     clips = read_clips(stages["probe"])
     audio = np.stack([x["audio"][: int(CLIP_SECONDS * SR)] for x in clips])
     tonic = np.array([x["attributes"]["tonic"] for x in clips])
-    tok = load_semantic_tokenizer(stages["kmeans"])
+    tok = SemanticTokenizer.load(stages["kmeans"])
     untrained = jax.device_get(nn.meta.unbox(jax.jit(task.init_params)(jax.random.key(0))))
     key = jax.random.key(7)
     trained_tokens, untrained_tokens = (probe_tokens(task, p, audio, key) for p in (tok.ssl_params, untrained))

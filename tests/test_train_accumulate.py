@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from melody_jax.tasks.vae_gan import VAEGANTask
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import init_sharded_state, sharded_abstract_state
 from melody_jax.training.plan import plan_train_step
 from melody_jax.training.sharding import activate, make_mesh, rules_from_config
@@ -72,6 +73,6 @@ def test_vae_gan_accumulated_step_equals_whole_batch():
 
 def test_plan_activation_memory_follows_the_micro_batch():
     """Toy LM tiny, batch 256 on 8 devices: 13.8 MiB activations/temp per device whole, 3.9 MiB in 4 micro-batches."""
-    temp = {k: plan_train_step(toy_config(train__batch_size=256, train__grad_accum_steps=k))["temp_bytes"]
+    temp = {k: plan_train_step(get_task(toy_config(train__batch_size=256, train__grad_accum_steps=k)))["temp_bytes"]
             for k in (1, 4)}
     assert temp[4] < 0.4 * temp[1], temp

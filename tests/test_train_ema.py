@@ -5,7 +5,8 @@ import numpy as np
 from melody_jax.pipelines.bundle import export_stage
 from melody_jax.training import ema
 from melody_jax.training.checkpoint import Checkpointer
-from melody_jax.training.frozen import load_stage
+from melody_jax.frozen.loader import load_stage
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import init_sharded_state, train
 from melody_jax.training.sharding import activate
 from tests.helpers import stage_layout, toy_config
@@ -51,7 +52,7 @@ def assert_close(a, b, atol):
 
 def test_ema_closed_form_resume_and_old_checkpoints(tmp_path):
     straight = tmp_path / "straight"
-    train(config(), str(straight))
+    train(get_task(config()), str(straight))
     s = states(straight, config(), range(1, STEPS + 1))
     assert s[0].ema is not None
     assert_close(s[STEPS].ema, closed_form([s[k].params for k in range(STEPS + 1)]), 1e-6)
@@ -60,16 +61,16 @@ def test_ema_closed_form_resume_and_old_checkpoints(tmp_path):
     assert moved > 1e-3, "the EMA must differ from the raw parameters (else the test proves nothing)"
 
     resumed = tmp_path / "resumed"
-    assert train(config(train__stop_at_step=2), str(resumed))["status"] == "stopped"
-    train(config(), str(resumed))
+    assert train(get_task(config(train__stop_at_step=2)), str(resumed))["status"] == "stopped"
+    train(get_task(config()), str(resumed))
     r = states(resumed, config(), [STEPS])[STEPS]
     for a, b in zip(jax.tree.leaves(r.ema), jax.tree.leaves(s[STEPS].ema)):
         np.testing.assert_array_equal(a, b)  # bit for bit
 
     # a checkpoint written without EMA resumes with it: the EMA starts at the restored parameters
     old = tmp_path / "old"
-    train(config(train__ema_decay=0.0, train__stop_at_step=2), str(old))
-    train(config(), str(old))
+    train(get_task(config(train__ema_decay=0.0, train__stop_at_step=2)), str(old))
+    train(get_task(config()), str(old))
     o = states(old, config(), range(2, STEPS + 1))
     assert o[2].ema is None and o[3].ema is not None
     assert_close(o[STEPS].ema, closed_form([o[k].params for k in range(2, STEPS + 1)]), 1e-6)
@@ -79,7 +80,7 @@ def test_ema_closed_form_resume_and_old_checkpoints(tmp_path):
     with activate(mesh, rules):
         for weights, expected in (("ema", s[STEPS].ema), ("raw", s[STEPS].params)):
             export_stage(str(straight), "toy_lm", str(tmp_path / f"bundle_{weights}"), mesh, rules, weights)
-            _, params, step = load_stage(str(tmp_path / f"bundle_{weights}"), "toy_lm", mesh, rules)
-            assert step == STEPS
-            for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(expected)):
+            loaded = load_stage(str(tmp_path / f"bundle_{weights}"), "toy_lm", mesh, rules, field="bundle")
+            assert loaded.step == STEPS
+            for a, b in zip(jax.tree.leaves(jax.device_get(loaded.params)), jax.tree.leaves(expected)):
                 np.testing.assert_array_equal(a, b)

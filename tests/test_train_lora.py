@@ -9,8 +9,9 @@ import pytest
 from melody_jax.pipelines.bundle import export_stage
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import BundleError, WorkdirError
-from melody_jax.training.frozen import load_stage
+from melody_jax.frozen.loader import load_stage
 from melody_jax.training.lora import LoRATask
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import init_sharded_state, train
 from melody_jax.training.sharding import activate
 from melody_jax.training.workdir_lock import LOCK_NAME
@@ -35,12 +36,12 @@ def final_params(cfg, workdir):
 def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path, capsys):
     base_dir, lora_dir = tmp_path / "base", tmp_path / "lora"
     base_cfg = toy_config(train__num_steps=30, **QUIET)
-    train(base_cfg, str(base_dir))
+    train(get_task(base_cfg), str(base_dir))
     base = final_params(base_cfg, base_dir)
 
     cfg = toy_config(train__init_from=str(base_dir), **LORA)
     capsys.readouterr()
-    train(cfg, str(lora_dir))
+    train(get_task(cfg), str(lora_dir))
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("LoRA:"))
     share = float(line.split("(")[1].split("%")[0])
     assert share < 5.0, line  # measured: 1024 of 91456 (1.12 %)
@@ -58,8 +59,9 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path, capsys):
         with pytest.raises(BundleError, match="pass --merge_lora"):
             export_stage(str(lora_dir), "toy_lm", str(tmp_path / "refused"), mesh, rules)
         export_stage(str(lora_dir), "toy_lm", str(tmp_path / "merged"), mesh, rules, merge_lora=True)
-        plain, merged, _ = load_stage(str(tmp_path / "merged"), "toy_lm", mesh, rules)
-        assert not isinstance(plain, LoRATask) and "lora" not in merged
+        loaded = load_stage(str(tmp_path / "merged"), "toy_lm", mesh, rules, field="bundle")
+        plain, merged = task.inner, loaded.params
+        assert loaded.model == plain.model and "lora" not in merged
         held_out = task.batches(mesh, 777)  # the new data, batches no run has seen
         batches = [next(held_out) for _ in range(8)]
         rng = jax.random.key(0)
@@ -73,7 +75,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path, capsys):
 
 def test_init_from_refuses_another_stage_or_shape_in_one_line(tmp_path):
     base_dir = tmp_path / "base"
-    train(toy_config(train__num_steps=2, **QUIET), str(base_dir))
+    train(get_task(toy_config(train__num_steps=2, **QUIET)), str(base_dir))
     work = tmp_path / "work"
     out = run_cli("launch.train", "--config=configs/toy_lm.py:tiny", f"--workdir={work}",
                   f"--config.train.init_from={base_dir}", "--config.model.mlp_dim=96")
@@ -88,14 +90,14 @@ def test_init_from_refuses_another_stage_or_shape_in_one_line(tmp_path):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"stage": "dpd"}))
     with pytest.raises(WorkdirError, match=r"holds the 'dpd' stage, not 'toy_lm'"):
-        train(toy_config(train__init_from=str(other), **QUIET), str(tmp_path / "work2"))
+        train(get_task(toy_config(train__init_from=str(other), **QUIET)), str(tmp_path / "work2"))
     assert not [f for _, _, files in os.walk(tmp_path / "work2") for f in files if f != LOCK_NAME]
 
 
 def test_lora_on_the_dpd_changes_only_adapters(tmp_path):
     """The DPD (self/cross-attention query and value kernels of its RoFormer layers), 6 steps from init."""
     cfg = stage_config("dpd", model__lora__rank=2, train__num_steps=6, optim__lr=1e-2, **QUIET)
-    train(cfg, str(tmp_path))
+    train(get_task(cfg), str(tmp_path))
     task, mesh, rules, _, shardings = stage_layout(cfg)
     with activate(mesh, rules):
         init = jax.device_get(init_sharded_state(task, shardings, jax.random.split(jax.random.key(cfg.seed), 3)[0]))

@@ -15,8 +15,10 @@ from melody_jax.models import vae_gan
 from melody_jax.models.discriminators import Discriminators
 from melody_jax.nn.conv import Conv, Upsample
 from melody_jax.tasks.gan import discriminator_loss, generator_adversarial
-from melody_jax.tasks.vae_gan import VAEGANTask, load_vae_gan
+from melody_jax.frozen.vae import FrozenVAE
+from melody_jax.tasks.vae_gan import VAEGANTask
 from melody_jax.training.errors import ConfigError
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
 from melody_jax.training.metrics import read_metrics
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
@@ -130,7 +132,7 @@ def trained(tmp_path_factory, prepared_data):
         eval_fn = jax.jit(task.eval_step)
         it = task.eval_iterator(mesh)
         before = np.mean([float(eval_fn(state.params, next(it), jax.random.key(0))["loss"]) for _ in range(2)])
-    summary = train(stage(data, mesh_devices=1), str(workdir))
+    summary = train(get_task(stage(data, mesh_devices=1)), str(workdir))
     return {"data": data, "workdir": workdir, "summary": summary, "before": before}
 
 
@@ -152,7 +154,7 @@ def test_stage_improves_held_out_mr_stft(trained):
 
 @pytest.mark.learning
 def test_mesh_layout_does_not_change_the_losses(trained, tmp_path):
-    summary = train(stage(trained["data"], mesh__data=4, mesh__tensor=2, train__stop_at_step=MESH_STEPS),
+    summary = train(get_task(stage(trained["data"], mesh__data=4, mesh__tensor=2, train__stop_at_step=MESH_STEPS)),
                     str(tmp_path))
     assert summary["status"] == "stopped" and summary["step"] == MESH_STEPS
     sharded = {r["step"]: r for r in read_metrics(str(tmp_path))}
@@ -179,8 +181,8 @@ def test_reconstruct_cli(trained, tmp_path):
 
     mesh = make_mesh({"data": -1})
     with activate(mesh, DEFAULT_RULES):
-        task, params = load_vae_gan(str(trained["workdir"]), mesh, DEFAULT_RULES)
-    assert task.model.hop == 96 and set(params) == {"encoder", "decoder"}
+        vae = FrozenVAE.load(str(trained["workdir"]), mesh, DEFAULT_RULES)
+    assert vae.model.hop == 96 and set(vae.params) == {"encoder", "decoder"}
 
     missing = run_cli("launch.reconstruct", f"--checkpoint={trained['workdir']}", f"--input={tmp_path}/none.wav",
                       f"--out={wav_out}", devices=1)

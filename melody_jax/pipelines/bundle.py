@@ -2,7 +2,7 @@
 
 Layout: `BUNDLE/bundle.json` (stages, source workdirs, steps) and `BUNDLE/<stage>/` laid out like a
 training workdir — `config.json` and `checkpoints/<step>/` — but holding the parameters only, so
-`training.frozen.load_stage` reads a bundle's stage and a workdir alike and a bundle is a fraction
+`frozen.loader.load_stage` reads a bundle's stage and a workdir alike and a bundle is a fraction
 of the size of the runs it came from.
 """
 from __future__ import annotations
@@ -17,17 +17,16 @@ from typing import Any
 import jax
 import ml_collections
 
+from melody_jax.frozen.codec import MUSICGEN_STAGES, check_musicgen_fit
+from melody_jax.frozen.loader import KEEP, load_stage, read_stage_config
 from melody_jax.training import config as config_lib
 from melody_jax.training import lora
 from melody_jax.training.checkpoint import Checkpointer, param_signature
 from melody_jax.training.errors import BundleError, WorkdirError
-from melody_jax.training.frozen import load_stage, read_config
 from melody_jax.training.metrics import write_json_atomic
 
 MELODY_STAGES = ("vae_gan", "ssl", "kmeans", "mulan", "rvq", "semantic_lm", "dpd")
-MUSICGEN_STAGES = ("codec", "musicgen")
 MANIFEST = "bundle.json"
-KEEP = {"vae_gan": ("generator",), "codec": ("generator", "generator_state")}  # a GAN's critic stays behind
 
 
 def _need(ok: bool, message: str) -> None:
@@ -65,27 +64,6 @@ def check_fit(configs: Mapping[str, ml_collections.ConfigDict]) -> None:
                             f"give {frames:g}")
 
 
-def audio_channels(musicgen_config: ml_collections.ConfigDict) -> int:
-    """2 for a stereo MusicGen (codebooks [L0, R0, L1, R1, …], converted from musicgen-stereo-*), else 1."""
-    return int(musicgen_config.get("hf", {}).get("audio_channels", 1))
-
-
-def check_musicgen_fit(configs: Mapping[str, ml_collections.ConfigDict]) -> None:
-    """One clear error for the first way a codec and a MusicGen LM do not fit together."""
-    missing = [s for s in MUSICGEN_STAGES if s not in configs]
-    _need(not missing, f"bundle lacks the stage(s) {', '.join(missing)}")
-    codec, lm = configs["codec"], configs["musicgen"]
-    q, m = codec.model.quantizer, lm.model
-    channels = audio_channels(lm)
-    _need((q.num_quantizers * channels, q.codebook_size) == (m.num_codebooks, m.codebook_size),
-          f"codec has {q.num_quantizers} codebooks of {q.codebook_size} codes, musicgen models "
-          f"{m.num_codebooks} of {m.codebook_size}" + (f" for {channels} channels" if channels > 1 else ""))
-    rate = codec.data.sample_rate / math.prod(codec.model.strides)
-    _need((rate, codec.data.sample_rate) == (lm.data.frame_rate, lm.data.sample_rate),
-          f"codec makes {rate:g} frames/s at {codec.data.sample_rate} Hz, musicgen expects "
-          f"{lm.data.frame_rate:g} at {lm.data.sample_rate} Hz")
-
-
 def bundle_kind(bundle: str) -> str:
     """'melody' or 'musicgen', from the stages a bundle's manifest lists (reads no config, loads nothing)."""
     path = os.path.join(bundle, MANIFEST)
@@ -115,7 +93,7 @@ def read_configs(directory: str) -> dict[str, ml_collections.ConfigDict]:
     configs = {}
     for stage in stages:
         try:
-            configs[stage] = read_config(os.path.join(directory, stage), stage, f"bundle stage {stage}")
+            configs[stage] = read_stage_config(os.path.join(directory, stage), stage, f"bundle stage {stage}")
         except WorkdirError as e:
             raise BundleError(str(e)) from None
     return configs
@@ -142,14 +120,14 @@ def export_stage(source: str, stage: str, out: str, mesh: jax.sharding.Mesh, rul
     `weights="ema"` exports the run's EMA of the parameters where it kept one, `"raw"` the parameters.
     A stage fine-tuned with LoRA is exported with its adapters merged into plain weights, and only
     when `merge_lora` says so."""
-    config = read_config(source, stage, f"--{stage}")
+    config = read_stage_config(source, stage, f"--{stage}")
     _need(merge_lora or not lora.rank(config),
           f"--{stage}={source} was fine-tuned with LoRA adapters; pass --merge_lora to export merged weights")
-    _, params, step = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage), weights=weights)
+    loaded = load_stage(source, stage, mesh, rules, field=f"--{stage}", keep=KEEP.get(stage), weights=weights)
     if lora.rank(config):
         config.model.lora.rank = 0  # the exported weights are plain
-    write_stage(out, stage, config_lib.to_json(config), params, step)
-    return step
+    write_stage(out, stage, config_lib.to_json(config), loaded.params, loaded.step)
+    return loaded.step
 
 
 def write_manifest(out: str, steps: Mapping[str, int], sources: Mapping[str, str]) -> dict[str, Any]:
@@ -170,7 +148,7 @@ def assemble(out: str, sources: Mapping[str, str], mesh: jax.sharding.Mesh, rule
     missing = [s for s in stages if not sources.get(s)]
     _need(not missing, f"bundle needs a workdir for: {', '.join(missing)}")
     try:
-        configs = {s: read_config(sources[s], s, f"--{s}") for s in stages}
+        configs = {s: read_stage_config(sources[s], s, f"--{s}") for s in stages}
     except WorkdirError as e:
         raise BundleError(str(e)) from None
     if stages == MELODY_STAGES:

@@ -25,11 +25,13 @@ from melody_jax.pipelines.dpd_sampling import (continue_sampled_latents, inpaint
                                                sample_latents)
 from melody_jax.pipelines.generation import AudioInputError, Generator, Result
 from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, sample
-from melody_jax.pipelines.stages import frames, load_mulan, load_vae
-from melody_jax.tokenizers.semantic import load_semantic_tokenizer
+from melody_jax.pipelines.stages import frames
 from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
 from melody_jax.training.errors import UserError
-from melody_jax.training.frozen import load_stage
+from melody_jax.frozen.loader import load_stage
+from melody_jax.frozen.mulan import FrozenMuLan
+from melody_jax.frozen.semantic import SemanticTokenizer
+from melody_jax.frozen.vae import FrozenVAE
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 
 
@@ -79,18 +81,18 @@ class MeLoDy(Generator):
         self.rules, self.progress = rules, progress
         path = lambda stage: os.path.join(bundle, stage)  # noqa: E731
         with activate(self.mesh, rules):
-            self.vae = load_vae(path("vae_gan"), self.mesh, rules)
-            self.tokenizer = load_semantic_tokenizer(path("kmeans"), path("ssl"), self.mesh, rules)
-            self.mulan = load_mulan(path("mulan"), path("rvq"), self.mesh, rules)
-            lm_task, self.lm_params, _ = load_stage(path("semantic_lm"), "semantic_lm", self.mesh, rules)
-            dpd_task, self.dpd_params, _ = load_stage(path("dpd"), "dpd", self.mesh, rules)
-        self.lm, self.dpd = lm_task.model, dpd_task.model
+            self.vae = FrozenVAE.load(path("vae_gan"), self.mesh, rules)
+            self.tokenizer = SemanticTokenizer.load(path("kmeans"), path("ssl"), self.mesh, rules)
+            self.mulan = FrozenMuLan.load(path("mulan"), path("rvq"), self.mesh, rules)
+            lm = load_stage(path("semantic_lm"), "semantic_lm", self.mesh, rules, field="semantic_lm")
+            dpd = load_stage(path("dpd"), "dpd", self.mesh, rules, field="dpd")
+        self.lm, self.lm_params, self.dpd, self.dpd_params = lm.model, lm.params, dpd.model, dpd.params
         self.sample_rate = self.vae.sample_rate
         self.frames_per_token = self.tokenizer.hop // self.vae.hop
         self.token_rate = self.sample_rate / self.tokenizer.hop
-        self.lm_window = lm_task.config.data.semantic_len
-        self.window_tokens = dpd_task.config.data.token_length
-        self.chunk_tokens = math.ceil(self.window_tokens / dpd_task.config.model.num_chunks)  # M_ST
+        self.lm_window = lm.config.data.semantic_len
+        self.window_tokens = dpd.config.data.token_length
+        self.chunk_tokens = math.ceil(self.window_tokens / dpd.config.model.num_chunks)  # M_ST
         self.lm_context = max(0, min(self.lm_window, self.window_tokens) - self.chunk_tokens)
 
     # --- public API -----------------------------------------------------------------------------

@@ -22,13 +22,15 @@ import numpy as np
 
 from melody_jax.audio.chroma import NUM_CHROMA
 from melody_jax.models import codec
-from melody_jax.pipelines.bundle import KEEP, audio_channels, check_musicgen_fit, read_configs
+from melody_jax.frozen.codec import FrozenCodec, audio_channels, check_musicgen_fit
+from melody_jax.frozen.loader import load_stage
+from melody_jax.frozen.stage_models import musicgen_pattern
+from melody_jax.pipelines.bundle import read_configs
 from melody_jax.pipelines.generation import AudioInputError, Generator, Result
 from melody_jax.pipelines.musicgen_sampling import generate
 from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
-from melody_jax.tasks.musicgen import melody_condition, musicgen_model, musicgen_pattern
+from melody_jax.tasks.musicgen import melody_condition
 from melody_jax.tokenizers.text import tokenize as byte_tokenize
-from melody_jax.training.frozen import load_stage
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 
 SAMPLE_DEFAULTS = {"duration": 10.0, "top_k": 250, "top_p": 0.0, "temperature": 1.0, "cfg_scale": 3.0}
@@ -66,13 +68,13 @@ class MusicGen(Generator):
         check_musicgen_fit(configs)
         self.mesh, self.rules = mesh or make_mesh({"data": 1}, jax.devices()[:1]), rules
         with activate(self.mesh, rules):
-            codec_task, self.codec_params, _ = load_stage(os.path.join(bundle, "codec"), "codec", self.mesh, rules,
-                                                          keep=KEEP["codec"])
-            lm_task, self.lm_params, _ = load_stage(os.path.join(bundle, "musicgen"), "musicgen", self.mesh, rules)
-        self.codec, self.config = codec_task.model, lm_task.config
-        self.model, self.pattern = musicgen_model(self.config.model), musicgen_pattern(self.config.model)
+            frozen_codec = FrozenCodec.load(os.path.join(bundle, "codec"), self.mesh, rules)
+            lm = load_stage(os.path.join(bundle, "musicgen"), "musicgen", self.mesh, rules, field="musicgen")
+        self.codec, self._codec_variables = frozen_codec.model, frozen_codec.variables
+        self.config, self.model, self.lm_params = lm.config, lm.model, lm.params
+        self.pattern = musicgen_pattern(self.config.model)
         self.channels = audio_channels(self.config)
-        self.sample_rate = codec_task.config.data.sample_rate
+        self.sample_rate = frozen_codec.sample_rate
         self.frame_rate = self.sample_rate / self.codec.hop
         self.prepend = self.model.prepend
         # codec frames per chroma row: hub_chroma's hop for musicgen-melody (6.4 at 32 kHz), else the config's
@@ -85,7 +87,6 @@ class MusicGen(Generator):
             self.tokenizer = T5Tokenizer(os.path.join(bundle, "musicgen", "tokenizer.json"))
         stored = {k: self.config.sample.get(k, v) for k, v in SAMPLE_DEFAULTS.items()}
         self.defaults = {"cfg": stored.pop("cfg_scale"), **stored}
-        self._codec_variables = {"params": self.codec_params["generator"], **self.codec_params["generator_state"]}
         self._decode = jax.jit(lambda variables, codes: codec.decode(variables, codes, self.codec))  # weights: args
         self._encode = jax.jit(lambda variables, audio: codec.encode(variables, audio, self.codec))
 

@@ -18,6 +18,7 @@ from melody_jax.audio.losses import STFTResolution, multi_scale_mel_loss
 from melody_jax.audio.metrics import mr_stft_distance, si_snr
 from melody_jax.models import codec
 from melody_jax.nn.quantizers import VQ_COLLECTION, VQ_RNG
+from melody_jax.frozen.stage_models import build_model
 from melody_jax.tasks.gan import GANTask
 from melody_jax.training.config import non_negative, positive, require
 from melody_jax.training.task import Batch, Metrics
@@ -48,7 +49,7 @@ class CodecTask(GANTask):
 
     @property
     def model(self) -> codec.Codec:
-        return codec.build(self.config.model)
+        return build_model(self.config).module
 
     def init_generator(self, rng: jax.Array) -> dict[str, Any]:
         return self.model.init(rng, jnp.zeros((1, self.crop_samples())))

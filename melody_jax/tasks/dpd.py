@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
 
 from data_pipeline.indexed import IndexedBatches
 from melody_jax.audio.metrics import si_snr
 from melody_jax.diffusion.angles import (SCHEDULES, add_noise, chunk_boundaries, multi_chunk_noising, predict_clean,
                                          velocity)
+from melody_jax.frozen.stage_models import build_model, dpd_params
 from melody_jax.models.dpd import DPD
 from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.errors import ConfigError
@@ -135,19 +135,11 @@ class DPDTask(Task):
             raise ConfigError(f"config.model.merge_lengths: {e}") from None
 
     @property
-    def model(self) -> nn.Module:
-        m = self.config.model
-        return DPD(latent_dim=m.latent_dim, hidden_dim=m.hidden_dim, num_blocks=m.num_blocks,
-                   segment_length=m.segment_length, merge_lengths=tuple(m.merge_lengths) or None,
-                   num_heads=m.num_heads, roformer_layers=m.roformer_layers, mlp_dim=m.mlp_dim,
-                   angle_dim=m.angle_dim, vocab_size=m.vocab_size, align_tokens=m.align_tokens,
-                   parallel_sru=m.parallel_sru, remat=m.remat, dtype=jnp.dtype(m.dtype))
+    def model(self) -> DPD:
+        return build_model(self.config).module
 
     def init_params(self, rng: jax.Array) -> Any:
-        d = self.config.data
-        z = jnp.zeros((1, d.latent_length, self.config.model.latent_dim))
-        tokens = jnp.zeros((1, d.token_length), jnp.int32)
-        return self.model.init(rng, z, jnp.zeros(z.shape[:2]), tokens)["params"]
+        return dpd_params(self.model, self.config, rng)
 
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:
         noise_key, drop_key = jax.random.split(rng)

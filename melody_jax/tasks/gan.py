@@ -30,6 +30,7 @@ import optax
 
 from data_pipeline.builder import held_out_split
 from data_pipeline.input import make_train_iterator
+from melody_jax.frozen.stage_models import gan_params
 from melody_jax.models import discriminators
 from melody_jax.training import accumulate, balancer
 from melody_jax.training.config import one_of, positive, require
@@ -134,13 +135,8 @@ class GANTask(Task):
         return int(round(self.config.data.crop_seconds * self.config.data.sample_rate))
 
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
-        g_key, d_key = jax.random.split(rng)
-        variables = dict(self.init_generator(g_key))
-        params = {"generator": variables.pop("params"),
-                  "discriminator": self.discriminator.init(d_key, jnp.zeros((1, self.crop_samples())))["params"]}
-        if self.generator_state_collections:
-            params["generator_state"] = {c: variables[c] for c in self.generator_state_collections}
-        return params
+        return gan_params(self.init_generator, self.discriminator, self.crop_samples(),
+                          self.generator_state_collections, rng)
 
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer(self.config.optim, self.config.train.num_steps)

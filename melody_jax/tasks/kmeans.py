@@ -15,16 +15,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 from tqdm import tqdm
 
 from data_pipeline.indexed import RepeatedBatch
 from data_pipeline.input import make_train_iterator
 from melody_jax.nn.kmeans import kmeans_plusplus, lloyd_step, minibatch_step
 from melody_jax.nn.quantizers import perplexity
-from melody_jax.tokenizers.semantic import hidden_states, load_ssl, resolve_layer
+from melody_jax.frozen.checks import require_upstream
+from melody_jax.frozen.loader import Stage, load_stage
+from melody_jax.frozen.semantic import hidden_states, resolve_layer
+from melody_jax.frozen.stage_models import build_model
 from melody_jax.training.config import non_negative, one_of, positive, require
-from melody_jax.training.sharding import rules_from_config
+from melody_jax.training.sharding import config_rules
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Batch, FittingTask
 
@@ -41,27 +43,26 @@ def frame_embeddings(model, layer: int, params, audio: jax.Array, mask: jax.Arra
     return h.reshape(-1, d), valid.reshape(-1)
 
 
-def frame_batches(config, mesh: jax.sharding.Mesh) -> RepeatedBatch:
+def frame_batches(config, ssl: Stage, mesh: jax.sharding.Mesh) -> RepeatedBatch:
     """The same [C, N, D] frames and [C, N] weights every step (rows sharded over the batch axes)."""
     c = config
-    task, params = load_ssl(c.model.ssl_workdir, mesh, rules_from_config(c.sharding_rules))
-    m = task.config.model
+    m = ssl.config.model
     require(c.model.embed_dim == m.embed_dim,
-            f"config.model.embed_dim={c.model.embed_dim} but the SSL model in {c.model.ssl_workdir} is {m.embed_dim}")
+            f"config.model.embed_dim={c.model.embed_dim} but the SSL model in {c.upstream.ssl} is {m.embed_dim}")
     layer = resolve_layer(c.model.layer, m.num_layers)
     require(0 <= layer <= m.num_layers, f"config.model.layer={c.model.layer} but the SSL model has "
                                         f"{m.num_layers} blocks")
-    data = task.config.data.copy_and_resolve_references()
+    data = ssl.config.data.copy_and_resolve_references()
     data.path = c.data.path or data.path
     data.crop_seconds = c.data.crop_seconds
     audio_it = make_train_iterator(data, global_batch_size=c.data.embed_batch_size, mesh=mesh, seed=c.seed,
                                    with_text=False)
     n = c.data.num_batches or math.ceil(audio_it.examples_per_epoch / audio_it.local_batch_size)
-    embed = jax.jit(lambda p, a, mk, r: frame_embeddings(task.model, layer, p, a, mk, r, c.data.frames_per_crop))
+    embed = jax.jit(lambda p, a, mk, r: frame_embeddings(ssl.model, layer, p, a, mk, r, c.data.frames_per_crop))
     xs, ws = [], []
     for i in tqdm(range(n), desc="ssl frames", disable=jax.process_index() != 0 or not c.train.progress_bar):
         batch = next(audio_it)
-        x, w = embed(params, batch["audio"], batch["mask"], jax.random.fold_in(jax.random.key(c.seed), i))
+        x, w = embed(ssl.params, batch["audio"], batch["mask"], jax.random.fold_in(jax.random.key(c.seed), i))
         xs.append(x)
         ws.append(w)
     return RepeatedBatch({"embeddings": jnp.stack(xs), "weights": jnp.stack(ws)})
@@ -75,13 +76,18 @@ class KMeansTask(FittingTask):
         positive(c, "model.num_clusters", "model.embed_dim", "data.crop_seconds", "data.embed_batch_size")
         non_negative(c, "data.num_batches", "data.frames_per_crop")
         one_of(c, "model.mode", ("full", "minibatch"))
-        require(bool(c.model.ssl_workdir), "config.model.ssl_workdir is empty; name the ssl stage's workdir")
+        require_upstream(c, "ssl")
         require(c.model.layer >= -1, f"config.model.layer={c.model.layer} must be -1 (middle) or a block index")
 
+    ssl: Stage | None = None  # the frozen SSL stage of `upstream.ssl`, set by `setup`
+
+    def setup(self, mesh: jax.sharding.Mesh) -> None:
+        if self.ssl is None:
+            self.ssl = load_stage(self.config.upstream.ssl, "ssl", mesh, config_rules(self.config),
+                                  field="config.upstream.ssl")
+
     def init_params(self, rng: jax.Array) -> Any:
-        m = self.config.model
-        return {"centroids": nn.LogicallyPartitioned(jnp.zeros((m.num_clusters, m.embed_dim)), ("vocab", None)),
-                "counts": nn.LogicallyPartitioned(jnp.zeros((m.num_clusters,)), ("vocab",))}
+        return build_model(self.config).init(rng)
 
     def train_step(self, state: TrainState, batch: Batch, rng: jax.Array):
         m = self.config.model
@@ -100,4 +106,4 @@ class KMeansTask(FittingTask):
         return state.replace(params={"centroids": centroids, "counts": counts}), metrics
 
     def train_iterator(self, mesh):
-        return frame_batches(self.config, mesh)
+        return frame_batches(self.config, self.ssl, mesh)

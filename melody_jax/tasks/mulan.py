@@ -17,6 +17,7 @@ import numpy as np
 from data_pipeline.builder import held_out_split
 from data_pipeline.input import AudioBatchIterator, make_train_iterator
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
+from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.mulan import MuLan, contrastive_loss
 from melody_jax.tokenizers.text import tokenize
 from melody_jax.training.config import positive, require
@@ -73,14 +74,6 @@ class TextAudioIterator:
         self.index = int(state["index"])
 
 
-def mulan_model(model_config, sample_rate: int) -> MuLan:
-    m = model_config
-    return MuLan(sample_rate=sample_rate, n_fft=m.n_fft, hop_length=m.hop_length, n_mels=m.n_mels,
-                 patch_frames=m.patch_frames, patch_mels=m.patch_mels, audio_layers=m.audio_layers,
-                 text_layers=m.text_layers, embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-                 out_dim=m.out_dim, dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.get("scan_layers", False))
-
-
 class MuLanTask(Task):
     name = "mulan"
 
@@ -108,12 +101,10 @@ class MuLanTask(Task):
 
     @property
     def model(self) -> MuLan:
-        return mulan_model(self.config.model, self.config.data.sample_rate)
+        return build_model(self.config).module
 
     def init_params(self, rng: jax.Array) -> Any:
-        length = self.config.model.max_text_length
-        return self.model.init(rng, jnp.zeros((1, self.crop_samples)), jnp.zeros((1, length), jnp.int32),
-                               jnp.ones((1, length), bool))["params"]
+        return build_model(self.config).init(rng)
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         audio_emb, text_emb, log_scale = self.model.apply(

@@ -20,9 +20,9 @@ Data sources (`config.data.source`):
   (`data.path`), with their captions (or tag lists, see `data.caption_probability`) and, with
   melody conditioning, their librosa chromagram made on the host at data time (`model.chroma_n_fft`,
   after `data.melody_separation`). The frozen codec
-  (`data.codec_checkpoint`: the codec stage's workdir or a bundle's codec folder) turns the crops
-  into codes inside the jitted step; its parameters ride along with every batch
-  (`training.frozen.FrozenInputs`).
+  (`upstream.codec`: the codec stage's workdir or a bundle's codec folder, loaded by `setup`) turns
+  the crops into codes inside the jitted step; its parameters ride along with every batch
+  (`frozen.inputs.FrozenInputs`).
 """
 from __future__ import annotations
 
@@ -37,11 +37,16 @@ from data_pipeline.indexed import IndexedBatches
 from melody_jax.audio.chroma import NUM_CHROMA, SEPARATIONS, melody_rows
 from melody_jax.models.musicgen_lm import MELODY_MODES, NORMS, POSITIONS, TEXT_ENCODERS, MusicGenLM
 from melody_jax.tasks.musicgen_conditions import DROPOUT_SCOPES, augment_texts, condition_dropout, empty_text
-from melody_jax.tokenizers.patterns import PATTERNS, Pattern, make_pattern
+from melody_jax.frozen.checks import require_upstream
+from melody_jax.frozen.codec import FrozenCodec, check_musicgen_fit
+from melody_jax.frozen.inputs import FrozenInputs
+from melody_jax.frozen.stage_models import (ARCHITECTURE, PATTERN_OPTIONS, build_model, musicgen_example_inputs,
+                                            musicgen_pattern)
+from melody_jax.tokenizers.patterns import PATTERNS, Pattern
 from melody_jax.tokenizers.text import tokenize
 from melody_jax.training.config import non_negative, one_of, positive, require
-from melody_jax.training.errors import ConfigError
-from melody_jax.training.frozen import FrozenInputs
+from melody_jax.training.errors import BundleError, ConfigError
+from melody_jax.training.sharding import config_rules
 from melody_jax.training.task import Batch, Task
 
 SOURCES = ("synthetic", "codec")
@@ -106,24 +111,6 @@ def synthetic_batches(config, mesh, seed: int, train: bool = True) -> IndexedBat
     return IndexedBatches(make, c.train.batch_size, mesh)
 
 
-ARCHITECTURE = {"norm": "rms", "positions": "rotary", "mlp_bias": True, "text_encoder": "bytes", "text_vocab_size": 0,
-                "text_head_dim": 0, "text_proj": False, "melody_mode": "prefix"}  # configs saved before these: defaults
-
-
-def musicgen_model(model_config) -> MusicGenLM:
-    m = model_config
-    options = {k: m.get(k, default) for k, default in ARCHITECTURE.items()}
-    prepend = m.use_melody and options["melody_mode"] == "prepend"
-    return MusicGenLM(num_codebooks=m.num_codebooks, codebook_size=m.codebook_size, num_layers=m.num_layers,
-                      embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim, text_layers=m.text_layers,
-                      text_embed_dim=m.text_embed_dim, text_heads=m.text_heads, text_mlp_dim=m.text_mlp_dim,
-                      use_melody=m.use_melody, dtype=jnp.dtype(m.dtype), remat=m.remat,
-                      melody_frames=m.melody_frames if prepend else 0, **options)
-
-
-PATTERN_OPTIONS = ("flattening", "flatten_first", "empty_initial", "group_by")
-
-
 def melody_condition(audio: np.ndarray, sample_rate: int, codec_hop: int, model_config, rows: int,
                      separation: str = "none") -> np.ndarray:
     """The melody chroma `[..., rows, 12]` the LM of `model_config` trains on: one row per
@@ -131,12 +118,6 @@ def melody_condition(audio: np.ndarray, sample_rate: int, codec_hop: int, model_
     m = model_config
     return melody_rows(audio, sample_rate, codec_hop * m.chroma_hop_frames, rows, n_fft=m.get("chroma_n_fft", 4096),
                        separation=separation)
-
-
-def musicgen_pattern(model_config) -> Pattern:
-    """The configured pattern; options a config predating them lacks read as None (the default)."""
-    m = model_config
-    return make_pattern(m.pattern, m.num_codebooks, m.delays, **{k: m.get(k) for k in PATTERN_OPTIONS})
 
 
 class MusicGenTask(Task):
@@ -193,14 +174,13 @@ class MusicGenTask(Task):
         else:
             require(bool(d.path), "config.data.path is empty; data.source='codec' needs a prepared dataset at the "
                     "codec's sample rate (`python -m launch.prepare_data --sample_rate=32000 ...`)")
-            require(bool(d.codec_checkpoint), "config.data.codec_checkpoint is empty; data.source='codec' needs the "
-                    "codec stage's workdir (or a bundle's codec folder)")
+            require_upstream(c, "codec")
             require(0.0 <= d.caption_probability <= 1.0,
                     f"config.data.caption_probability={d.caption_probability} must lie in [0, 1]")
 
     @property
     def model(self) -> MusicGenLM:
-        return musicgen_model(self.config.model)
+        return build_model(self.config).module
 
     @property
     def pattern(self) -> Pattern:
@@ -208,18 +188,31 @@ class MusicGenTask(Task):
 
     def example_inputs(self, batch: int = 1) -> tuple[jax.Array, ...]:
         """Zero inputs of the training shapes: (seq, text_tokens, text_mask, chroma or None)."""
-        m = self.config.model
-        seq = jnp.zeros((batch, m.num_codebooks, self.pattern.num_steps(self.config.data.frames)), jnp.int32)
-        tokens = jnp.zeros((batch, m.max_text_length), jnp.int32)
-        chroma = jnp.zeros((batch, m.melody_frames, NUM_CHROMA), jnp.float32) if m.use_melody else None
-        return seq, tokens, tokens > 0, chroma
+        return musicgen_example_inputs(self.config, batch)
 
     def init_params(self, rng: jax.Array) -> Any:
-        return self.model.init(rng, *self.example_inputs())["params"]
+        return build_model(self.config).init(rng)
+
+    codec: FrozenCodec | None = None  # data.source="codec": the frozen codec of `upstream.codec`, set by `setup`
+
+    def setup(self, mesh: jax.sharding.Mesh) -> None:
+        """data.source="codec": the codec of `upstream.codec` on `mesh`, checked against this LM."""
+        if self.config.data.source != "codec" or self.codec is not None:
+            return
+        codec = FrozenCodec.load(self.config.upstream.codec, mesh, config_rules(self.config),
+                                 field="config.upstream.codec")
+        try:
+            check_musicgen_fit({"codec": codec.config, "musicgen": self.config})
+        except BundleError as e:
+            raise ConfigError(f"config.upstream.codec: {e}") from None
+        self.codec = codec
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         model, c = self.model, self.config
-        codes = self._encode(batch) if "frozen" in batch else batch["codes"]
+        if "frozen" in batch:  # data.source="codec": the crops' codes, from the frozen codec
+            codes = self.codec.encode_fn(batch["frozen"], batch["audio"])[:, :, : c.data.frames]
+        else:
+            codes = batch["codes"]
         seq = self.pattern.build(codes, model.special_token)
         drop_text = drop_melody = None
         if train:
@@ -240,40 +233,12 @@ class MusicGenTask(Task):
         metrics.update({f"ce_codebook_{k}": per_codebook[k] for k in range(per_codebook.shape[0])})
         return loss, metrics
 
-    _codec = _codec_variables = None  # the frozen codec (model, variables) once data.source="codec" has loaded it
-
-    def _encode(self, batch: Batch) -> jax.Array:
-        """data.source="codec": the crops' codes, `int32 [B, K, data.frames]`, from the frozen codec."""
-        from melody_jax.models import codec
-
-        return codec.encode(batch["frozen"], batch["audio"], self._codec)[:, :, : self.config.data.frames]
-
-    def _load_codec(self, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-        """The codec of `data.codec_checkpoint` on `mesh` (checked against this LM) → its variables, loaded once."""
-        if self._codec_variables is not None:
-            return self._codec_variables
-        from melody_jax.pipelines.bundle import KEEP, BundleError, check_musicgen_fit
-        from melody_jax.training.frozen import load_stage
-        from melody_jax.training.sharding import config_rules
-
-        d = self.config.data
-        task, params, _ = load_stage(d.codec_checkpoint, "codec", mesh, config_rules(self.config),
-                                     field="config.data.codec_checkpoint", keep=KEEP["codec"])
-        try:
-            check_musicgen_fit({"codec": task.config, "musicgen": self.config})
-        except BundleError as e:
-            raise ConfigError(f"config.data.codec_checkpoint: {e}") from None
-        self._codec = task.model
-        self._codec_variables = {"params": params["generator"], **params["generator_state"]}
-        return self._codec_variables
-
     def _codec_batches(self, mesh, split: str, seed: int) -> FrozenInputs:
         from data_pipeline.input import make_train_iterator
         from melody_jax.tasks.mulan import TextAudioIterator
 
         c, m = self.config, self.config.model
-        variables = self._load_codec(mesh)
-        hop = self._codec.hop
+        hop = self.codec.hop
         data = c.data.copy_and_resolve_references()
         data.crop_seconds = c.data.frames * hop / c.data.sample_rate
         audio = make_train_iterator(data, global_batch_size=c.train.batch_size, mesh=mesh, seed=seed, split=split)
@@ -289,7 +254,7 @@ class MusicGenTask(Task):
                                   caption_probability=c.data.caption_probability,
                                   max_text_length=m.max_text_length,
                                   features=chroma if m.use_melody else None, augment=augment)
-        return FrozenInputs(texts, variables)
+        return FrozenInputs(texts, self.codec.variables)
 
     def train_iterator(self, mesh):
         if self.config.data.source == "codec":

@@ -16,27 +16,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipeline.builder import read_clips
 from data_pipeline.indexed import RepeatedBatch
 from melody_jax.models.mulan import MuLan, embed_audio, l2_normalize, rvq_levels
+from melody_jax.frozen.checks import require_upstream
+from melody_jax.frozen.loader import Stage, load_stage
+from melody_jax.frozen.stage_models import build_model
 from melody_jax.nn.kmeans import kmeans
 from melody_jax.nn.quantizers import perplexity
-from melody_jax.tasks.mulan import MuLanTask
 from melody_jax.training.config import positive, require
-from melody_jax.training.frozen import load_stage
-from melody_jax.training.sharding import DEFAULT_RULES, batch_divisor, host_to_global, make_mesh, rules_from_config
+from melody_jax.training.sharding import batch_divisor, config_rules, host_to_global
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Batch, FittingTask
-
-
-def load_mulan(mulan_workdir: str, mesh: jax.sharding.Mesh, rules) -> tuple[MuLanTask, Any]:
-    """(the MuLan task as configured there, its latest parameters restored sharded onto `mesh`)."""
-    task, params, _ = load_stage(mulan_workdir, "mulan", mesh, rules, field="config.model.mulan_workdir")
-    return task, params
 
 
 def windows(audio: np.ndarray, window: int) -> np.ndarray:
@@ -71,18 +65,17 @@ def clip_embeddings(model: MuLan, params, clips: list[np.ndarray], window: int, 
     return np.asarray(l2_normalize(jnp.asarray(means)))
 
 
-def embedding_batches(config, mesh: jax.sharding.Mesh) -> RepeatedBatch:
+def embedding_batches(config, mulan: Stage, mesh: jax.sharding.Mesh) -> RepeatedBatch:
     """The training set's clip embeddings as one global [N, D] batch, every step (N: a multiple of the
     mesh's batch axes; at most that many − 1 clips per host are left out)."""
     c = config
-    task, params = load_mulan(c.model.mulan_workdir, mesh, rules_from_config(c.sharding_rules))
-    window = int(round(c.data.window_seconds * task.config.data.sample_rate))
-    data = task.config.data.copy_and_resolve_references()
+    window = int(round(c.data.window_seconds * mulan.config.data.sample_rate))
+    data = mulan.config.data.copy_and_resolve_references()
     data.path = c.data.path or data.path
     clips = [x["audio"] for x in read_clips(data.path, "train", data.sample_rate)]
-    emb = clip_embeddings(task.model, params, clips, window, c.data.embed_batch_size, mesh)
+    emb = clip_embeddings(mulan.model, mulan.params, clips, window, c.data.embed_batch_size, mesh)
     require(emb.shape[1] == c.model.embed_dim, f"config.model.embed_dim={c.model.embed_dim} but the MuLan in "
-                                               f"{c.model.mulan_workdir} embeds to {emb.shape[1]}")
+                                               f"{c.upstream.mulan} embeds to {emb.shape[1]}")
     per_host = max(1, batch_divisor(mesh) // jax.process_count())
     keep = int(np.min(multihost_utils.process_allgather(np.array(len(emb) // per_host * per_host))))
     require(keep > 0, f"the training set has fewer clips than the mesh's batch axes need ({per_host} per host)")
@@ -106,12 +99,17 @@ class RVQTask(FittingTask):
         require(c.train.num_steps == c.model.num_quantizers,
                 f"config.train.num_steps={c.train.num_steps} must equal model.num_quantizers={c.model.num_quantizers} "
                 "(one step fits one level)")
-        require(bool(c.model.mulan_workdir), "config.model.mulan_workdir is empty; name the mulan stage's workdir")
+        require_upstream(c, "mulan")
+
+    mulan: Stage | None = None  # the frozen MuLan stage of `upstream.mulan`, set by `setup`
+
+    def setup(self, mesh: jax.sharding.Mesh) -> None:
+        if self.mulan is None:
+            self.mulan = load_stage(self.config.upstream.mulan, "mulan", mesh, config_rules(self.config),
+                                    field="config.upstream.mulan")
 
     def init_params(self, rng: jax.Array) -> Any:
-        m = self.config.model
-        zeros = jnp.zeros((m.num_quantizers, m.codebook_size, m.embed_dim), jnp.float32)
-        return {"codebooks": nn.LogicallyPartitioned(zeros, (None, "vocab", None))}
+        return build_model(self.config).init(rng)
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         x = batch["embeddings"]
@@ -131,11 +129,4 @@ class RVQTask(FittingTask):
         return state.replace(params={"codebooks": codebooks}), metrics
 
     def train_iterator(self, mesh):
-        return embedding_batches(self.config, mesh)
-
-
-def load_codebooks(workdir: str) -> np.ndarray:
-    """[Q, K, D] codebooks of the rvq stage's latest checkpoint in `workdir`."""
-    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})  # codebooks are small: replicated
-    _, params, _ = load_stage(workdir, "rvq", mesh, DEFAULT_RULES, field="rvq workdir")
-    return np.asarray(params["codebooks"])
+        return embedding_batches(self.config, self.mulan, mesh)

@@ -10,8 +10,8 @@ Data sources (`config.data.source`):
 - "cached": TFRecords from `launch.tokenize` (what large runs use: the frozen models run once).
 - "frozen_models": audio crops of `semantic_len` tokens from a prepared dataset (`data.path`), turned
   into MuLan tokens (MuLan audio tower + RVQ) and semantic tokens (SSL Conformer + k-means) inside the
-  jitted step by the frozen stages named in `data.frozen` (their parameters ride along with every
-  batch: `training.frozen.FrozenInputs`).
+  jitted step by the frozen stages named in `upstream.{ssl,kmeans,mulan,rvq}`, loaded by `setup`
+  (their parameters ride along with every batch: `frozen.inputs.FrozenInputs`).
 """
 from __future__ import annotations
 
@@ -23,10 +23,14 @@ import numpy as np
 import optax
 
 from data_pipeline.indexed import IndexedBatches
+from melody_jax.frozen.checks import need, require_upstream
+from melody_jax.frozen.inputs import FrozenInputs
+from melody_jax.frozen.mulan import FrozenMuLan
+from melody_jax.frozen.semantic import SemanticTokenizer
+from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.semantic_lm import SemanticLM
 from melody_jax.training.config import one_of, positive, require
-from melody_jax.training.errors import ConfigError
-from melody_jax.training.frozen import FrozenInputs
+from melody_jax.training.sharding import config_rules
 from melody_jax.training.task import Batch, Task
 
 SOURCES = ("synthetic", "cached", "frozen_models")
@@ -65,7 +69,8 @@ def synthetic_batches(config, mesh, seed: int) -> IndexedBatches:
 
 class SemanticLMTask(Task):
     name = "semantic_lm"
-    _frozen = None  # (SemanticTokenizer, FrozenMuLan) once data.source="frozen_models" has loaded them
+    tokenizer: SemanticTokenizer | None = None  # data.source="frozen_models": set by `setup`
+    mulan: FrozenMuLan | None = None
 
     def validate(self) -> None:
         c = self.config
@@ -92,21 +97,33 @@ class SemanticLMTask(Task):
         else:
             require(bool(d.path), "config.data.path is empty; data.source='frozen_models' needs a prepared dataset "
                     "(`python -m launch.prepare_data`)")
-            for stage in FROZEN_STAGES:
-                require(bool(d.frozen[stage]), f"config.data.frozen.{stage} is empty; data.source='frozen_models' "
-                        "needs the workdirs (or bundle folders) of ssl, kmeans, mulan and rvq")
+            require_upstream(c, *FROZEN_STAGES)
 
     @property
     def model(self) -> SemanticLM:
-        m = self.config.model
-        return SemanticLM(num_layers=m.num_layers, embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-                          num_prefix=m.num_mulan_tokens, prefix_codebook_size=m.mulan_codebook_size,
-                          vocab_size=m.semantic_vocab_size, dtype=jnp.dtype(m.dtype), remat=m.remat,
-                          scan_layers=m.get("scan_layers", False), attention_impl=m.get("attention_impl", "xla"))
+        return build_model(self.config).module
 
     def init_params(self, rng: jax.Array) -> Any:
-        length = self.config.model.num_mulan_tokens + self.config.data.semantic_len - 1
-        return self.model.init(rng, jnp.zeros((1, length), jnp.int32))["params"]
+        return build_model(self.config).init(rng)
+
+    def setup(self, mesh: jax.sharding.Mesh) -> None:
+        """data.source="frozen_models": the SSL + k-means tokenizer and MuLan + RVQ of `upstream.*` on `mesh`,
+        checked against this LM."""
+        if self.config.data.source != "frozen_models" or self.tokenizer is not None:
+            return
+        up, m, d = self.config.upstream, self.config.model, self.config.data
+        rules = config_rules(self.config)
+        tokenizer = SemanticTokenizer.load(up.kmeans, up.ssl, mesh, rules,
+                                           fields=("config.upstream.kmeans", "config.upstream.ssl"))
+        mulan = FrozenMuLan.load(up.mulan, up.rvq, mesh, rules, fields=("config.upstream.mulan", "config.upstream.rvq"))
+        need(tokenizer.vocab_size == m.semantic_vocab_size, f"config.upstream.kmeans: k-means has "
+             f"{tokenizer.vocab_size} clusters, model.semantic_vocab_size is {m.semantic_vocab_size}")
+        need((mulan.num_tokens, mulan.codebook_size) == (m.num_mulan_tokens, m.mulan_codebook_size),
+             f"config.upstream.rvq: rvq has {mulan.num_tokens} levels of {mulan.codebook_size} codes, the model "
+             f"expects {m.num_mulan_tokens} of {m.mulan_codebook_size}")
+        need(tokenizer.sample_rate == d.sample_rate, f"config.upstream.ssl: ssl works at {tokenizer.sample_rate} Hz, "
+             f"config.data.sample_rate is {d.sample_rate}")
+        self.tokenizer, self.mulan = tokenizer, mulan
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         if "frozen" in batch:  # data.source="frozen_models": tokenise the audio crops here
@@ -120,40 +137,13 @@ class SemanticLMTask(Task):
         return loss, {"accuracy": (logits.argmax(-1) == semantic).mean()}
 
     def _tokens(self, frozen: dict[str, Any], audio: jax.Array) -> tuple[jax.Array, jax.Array]:
-        tokenizer, mulan = self._frozen  # set by the iterator that made the batch (`_audio`)
-        semantic = tokenizer.fn(frozen["ssl"], frozen["centroids"], audio)[:, : self.config.data.semantic_len]
-        return mulan.audio_tokens_fn(frozen["mulan"], audio), semantic
-
-    def _load_frozen(self, mesh: jax.sharding.Mesh):
-        """(SemanticTokenizer, FrozenMuLan) of `data.frozen`, loaded once onto `mesh`."""
-        if self._frozen is not None:
-            return self._frozen
-        from melody_jax.pipelines.stages import load_mulan
-        from melody_jax.tokenizers.semantic import load_semantic_tokenizer
-        from melody_jax.training.sharding import config_rules
-
-        d, m = self.config.data, self.config.model
-        rules = config_rules(self.config)
-        tokenizer = load_semantic_tokenizer(d.frozen.kmeans, d.frozen.ssl, mesh, rules)
-        mulan = load_mulan(d.frozen.mulan, d.frozen.rvq, mesh, rules)
-        codebooks = mulan.params["codebooks"]
-        for ok, message in (
-                (tokenizer.vocab_size == m.semantic_vocab_size,
-                 f"k-means has {tokenizer.vocab_size} clusters, model.semantic_vocab_size is {m.semantic_vocab_size}"),
-                (codebooks.shape[:2] == (m.num_mulan_tokens, m.mulan_codebook_size),
-                 f"rvq has {codebooks.shape[0]} levels of {codebooks.shape[1]} codes, the model expects "
-                 f"{m.num_mulan_tokens} of {m.mulan_codebook_size}"),
-                (tokenizer.sample_rate == d.sample_rate,
-                 f"ssl works at {tokenizer.sample_rate} Hz, config.data.sample_rate is {d.sample_rate}")):
-            if not ok:
-                raise ConfigError(f"config.data.frozen: {message}")
-        self._frozen = tokenizer, mulan
-        return self._frozen
+        semantic = self.tokenizer.fn(frozen["ssl"], frozen["centroids"], audio)[:, : self.config.data.semantic_len]
+        return self.mulan.audio_tokens_fn(frozen["mulan"], audio), semantic
 
     def _audio(self, mesh, split: str, seed: int):
         from data_pipeline.input import make_train_iterator
 
-        tokenizer, mulan = self._load_frozen(mesh)
+        tokenizer, mulan = self.tokenizer, self.mulan
         data = self.config.data.copy_and_resolve_references()
         data.crop_seconds = self.config.data.semantic_len * tokenizer.hop / data.sample_rate
         frozen = {"ssl": tokenizer.ssl_params, "centroids": tokenizer.centroids, "mulan": mulan.params}

@@ -16,6 +16,7 @@ import optax
 
 from data_pipeline.builder import held_out_split
 from data_pipeline.input import make_train_iterator
+from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.conformer import Wav2Vec2Conformer
 from melody_jax.models.ssl_loss import wav2vec2_loss
 from melody_jax.training import accumulate
@@ -24,15 +25,6 @@ from melody_jax.training.state import TrainState
 from melody_jax.training.task import Batch, Task
 
 EVAL_SEED_OFFSET = 1_000_003
-
-
-def ssl_model(m) -> Wav2Vec2Conformer:
-    return Wav2Vec2Conformer(
-        conv_channels=tuple(m.conv_channels), conv_strides=tuple(m.conv_strides), embed_dim=m.embed_dim,
-        num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim, conv_kernel=m.conv_kernel,
-        num_groups=m.num_groups, num_vars=m.num_vars, codevector_dim=m.codevector_dim, final_dim=m.final_dim,
-        dropout=m.dropout, mask_prob=m.mask_prob, mask_length=m.mask_length, normalize_audio=m.normalize_audio,
-        dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.get("scan_layers", False))
 
 
 def gumbel_temperature(m, step: jax.Array) -> jax.Array:
@@ -72,12 +64,10 @@ class SSLTask(Task):
 
     @property
     def model(self) -> Wav2Vec2Conformer:
-        return ssl_model(self.config.model)
+        return build_model(self.config).module
 
     def init_params(self, rng: jax.Array) -> Any:
-        k1, k2, k3 = jax.random.split(rng, 3)
-        audio = jnp.zeros((1, self.crop_samples))
-        return self.model.init({"params": k1, "mask": k2, "gumbel": k3}, audio, train=False)["params"]
+        return build_model(self.config).init(rng)
 
     def objective(self, params, batch: Batch, rng: jax.Array, train: bool, temperature: jax.Array):
         m = self.config.model

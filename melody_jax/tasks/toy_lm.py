@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from data_pipeline.indexed import IndexedBatches
+from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.transformer import DecoderLM
 from melody_jax.training.config import positive, require
 from melody_jax.training.task import Batch, Task
@@ -40,14 +40,10 @@ class ToyLMTask(Task):
 
     @property
     def model(self) -> DecoderLM:
-        m = self.config.model
-        return DecoderLM(vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim,
-                         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dtype=jnp.dtype(m.dtype), remat=m.remat,
-                         scan_layers=m.get("scan_layers", False), attention_impl=m.get("attention_impl", "xla"))
+        return build_model(self.config).module
 
     def init_params(self, rng: jax.Array) -> Any:
-        dummy = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
-        return self.model.init(rng, dummy)["params"]
+        return build_model(self.config).init(rng)
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         tokens = batch["tokens"]

@@ -2,8 +2,7 @@
 
 Data: random crops of a prepared dataset (`config.data.path`) at 24 kHz; evaluation: the
 `data.eval_split` crops reconstructed from the posterior mean, scored by MR-STFT distance (the
-`eval_loss`), log-mel L1 and SI-SNR. `load_vae_gan` restores a trained generator for later stages
-(DPD latents) and `launch.reconstruct`.
+`eval_loss`), log-mel L1 and SI-SNR. A trained generator runs frozen as `frozen.vae.FrozenVAE`.
 """
 from __future__ import annotations
 
@@ -15,11 +14,11 @@ import jax.numpy as jnp
 
 from melody_jax.audio.losses import mr_stft_l1, resolutions
 from melody_jax.audio.metrics import reconstruction_metrics
+from melody_jax.frozen.stage_models import build_model
 from melody_jax.models import vae_gan
 from melody_jax.tasks.gan import GANTask
 from melody_jax.training.config import non_negative, positive, require
 from melody_jax.training.errors import ConfigError
-from melody_jax.training.frozen import load_stage
 from melody_jax.training.task import Batch, Metrics
 
 
@@ -56,7 +55,7 @@ class VAEGANTask(GANTask):
 
     @property
     def model(self) -> vae_gan.VAEGAN:
-        return vae_gan.build(self.config.model)
+        return build_model(self.config).module
 
     @property
     def stft_resolutions(self):
@@ -84,13 +83,3 @@ class VAEGANTask(GANTask):
         metrics = reconstruction_metrics(fake, real, self.config.data.sample_rate, self.stft_resolutions)
         return {**metrics, "loss": metrics["mr_stft"],
                 "clip_fraction": vae_gan.clip_fraction(post.mean, self.model.latent_scale)}
-
-
-def load_vae_gan(workdir: str, mesh: jax.sharding.Mesh, rules) -> tuple[VAEGANTask, Any]:
-    """(the task as configured in `workdir`, the latest generator params restored sharded onto `mesh`).
-
-    Use with `vae_gan.encode(params, audio, task.model)` / `vae_gan.decode(params, z, task.model)`.
-    The discriminator is not read.
-    """
-    task, params, _ = load_stage(workdir, "vae_gan", mesh, rules, field="vae_gan workdir", keep=("generator",))
-    return task, params["generator"]

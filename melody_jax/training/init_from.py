@@ -19,7 +19,7 @@ from absl import logging
 from melody_jax.training import ema
 from melody_jax.training.checkpoint import Checkpointer, param_signature
 from melody_jax.training.errors import WorkdirError
-from melody_jax.training.frozen import read_config
+from melody_jax.training.stage_config import read_stage_config
 from melody_jax.training.state import TrainState
 
 BUNDLE_MANIFEST = "bundle.json"  # pipelines.bundle.MANIFEST (not imported: pipelines import training)
@@ -46,7 +46,7 @@ def check(config: ml_collections.ConfigDict, abstract_params: Any) -> Source:
     """Where and what to restore; one-line WorkdirError for the first way the source does not fit."""
     field = f"config.train.init_from={config.train.init_from!r}"
     directory = _stage_dir(config.train.init_from, config.stage, field)
-    read_config(directory, config.stage, field)
+    read_stage_config(directory, config.stage, field)
     ckpt = Checkpointer(directory, keep=1, every=1)
     try:
         step = ckpt.latest_step()

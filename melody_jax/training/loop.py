@@ -1,7 +1,7 @@
 """The one training loop: any task, any mesh; resumable, preemptible, NaN-guarded.
 
-Order of work: validate → mesh → shapes (`jax.eval_shape`) → shardings → restore or sharded init
-(`jax.jit(init, out_shardings=…)`) → jitted, donated step → log / eval / checkpoint.
+Order of work: validate → mesh → upstream stages (`Task.setup`) → shapes (`jax.eval_shape`) → shardings
+→ restore or sharded init (`jax.jit(init, out_shardings=…)`) → jitted, donated step → log / eval / checkpoint.
 Step k's metrics are read on the host while step k+1 runs, so logging never stalls the device; on a
 checkpoint step they are read (and logged) before the save, which waits for that step anyway, so no
 kill can leave a checkpointed step without its line. `holds_workdir`: one trainer per workdir.
@@ -29,7 +29,7 @@ from melody_jax.training.metrics import MetricsWriter, final_metrics, write_json
 from melody_jax.training.sharding import (activate, assert_sharded, batch_divisor, config_mesh, config_rules,
                                           sharded_shapes)
 from melody_jax.training.state import TrainState
-from melody_jax.training.task import Task, get_task
+from melody_jax.training.task import Task
 from melody_jax.training.workdir_lock import holds_workdir
 
 
@@ -45,11 +45,10 @@ def prepare_workdir(workdir: str) -> None:
         raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
-def validate(config: ml_collections.ConfigDict) -> Task:
-    config_lib.validate_common(config)
-    task = get_task(config)
+def validate(task: Task) -> None:
+    """The config's common fields, then the stage's own checks: one ConfigError naming the field."""
+    config_lib.validate_common(task.config)
     check_task(task)
-    return task
 
 
 def check_task(task: Task) -> None:
@@ -147,16 +146,13 @@ def _evaluate(task: Task, params, mesh, eval_fn, config, rng) -> dict[str, float
 
 
 @holds_workdir
-def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = None) -> dict[str, Any]:
-    """Trains (or resumes) the stage `config.stage` in `workdir`; returns the final metrics.
+def train(task: Task, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) the stage `task` (of `task.config`) in `workdir`; returns the final metrics.
 
-    `task` overrides the registry (tests wrap a stage's task to inject faults).
+    The task comes from `melody_jax.tasks.registry.get_task(config)` (tests may wrap it to inject faults).
     """
-    if task is None:
-        task = validate(config)
-    else:
-        config_lib.validate_common(config)
-        check_task(task)
+    config = task.config
+    validate(task)
     prepare_workdir(workdir)
     mesh = config_mesh(config)
     rules = config_rules(config)
@@ -164,6 +160,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task | None = N
     is_main = jax.process_index() == 0
 
     with activate(mesh, rules):
+        task.setup(mesh)  # upstream stages, before any iterator
         init_rng, step_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
         abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)
         assert_sharded(abstract, config)  # before any memory is spent on a layout that would not fit

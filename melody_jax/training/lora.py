@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -78,6 +79,16 @@ def adapters(base: Any, config: ml_collections.ConfigDict, rng: jax.Array) -> di
         _set(out, keys, {"a": nn.LogicallyPartitioned(a, names[:k] + (None,)),
                          "b": nn.LogicallyPartitioned(b, (None,) + names[k:])})
     return out
+
+
+def with_adapters(init: Callable[[jax.Array], Any], config: ml_collections.ConfigDict) -> Callable[[jax.Array], Any]:
+    """`init` of a stage's params, plus the adapters of `config.model.lora` as the group "lora"."""
+    def init_with_adapters(rng: jax.Array) -> Any:
+        base_rng, lora_rng = jax.random.split(rng)
+        base = init(base_rng)
+        return {**base, GROUP: adapters(base, config, lora_rng)}
+
+    return init_with_adapters
 
 
 def merge(params: Any, config: ml_collections.ConfigDict) -> Any:
@@ -145,9 +156,7 @@ class LoRATask(Task):
                                f"stage (paths look like {_first_kernel(abstract)!r})")
 
     def init_params(self, rng: jax.Array) -> Any:
-        base_rng, lora_rng = jax.random.split(rng)
-        base = self.inner.init_params(base_rng)
-        return {**base, GROUP: adapters(base, self.config, lora_rng)}
+        return with_adapters(self.inner.init_params, self.config)(rng)
 
     def model_params(self, params: Any) -> Any:
         """The stage's parameters as its own code expects them: base (frozen) + adapters merged."""
@@ -162,6 +171,9 @@ class LoRATask(Task):
 
     def optimizer(self) -> optax.GradientTransformation:
         return adapters_only(self.inner.optimizer())
+
+    def setup(self, mesh: jax.sharding.Mesh) -> None:
+        self.inner.setup(mesh)
 
     def train_iterator(self, mesh):
         return self.inner.train_iterator(mesh)

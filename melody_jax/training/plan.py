@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 
 from melody_jax.training.loop import check_batch, guarded, sharded_abstract_state, validate
 from melody_jax.training.sharding import activate, assert_sharded, config_mesh, config_rules
+from melody_jax.training.task import Task
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -45,13 +45,15 @@ def _abstract_batch(task, mesh) -> dict[str, Any]:
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), batch)
 
 
-def plan_train_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Lowers and compiles the loop's train step for `config.mesh`; returns sizes (bytes) and counts."""
-    task = validate(config)
+def plan_train_step(task: Task) -> dict[str, Any]:
+    """Lowers and compiles the loop's train step for `task.config.mesh`; returns sizes (bytes) and counts."""
+    config = task.config
+    validate(task)
     mesh = config_mesh(config)
     rules = config_rules(config)
     check_batch(config, mesh)
     with activate(mesh, rules):
+        task.setup(mesh)  # upstream stages, before any iterator (as the loop does)
         init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
         abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)
         assert_sharded(abstract, config)

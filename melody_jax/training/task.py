@@ -9,7 +9,6 @@ small JSON-serialisable position, stored in every checkpoint.
 from __future__ import annotations
 
 import abc
-import importlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -56,6 +55,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def train_iterator(self, mesh: jax.sharding.Mesh) -> DataIterator:
         """Endless batches for training, positioned by `set_state` on resume."""
+
+    def setup(self, mesh: jax.sharding.Mesh) -> None:
+        """Loads the upstream stages this one reads (`config.upstream.<stage>`) onto `mesh`: called once by
+        the loop and by `launch.plan`, before any iterator and any `loss`."""
 
     def eval_iterator(self, mesh: jax.sharding.Mesh) -> Iterator[Batch] | None:
         """A fresh finite iterator of held-out batches, or None for no evaluation."""
@@ -104,30 +107,3 @@ class FittingTask(Task):
 
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:
         raise TypeError(f"the {self.name} stage is fitted by its train_step; it has no loss to differentiate")
-
-
-# Stage name → "module:Class"; modules import lazily so a CLI pays only for its own stage.
-REGISTRY: dict[str, str] = {
-    "toy_lm": "melody_jax.tasks.toy_lm:ToyLMTask",
-    "dpd": "melody_jax.tasks.dpd:DPDTask",
-    "semantic_lm": "melody_jax.tasks.semantic_lm:SemanticLMTask",
-    "mulan": "melody_jax.tasks.mulan:MuLanTask",
-    "rvq": "melody_jax.tasks.rvq:RVQTask",
-    "vae_gan": "melody_jax.tasks.vae_gan:VAEGANTask",
-    "ssl": "melody_jax.tasks.ssl:SSLTask",
-    "kmeans": "melody_jax.tasks.kmeans:KMeansTask",
-    "codec": "melody_jax.tasks.codec:CodecTask",
-    "musicgen": "melody_jax.tasks.musicgen:MusicGenTask",
-}
-
-
-def get_task(config: ml_collections.ConfigDict) -> Task:
-    from melody_jax.training.errors import ConfigError
-
-    stage = config.get("stage")
-    if stage not in REGISTRY:
-        raise ConfigError(f"config.stage={stage!r} is not a registered stage; known: {sorted(REGISTRY)}")
-    from melody_jax.training.lora import wrap
-
-    module, cls = REGISTRY[stage].split(":")
-    return wrap(getattr(importlib.import_module(module), cls)(config))

@@ -70,16 +70,16 @@ class WorkdirLock:
 
 
 def holds_workdir(train_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorates `train(config, workdir, ...)`: process 0 holds the workdir's lock for the call, and
+    """Decorates `train(task, workdir, ...)`: process 0 holds the workdir's lock for the call, and
     every checkpoint manager the call opens is closed on every way out of it."""
 
     @functools.wraps(train_fn)
-    def locked(config, workdir: str, *args, **kwargs):
+    def locked(task, workdir: str, *args, **kwargs):
         import jax
 
         if jax.process_index() != 0:
             with closing_checkpointers():
-                return train_fn(config, workdir, *args, **kwargs)
+                return train_fn(task, workdir, *args, **kwargs)
         try:
             os.makedirs(workdir, exist_ok=True)
         except OSError as e:
@@ -87,7 +87,7 @@ def holds_workdir(train_fn: Callable[..., Any]) -> Callable[..., Any]:
         lock = WorkdirLock(workdir).acquire()
         try:
             with closing_checkpointers():
-                return train_fn(config, workdir, *args, **kwargs)
+                return train_fn(task, workdir, *args, **kwargs)
         finally:
             lock.release()
 

@@ -3,8 +3,8 @@
 `tokenize(model, layer, ssl_params, centroids, audio)` is pure and traceable, so a later stage can
 run it inside its own jitted step; `SemanticTokenizer` binds model and layer (its `fn` is
 `tokenize(ssl_params, centroids, audio)`) and its `__call__` is that function jit-compiled.
-`load_semantic_tokenizer(kmeans_workdir)` builds one from the kmeans stage's workdir, which names
-the ssl workdir and the layer in its config.json. 10 s at 24 kHz → 250 tokens.
+`SemanticTokenizer.load(kmeans_dir)` builds one from the kmeans stage's directory, whose config.json
+names the layer and the ssl stage (`upstream.ssl`). 10 s at 24 kHz → 250 tokens.
 """
 from __future__ import annotations
 
@@ -16,22 +16,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from melody_jax.frozen.checks import need
+from melody_jax.frozen.loader import load_stage
 from melody_jax.models.conformer import Wav2Vec2Conformer
 from melody_jax.nn.kmeans import assign
 from melody_jax.training.errors import WorkdirError
-from melody_jax.training.frozen import load_stage
-from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
+from melody_jax.training.sharding import DEFAULT_RULES, Rules, make_mesh
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:
     """-1 = the middle block (DESIGN §4.2 default); otherwise the 1-based block index (0 = projected features)."""
     return num_layers // 2 if layer < 0 else layer
-
-
-def load_ssl(ssl_workdir: str, mesh: jax.sharding.Mesh, rules, field: str = "model.ssl_workdir"):
-    """(the SSL task as configured there, its latest parameters restored sharded onto `mesh`)."""
-    task, params, _ = load_stage(ssl_workdir, "ssl", mesh, rules, field=f"config.{field}")
-    return task, params
 
 
 def hidden_states(model: Wav2Vec2Conformer, layer: int, ssl_params: Any, audio: jax.Array) -> jax.Array:
@@ -51,6 +46,20 @@ class SemanticTokenizer:
     ssl_params: Any
     centroids: jax.Array  # [K, D]
     sample_rate: int = 24000
+
+    @classmethod
+    def load(cls, kmeans_dir: str, ssl_dir: str | None = None, mesh: jax.sharding.Mesh | None = None,
+             rules: Rules | None = None, *, fields: tuple[str, str] = ("kmeans", "ssl")) -> "SemanticTokenizer":
+        """The frozen tokenizer of a kmeans stage (and the ssl stage its config names, unless given)."""
+        mesh = mesh if mesh is not None else make_mesh({"data": -1})
+        rules = rules if rules is not None else DEFAULT_RULES
+        km = load_stage(kmeans_dir, "kmeans", mesh, rules, field=fields[0], keep=("centroids",))
+        ssl = load_stage(ssl_dir or km.config.upstream.ssl, "ssl", mesh, rules, field=fields[1])
+        layer = resolve_layer(km.config.model.layer, ssl.config.model.num_layers)
+        centroids = km.params["centroids"]
+        need(centroids.shape[1] == ssl.config.model.embed_dim, f"{kmeans_dir} holds {centroids.shape[1]}-d centroids "
+             f"but the SSL model embeds to {ssl.config.model.embed_dim}", WorkdirError)
+        return cls(ssl.model, layer, ssl.params, centroids, ssl.config.data.sample_rate)
 
     @property
     def fn(self) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
@@ -75,20 +84,3 @@ class SemanticTokenizer:
 
     def __call__(self, audio: jax.Array) -> jax.Array:
         return self.jitted(self.ssl_params, self.centroids, audio)
-
-
-def load_semantic_tokenizer(kmeans_workdir: str, ssl_workdir: str | None = None,
-                            mesh: jax.sharding.Mesh | None = None, rules=None) -> SemanticTokenizer:
-    """The frozen tokenizer of a kmeans workdir (and the ssl workdir its config names, unless given)."""
-    mesh = mesh if mesh is not None else make_mesh({"data": -1})
-    rules = rules if rules is not None else DEFAULT_RULES
-    km_task, km_params, _ = load_stage(kmeans_workdir, "kmeans", mesh, rules, field="kmeans_workdir",
-                                       keep=("centroids",))
-    kconfig = km_task.config
-    task, params = load_ssl(ssl_workdir or kconfig.model.ssl_workdir, mesh, rules)
-    layer = resolve_layer(kconfig.model.layer, task.config.model.num_layers)
-    centroids = km_params["centroids"]
-    if centroids.shape[1] != task.config.model.embed_dim:
-        raise WorkdirError(f"{kmeans_workdir} holds {centroids.shape[1]}-d centroids but the SSL model embeds to "
-                           f"{task.config.model.embed_dim}")
-    return SemanticTokenizer(task.model, layer, params, centroids, task.config.data.sample_rate)
