@@ -26,7 +26,7 @@ from benchmarks.report import markdown_table, median_time, quick_cli
 from configs import musicgen as musicgen_config
 from melody_jax.pipelines.musicgen_sampling import generate
 from melody_jax.tasks.musicgen import MusicGenTask
-from melody_jax.tokenizers.text import tokenize
+from melody_jax.text.byte_tokenizer import tokenize
 
 COLUMNS = ["preset", "frames", "forward_passes", "params_m", "decoder_mb", "ms_per_step", "frames_per_s",
            "realtime_x", "floor_ms", "ratio_to_floor", "read_floor_ms", "ratio_to_read_floor"]

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
     c.preset = preset
     c.model.num_codebooks = 4
     c.model.pattern = "delay"  # delay | parallel | unroll | coarse_first | musiclm (audiocraft's patterns)
-    # The patterns' options (None = the pattern's default; melody_jax/tokenizers/patterns.py):
+    # The patterns' options (None = the pattern's default; melody_jax/models/codebook_patterns.py):
     c.model.delays = None  # delay, unroll: K ints (delay: 0, 1, …, K−1); coarse_first: K−1 (one per fine codebook)
     c.model.flattening = None  # unroll: the inner step of each codebook (None = 0, 1, …, K−1: fully flattened)
     c.model.flatten_first = None  # delay: frames flattened one code per step before the delayed part

@@ -48,7 +48,7 @@ def tokenize_dataset(data_path: str, split: str, out: str, stage_dirs: dict[str,
 
     `stage_dirs` names the directories of "vae_gan", "ssl", "kmeans", "mulan" and "rvq".
     """
-    from melody_jax.tokenizers.token_records import write_records  # TensorFlow: only when used
+    from data_pipeline.token_records import write_records  # TensorFlow: only when used
 
     d = stage_dirs
     vae = FrozenVAE.load(d["vae_gan"], mesh, rules)

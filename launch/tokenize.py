@@ -2,7 +2,7 @@
 
 Runs the frozen VAE-GAN encoder, SSL + k-means and MuLan + RVQ once over a prepared dataset and
 writes, per `--crop_seconds` crop of every clip, its VAE latents, semantic tokens and MuLan tokens
-as TFRecords (`melody_jax.tokenizers.token_records`): the cached data of the semantic LM and DPD
+as TFRecords (`data_pipeline.token_records`): the cached data of the semantic LM and DPD
 stages (`data.source=cached`). The stage folders may be training workdirs or a bundle's folders.
 """
 from __future__ import annotations

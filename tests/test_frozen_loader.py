@@ -5,7 +5,7 @@ import pytest
 
 from melody_jax.frozen.loader import load_stage
 from melody_jax.frozen.vae import FrozenVAE
-from melody_jax.pipelines.untrained import init_workdir
+from benchmarks.untrained import init_workdir
 from melody_jax.tasks.registry import get_task
 from melody_jax.training.errors import WorkdirError
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh

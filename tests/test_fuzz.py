@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from configs.toy_lm import get_config
 from data_pipeline import audio_io, sources
 from melody_jax.pipelines.validation import SEED_LIMIT, SamplingError, check_output_path, check_sampling
-from melody_jax.tokenizers.text import VOCAB_SIZE, tokenize
+from melody_jax.text.byte_tokenizer import VOCAB_SIZE, tokenize
 from melody_jax.training.config import apply_overrides, get_field, parse_value, validate_common, validate_optimization
 from melody_jax.training.errors import ConfigError
 

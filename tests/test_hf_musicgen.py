@@ -17,7 +17,7 @@ from melody_jax.convert.hf_musicgen import musicgen_from_hf
 from melody_jax.models.musicgen_lm import MusicGenLM
 from melody_jax.pipelines.musicgen_sampling import generate
 from melody_jax.frozen.stage_models import musicgen_model, musicgen_pattern
-from melody_jax.tokenizers.t5_text import T5Tokenizer
+from melody_jax.text.t5_tokenizer import T5Tokenizer
 
 pytestmark = pytest.mark.slow  # every variant converted and compared
 

@@ -19,7 +19,7 @@ from melody_jax.models.mulan import contrastive_loss, dequantize, embed_text, mu
 from melody_jax.tasks.mulan import MuLanTask
 from melody_jax.frozen.loader import load_stage
 from melody_jax.tasks.rvq import RVQTask, clip_embeddings
-from melody_jax.tokenizers.text import VOCAB_SIZE, decode, to_utf8, tokenize
+from melody_jax.text.byte_tokenizer import VOCAB_SIZE, decode, to_utf8, tokenize
 from melody_jax.training.errors import ConfigError
 from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train

@@ -8,8 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 from melody_jax.pipelines.musicgen_sampling import generate, teacher_forced_logits, window_forward_passes
 from melody_jax.tasks.musicgen import MusicGenTask, rule_agreement, synthetic_examples
-from melody_jax.tokenizers.patterns import make_pattern
-from melody_jax.tokenizers.text import tokenize
+from melody_jax.models.codebook_patterns import make_pattern
+from melody_jax.text.byte_tokenizer import tokenize
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.sharding import activate
 from tests.helpers import stage_config, stage_layout, train_and_restore

@@ -12,7 +12,7 @@ from configs.musicgen import get_config
 from melody_jax.tasks.musicgen import melody_condition
 from melody_jax.tasks.musicgen_conditions import (augment_texts, condition_dropout, empty_text, merge_metadata,
                                                   word_dropout)
-from melody_jax.tokenizers.text import tokenize
+from melody_jax.text.byte_tokenizer import tokenize
 
 DRAWS = 10_000
 

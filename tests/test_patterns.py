@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from melody_jax.tokenizers.patterns import PATTERNS, DelayPattern, make_pattern, visibility
+from melody_jax.models.codebook_patterns import PATTERNS, DelayPattern, make_pattern, visibility
 
 SPECIAL = 2048  # the codec's vocabulary size: one past the last real code
 

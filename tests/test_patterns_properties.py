@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from melody_jax.models.musicgen_lm import shift_right
-from melody_jax.tokenizers.patterns import PATTERNS, make_pattern
+from melody_jax.models.codebook_patterns import PATTERNS, make_pattern
 from tests.test_patterns import patterns
 
 SPECIAL = 2048

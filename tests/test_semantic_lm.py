@@ -13,7 +13,7 @@ from melody_jax.models.semantic_lm import stream_ids
 from melody_jax.pipelines.lm_sampling import (continue_tokens, continue_windows, sample, sample_from_logits,
                                               teacher_forced_logits)
 from melody_jax.tasks.semantic_lm import SemanticLMTask, rule_targets, synthetic_tokens
-from melody_jax.tokenizers.token_records import write_token_records
+from data_pipeline.token_records import write_token_records
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import ConfigError
 from melody_jax.tasks.registry import get_task

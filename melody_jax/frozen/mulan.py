@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from melody_jax.frozen.checks import need
 from melody_jax.frozen.loader import load_stage
 from melody_jax.models.mulan import MuLan, l2_normalize, mulan_tokens
-from melody_jax.tokenizers.text import tokenize as text_tokenize
+from melody_jax.text.byte_tokenizer import tokenize as text_tokenize
 from melody_jax.training.sharding import Rules
 
 

@@ -24,7 +24,7 @@ from melody_jax.models.musicgen_lm import MusicGenLM
 from melody_jax.models.semantic_lm import SemanticLM
 from melody_jax.models.transformer import DecoderLM
 from melody_jax.nn.quantizers import VQ_COLLECTION
-from melody_jax.tokenizers.patterns import Pattern, make_pattern
+from melody_jax.models.codebook_patterns import Pattern, make_pattern
 from melody_jax.training.errors import ConfigError
 
 

@@ -5,7 +5,7 @@ encoders trained from scratch [choice]:
 - audio: log-mel → (patch_frames × patch_mels) patches → linear → + a learned embedding of the
   patch's mel band → bidirectional rotary attention over the patches (rotary position = the patch's
   time index, so any clip length works) → mean pool → projection (AST-like);
-- text: byte tokens (`melody_jax.tokenizers.text`) → embedding → encoder with a padding mask →
+- text: byte tokens (`melody_jax.text.byte_tokenizer`) → embedding → encoder with a padding mask →
   masked mean pool → projection.
 Training is the symmetric InfoNCE of CLIP/MuLan over the global batch with a learned temperature.
 """
@@ -25,7 +25,7 @@ from melody_jax.nn.init import dense
 from melody_jax.nn.mlp import GeluMLP
 from melody_jax.nn.norms import RMSNorm
 from melody_jax.nn.kmeans import assign
-from melody_jax.tokenizers.text import VOCAB_SIZE
+from melody_jax.text.byte_tokenizer import VOCAB_SIZE
 
 MAX_LOG_SCALE = math.log(100.0)  # CLIP's clip: logits at most 100 × cosine
 INIT_LOG_SCALE = math.log(1.0 / 0.07)

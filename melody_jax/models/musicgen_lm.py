@@ -1,7 +1,7 @@
 """MusicGen LM (DESIGN §6): a pre-norm decoder over K interleaved codebooks, text by cross-attention,
 melody by a one-hot chromagram prefix.
 
-Inputs are pattern sequences `int32 [B, K, S]` (see `melody_jax.tokenizers.patterns`) whose empty
+Inputs are pattern sequences `int32 [B, K, S]` (see `melody_jax.models.codebook_patterns`) whose empty
 slots hold the special token `codebook_size`. Each codebook has its own embedding table (K tables of
 `codebook_size + 1` rows, summed per step) and its own output head (`codebook_size` logits). The
 model shifts the sequence right itself: step s is predicted from the input at position s, which holds
@@ -45,7 +45,7 @@ from melody_jax.nn.attention import Attention, cached_attention, padding_mask
 from melody_jax.nn.init import dense, embed_tokens
 from melody_jax.nn.mlp import GeluMLP
 from melody_jax.nn.norms import RMSNorm
-from melody_jax.tokenizers.text import VOCAB_SIZE
+from melody_jax.text.byte_tokenizer import VOCAB_SIZE
 
 ACT = ("batch", "length", "embed")
 NORMS = ("rms", "layer")

@@ -30,7 +30,7 @@ from melody_jax.pipelines.generation import AudioInputError, Generator, Result
 from melody_jax.pipelines.musicgen_sampling import generate
 from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
 from melody_jax.tasks.musicgen import melody_condition
-from melody_jax.tokenizers.text import tokenize as byte_tokenize
+from melody_jax.text.byte_tokenizer import tokenize as byte_tokenize
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 
 SAMPLE_DEFAULTS = {"duration": 10.0, "top_k": 250, "top_p": 0.0, "temperature": 1.0, "cfg_scale": 3.0}
@@ -82,7 +82,7 @@ class MusicGen(Generator):
                                   else self.config.model.chroma_hop_frames)
         self.tokenizer = None
         if self.model.text_encoder == "t5":
-            from melody_jax.tokenizers.t5_text import T5Tokenizer
+            from melody_jax.text.t5_tokenizer import T5Tokenizer
 
             self.tokenizer = T5Tokenizer(os.path.join(bundle, "musicgen", "tokenizer.json"))
         stored = {k: self.config.sample.get(k, v) for k, v in SAMPLE_DEFAULTS.items()}

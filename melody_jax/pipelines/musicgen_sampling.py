@@ -27,7 +27,7 @@ import numpy as np
 from melody_jax.diffusion.guidance import guide
 from melody_jax.models.musicgen_lm import MusicGenLM, shift_right
 from melody_jax.pipelines.lm_sampling import _active_rules, _compute_dtype_params, sample_from_logits
-from melody_jax.tokenizers.patterns import Pattern
+from melody_jax.models.codebook_patterns import Pattern
 
 
 @dataclasses.dataclass(frozen=True)

@@ -167,7 +167,7 @@ class DPDTask(Task):
         return {**super().eval_step(params, batch, rng), **fixed}
 
     def _records(self, mesh: jax.sharding.Mesh, path: str):
-        from melody_jax.tokenizers.token_records import Field, RecordIterator  # TensorFlow: only when used
+        from data_pipeline.token_records import Field, RecordIterator  # TensorFlow: only when used
 
         c = self.config
         fields = {"latents": Field((c.data.latent_length, c.model.latent_dim)),

@@ -19,7 +19,7 @@ from data_pipeline.input import AudioBatchIterator, make_train_iterator
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.mulan import MuLan, contrastive_loss
-from melody_jax.tokenizers.text import tokenize
+from melody_jax.text.byte_tokenizer import tokenize
 from melody_jax.training.config import positive, require
 from melody_jax.training.sharding import host_to_global, process_rows
 from melody_jax.training.task import Batch, Task

@@ -42,8 +42,8 @@ from melody_jax.frozen.codec import FrozenCodec, check_musicgen_fit
 from melody_jax.frozen.inputs import FrozenInputs
 from melody_jax.frozen.stage_models import (ARCHITECTURE, PATTERN_OPTIONS, build_model, musicgen_example_inputs,
                                             musicgen_pattern)
-from melody_jax.tokenizers.patterns import PATTERNS, Pattern
-from melody_jax.tokenizers.text import tokenize
+from melody_jax.models.codebook_patterns import PATTERNS, Pattern
+from melody_jax.text.byte_tokenizer import tokenize
 from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.errors import BundleError, ConfigError
 from melody_jax.training.sharding import config_rules

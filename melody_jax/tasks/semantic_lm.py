@@ -152,7 +152,7 @@ class SemanticLMTask(Task):
         return FrozenInputs(audio, frozen, keys=("audio",))
 
     def _records(self, mesh, path: str):
-        from melody_jax.tokenizers.token_records import Field, RecordIterator  # TensorFlow: only when used
+        from data_pipeline.token_records import Field, RecordIterator  # TensorFlow: only when used
 
         c = self.config
         fields = {"mulan_tokens": Field((c.model.num_mulan_tokens,), c.model.mulan_codebook_size),
