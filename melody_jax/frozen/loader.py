@@ -18,8 +18,7 @@ from flax import linen as nn
 
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.training import lora
-from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
-from melody_jax.training.errors import WorkdirError
+from melody_jax.training.checkpoint import check_compatible, param_signature, reading
 from melody_jax.training.sharding import Rules, sharded_shapes
 from melody_jax.training.stage_config import read_stage_config
 
@@ -52,19 +51,13 @@ def load_stage(directory: str, stage: str, mesh: jax.sharding.Mesh, rules: Rules
     abstract, _ = sharded_shapes(init, jax.random.key(0), mesh, rules)
     if keep is not None:
         abstract = {k: abstract[k] for k in keep if k in abstract}
-    ckpt = Checkpointer(directory, keep=1, every=1)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise WorkdirError(f"{field}={directory!r} holds no checkpoint of the {stage} stage")
-        meta = ckpt.read_meta(step)
+    with reading(directory) as ckpt:
+        step, meta = ckpt.newest(f"{field}={directory!r} holds no checkpoint of the {stage} stage")
         if keep is not None:
             saved = meta.get("param_signature", {})
             meta = {**meta, "param_signature": {n: s for n, s in saved.items() if n.split("/")[0] in keep}}
         check_compatible(meta, stage, param_signature(abstract), directory)
         params = ckpt.restore_params(step, abstract, "ema" if weights == "ema" and meta.get("ema") else "params")
-    finally:
-        ckpt.close()
     if lora.rank(config):
         params = lora.merge(params, config)
     return Stage(config, built.module, params, step)

@@ -114,26 +114,15 @@ def check_sampling(*, seed: object, count: int = 1, temperature: object = None, 
     if not 0 <= seed <= SEED_LIMIT - max(count, 1):
         uses = f"{count} prompts use seeds seed … seed+{count - 1}" if count > 1 else "a 32-bit seed"
         raise SamplingError(f"--seed={_short(seed)} must lie in [0, {SEED_LIMIT - max(count, 1)}] ({uses})")
-    if temperature is not None:
-        temperature = _real(temperature, "temperature")
-        if not 0 <= temperature <= MAX_TEMPERATURE:
-            raise SamplingError(f"--temperature={temperature:g} must lie in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
-    if top_k is not None:
-        top_k = _integer(top_k, "top_k")
-        if top_k < 0:
-            raise SamplingError(f"--top_k={top_k} must be >= 0 (0 = off)")
-    if top_p is not None:
-        top_p = _real(top_p, "top_p")
-        if not 0 < top_p <= 1:
-            raise SamplingError(f"--top_p={top_p:g} must lie in (0, 1] (1 = off)")
-    if cfg is not None:
-        cfg = _real(cfg, "cfg")
-        if not 0 <= cfg <= MAX_CFG:
-            raise SamplingError(f"--cfg={cfg:g} must lie in [0, {MAX_CFG:g}]")
-    if steps is not None:
-        steps = _integer(steps, "steps")
-        if not 1 <= steps <= MAX_STEPS:
-            raise SamplingError(f"--steps={steps} must lie in [1, {MAX_STEPS}]")
+    rules = (("temperature", temperature, _real, lambda v: 0 <= v <= MAX_TEMPERATURE,
+              f"must lie in [0, {MAX_TEMPERATURE:g}] (0 = greedy)"),
+             ("top_k", top_k, _integer, lambda v: v >= 0, "must be >= 0 (0 = off)"),
+             ("top_p", top_p, _real, lambda v: 0 < v <= 1, "must lie in (0, 1] (1 = off)"),
+             ("cfg", cfg, _real, lambda v: 0 <= v <= MAX_CFG, f"must lie in [0, {MAX_CFG:g}]"),
+             ("steps", steps, _integer, lambda v: 1 <= v <= MAX_STEPS, f"must lie in [1, {MAX_STEPS}]"))
+    for name, value, parse, ok, rule in rules:
+        if value is not None and not ok(value := parse(value, name)):
+            raise SamplingError(f"--{name}={value:g} {rule}" if parse is _real else f"--{name}={value} {rule}")
 
 
 def check_min_duration(seconds: float, name: str = "duration") -> float:

@@ -76,6 +76,16 @@ def closing_checkpointers() -> Iterator[None]:
             ckpt.close()
 
 
+@contextlib.contextmanager
+def reading(workdir: str) -> Iterator["Checkpointer"]:
+    """The checkpoints of another run (a workdir or a bundle's stage), opened to read and closed after."""
+    ckpt = Checkpointer(workdir, keep=1, every=1)
+    try:
+        yield ckpt
+    finally:
+        ckpt.close()
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, every: int):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -110,6 +120,13 @@ class Checkpointer:
         where = self.directory if step is None else f"{self.directory}/{step}"
         return WorkdirError(f"checkpoint {where} could not be saved: {reason}; the complete checkpoints before it "
                             "are intact: fix this and run the same command to resume")
+
+    def newest(self, missing: str) -> tuple[int, dict]:
+        """(step, meta) of the newest checkpoint; WorkdirError(`missing`) when there is none."""
+        step = self.latest_step()
+        if step is None:
+            raise WorkdirError(missing)
+        return step, self.read_meta(step)
 
     def read_meta(self, step: int) -> dict:
         try:

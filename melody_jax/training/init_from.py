@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 
 from melody_jax.training import ema
-from melody_jax.training.checkpoint import Checkpointer, param_signature
+from melody_jax.training.checkpoint import param_signature, reading
 from melody_jax.training.errors import WorkdirError
 from melody_jax.training.stage_config import read_stage_config
 from melody_jax.training.state import TrainState
@@ -47,14 +47,8 @@ def check(config: ml_collections.ConfigDict, abstract_params: Any) -> Source:
     field = f"config.train.init_from={config.train.init_from!r}"
     directory = _stage_dir(config.train.init_from, config.stage, field)
     read_stage_config(directory, config.stage, field)
-    ckpt = Checkpointer(directory, keep=1, every=1)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise WorkdirError(f"{field} holds no checkpoint")
-        meta = ckpt.read_meta(step)
-    finally:
-        ckpt.close()
+    with reading(directory) as ckpt:
+        step, meta = ckpt.newest(f"{field} holds no checkpoint")
     saved, run = meta.get("param_signature", {}), param_signature(abstract_params)
     groups = sorted({n.split("/")[0] for n in saved})
     for name in sorted(set(saved) | {n for n in run if n.split("/")[0] in groups}):
@@ -67,11 +61,8 @@ def check(config: ml_collections.ConfigDict, abstract_params: Any) -> Source:
 def load(source: Source, state: TrainState, abstract: TrainState, config: ml_collections.ConfigDict,
          shardings: TrainState) -> TrainState:
     """`state` with the source's parameters in place of its initial ones (the EMA restarts from them)."""
-    ckpt = Checkpointer(source.directory, keep=1, every=1)
-    try:
+    with reading(source.directory) as ckpt:
         restored = ckpt.restore_params(source.step, {g: abstract.params[g] for g in source.groups}, source.key)
-    finally:
-        ckpt.close()
     logging.info("initialised %s from %s (step %d, %s)", ", ".join(source.groups), source.directory, source.step,
                  source.key)
     state = state.replace(params={**state.params, **restored}, ema=None)
