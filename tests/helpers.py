@@ -23,8 +23,8 @@ def stage_config(stage: str, overrides: Mapping[str, Any] | None = None, *, pres
     return common.stage_config(stage, preset, {**QUIET, **(overrides or {})})
 
 
-def toy_config(**overrides) -> ml_collections.ConfigDict:
-    return stage_config("toy_lm", **overrides)
+def toy_config(overrides=None) -> ml_collections.ConfigDict:
+    return stage_config("toy_lm", overrides)
 
 
 def cli_env(devices: int = 8) -> dict[str, str]:
