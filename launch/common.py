@@ -1,14 +1,16 @@
-"""What every CLI shares: quiet third-party logs, one-line user errors (flags included)."""
+"""What every CLI shares: quiet third-party logs, one-line user errors (flags included), `--config` loading."""
 from __future__ import annotations
 
 import logging as py_logging
 import os
+import runpy
 import sys
 from collections.abc import Callable
 
+import ml_collections
 from absl import app, flags, logging
 
-from melody_jax.training.errors import UserError, one_line
+from melody_jax.training.errors import ConfigError, UserError, one_line
 
 
 def quiet_library_logs() -> None:
@@ -47,23 +49,38 @@ def run_user_errors(fn: Callable[[], object]) -> object:
         fail(str(e))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser with one-line errors: a bad flag value, an unknown config field (ml_collections
-    raises KeyError/AttributeError from deep inside) or a config file that does not exist → exit 2."""
+CONFIG_OVERRIDES: dict[str, str] = {}  # the `--config.a.b=value` arguments, taken out of argv by parse_flags
+
+
+def load_config(spec: str, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+    """`--config=configs/<stage>.py[:<preset>]`: the file's get_config(preset), with the overrides applied by
+    `apply_overrides`, so an override means the same here as in sweeps, the demo and the tests."""
+    from melody_jax.training.config import apply_overrides
+
+    path, _, preset = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config={spec}: no such config file {path!r}")
+    get_config = runpy.run_path(path)["get_config"]
     try:
-        rest = flags.FLAGS(argv)
-    except (KeyError, AttributeError) as e:  # ml_collections: an override of a field the config lacks
-        field = str(e).strip("\"' ").split("'")[0]
-        given = [a.split("=")[0] for a in argv[1:] if f".{field}" in a.split("=")[0]]
-        fail(f"unknown config field {given[0] if given else repr(field)}; see the config file for the fields")
-    except (flags.Error, TypeError, ValueError, OSError, SyntaxError) as e:
-        fail(str(e) or type(e).__name__)
-    for name in flags.FLAGS:
-        filename = getattr(flags.FLAGS[name], "config_filename", None) if hasattr(
-            flags.FLAGS[name], "_config_filename") else None
-        if isinstance(filename, str) and filename and not os.path.isfile(filename.split(":")[0]):
-            fail(f"--{name}={filename}: no such config file {filename.split(':')[0]!r}")
-    return rest
+        config = get_config(preset) if preset else get_config()
+    except ValueError as e:  # an unknown preset
+        raise ConfigError(f"--config={spec}: {e}") from None
+    return apply_overrides(config, overrides)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser with one-line errors (exit 2); where a CLI has `--config`, its `--config.a.b=value`
+    arguments are kept aside in CONFIG_OVERRIDES for `load_config`, not parsed as flags."""
+    overrides = [a for a in argv[1:] if a.startswith("--config.")] if "config" in flags.FLAGS else []
+    for arg in overrides:
+        key, sep, value = arg.removeprefix("--config.").partition("=")
+        if not sep:
+            fail(f"{arg}: write a config override as --config.a.b=value")
+        CONFIG_OVERRIDES[key] = value
+    try:
+        return flags.FLAGS([a for a in argv if a not in overrides])
+    except flags.Error as e:
+        fail(str(e))
 
 
 def run_app(main: Callable[[list[str]], None]) -> None:

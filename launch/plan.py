@@ -11,12 +11,12 @@ import os
 import re
 
 from absl import flags
-from ml_collections import config_flags
 
-from launch.common import quiet_library_logs, run_app, run_user_errors
+from launch.common import CONFIG_OVERRIDES, load_config, quiet_library_logs, run_app, run_user_errors
 from melody_jax.training.metrics import write_json_atomic
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/dpd.py:paper.")
+_CONFIG = flags.DEFINE_string("config", None, "Stage config file and preset, e.g. configs/dpd.py:paper; "
+                             "--config.a.b=value overrides a field.")
 _MESH = flags.DEFINE_string("mesh", "", "Mesh as 'data=8,fsdp=8,tensor=1' (unnamed axes are 1); default: config.mesh.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Fake CPU devices (default: the mesh's size, else 8).")
 _STRATEGY = flags.DEFINE_enum("strategy", None, ["dp", "fsdp", "tp", "fsdp_tp"], "Overrides config.sharding.strategy.")
@@ -50,7 +50,7 @@ def run() -> dict:
     from melody_jax.tasks.registry import get_task
     from melody_jax.training.plan import format_plan, plan_train_step
 
-    config = _CONFIG.value
+    config = load_config(_CONFIG.value, CONFIG_OVERRIDES)
     if _MESH.value:
         config.mesh = parse_mesh(_MESH.value)
     if _STRATEGY.value:

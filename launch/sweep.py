@@ -15,14 +15,14 @@ import re
 import shlex
 
 from absl import flags, logging
-from ml_collections import config_flags
 
-from launch.common import quiet_library_logs, run_app, run_user_errors
+from launch.common import CONFIG_OVERRIDES, load_config, quiet_library_logs, run_app, run_user_errors
 from melody_jax.training.config import apply_overrides
 from melody_jax.training.errors import ConfigError, UserError
 from melody_jax.training.metrics import write_json_atomic
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Base stage config, e.g. configs/toy_lm.py:tiny.")
+_CONFIG = flags.DEFINE_string("config", None, "Base stage config and preset, e.g. configs/toy_lm.py:tiny; "
+                             "--config.a.b=value overrides a field.")
 _GRID = flags.DEFINE_multi_string("grid", [], "'a.b=v1,v2,...': one axis of the sweep (repeatable).")
 _ROOT = flags.DEFINE_string("workdir_root", None, "Each run's workdir is ROOT/<its overrides>.")
 _DRY = flags.DEFINE_bool("dry_run", False, "Print one launch.train command per run instead of running.")
@@ -102,11 +102,8 @@ def sweep(base, grid: list[str], root: str, dry_run: bool, base_overrides: dict[
 def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
-    holder = flags.FLAGS["config"]
-    filename = config_flags.get_config_filename(holder)
-    base_overrides = {k: str(v) for k, v in config_flags.get_override_values(holder).items()}
-    rows = run_user_errors(lambda: sweep(_CONFIG.value, _GRID.value, _ROOT.value, _DRY.value,
-                                         base_overrides, filename))
+    rows = run_user_errors(lambda: sweep(load_config(_CONFIG.value, CONFIG_OVERRIDES), _GRID.value, _ROOT.value,
+                                         _DRY.value, CONFIG_OVERRIDES, _CONFIG.value))
     if rows:
         print(table(rows))
 

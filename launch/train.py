@@ -7,11 +7,11 @@ detection), anything else passes `--coordinator=HOST:PORT --num_processes=N --pr
 from __future__ import annotations
 
 from absl import flags, logging
-from ml_collections import config_flags
 
-from launch.common import quiet_library_logs, run_app, run_user_errors
+from launch.common import CONFIG_OVERRIDES, load_config, quiet_library_logs, run_app, run_user_errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/toy_lm.py:tiny.")
+_CONFIG = flags.DEFINE_string("config", None, "Stage config file and preset, e.g. configs/toy_lm.py:tiny; "
+                             "--config.a.b=value overrides a field.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.json.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Join a multi-process job: auto = when a coordinator is given or a cluster detected.")
@@ -28,9 +28,10 @@ def main(argv: list[str]) -> None:
     from melody_jax.tasks.registry import get_task
     from melody_jax.training.loop import train
 
+    config = run_user_errors(lambda: load_config(_CONFIG.value, CONFIG_OVERRIDES))
     run_user_errors(lambda: initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                        _PROCESS_ID.value))
-    summary = run_user_errors(lambda: train(get_task(_CONFIG.value), _WORKDIR.value))
+    summary = run_user_errors(lambda: train(get_task(config), _WORKDIR.value))
     logging.info("finished: %s", summary)
 
 

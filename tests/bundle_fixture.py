@@ -21,7 +21,7 @@ def build_bundle(root: str, configs: dict | None = None) -> str:
     return untrained_bundle(root, configs or tiny_configs(), STAGES)
 
 
-def build_musicgen_bundle(root: str, **musicgen_fields) -> str:
+def build_musicgen_bundle(root: str, musicgen_fields=None) -> str:
     """An untrained tiny codec + MusicGen LM bundle (codebooks, sizes and frame rate agree)."""
-    configs = {"codec": stage_config("codec", data__path="x"), "musicgen": stage_config("musicgen", **musicgen_fields)}
+    configs = {"codec": stage_config("codec", {"data.path": "x"}), "musicgen": stage_config("musicgen", musicgen_fields)}
     return untrained_bundle(root, configs, MUSICGEN_STAGES, "musicgen_bundle")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -15,14 +17,14 @@ RECORDED_MUSIC = os.path.join(ROOT, "assets", "audio", "music21_test_audio.flac"
 QUIET = {"train.tensorboard": False, "train.progress_bar": False, "train.log_every": 1}  # every test config's
 
 
-def stage_config(stage: str, preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
-    """configs/<stage>.py:<preset>, quiet, logging every step, with the `a.b=value` overrides written
-    `a__b=value` (keyword arguments)."""
-    return common.stage_config(stage, preset, {**QUIET, **{k.replace("__", "."): v for k, v in overrides.items()}})
+def stage_config(stage: str, overrides: Mapping[str, Any] | None = None, *, preset: str = "tiny"
+                 ) -> ml_collections.ConfigDict:
+    """configs/<stage>.py:<preset>, quiet, logging every step, with `{"a.b": value}` overrides."""
+    return common.stage_config(stage, preset, {**QUIET, **(overrides or {})})
 
 
-def toy_config(**overrides) -> ml_collections.ConfigDict:
-    return stage_config("toy_lm", **overrides)
+def toy_config(overrides=None) -> ml_collections.ConfigDict:
+    return stage_config("toy_lm", overrides)
 
 
 def cli_env(devices: int = 8) -> dict[str, str]:

@@ -59,8 +59,8 @@ def trained(tmp_path_factory, prepared_data):
     root = tmp_path_factory.mktemp("codec")
     write_melodies(str(root / "wav"), 64)
     data = prepared_data(source="folder", input=str(root / "wav"), sample_rate=SR, val_fraction=0.25)
-    config = stage_config("codec", data__path=data, mesh_devices=1, train__num_steps=STEPS, train__eval_every=STEPS,
-                          train__checkpoint_every=STEPS, train__log_every=10, train__eval_batches=2)
+    config = stage_config("codec", {"data.path": data, "mesh_devices": 1, "train.num_steps": STEPS, "train.eval_every": STEPS,
+                           "train.checkpoint_every": STEPS, "train.log_every": 10, "train.eval_batches": 2})
     task = CodecTask(config)
     mesh = config_mesh(config)
     with activate(mesh, DEFAULT_RULES):
@@ -93,12 +93,12 @@ def test_codebook_usage_is_logged(trained):
 
 
 # --- the MusicGen LM on the codec's codes ---------------------------------------------------------
-def lm_config(trained, **overrides):
-    fields = dict(data__source="codec", data__path=trained["data"], upstream__codec=trained["workdir"],
-                  data__frames=FRAMES, model__melody_frames=FRAMES, sample__window_frames=FRAMES, mesh_devices=1,
-                  train__num_steps=LM_STEPS, train__eval_every=LM_STEPS, train__checkpoint_every=LM_STEPS,
-                  train__log_every=10, train__eval_batches=2)
-    return stage_config("musicgen", **{**fields, **overrides})
+def lm_config(trained, overrides=None):
+    fields = {"data.source": "codec", "data.path": trained["data"], "upstream.codec": trained["workdir"],
+              "data.frames": FRAMES, "model.melody_frames": FRAMES, "sample.window_frames": FRAMES, "mesh_devices": 1,
+              "train.num_steps": LM_STEPS, "train.eval_every": LM_STEPS, "train.checkpoint_every": LM_STEPS,
+              "train.log_every": 10, "train.eval_batches": 2}
+    return stage_config("musicgen", {**fields, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def lms(trained, tmp_path_factory):
     out = {}
     for use_melody in (True, False):
         workdir, bundle = str(root / f"lm_{use_melody}"), str(root / f"bundle_{use_melody}")
-        summary = train(get_task(lm_config(trained, model__use_melody=use_melody)), workdir)
+        summary = train(get_task(lm_config(trained, {"model.use_melody": use_melody})), workdir)
         assemble(bundle, {"codec": trained["workdir"], "musicgen": workdir}, make_mesh({"data": 1}, jax.devices()[:1]),
                  DEFAULT_RULES, MUSICGEN_STAGES)
         out[use_melody] = {"summary": summary, "records": read_metrics(workdir), "bundle": bundle}
@@ -151,7 +151,7 @@ def test_generated_audio_follows_the_given_melody(trained, lms):
 
 
 def test_codec_source_refuses_a_codec_that_does_not_fit(trained):
-    task = MusicGenTask(lm_config(trained, model__codebook_size=128))
+    task = MusicGenTask(lm_config(trained, {"model.codebook_size": 128}))
     task.validate()
     with pytest.raises(ConfigError, match=r"config.upstream.codec: codec has 4 codebooks of 64 codes, "
                                           r"musicgen models 4 of 128"):

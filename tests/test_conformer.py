@@ -177,7 +177,7 @@ def test_gumbel_temperature_anneals_exponentially():
 
 # --- the whole model -------------------------------------------------------------------------
 def test_sharded_forward_and_loss_equal_one_device():
-    c = stage_config("ssl", data__path="unused", data__crop_seconds=0.8)
+    c = stage_config("ssl", {"data.path": "unused", "data.crop_seconds": 0.8})
     task = SSLTask(c)
     audio = jax.random.normal(jax.random.key(0), (8, task.crop_samples)) * 0.1
     boxed = jax.jit(task.init_params)(jax.random.key(1))
@@ -202,7 +202,7 @@ def test_sharded_forward_and_loss_equal_one_device():
 
 
 def test_ten_seconds_give_250_tokens():
-    task = SSLTask(stage_config("ssl", data__path="unused"))
+    task = SSLTask(stage_config("ssl", {"data.path": "unused"}))
     params = jax.eval_shape(lambda: nn.meta.unbox(task.init_params(jax.random.key(0))))
     centroids = jax.ShapeDtypeStruct((1024, 64), jnp.float32)
     out = jax.eval_shape(lambda p, c, a: tokenize(task.model, 1, p, c, a), params, centroids,
@@ -214,7 +214,7 @@ def test_ten_seconds_give_250_tokens():
 @pytest.mark.parametrize("preset,low,high", [("tiny", 0.1e6, 0.2e6), ("paper", 197.5e6, 201.5e6)])
 def test_parameter_counts(preset, low, high):
     """Paper: 199.5M (DESIGN §4.2); ours 200.6M, within 1 %."""
-    task = SSLTask(stage_config("ssl", preset, data__path="unused"))
+    task = SSLTask(stage_config("ssl", {"data.path": "unused"}, preset=preset))
     shapes = jax.eval_shape(task.init_params, jax.random.key(0))
     n = sum(x.size for x in jax.tree.leaves(shapes))
     assert low <= n <= high, n

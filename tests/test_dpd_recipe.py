@@ -47,12 +47,12 @@ def test_chunked_angles_follow_the_edges():
 
 def test_chunk_edges_config_is_checked():
     with pytest.raises(ConfigError, match="chunk_edges"):
-        DPDTask(stage_config("dpd", model__chunk_edges="halves")).validate()
+        DPDTask(stage_config("dpd", {"model.chunk_edges": "halves"})).validate()
     with pytest.raises(ConfigError, match="chunk_edges"):  # 4 chunks of 4 tokens (40 frames) leave none of 160
-        DPDTask(stage_config("dpd", model__chunk_edges="tokens", model__num_chunks=5)).validate()
+        DPDTask(stage_config("dpd", {"model.chunk_edges": "tokens", "model.num_chunks": 5})).validate()
     with pytest.raises(ConfigError, match="sample.schedule"):
-        DPDTask(stage_config("dpd", sample__schedule="cosine")).validate()
-    DPDTask(stage_config("dpd", model__chunk_edges="tokens")).validate()
+        DPDTask(stage_config("dpd", {"sample.schedule": "cosine"})).validate()
+    DPDTask(stage_config("dpd", {"model.chunk_edges": "tokens"})).validate()
 
 
 def test_melody_sampling_defaults_come_from_the_dpd_config_sample_block():
@@ -78,4 +78,4 @@ def test_melody_sampling_defaults_come_from_the_dpd_config_sample_block():
         stub.generate_unconditional(1)
     for field, value in (("steps", 0), ("cfg", -1.0), ("top_p", 0.0)):
         with pytest.raises(ConfigError, match=f"sample.{field}"):
-            DPDTask(stage_config("dpd", **{f"sample__{field}": value})).validate()
+            DPDTask(stage_config("dpd", {f"sample.{field}": value})).validate()

@@ -21,21 +21,21 @@ from tests.helpers import stage_config
 STAGE_STEPS = 30  # the loop run (a); the mesh runs (c) stop at step MESH_STEPS of the same schedule
 MESH_STEPS = 5
 ABLATION_STEPS = 300
-ABLATION = dict(model__cfg_dropout=0.0, train__num_steps=ABLATION_STEPS)  # conditional velocity only
+ABLATION = {"model.cfg_dropout": 0.0, "train.num_steps": ABLATION_STEPS}  # conditional velocity only
 
 
 def losses(workdir):
     return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
 
-def stage(**overrides):
-    return stage_config("dpd", train__num_steps=STAGE_STEPS, train__eval_every=STAGE_STEPS, **overrides)
+def stage(overrides=None):
+    return stage_config("dpd", {"train.num_steps": STAGE_STEPS, "train.eval_every": STAGE_STEPS, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dpd_stage")
-    return train(get_task(stage(mesh_devices=1)), str(workdir)), workdir
+    return train(get_task(stage({"mesh_devices": 1})), str(workdir)), workdir
 
 
 @pytest.mark.learning
@@ -53,7 +53,7 @@ def test_stage_trains_through_the_loop(stage_run):
 @pytest.mark.learning
 def test_mesh_layout_does_not_change_the_losses(stage_run, tmp_path):
     """Data × FSDP × tensor = 2 × 2 × 2 (every axis split) against the one-device run."""
-    config = stage(train__stop_at_step=MESH_STEPS, mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    config = stage({"train.stop_at_step": MESH_STEPS, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     summary = train(get_task(config), str(tmp_path))
     assert summary["status"] == "stopped" and summary["step"] == MESH_STEPS
     reference, sharded = losses(stage_run[1]), losses(tmp_path)
@@ -63,13 +63,13 @@ def test_mesh_layout_does_not_change_the_losses(stage_run, tmp_path):
 
 
 def test_config_errors_name_the_field():
-    for overrides, field in [(dict(model__num_heads=3), "num_heads"), (dict(data__token_length=15), "token_length"),
-                             (dict(data__latent_length=8), "latent_length"), (dict(data__source="audio"), "VAE-GAN"),
-                             (dict(model__merge_lengths=[16, 3]), "merge_lengths"),
-                             (dict(model__cfg_dropout=1.0), "cfg_dropout")]:
+    for overrides, field in [({"model.num_heads": 3}, "num_heads"), ({"data.token_length": 15}, "token_length"),
+                             ({"data.latent_length": 8}, "latent_length"), ({"data.source": "audio"}, "VAE-GAN"),
+                             ({"model.merge_lengths": [16, 3]}, "merge_lengths"),
+                             ({"model.cfg_dropout": 1.0}, "cfg_dropout")]:
         with pytest.raises(ConfigError, match=field):
-            validate(get_task(stage_config("dpd", **overrides)))
-    assert DPDTask(stage_config("dpd", "paper")).model.param_count() == 295_582_224
+            validate(get_task(stage_config("dpd", overrides)))
+    assert DPDTask(stage_config("dpd", preset="paper")).model.param_count() == 295_582_224
 
 
 def test_synthetic_source_is_deterministic_resumable_and_token_driven():
@@ -119,7 +119,7 @@ def fit_and_evaluate(task, eval_batches=8):
 
 @pytest.fixture(scope="module")
 def ablation():
-    config = stage_config("dpd", **ABLATION)
+    config = stage_config("dpd", ABLATION)
     dpd_params, dpd = fit_and_evaluate(DPDTask(config))
     _, conv = fit_and_evaluate(ConvBaselineTask(config))
     return config, dpd_params, dpd, conv

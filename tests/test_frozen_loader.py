@@ -16,7 +16,7 @@ from tests.helpers import stage_config, toy_config
 def test_loading_stages_builds_no_task(tmp_path, monkeypatch):
     toy_config_ = toy_config()
     init_workdir(toy_config_, str(tmp_path / "toy"))  # written by a Task, before the refusal below
-    init_workdir(stage_config("vae_gan", data__path="x"), str(tmp_path / "vae"))
+    init_workdir(stage_config("vae_gan", {"data.path": "x"}), str(tmp_path / "vae"))
     expected = get_task(toy_config_).init_params(jax.random.key(toy_config_.seed))
 
     def refuse(self, config):

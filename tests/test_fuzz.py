@@ -66,6 +66,7 @@ KEYS = st.one_of(st.sampled_from(FIELDS), st.sampled_from(FIELDS).map(lambda f: 
 @example({"\n": ""})  # found: a newline in a field name broke the one-line message
 @example({"sharding.strategy": "1" * 5000})  # found: the whole value echoed into the one-line message
 @example({"sharding.strategy": "x " * 3000})  # the same, with spaces: bounded as a whole
+@example({"train.init_from": "2024"})  # a text field keeps the text (a path named 2024), as config_flags did
 def test_config_overrides_raise_only_config_errors(overrides):
     try:
         config = apply_overrides(BASE, overrides)

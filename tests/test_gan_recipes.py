@@ -125,12 +125,12 @@ class ToyGAN(GANTask):
 def test_gan_step_with_balancer_and_alternating_updates(tmp_path):
     """One step with audiocraft's recipe: the balancer's state holds the step's gradient norms, and
     D-then-G changes the generator's update but not the discriminator's."""
-    overrides = dict(data__path=str(tmp_path), data__crop_seconds=0.02, discriminator__periods="[2]",
-                     loss__adversarial_loss="hinge", loss__balancer=True)
+    overrides = {"data.path": str(tmp_path), "data.crop_seconds": 0.02, "discriminator.periods": "[2]",
+                 "loss.adversarial_loss": "hinge", "loss.balancer": True}
     batch = {"audio": jnp.asarray(0.3 * np.random.default_rng(2).normal(size=(2, 640)), jnp.float32)}
     after = {}
     for updates in ("alternating", "simultaneous"):
-        task = ToyGAN(stage_config("codec", train__gan_updates=updates, **overrides))
+        task = ToyGAN(stage_config("codec", {"train.gan_updates": updates, **overrides}))
         task.validate()
         state = jax.jit(lambda r: nn.meta.unbox(task.init_state(r)))(jax.random.key(0))  # noqa: B023
         after[updates], metrics = jax.jit(task.train_step)(state, batch, jax.random.key(1))
@@ -149,4 +149,4 @@ def test_gan_step_with_balancer_and_alternating_updates(tmp_path):
     assert float(state["total"]["l1"]) == float(other["l1"])
     assert float(after["alternating_metrics"]["g_grad_norm"]) != float(after["simultaneous_metrics"]["g_grad_norm"])
     with pytest.raises(ConfigError, match="gan_updates"):
-        ToyGAN(stage_config("codec", **{**overrides, "train__gan_updates": "both"})).validate()
+        ToyGAN(stage_config("codec", {**overrides, "train.gan_updates": "both"})).validate()

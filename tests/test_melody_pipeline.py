@@ -206,7 +206,7 @@ def test_musicgen_sample_cli_and_bundle_checks(musicgen_bundle, tmp_path):
     audio, rate = sf.read(str(tmp_path / "mg.wav"))
     assert rate == 32000 and audio.shape == (16000,) and "musicgen_lm" in proc.stdout
     with pytest.raises(BundleError, match="codec has 4 codebooks of 64 codes, musicgen models 4 of 128"):
-        build_musicgen_bundle(str(tmp_path / "bad"), model__codebook_size=128)
+        build_musicgen_bundle(str(tmp_path / "bad"), {"model.codebook_size": 128})
 
 
 def test_sampling_benchmark_rows(melody, musicgen_bundle):

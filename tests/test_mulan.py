@@ -57,7 +57,7 @@ def test_tokenizer_never_crashes(text, max_length):
 # --- sharded contrastive loss --------------------------------------------------------------------
 def test_contrastive_loss_is_global_on_8_devices():
     """The similarity matrix and loss on a data=4 × fsdp=2 mesh equal the one-device result."""
-    c = stage_config("mulan", data__path="unused", data__crop_seconds=0.5, model__audio_layers=1, model__text_layers=1)
+    c = stage_config("mulan", {"data.path": "unused", "data.crop_seconds": 0.5, "model.audio_layers": 1, "model.text_layers": 1})
     task = MuLanTask(c)
     rng = np.random.default_rng(0)
     batch = {"audio": rng.standard_normal((16, task.crop_samples)).astype(np.float32) * 0.1,
@@ -101,9 +101,9 @@ def test_similarity_scale_and_mcc():
 
 def test_bad_config_is_one_line_error():
     with pytest.raises(ConfigError, match="patch_mels"):
-        MuLanTask(stage_config("mulan", data__path="x", model__patch_mels=24)).validate()
+        MuLanTask(stage_config("mulan", {"data.path": "x", "model.patch_mels": 24})).validate()
     with pytest.raises(ConfigError, match="num_quantizers"):
-        RVQTask(stage_config("rvq", upstream__mulan="x", train__num_steps=3)).validate()
+        RVQTask(stage_config("rvq", {"upstream.mulan": "x", "train.num_steps": 3})).validate()
 
 
 # --- training on the synthetic dataset -----------------------------------------------------------
@@ -113,8 +113,8 @@ def trained(tmp_path_factory, prepared_data):
     data = prepared_data(source="synthetic", num_clips=NUM_CLIPS, seed=0, clip_seconds=3.0, sample_rate=SR,
                          val_fraction=VAL_FRACTION)
     workdir = str(root / "mulan")
-    c = stage_config("mulan", data__path=data, data__sample_rate=SR, mesh_devices=1, train__num_steps=STEPS,
-                     train__log_every=50, train__eval_every=STEPS, train__checkpoint_every=STEPS)
+    c = stage_config("mulan", {"data.path": data, "data.sample_rate": SR, "mesh_devices": 1, "train.num_steps": STEPS,
+                      "train.log_every": 50, "train.eval_every": STEPS, "train.checkpoint_every": STEPS})
     summary = train(get_task(c), workdir)
     mesh = make_mesh({"data": -1})
     with activate(mesh, DEFAULT_RULES):
@@ -203,7 +203,7 @@ def test_instrument_words_matter(trained):
 @pytest.mark.learning
 def test_rvq_stage_fits_levels_on_mulan_embeddings(trained):
     workdir = str(trained["root"] / "rvq")
-    c = stage_config("rvq", upstream__mulan=trained["workdir"], model__codebook_size=4)  # the figures' size
+    c = stage_config("rvq", {"upstream.mulan": trained["workdir"], "model.codebook_size": 4})  # the figures' size
     summary = train(get_task(c), workdir)
     q, k = c.model.num_quantizers, c.model.codebook_size
     assert summary["status"] == "done" and summary["step"] == q

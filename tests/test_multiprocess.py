@@ -19,7 +19,7 @@ from tests.helpers import ROOT, cli_env, toy_config
 
 pytestmark = pytest.mark.slow  # two trainer processes and a reference run
 
-MESH = dict(mesh__data=4, mesh__fsdp=2)
+MESH = {"mesh.data": 4, "mesh.fsdp": 2}
 STEPS, HALF = 12, 6
 
 
@@ -49,7 +49,7 @@ def test_two_processes_train_save_resume_and_match_one_process(tmp_path):
 
     multi = {m["step"]: m["loss"] for m in read_metrics(workdir)}
     assert sorted(multi) == list(range(1, STEPS + 1)), "one trajectory, logged once (by process 0)"
-    train(get_task(toy_config(train__num_steps=STEPS, train__checkpoint_every=HALF, **MESH)), str(tmp_path / "one"))
+    train(get_task(toy_config({"train.num_steps": STEPS, "train.checkpoint_every": HALF, **MESH})), str(tmp_path / "one"))
     single = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "one")}
     np.testing.assert_allclose([multi[s] for s in range(1, STEPS + 1)], [single[s] for s in range(1, STEPS + 1)],
                                rtol=1e-5, atol=1e-5)

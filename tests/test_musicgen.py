@@ -34,11 +34,11 @@ def random_model():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    return train_and_restore(stage_config("musicgen", mesh_devices=1), str(tmp_path_factory.mktemp("musicgen")))
+    return train_and_restore(stage_config("musicgen", {"mesh_devices": 1}), str(tmp_path_factory.mktemp("musicgen")))
 
 
 def test_small_preset_is_musicgen_small():
-    task = MusicGenTask(stage_config("musicgen", "small"))
+    task = MusicGenTask(stage_config("musicgen", preset="small"))
     task.validate()
     shapes = jax.eval_shape(task.init_params, jax.random.key(0))
     layer = shapes["layers_0"]
@@ -151,7 +151,7 @@ def test_melody_conditioning_proxy(trained):
 
 def test_sharded_loss_and_sampling_equal_one_device(random_model):
     task, params = random_model
-    config = stage_config("musicgen", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+    config = stage_config("musicgen", {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     ex = examples(7, 4, config)
     batch = {"codes": ex["codes"], "text_tokens": ex["tokens"], "text_mask": ex["mask"], "chroma": ex["chroma"]}
     loss_fn = jax.jit(task.loss)
@@ -172,12 +172,12 @@ def test_sharded_loss_and_sampling_equal_one_device(random_model):
 
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"config.data.path is empty; data.source='codec'"):
-        MusicGenTask(stage_config("musicgen", data__source="codec")).validate()
+        MusicGenTask(stage_config("musicgen", {"data.source": "codec"})).validate()
     with pytest.raises(ConfigError, match=r"config.upstream.codec is empty"):
-        MusicGenTask(stage_config("musicgen", data__source="codec", data__path="x")).validate()
+        MusicGenTask(stage_config("musicgen", {"data.source": "codec", "data.path": "x"})).validate()
     with pytest.raises(ConfigError, match=r"config.model.pattern='zigzag'"):
-        MusicGenTask(stage_config("musicgen", model__pattern="zigzag")).validate()
+        MusicGenTask(stage_config("musicgen", {"model.pattern": "zigzag"})).validate()
     with pytest.raises(ConfigError, match=r"config.train.cfg_dropout_text=1.5"):
-        MusicGenTask(stage_config("musicgen", train__cfg_dropout_text=1.5)).validate()
+        MusicGenTask(stage_config("musicgen", {"train.cfg_dropout_text": 1.5})).validate()
     with pytest.raises(ConfigError, match=r"melody_frames=4 × chroma_hop_frames=1 must cover data.frames=16"):
-        MusicGenTask(stage_config("musicgen", model__melody_frames=4)).validate()
+        MusicGenTask(stage_config("musicgen", {"model.melody_frames": 4})).validate()

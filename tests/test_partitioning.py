@@ -16,8 +16,8 @@ from melody_jax.training.sharding import (DEFAULT_RULES, STRATEGIES, activate, a
 from melody_jax.tasks.registry import get_task
 from tests.helpers import stage_config, toy_config
 
-MESHES = {"fsdp": dict(mesh__data=2, mesh__fsdp=4, mesh__tensor=1),
-          "tp": dict(mesh__data=2, mesh__fsdp=1, mesh__tensor=4)}
+MESHES = {"fsdp": {"mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1},
+          "tp": {"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 4}}
 AXIS = {"fsdp": "fsdp", "tp": "tensor"}
 
 STAGES = [
@@ -56,8 +56,8 @@ def moments_of(opt_state, name: str) -> list[jax.ShapeDtypeStruct]:
             if path.endswith("/" + name) or (rest and path.startswith(network + "/") and path.endswith("/" + rest))]
 
 
-def abstract_state(stage: str, strategy: str, **overrides):
-    config = stage_config(stage, sharding__strategy=strategy, **MESHES[strategy], **overrides)
+def abstract_state(stage: str, strategy: str, overrides=None):
+    config = stage_config(stage, {"sharding.strategy": strategy, **MESHES[strategy], **(overrides or {})})
     mesh, rules = make_mesh(config.mesh), config_rules(config)
     with activate(mesh, rules):
         abstract, _ = sharded_abstract_state(get_task(config), mesh, rules, jax.random.key(0))
@@ -84,7 +84,7 @@ def test_largest_parameters_are_split(stage, expected, strategy):
 
 def test_replicated_weight_fails_fast_naming_it():
     unsharded = [[name, None] for name in ("embed", "mlp", "heads", "vocab")]
-    config, abstract = abstract_state("toy_lm", "fsdp", sharding_rules=json.dumps(unsharded))
+    config, abstract = abstract_state("toy_lm", "fsdp", {"sharding_rules": json.dumps(unsharded)})
     with pytest.raises(ConfigError, match=r"strategy='fsdp' but params/embedding \(64, 64\) \(4096 elements\) "
                                           r"is not sharded over fsdp"):
         assert_sharded(abstract, config, min_size=4096)
@@ -92,8 +92,8 @@ def test_replicated_weight_fails_fast_naming_it():
 
 
 def test_training_refuses_a_replicated_fsdp_layout_before_any_step(tmp_path):
-    config = toy_config(sharding__strategy="fsdp", sharding__min_sharded_size=8192, **MESHES["fsdp"],
-                        sharding_rules=json.dumps([["embed", None], ["mlp", None]]))
+    config = toy_config({"sharding.strategy": "fsdp", "sharding.min_sharded_size": 8192, **MESHES["fsdp"],
+                         "sharding_rules": json.dumps([["embed", None], ["mlp", None]])})
     with pytest.raises(ConfigError, match=r"params/layer_0/mlp/down/kernel \(128, 64\)"):
         train(get_task(config), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())

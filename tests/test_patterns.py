@@ -206,8 +206,8 @@ def test_config_options_reach_the_pattern():
     from melody_jax.tasks.registry import get_task
     from tests.helpers import stage_config
 
-    c = stage_config("musicgen", model__pattern="unroll", model__flattening="[0,1,1,1]", model__delays="[0,2,2,2]")
+    c = stage_config("musicgen", {"model.pattern": "unroll", "model.flattening": "[0,1,1,1]", "model.delays": "[0,2,2,2]"})
     get_task(c).validate()
     assert musicgen_pattern(c.model) == make_pattern("unroll", 4, [0, 2, 2, 2], flattening=[0, 1, 1, 1])
     with pytest.raises(ConfigError, match="group_by=3 must divide"):
-        get_task(stage_config("musicgen", model__pattern="musiclm", model__group_by="3")).validate()
+        get_task(stage_config("musicgen", {"model.pattern": "musiclm", "model.group_by": "3"})).validate()

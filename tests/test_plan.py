@@ -14,8 +14,8 @@ TOY_PARAMS = 90_432  # toy_lm tiny (the loop logs the same count)
 
 
 def test_fsdp_divides_parameter_memory_and_adds_gathers():
-    dp = plan_train_step(get_task(toy_config(sharding__strategy="dp", mesh__data=8)))
-    fsdp = plan_train_step(get_task(toy_config(sharding__strategy="fsdp", mesh__data=1, mesh__fsdp=8)))
+    dp = plan_train_step(get_task(toy_config({"sharding.strategy": "dp", "mesh.data": 8})))
+    fsdp = plan_train_step(get_task(toy_config({"sharding.strategy": "fsdp", "mesh.data": 1, "mesh.fsdp": 8})))
     assert dp["num_params"] == fsdp["num_params"] == TOY_PARAMS
     assert dp["params_bytes"] == 4 * TOY_PARAMS and fsdp["params_bytes"] == 4 * TOY_PARAMS // 8
     for p in (dp, fsdp):  # Adam's mu and nu, plus a few step counters

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # bundles assembled through the CLI
 
 
 def test_case10_bundle_failing_part_way_cleans_up_and_reruns(tmp_path):
-    configs = {"codec": stage_config("codec", data__path="x"), "musicgen": stage_config("musicgen")}
+    configs = {"codec": stage_config("codec", {"data.path": "x"}), "musicgen": stage_config("musicgen")}
     for stage, config in configs.items():  # what tests/bundle_fixture.py bundles, left unassembled
         init_workdir(config, str(tmp_path / stage))
     mesh = make_mesh({"data": 1}, jax.devices()[:1])

@@ -29,13 +29,13 @@ from tests.test_reliability_training import FaultyTask, restore
 
 pytestmark = pytest.mark.slow  # a trained workdir damaged and resumed
 
-CONFIG = dict(train__num_steps=4, train__checkpoint_every=1, train__keep_checkpoints=10)
+CONFIG = {"train.num_steps": 4, "train.checkpoint_every": 1, "train.keep_checkpoints": 10}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    train(get_task(toy_config(**CONFIG)), workdir)
+    train(get_task(toy_config(CONFIG)), workdir)
     return workdir
 
 
@@ -46,7 +46,7 @@ def copy(trained: str, tmp_path) -> str:
 def test_case6_checkpoint_that_restores_as_nan_is_refused_and_nothing_is_saved_over(trained, tmp_path):
     """A bit flip that still decodes (here: NaN written into step 4's parameters) must not be trained on."""
     workdir = copy(trained, tmp_path)
-    config = toy_config(**{**CONFIG, "train__num_steps": 8})
+    config = toy_config({**CONFIG, "train.num_steps": 8})
     state = restore(config, workdir, 4)
     ckpt = Checkpointer(workdir, keep=10, every=1)
     meta = ckpt.read_meta(4)
@@ -76,7 +76,7 @@ def test_case7_full_disk_during_a_save_is_one_line_and_resume_works(trained, tmp
     """Orbax reports ENOSPC from its async writer as a ValueError naming os_error_code 28 (seen on a full
     2 MB tmpfs); the run stops with one line, the complete checkpoints stay, the rerun resumes."""
     workdir = copy(trained, tmp_path)
-    config = toy_config(**{**CONFIG, "train__num_steps": 7})
+    config = toy_config({**CONFIG, "train.num_steps": 7})
     open_before = set(checkpoint_lib._OPEN)  # managers other tests in this process left are theirs
     real_save = checkpoint_lib.ocp.CheckpointManager.save
 
@@ -102,7 +102,7 @@ def test_case8_resume_with_another_seed_is_one_line(trained, tmp_path):
     workdir = copy(trained, tmp_path)
     with pytest.raises(WorkdirError, match=r"^workdir .* was trained with config.seed=0, not 1; resume with "
                                            r"--config.seed=0 or use another --workdir$"):
-        train(get_task(toy_config(**{**CONFIG, "train__num_steps": 6, "seed": 1})), workdir)
+        train(get_task(toy_config({**CONFIG, "train.num_steps": 6, "seed": 1})), workdir)
     assert read_metrics(workdir) == read_metrics(trained)
 
 
@@ -141,7 +141,7 @@ def test_case11_deleted_or_truncated_shards_are_one_line(tmp_path):
 
 
 def test_case13_skipped_steps_are_warned_counted_and_strict_json(tmp_path, caplog):
-    config = toy_config(train__num_steps=6)
+    config = toy_config({"train.num_steps": 6})
     task = FaultyTask(config)
     task.loss_bad = {1: np.nan, 3: np.inf}
     with caplog.at_level(logging.WARNING):

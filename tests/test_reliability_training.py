@@ -89,7 +89,7 @@ def tree_equal(a, b) -> bool:
 def test_inf_input_and_nan_or_inf_gradients_are_skipped_and_counted(tmp_path):
     """Step i+1 uses batch i: step 3 has an Inf input (loss +inf), steps 5 and 6 finite losses with
     NaN and Inf gradients."""
-    config = toy_config(train__num_steps=8, train__checkpoint_every=1, train__keep_checkpoints=20)
+    config = toy_config({"train.num_steps": 8, "train.checkpoint_every": 1, "train.keep_checkpoints": 20})
     task = FaultyTask(config)
     task.loss_bad, task.grad_bad = {2: np.inf}, {4: np.nan, 5: np.inf}
     summary = train(task, str(tmp_path))
@@ -108,7 +108,7 @@ def test_inf_input_and_nan_or_inf_gradients_are_skipped_and_counted(tmp_path):
 def test_guard_catches_bad_gradients_a_task_does_not_report():
     """A task without `grad_norm` in its metrics (a multi-optimizer stage may omit it): the guard's
     own check of the new parameters must still skip NaN or Inf gradient updates and count them."""
-    config = toy_config(optim__warmup_steps=0)
+    config = toy_config({"optim.warmup_steps": 0})
     task = FaultyTask(config)
     task.hide_grad_norm = True
     mesh = make_mesh(config.mesh)
@@ -133,8 +133,8 @@ def test_guard_catches_bad_gradients_a_task_does_not_report():
 def test_nan_storm_keeps_the_last_good_parameters_in_the_checkpoint(tmp_path):
     """Batches 6+ poison the gradients only; the run stops at the K-th bad step (9) and the checkpoint
     written during the storm (8) holds the parameters of the last good step (6), restorable."""
-    config = toy_config(train__num_steps=30, train__max_bad_steps=3, train__checkpoint_every=2,
-                        train__keep_checkpoints=10)
+    config = toy_config({"train.num_steps": 30, "train.max_bad_steps": 3, "train.checkpoint_every": 2,
+                         "train.keep_checkpoints": 10})
     task = FaultyTask(config)
     task.grad_bad = {i: np.nan for i in range(6, 30)}
     with pytest.raises(TrainingDiverged, match=r"^training stopped at step 9: 3 consecutive non-finite steps") as e:
@@ -174,9 +174,9 @@ def _damage(path: str) -> None:
 
 
 def test_damaged_checkpoints_give_one_line_errors(tmp_path):
-    config = toy_config(train__num_steps=4, train__checkpoint_every=2)
+    config = toy_config({"train.num_steps": 4, "train.checkpoint_every": 2})
     train(get_task(config), str(tmp_path / "run"))
-    again = toy_config(train__num_steps=6, train__checkpoint_every=2)
+    again = toy_config({"train.num_steps": 6, "train.checkpoint_every": 2})
     for what, damage, message in [
         ("state", lambda d: _damage(os.path.join(d, "state")), r"checkpoint .*/4 could not be restored: "),
         ("meta", lambda d: open(os.path.join(d, "meta", "metadata"), "w").write('{"stage": "toy'),
@@ -240,10 +240,10 @@ def test_same_seed_same_losses_across_processes(tmp_path):
                   "--config.train.log_every=1", "--config.train.tensorboard=False",
                   "--config.train.progress_bar=False", f"--workdir={tmp_path / 'cli'}", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    train(get_task(toy_config(train__num_steps=6)), str(tmp_path / "here"))
+    train(get_task(toy_config({"train.num_steps": 6})), str(tmp_path / "here"))
     a, b = read_metrics(tmp_path / "cli"), read_metrics(tmp_path / "here")
     assert [m["step"] for m in a] == list(range(1, 7))
     keys = ("loss", "grad_norm", "accuracy", "eval_loss")
     assert [[m.get(k) for k in keys] for m in a] == [[m.get(k) for k in keys] for m in b]
-    train(get_task(toy_config(train__num_steps=6, train__stop_at_step=1, seed=1)), str(tmp_path / "seed1"))
+    train(get_task(toy_config({"train.num_steps": 6, "train.stop_at_step": 1, "seed": 1})), str(tmp_path / "seed1"))
     assert read_metrics(tmp_path / "seed1")[0]["loss"] != a[0]["loss"]

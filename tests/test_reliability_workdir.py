@@ -82,7 +82,7 @@ def test_case1_lock_of_a_killed_trainer_is_not_stale(tmp_path):
 def test_case2_rerun_keeps_final_metrics_and_every_line_precedes_its_checkpoint(tmp_path, monkeypatch):
     """A checkpoint is saved only after its step's line is in the log (so no kill can lose that line);
     rerunning a finished run returns and writes the same final metrics, never `{"status", "step"}` alone."""
-    config = toy_config(train__num_steps=6, train__checkpoint_every=2, train__eval_every=3)
+    config = toy_config({"train.num_steps": 6, "train.checkpoint_every": 2, "train.eval_every": 3})
     saved_with_line = []
     open_before = set(checkpoint_lib._OPEN)  # managers other tests in this process left are theirs
     real_save = Checkpointer.save

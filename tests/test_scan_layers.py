@@ -24,9 +24,9 @@ def stacked(tree):
 
 
 def test_scanned_semantic_lm_gives_the_unscanned_loss():
-    mesh_fields = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
-    plain_cfg = stage_config("semantic_lm", **mesh_fields)
-    scan_cfg = stage_config("semantic_lm", model__scan_layers=True, **mesh_fields)
+    mesh_fields = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    plain_cfg = stage_config("semantic_lm", mesh_fields)
+    scan_cfg = stage_config("semantic_lm", {"model.scan_layers": True, **mesh_fields})
     task, mesh, rules, _, shardings = stage_layout(plain_cfg)
     scan_task, _, _, scan_abstract, _ = stage_layout(scan_cfg)
     with activate(mesh, rules):
@@ -45,8 +45,8 @@ def test_scanned_semantic_lm_gives_the_unscanned_loss():
 
 
 def test_scanned_mulan_towers_give_the_unscanned_embeddings():
-    fields = dict(data__path="unused", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
-    plain_cfg, scan_cfg = stage_config("mulan", **fields), stage_config("mulan", model__scan_layers=True, **fields)
+    fields = {"data.path": "unused", "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    plain_cfg, scan_cfg = stage_config("mulan", fields), stage_config("mulan", {"model.scan_layers": True, **fields})
     task, mesh, rules, _, shardings = stage_layout(plain_cfg)
     scan_task, _, _, scan_abstract, _ = stage_layout(scan_cfg)
     assert min(plain_cfg.model.audio_layers, plain_cfg.model.text_layers) >= 2
@@ -64,8 +64,8 @@ def test_scanned_mulan_towers_give_the_unscanned_embeddings():
 
 
 def test_scanned_conformer_gives_the_unscanned_outputs_and_hidden_states():
-    fields = dict(data__path="unused", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
-    plain_cfg, scan_cfg = stage_config("ssl", **fields), stage_config("ssl", model__scan_layers=True, **fields)
+    fields = {"data.path": "unused", "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    plain_cfg, scan_cfg = stage_config("ssl", fields), stage_config("ssl", {"model.scan_layers": True, **fields})
     task, mesh, rules, _, shardings = stage_layout(plain_cfg)
     scan_task, _, _, scan_abstract, _ = stage_layout(scan_cfg)
     layers = plain_cfg.model.num_layers
@@ -88,15 +88,15 @@ def test_scanned_conformer_gives_the_unscanned_outputs_and_hidden_states():
 
 
 def test_scanned_checkpoint_is_refused_unscanned_in_one_line(tmp_path):
-    train(get_task(toy_config(model__scan_layers=True, train__num_steps=1)), str(tmp_path))
+    train(get_task(toy_config({"model.scan_layers": True, "train.num_steps": 1})), str(tmp_path))
     with pytest.raises(WorkdirError, match=r"different model: parameter layer_0/attn/key/kernel has shape None there "
                                            r"and \[64, 4, 16\] in this config"):
-        train(get_task(toy_config(train__num_steps=2)), str(tmp_path))
+        train(get_task(toy_config({"train.num_steps": 2})), str(tmp_path))
 
 
 def test_cudnn_attention_is_refused_on_a_backend_without_it(tmp_path):
     with pytest.raises(ConfigError, match=r"^config.model.attention_impl='cudnn' needs a GPU with cuDNN; this "
                                           r"backend is cpu \(use 'xla'\)$"):
-        train(get_task(toy_config(model__attention_impl="cudnn")), str(tmp_path))
+        train(get_task(toy_config({"model.attention_impl": "cudnn"})), str(tmp_path))
     with pytest.raises(ConfigError, match=r"config.model.attention_impl='flash' must be one of \('xla', 'cudnn'\)"):
-        train(get_task(toy_config(model__attention_impl="flash")), str(tmp_path))
+        train(get_task(toy_config({"model.attention_impl": "flash"})), str(tmp_path))

@@ -24,11 +24,11 @@ from tests.helpers import stage_config, stage_layout, train_and_restore
 CODES = 32  # data.synthetic_codes of the figures below
 
 
-def lm_config(**overrides):
+def lm_config(overrides=None):
     """The tiny preset at the vocabularies (1024) and length (20) the figures below were measured at:
     the tiny preset itself now takes the tiny k-means' and RVQ's sizes (32, 16) and the DPD's 16 tokens."""
-    return stage_config("semantic_lm", **{"model__semantic_vocab_size": 1024, "model__mulan_codebook_size": 1024,
-                                          "data__semantic_len": 20, "data__synthetic_codes": CODES, **overrides})
+    return stage_config("semantic_lm", {"model.semantic_vocab_size": 1024, "model.mulan_codebook_size": 1024,
+                                        "data.semantic_len": 20, "data.synthetic_codes": CODES, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,12 @@ def random_model():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    summary, records, task, params = train_and_restore(lm_config(mesh_devices=1), str(tmp_path_factory.mktemp("trained")))
+    summary, records, task, params = train_and_restore(lm_config({"mesh_devices": 1}), str(tmp_path_factory.mktemp("trained")))
     return summary, records, task.model, params
 
 
 def test_paper_preset_matches_the_paper_size():
-    task = SemanticLMTask(stage_config("semantic_lm", "paper"))
+    task = SemanticLMTask(stage_config("semantic_lm", preset="paper"))
     shapes = jax.eval_shape(task.init_params, jax.random.key(0))
     count = sum(x.size for x in jax.tree.leaves(shapes))
     print(f"semantic LM paper preset: {count / 1e6:.1f}M parameters (paper: 429.5M)")
@@ -144,7 +144,7 @@ def test_sampling_under_a_mesh_equals_one_device(random_model):
     key = jax.random.key(5)
     single = np.asarray(sample(model, params, mulan, 8, key))
     single_logits = np.asarray(teacher_forced_logits(model, params, mulan, semantic))
-    _, mesh, rules, _, shardings = stage_layout(lm_config(mesh__data=2, mesh__fsdp=2, mesh__tensor=2))
+    _, mesh, rules, _, shardings = stage_layout(lm_config({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
     sharded = jax.device_put(params, shardings.params)
     assert sharded["decoder"]["layer_0"]["mlp"]["gate"]["kernel"].sharding.spec == P("fsdp", "tensor")
     with activate(mesh, rules):
@@ -158,7 +158,7 @@ def test_cached_records_round_trip(tmp_path):
     mulan, semantic = synthetic_tokens(0, 0, 64, 12, 20, CODES, 4)
     path = str(tmp_path / "tokens.tfrecord")
     assert write_token_records(path, mulan, semantic) == 64
-    config = lm_config(data__source="cached", data__path=path, train__num_steps=3, train__checkpoint_every=3)
+    config = lm_config({"data.source": "cached", "data.path": path, "train.num_steps": 3, "train.checkpoint_every": 3})
     mesh = make_mesh(config.mesh)
     it = SemanticLMTask(config).train_iterator(mesh)
     straight = [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(6)]
@@ -171,7 +171,7 @@ def test_cached_records_round_trip(tmp_path):
         fresh.set_state({"batches": consumed})
         for k, v in next(fresh).items():
             np.testing.assert_array_equal(np.asarray(v), straight[consumed][k])
-    other_seed = SemanticLMTask(lm_config(seed=1, data__source="cached", data__path=path))
+    other_seed = SemanticLMTask(lm_config({"seed": 1, "data.source": "cached", "data.path": path}))
     assert not np.array_equal(np.asarray(next(other_seed.train_iterator(mesh))["semantic_tokens"]),
                               straight[0]["semantic_tokens"])
 
@@ -182,7 +182,7 @@ def test_cached_records_round_trip(tmp_path):
     ckpt.close()
 
     with pytest.raises(ConfigError, match=r"field sizes .*'semantic_tokens': 20.*expects .*'semantic_tokens': 21"):
-        SemanticLMTask(lm_config(data__source="cached", data__path=path, data__semantic_len=21)).train_iterator(mesh)
+        SemanticLMTask(lm_config({"data.source": "cached", "data.path": path, "data.semantic_len": 21})).train_iterator(mesh)
 
 
 @pytest.mark.slow  # four frozen stages, a training and a resume
@@ -198,14 +198,14 @@ def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
         init_workdir(configs[stage], str(tmp_path / stage))
     data = prepared_data(source="synthetic", num_clips=12, clip_seconds=2.0, sample_rate=24000, seed=2,
                          val_fraction=0.25)
-    fields = {f"upstream__{s}": str(tmp_path / s) for s in ("ssl", "kmeans", "mulan", "rvq")}
+    fields = {f"upstream.{s}": str(tmp_path / s) for s in ("ssl", "kmeans", "mulan", "rvq")}
     lm = configs["semantic_lm"]
-    config = stage_config("semantic_lm", data__source="frozen_models", data__path=data, data__semantic_len=16,
-                          model__semantic_vocab_size=lm.model.semantic_vocab_size,
-                          model__mulan_codebook_size=lm.model.mulan_codebook_size, train__batch_size=8,
-                          train__num_steps=2, train__eval_every=2, train__checkpoint_every=2, mesh_devices=1, **fields)
+    config = stage_config("semantic_lm", {"data.source": "frozen_models", "data.path": data, "data.semantic_len": 16,
+                           "model.semantic_vocab_size": lm.model.semantic_vocab_size,
+                           "model.mulan_codebook_size": lm.model.mulan_codebook_size, "train.batch_size": 8,
+                           "train.num_steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2, "mesh_devices": 1, **fields})
     with pytest.raises(ConfigError, match=r"config.upstream.ssl is empty"):
-        SemanticLMTask(stage_config("semantic_lm", data__source="frozen_models", data__path=data)).validate()
+        SemanticLMTask(stage_config("semantic_lm", {"data.source": "frozen_models", "data.path": data})).validate()
     task = SemanticLMTask(config)
     task.validate()
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -227,8 +227,8 @@ def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
     ckpt.close()
     assert restored["examples_consumed"] == 2 * 8 // jax.process_count()  # the audio iterator's position
     with pytest.raises(ConfigError, match=r"k-means has 32 clusters, model.semantic_vocab_size is 64"):
-        SemanticLMTask(stage_config("semantic_lm", data__source="frozen_models", data__path=data,
-                                    model__semantic_vocab_size=64, **fields)).train_iterator(mesh)
+        SemanticLMTask(stage_config("semantic_lm", {"data.source": "frozen_models", "data.path": data,
+                                     "model.semantic_vocab_size": 64, **fields})).train_iterator(mesh)
 
 
 def test_continue_windows_equals_window_by_window_calls(random_model):

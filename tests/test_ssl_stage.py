@@ -38,9 +38,9 @@ def stages(tmp_path_factory, prepared_data):
     data = prepared_data(source="synthetic", num_clips=NUM_CLIPS, seed=0, clip_seconds=CLIP_SECONDS,
                          sample_rate=SR, val_fraction=0.0)
     ssl_dir, km_dir = str(root / "ssl"), str(root / "kmeans")
-    ssl_summary = train(get_task(stage_config("ssl", data__path=data, data__eval_split="", train__num_steps=SSL_STEPS,
-                                              train__checkpoint_every=SSL_STEPS)), ssl_dir)
-    km_summary = train(get_task(stage_config("kmeans", upstream__ssl=ssl_dir)), km_dir)
+    ssl_summary = train(get_task(stage_config("ssl", {"data.path": data, "data.eval_split": "", "train.num_steps": SSL_STEPS,
+                                               "train.checkpoint_every": SSL_STEPS})), ssl_dir)
+    km_summary = train(get_task(stage_config("kmeans", {"upstream.ssl": ssl_dir})), km_dir)
     probe = prepared_data(source="synthetic", num_clips=PROBE_CLIPS, seed=1, clip_seconds=CLIP_SECONDS,
                           sample_rate=SR, val_fraction=0.0)  # held-out labelled clips for the token probes
     return {"data": data, "ssl": ssl_dir, "kmeans": km_dir, "probe": probe, "ssl_summary": ssl_summary,
@@ -97,7 +97,7 @@ def test_kmeans_config_errors_are_one_line():
     with pytest.raises(ConfigError, match="upstream.ssl"):
         KMeansTask(stage_config("kmeans")).validate()
     with pytest.raises(ConfigError, match="mode"):
-        KMeansTask(stage_config("kmeans", upstream__ssl="x", model__mode="lloyd")).validate()
+        KMeansTask(stage_config("kmeans", {"upstream.ssl": "x", "model.mode": "lloyd"})).validate()
 
 
 def probe_tokens(task: SSLTask, params, audio: np.ndarray, key: jax.Array) -> np.ndarray:
@@ -143,7 +143,7 @@ def test_tokens_carry_the_key_and_identify_the_music_better_after_training(stage
     (majority 0.40), drums 0.60 / 0.64 (majority 0.60). 1000-step runs, 64-channel feature convs, 10-frame
     masks and distractors from other clips did not change that (issue 5's closing note).
     """
-    task = SSLTask(stage_config("ssl", data__path=stages["data"]))
+    task = SSLTask(stage_config("ssl", {"data.path": stages["data"]}))
     clips = read_clips(stages["probe"])
     audio = np.stack([x["audio"][: int(CLIP_SECONDS * SR)] for x in clips])
     tonic = np.array([x["attributes"]["tonic"] for x in clips])

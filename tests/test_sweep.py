@@ -34,7 +34,7 @@ def test_unknown_grid_key_is_a_one_line_error(tmp_path):
 
 
 def test_runs_then_skips_finished_runs(tmp_path):
-    base = toy_config(train__num_steps=6)
+    base = toy_config({"train.num_steps": 6})
     grid = ["optim.lr=1e-3,3e-3"]
     rows = sweep(base, grid, str(tmp_path), False, {}, "configs/toy_lm.py:tiny")
     assert [s["status"] for _, s in rows] == ["done", "done"] and all(s["step"] == 6 for _, s in rows)

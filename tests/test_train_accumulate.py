@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow  # stage steps compared, one by one
 
 # Plain SGD at lr 1 without clipping: the step's change of the parameters is the gradient itself,
 # so the comparison sees the accumulated gradient (Adam's first step, ≈ lr·sign(g), would hide it).
-SGD = dict(optim__name="sgd", optim__b1=0.0, optim__lr=1.0, optim__grad_clip_norm=0.0, optim__schedule="constant",
-           optim__warmup_steps=0)
+SGD = {"optim.name": "sgd", "optim.b1": 0.0, "optim.lr": 1.0, "optim.grad_clip_norm": 0.0, "optim.schedule": "constant",
+       "optim.warmup_steps": 0}
 
 
 def assert_close(a, b):
@@ -29,11 +29,11 @@ def max_diff(a, b):
 
 
 def test_toy_lm_accumulated_step_equals_whole_batch(tmp_path):
-    fields = dict(train__num_steps=1, train__batch_size=32, train__eval_every=1000, **SGD)
-    _, _, _, whole = train_and_restore(toy_config(**fields), str(tmp_path / "whole"))
-    _, _, _, micro = train_and_restore(toy_config(train__grad_accum_steps=4, **fields), str(tmp_path / "micro"))
+    fields = {"train.num_steps": 1, "train.batch_size": 32, "train.eval_every": 1000, **SGD}
+    _, _, _, whole = train_and_restore(toy_config(fields), str(tmp_path / "whole"))
+    _, _, _, micro = train_and_restore(toy_config({"train.grad_accum_steps": 4, **fields}), str(tmp_path / "micro"))
     assert_close(micro, whole)
-    task, mesh, rules, _, shardings = stage_layout(toy_config(**fields))
+    task, mesh, rules, _, shardings = stage_layout(toy_config(fields))
     with activate(mesh, rules):  # the loop's initial state (its init key)
         start = jax.device_get(init_sharded_state(task, shardings, jax.random.split(jax.random.key(0), 3)[0]).params)
     assert max_diff(whole, start) > 1e-2, "the step must move the parameters (else the test proves nothing)"
@@ -48,14 +48,14 @@ class MeanPosterior(VAEGANTask):
 
 
 def test_vae_gan_accumulated_step_equals_whole_batch():
-    fields = dict(data__path="unused", data__crop_seconds=0.1, train__batch_size=32, mesh__data=1, mesh_devices=1,
-                  loss__stft_n_ffts=[512, 128], loss__stft_hops=[128, 32], loss__stft_wins=[256, 64], **SGD)
+    fields = {"data.path": "unused", "data.crop_seconds": 0.1, "train.batch_size": 32, "mesh.data": 1, "mesh_devices": 1,
+              "loss.stft_n_ffts": [512, 128], "loss.stft_hops": [128, 32], "loss.stft_wins": [256, 64], **SGD}
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     rules = rules_from_config([])
     audio = 0.3 * jax.random.normal(jax.random.key(1), (32, 2400))
     out = {}
     for k in (1, 4):
-        task = MeanPosterior(stage_config("vae_gan", train__grad_accum_steps=k, **fields))
+        task = MeanPosterior(stage_config("vae_gan", {"train.grad_accum_steps": k, **fields}))
         with activate(mesh, rules):
             rng = jax.random.key(0)
             _, shardings = sharded_abstract_state(task, mesh, rules, rng)
@@ -73,6 +73,6 @@ def test_vae_gan_accumulated_step_equals_whole_batch():
 
 def test_plan_activation_memory_follows_the_micro_batch():
     """Toy LM tiny, batch 256 on 8 devices: 13.8 MiB activations/temp per device whole, 3.9 MiB in 4 micro-batches."""
-    temp = {k: plan_train_step(get_task(toy_config(train__batch_size=256, train__grad_accum_steps=k)))["temp_bytes"]
+    temp = {k: plan_train_step(get_task(toy_config({"train.batch_size": 256, "train.grad_accum_steps": k})))["temp_bytes"]
             for k in (1, 4)}
     assert temp[4] < 0.4 * temp[1], temp

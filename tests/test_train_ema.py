@@ -15,10 +15,10 @@ DECAY = 0.8
 STEPS = 4
 
 
-def config(**overrides):
-    fields = dict(train__num_steps=STEPS, train__checkpoint_every=1, train__keep_checkpoints=10,
-                  train__eval_every=1000, train__ema_decay=DECAY)
-    return toy_config(**{**fields, **overrides})
+def config(overrides=None):
+    fields = {"train.num_steps": STEPS, "train.checkpoint_every": 1, "train.keep_checkpoints": 10,
+              "train.eval_every": 1000, "train.ema_decay": DECAY}
+    return toy_config({**fields, **(overrides or {})})
 
 
 def states(workdir, cfg, steps):
@@ -61,7 +61,7 @@ def test_ema_closed_form_resume_and_old_checkpoints(tmp_path):
     assert moved > 1e-3, "the EMA must differ from the raw parameters (else the test proves nothing)"
 
     resumed = tmp_path / "resumed"
-    assert train(get_task(config(train__stop_at_step=2)), str(resumed))["status"] == "stopped"
+    assert train(get_task(config({"train.stop_at_step": 2})), str(resumed))["status"] == "stopped"
     train(get_task(config()), str(resumed))
     r = states(resumed, config(), [STEPS])[STEPS]
     for a, b in zip(jax.tree.leaves(r.ema), jax.tree.leaves(s[STEPS].ema)):
@@ -69,7 +69,7 @@ def test_ema_closed_form_resume_and_old_checkpoints(tmp_path):
 
     # a checkpoint written without EMA resumes with it: the EMA starts at the restored parameters
     old = tmp_path / "old"
-    train(get_task(config(train__ema_decay=0.0, train__stop_at_step=2)), str(old))
+    train(get_task(config({"train.ema_decay": 0.0, "train.stop_at_step": 2})), str(old))
     train(get_task(config()), str(old))
     o = states(old, config(), range(2, STEPS + 1))
     assert o[2].ema is None and o[3].ema is not None

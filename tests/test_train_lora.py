@@ -19,9 +19,9 @@ from tests.helpers import run_cli, stage_config, stage_layout, toy_config
 
 pytestmark = pytest.mark.slow  # trainings of a stage and its adapters
 
-QUIET = dict(train__eval_every=1000, train__checkpoint_every=1000)
+QUIET = {"train.eval_every": 1000, "train.checkpoint_every": 1000}
 # new data: strides up to 6 where the base saw up to 4, from another seed
-LORA = dict(seed=1, data__num_strides=6, model__lora__rank=2, train__num_steps=30, optim__lr=1e-2, **QUIET)
+LORA = {"seed": 1, "data.num_strides": 6, "model.lora.rank": 2, "train.num_steps": 30, "optim.lr": 1e-2, **QUIET}
 
 
 def final_params(cfg, workdir):
@@ -35,11 +35,11 @@ def final_params(cfg, workdir):
 
 def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path, capsys):
     base_dir, lora_dir = tmp_path / "base", tmp_path / "lora"
-    base_cfg = toy_config(train__num_steps=30, **QUIET)
+    base_cfg = toy_config({"train.num_steps": 30, **QUIET})
     train(get_task(base_cfg), str(base_dir))
     base = final_params(base_cfg, base_dir)
 
-    cfg = toy_config(train__init_from=str(base_dir), **LORA)
+    cfg = toy_config({"train.init_from": str(base_dir), **LORA})
     capsys.readouterr()
     train(get_task(cfg), str(lora_dir))
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("LoRA:"))
@@ -75,7 +75,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path, capsys):
 
 def test_init_from_refuses_another_stage_or_shape_in_one_line(tmp_path):
     base_dir = tmp_path / "base"
-    train(get_task(toy_config(train__num_steps=2, **QUIET)), str(base_dir))
+    train(get_task(toy_config({"train.num_steps": 2, **QUIET})), str(base_dir))
     work = tmp_path / "work"
     out = run_cli("launch.train", "--config=configs/toy_lm.py:tiny", f"--workdir={work}",
                   f"--config.train.init_from={base_dir}", "--config.model.mlp_dim=96")
@@ -90,13 +90,13 @@ def test_init_from_refuses_another_stage_or_shape_in_one_line(tmp_path):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"stage": "dpd"}))
     with pytest.raises(WorkdirError, match=r"holds the 'dpd' stage, not 'toy_lm'"):
-        train(get_task(toy_config(train__init_from=str(other), **QUIET)), str(tmp_path / "work2"))
+        train(get_task(toy_config({"train.init_from": str(other), **QUIET})), str(tmp_path / "work2"))
     assert not [f for _, _, files in os.walk(tmp_path / "work2") for f in files if f != LOCK_NAME]
 
 
 def test_lora_on_the_dpd_changes_only_adapters(tmp_path):
     """The DPD (self/cross-attention query and value kernels of its RoFormer layers), 6 steps from init."""
-    cfg = stage_config("dpd", model__lora__rank=2, train__num_steps=6, optim__lr=1e-2, **QUIET)
+    cfg = stage_config("dpd", {"model.lora.rank": 2, "train.num_steps": 6, "optim.lr": 1e-2, **QUIET})
     train(get_task(cfg), str(tmp_path))
     task, mesh, rules, _, shardings = stage_layout(cfg)
     with activate(mesh, rules):

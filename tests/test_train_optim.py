@@ -12,8 +12,8 @@ from tests.helpers import toy_config
 def test_step_size_free_optimizer_trains_the_toy_lm(tmp_path, name, margin):
     # lr is the multiplier of the estimated step size (1.0, as in the recipes); the first estimate
     # 1e-4 instead of 1e-6 lets 40 steps show it (measured: 4.71 → 0.52 and → 1.28 nats)
-    config = toy_config(optim__name=name, optim__lr=1.0, optim__estim_lr0=1e-4, train__num_steps=40,
-                        train__eval_every=1000, train__checkpoint_every=1000)
+    config = toy_config({"optim.name": name, "optim.lr": 1.0, "optim.estim_lr0": 1e-4, "train.num_steps": 40,
+                         "train.eval_every": 1000, "train.checkpoint_every": 1000})
     summary = train(get_task(config), str(tmp_path))
     loss = {m["step"]: m["loss"] for m in read_metrics(tmp_path) if "loss" in m}
     assert summary["bad_steps"] == 0

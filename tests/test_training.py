@@ -23,7 +23,7 @@ from tests.helpers import ROOT, PoisonedToyLM, cli_env, run_cli, toy_config
 
 pytestmark = pytest.mark.slow  # trainings through the loop and the CLI
 
-MESH_222 = dict(mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
+MESH_222 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 
 
 def losses(workdir):
@@ -32,7 +32,7 @@ def losses(workdir):
 
 @pytest.mark.learning
 def test_sharded_training_learns_and_shards_params(tmp_path):
-    config = toy_config(train__num_steps=50, **MESH_222)
+    config = toy_config({"train.num_steps": 50, **MESH_222})
     train(get_task(config), str(tmp_path))
     curve = losses(tmp_path)
     assert curve[1] - curve[50] > 1.5, f"loss fell only from {curve[1]:.3f} to {curve[50]:.3f} (want > 1.5 nats)"
@@ -57,25 +57,25 @@ def test_sharded_training_learns_and_shards_params(tmp_path):
 
 
 def test_mesh_layout_does_not_change_the_math(tmp_path):
-    dp = train(get_task(toy_config(train__num_steps=10, mesh__data=8)), str(tmp_path / "dp"))
-    sharded = train(get_task(toy_config(train__num_steps=10, **MESH_222)), str(tmp_path / "222"))
+    dp = train(get_task(toy_config({"train.num_steps": 10, "mesh.data": 8})), str(tmp_path / "dp"))
+    sharded = train(get_task(toy_config({"train.num_steps": 10, **MESH_222})), str(tmp_path / "222"))
     # the first device only
-    one = train(get_task(toy_config(train__num_steps=10, mesh_devices=1)), str(tmp_path / "one"))
+    one = train(get_task(toy_config({"train.num_steps": 10, "mesh_devices": 1})), str(tmp_path / "one"))
     a, b, c = losses(tmp_path / "dp"), losses(tmp_path / "222"), losses(tmp_path / "one")
     np.testing.assert_allclose([a[s] for s in range(1, 11)], [b[s] for s in range(1, 11)], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose([a[s] for s in range(1, 11)], [c[s] for s in range(1, 11)], rtol=2e-5, atol=2e-5)
     assert dp["status"] == sharded["status"] == one["status"] == "done"
     with pytest.raises(ConfigError, match=r"config.mesh_devices=9 must be 0 \(all\) or at most the 8 devices"):
-        train(get_task(toy_config(mesh_devices=9)), str(tmp_path / "nine"))
+        train(get_task(toy_config({"mesh_devices": 9})), str(tmp_path / "nine"))
 
 
 def test_resume_continues_bit_for_bit(tmp_path):
-    train(get_task(toy_config(train__num_steps=40, train__checkpoint_every=20)), str(tmp_path / "straight"))
+    train(get_task(toy_config({"train.num_steps": 40, "train.checkpoint_every": 20})), str(tmp_path / "straight"))
     resumed = tmp_path / "resumed"
-    first = train(get_task(toy_config(train__num_steps=40, train__checkpoint_every=20, train__stop_at_step=20)),
+    first = train(get_task(toy_config({"train.num_steps": 40, "train.checkpoint_every": 20, "train.stop_at_step": 20})),
                   str(resumed))
     assert first["status"] == "stopped" and first["step"] == 20
-    train(get_task(toy_config(train__num_steps=40, train__checkpoint_every=20)), str(resumed))
+    train(get_task(toy_config({"train.num_steps": 40, "train.checkpoint_every": 20})), str(resumed))
     a, b = losses(tmp_path / "straight"), losses(resumed)
     assert sorted(b) == list(range(1, 41)), "the resumed log must be one trajectory without duplicates"
     assert [a[s] for s in range(21, 41)] == [b[s] for s in range(21, 41)]
@@ -110,7 +110,7 @@ class PoisonedTask(PoisonedToyLM):
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path):
-    config = toy_config(train__num_steps=12, train__checkpoint_every=1, train__keep_checkpoints=20)
+    config = toy_config({"train.num_steps": 12, "train.checkpoint_every": 1, "train.keep_checkpoints": 20})
     task = PoisonedTask(config)
     task.bad_batches = {3, 4, 8}  # batch index i is used by step i + 1
     summary = train(task, str(tmp_path))
@@ -133,7 +133,7 @@ def test_nan_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_nan_storm_stops_with_clear_message_and_keeps_checkpoint(tmp_path):
-    config = toy_config(train__num_steps=30, train__max_bad_steps=4, train__checkpoint_every=5)
+    config = toy_config({"train.num_steps": 30, "train.max_bad_steps": 4, "train.checkpoint_every": 5})
     task = PoisonedTask(config)
     task.bad_batches = set(range(7, 30))
     with pytest.raises(TrainingDiverged, match=r"stopped at step 11: 4 consecutive non-finite steps"):
@@ -184,9 +184,9 @@ def test_bad_config_is_one_line(tmp_path, override, message):
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):
-    train(get_task(toy_config(train__num_steps=2)), str(tmp_path))
+    train(get_task(toy_config({"train.num_steps": 2})), str(tmp_path))
     with pytest.raises(WorkdirError, match=r"checkpoint of a different model: parameter embedding has shape"):
-        train(get_task(toy_config(train__num_steps=4, model__embed_dim=32)), str(tmp_path))
+        train(get_task(toy_config({"train.num_steps": 4, "model.embed_dim": 32})), str(tmp_path))
     assert json.load(open(tmp_path / "config.json"))["model"]["embed_dim"] == 64
 
 
@@ -198,7 +198,7 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
 
 
 def test_config_json_and_metrics_contract(tmp_path):
-    train(get_task(toy_config(train__num_steps=3)), str(tmp_path))
+    train(get_task(toy_config({"train.num_steps": 3})), str(tmp_path))
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["stage"] == "toy_lm" and saved["train"]["num_steps"] == 3
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]

@@ -33,7 +33,7 @@ def abstract_generator(task):
 
 
 def test_paper_size_rates_and_shapes():
-    task = VAEGANTask(stage_config("vae_gan", "paper", data__path="x"))
+    task = VAEGANTask(stage_config("vae_gan", {"data.path": "x"}, preset="paper"))
     model, params = task.model, abstract_generator(task)
     counts = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in params.items()}
     assert counts == {"encoder": 45_543_520, "decoder": 63_309_025}, counts  # configs/vae_gan.py docstring
@@ -47,7 +47,7 @@ def test_paper_size_rates_and_shapes():
 
 
 def test_tiny_encode_decode_inside_another_jit():
-    task = VAEGANTask(stage_config("vae_gan", data__path="x"))
+    task = VAEGANTask(stage_config("vae_gan", {"data.path": "x"}))
     model = task.model
     params = nn.meta.unbox(task.init_generator(jax.random.key(0)))["params"]
     audio = 3.0 * jax.random.normal(jax.random.key(1), (2, 1000))  # loud: some latents must clip
@@ -105,18 +105,18 @@ def test_gan_losses_by_hand():
 
 
 def test_config_errors_name_the_field():
-    for overrides, field in [(dict(data__path=""), "data.path"), (dict(model__decoder__rates=[4, 4, 3, 3]), "rates"),
-                             (dict(data__crop_seconds=0.41), "crop_seconds"), (dict(model__encoder__block=3), "block"),
-                             (dict(loss__stft_hops=[1]), "stft")]:
+    for overrides, field in [({"data.path": ""}, "data.path"), ({"model.decoder.rates": [4, 4, 3, 3]}, "rates"),
+                             ({"data.crop_seconds": 0.41}, "crop_seconds"), ({"model.encoder.block": 3}, "block"),
+                             ({"loss.stft_hops": [1]}, "stft")]:
         with pytest.raises(ConfigError, match=field):
-            VAEGANTask(stage_config("vae_gan", **{"data__path": "x", **overrides})).validate()
+            VAEGANTask(stage_config("vae_gan", {"data.path": "x", **overrides})).validate()
 
 
 # --- the stage through the loop ------------------------------------------------------------------
-def stage(data, **overrides):
-    fields = dict(data__path=data, train__num_steps=STEPS, train__eval_every=STEPS // 2,
-                  train__checkpoint_every=STEPS, train__eval_batches=2)
-    return stage_config("vae_gan", **{**fields, **overrides})
+def stage(data, overrides=None):
+    fields = {"data.path": data, "train.num_steps": STEPS, "train.eval_every": STEPS // 2,
+              "train.checkpoint_every": STEPS, "train.eval_batches": 2}
+    return stage_config("vae_gan", {**fields, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def trained(tmp_path_factory, prepared_data):
         eval_fn = jax.jit(task.eval_step)
         it = task.eval_iterator(mesh)
         before = np.mean([float(eval_fn(state.params, next(it), jax.random.key(0))["loss"]) for _ in range(2)])
-    summary = train(get_task(stage(data, mesh_devices=1)), str(workdir))
+    summary = train(get_task(stage(data, {"mesh_devices": 1})), str(workdir))
     return {"data": data, "workdir": workdir, "summary": summary, "before": before}
 
 
@@ -154,7 +154,7 @@ def test_stage_improves_held_out_mr_stft(trained):
 
 @pytest.mark.learning
 def test_mesh_layout_does_not_change_the_losses(trained, tmp_path):
-    summary = train(get_task(stage(trained["data"], mesh__data=4, mesh__tensor=2, train__stop_at_step=MESH_STEPS)),
+    summary = train(get_task(stage(trained["data"], {"mesh.data": 4, "mesh.tensor": 2, "train.stop_at_step": MESH_STEPS})),
                     str(tmp_path))
     assert summary["status"] == "stopped" and summary["step"] == MESH_STEPS
     sharded = {r["step"]: r for r in read_metrics(str(tmp_path))}

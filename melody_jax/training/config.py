@@ -145,6 +145,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
                 value = float(value)
             except OverflowError:
                 raise ConfigError(f"config.{dotted}={_short(text)} is too large for a float") from None
+        if isinstance(current, str) and value is not None and not isinstance(value, str):
+            value = text  # a text field takes the text as written: a path named `2024` stays a path
         if isinstance(value, bool) and isinstance(current, (int, float)) and not isinstance(current, bool):
             raise ConfigError(f"config.{dotted}={_short(text)} must be of type {type(current).__name__}, not bool")
         parent, _, leaf = dotted.rpartition(".")
