@@ -63,7 +63,9 @@ def fitting_config(stage: str) -> ml_collections.ConfigDict:
     c.train.progress_bar = True
     c.train.init_from = ""  # a workdir or bundle of this stage: start from its parameters (by name and shape)
 
-    c.data = ml_collections.ConfigDict()
+    # Every stage's data, one way (melody_jax/tasks/sources.py): the source, what it reads, its
+    # held-out split ("" = no evaluation). Each stage config sets them.
+    c.data = ml_collections.ConfigDict({"source": "", "path": "", "eval_split": ""})
     c.model = ml_collections.ConfigDict()
     return c
 

@@ -2,8 +2,10 @@
 
 Loss: MSE on multi-chunk velocities (M chunks per example, each at its own angle); CFG training
 drops the tokens (cross-attention → self-attention) for `model.cfg_dropout` of the examples.
-Data (`data.source`): "synthetic" (latents made from the tokens by the task, see melody_jax/tasks/dpd.py;
-tiny/small) or "cached" (VAE-GAN latents + semantic tokens from `launch.tokenize`; paper/base).
+Data (`data.source`, melody_jax/tasks/sources.py): "synthetic" (latents made from the tokens by the task,
+see melody_jax/tasks/dpd.py; tiny/small) or "cached" (VAE-GAN latents + semantic tokens that
+`launch.tokenize` writes per split into the folder `data.path`; paper/base). `data.eval_split` names
+the held-out split of either ("" = no evaluation).
 
 Parameter count of `paper`: 295,582,224 (295.6M; logged at the start of training) vs the
 paper's 296.6M. The paper gives D_hid, N, K, the embeddings and the block structure but not the
@@ -54,11 +56,9 @@ def get_config(arg: str | None = None):
     # regenerates a chunk training noised; paper/base take "tokens" (610, 630, 630, 630).
     c.model.chunk_edges = "tokens" if reference else "even"
     c.model.cfg_dropout = 0.1  # [paper]
-    # synthetic | cached (VAE-GAN latents + semantic tokens from launch.tokenize). paper/base train on real
-    # data: validation refuses them until data.path names the records.
+    # paper/base train on real data: validation refuses them until data.path names the cache folder.
     c.data.source = "cached" if reference else "synthetic"
-    c.data.path = ""  # cached: TFRecord file or glob
-    c.data.eval_path = ""  # cached: held-out records ("" = no evaluation)
+    c.data.eval_split = "validation"
     c.data.shuffle_buffer = 256
     # Synthetic latents: std of each token's pattern and of the slow drift's amplitudes. At 0.4 / 0.4
     # the part the tokens give and the part the network must infer carry about equal variance.

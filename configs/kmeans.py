@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
     c.model.num_clusters = 32 if tiny else 1024
     c.model.embed_dim = {"tiny": 64, "small": 256, "base": 512, "paper": 768}[preset]  # checked against the SSL model
     c.model.mode = "full"  # full Lloyd (sums over all frames) | minibatch (Sculley, one update per chunk)
-    c.data.path = ""  # "" = the ssl stage's data.path
+    c.data.source = "upstream_audio"  # data.path: a prepared dataset; "" = the ssl stage's
     c.data.crop_seconds = 1.6 if tiny else 10.0
     c.data.embed_batch_size = 16 if tiny else 64  # crops per SSL forward pass (global) = one chunk
     # 0 = one pass over the training set. Larger presets subsample (HuBERT fits on a subset too):

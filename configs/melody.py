@@ -24,7 +24,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
 }
 # What `launch.tokenize` runs over a prepared dataset: the stages the cached records come from.
 TOKENIZE_STAGES = tuple(s for s in STAGES if s in UPSTREAM["semantic_lm"] + UPSTREAM["dpd"])
-TOKENS = "tokens.tfrecord"  # the demo's cached records, under its root
+TOKENS = "tokens"  # the demo's cache folder of records (its training split only), under its root
 TOKEN_CROP_SECONDS = 0.64  # the tiny DPD's window: 160 latent frames, 16 semantic tokens
 # The demo's steps per stage at steps_scale 1 (k-means and RVQ fit: their steps are iterations/levels).
 DEMO_STEPS = {"vae_gan": 500, "ssl": 400, "mulan": 500, "semantic_lm": 1000, "dpd": 1200}
@@ -43,10 +43,11 @@ def upstream_overrides(stage: str, workdirs: Mapping[str, str]) -> dict[str, str
 
 def demo_configs(data: str, root: str, steps_scale: float = 1.0) -> dict[str, ml_collections.ConfigDict]:
     """The demo's seven configs: tiny presets on the prepared dataset `data`, k-means and RVQ reading
-    the SSL and MuLan runs under `root`, the LM and the DPD reading the records cached there."""
+    the SSL and MuLan runs under `root`, the LM and the DPD reading the records cached there (no
+    held-out records: the demo evaluates the bundle, not these two stages)."""
     workdirs = {s: os.path.join(root, s) for s in STAGES}
     audio = {"data.path": data}
-    cached = {"data.source": "cached", "data.path": os.path.join(root, TOKENS)}
+    cached = {"data.source": "cached", "data.path": os.path.join(root, TOKENS), "data.eval_split": ""}
     changes = {"vae_gan": audio, "ssl": audio, "mulan": audio, "kmeans": upstream_overrides("kmeans", workdirs),
                "rvq": upstream_overrides("rvq", workdirs), "semantic_lm": cached, "dpd": cached}
     configs = {}

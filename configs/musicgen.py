@@ -5,8 +5,10 @@ FFN blocks, plus cross-attention and our text encoder); `paper` is the same; `ba
 (d 1536, 48 layers, 24 heads, FFN 6144). `tiny` trains on a 64-code synthetic rule in tests.
 The `model.norm`/`positions`/`mlp_bias`/`text_*`/`melody_mode` options exist for the public
 checkpoints (`python -m launch.convert`, README "Public MusicGen checkpoints"); the presets keep ours.
-Data (`data.source`): "synthetic" (codes from a rule, see melody_jax/tasks/musicgen.py; tiny/small) or
-"codec" (paper/base: codes of prepared audio from the frozen codec in `upstream.codec`, chroma from librosa).
+Data (`data.source`, melody_jax/tasks/sources.py): "synthetic" (codes from a rule, see
+melody_jax/tasks/musicgen.py; tiny/small) or "codec" (paper/base: codes of the prepared audio at
+`data.path` from the frozen codec in `upstream.codec`, chroma from librosa). `data.eval_split` names the
+held-out split of either ("" = no evaluation).
 """
 import math
 
@@ -69,13 +71,12 @@ def get_config(arg: str | None = None):
     # upstream.codec are set.
     c.data.source = "codec" if reference else "synthetic"
     c.data.max_note_frames = 4  # synthetic melody: notes last 1..this many chroma frames
-    c.data.path = ""  # codec: a prepared audio dataset at the codec's rate (launch.prepare_data)
     c.data.caption_probability = 1.0  # codec: the caption, else the tag list
     # codec: the melody chroma from the full mix ("none") or from librosa's harmonic part ("hpss"), the
     # offline stand-in for audiocraft's Demucs stems (vocals + other; it removes drums, not bass). Not the
     # default: HPSS costs ≈6 s of one host core per 30-s clip (measured), ≈6 min per batch of 64.
     c.data.melody_separation = "none"
-    c.data.eval_split = "validation"  # codec: "" = no evaluation
+    c.data.eval_split = "validation"
     c.data.sample_rate = 32000
     c.data.frame_rate = 50
 

@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
     c.model.codebook_size = 16 if tiny else 1024  # tiny: the semantic LM's tiny MuLan vocabulary
     c.model.embed_dim = 128  # MuLan's out_dim (checked against the checkpoint)
     c.model.kmeans_iters = 20 if tiny else 50
-    c.data.path = ""  # "" = the mulan stage's data.path
+    c.data.source = "upstream_audio"  # data.path: a prepared dataset; "" = the mulan stage's
     c.data.window_seconds = 2.0 if tiny else 10.0  # a clip's embedding is the mean over these windows
     c.data.embed_batch_size = 16 if tiny else 64  # windows per MuLan forward pass (global)
     c.train.num_steps = c.model.num_quantizers

@@ -1,9 +1,11 @@
 """Semantic LM (DESIGN §4.4): 12 MuLan RVQ tokens ⊕ 25-Hz semantic tokens, loss on the semantic ones.
 
 `paper` is 24 layers, d 1024, 16 heads, FFN 4096: 417.3M parameters (the paper reports 429.5M).
-Data (`data.source`): "synthetic" (a learnable token rule, see melody_jax/tasks/semantic_lm.py; tiny/small),
-"cached" (TFRecords from `launch.tokenize`; paper/base), or "frozen_models" (audio crops tokenised inside the step
-by the ssl/kmeans/mulan/rvq stages named in `upstream`). 10 s of audio = 250 semantic tokens.
+Data (`data.source`, melody_jax/tasks/sources.py): "synthetic" (a learnable token rule, see
+melody_jax/tasks/semantic_lm.py; tiny/small), "cached" (the records `launch.tokenize` writes per split into
+the folder `data.path`; paper/base), or "frozen_models" (crops of the prepared dataset `data.path`
+tokenised inside the step by the ssl/kmeans/mulan/rvq stages named in `upstream`). `data.eval_split`
+names the held-out split of any of them ("" = no evaluation). 10 s of audio = 250 semantic tokens.
 """
 import ml_collections
 
@@ -37,14 +39,11 @@ def get_config(arg: str | None = None):
     c.model.scan_layers = False  # True: the blocks as one nn.scan (compile time flat in depth; other param names)
     c.model.num_mulan_tokens = 12
 
-    # synthetic | cached | frozen_models. paper/base train on real data: validation refuses them until
-    # data.path names the records.
+    # paper/base train on real data: validation refuses them until data.path names the cache folder.
     c.data.source = "cached" if preset in ("paper", "base") else "synthetic"
     # codes the synthetic rule uses (≤ both vocabularies)
     c.data.synthetic_codes = min(c.model.semantic_vocab_size, c.model.mulan_codebook_size)
     c.data.num_strides = 4
-    c.data.path = ""  # cached: a TFRecord file or glob written by token_records.write_token_records
-    c.data.eval_path = ""  # cached: held-out records for evaluation ("" = no evaluation)
     c.data.shuffle_buffer = 1024
     c.data.sample_rate = 24000
     c.data.eval_split = "validation"

@@ -50,6 +50,7 @@ def get_config(arg: str | None = None):
     m.scan_layers = False  # True: the Conformer blocks as one nn.scan (other param names)
 
     c.data.update(default_data_config())
+    c.data.source = "prepared_audio"  # data.path: a prepared dataset (launch.prepare_data)
     c.data.sample_rate = 24000
     c.data.shuffle_buffer = 64 if tiny else 256
     c.data.eval_split = "validation"  # "" = no evaluation; needs prepare_data --val_fraction > 0

@@ -26,6 +26,8 @@ def get_config(arg: str | None = None):
     c.model.remat = False
     c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention; needs bfloat16)
     c.model.scan_layers = False  # True: the blocks as one nn.scan (compile time flat in depth; other param names)
+    c.data.source = "synthetic"  # the stride rule of melody_jax/tasks/toy_lm.py
+    c.data.eval_split = "validation"
     c.data.num_strides = 4
     set_fields(c, SIZES[preset])
     c.train.num_steps = 200 if preset == "tiny" else 2000

@@ -76,6 +76,7 @@ def get_config(arg: str | None = None):
                   balancer=False, balancer_total_norm=1.0, balancer_ema_decay=0.999)
 
     c.data.update(default_data_config())
+    c.data.source = "prepared_audio"  # data.path: a prepared dataset (launch.prepare_data)
     c.data.sample_rate = 24000
     c.data.shuffle_buffer = 64 if tiny else 256
     c.data.eval_split = "validation"  # "" = no evaluation; needs prepare_data --val_fraction > 0

@@ -1,7 +1,8 @@
 """A prepared dataset run through the frozen stages once: the cached records of the semantic LM and DPD.
 
 What `launch.tokenize` (and the demo) write: per crop of every clip, its VAE latents, semantic
-tokens and MuLan tokens as TFRecords (`data.source=cached`).
+tokens and MuLan tokens as TFRecords, one file per split in a cache folder (`data.source=cached`,
+`data.path` the folder, `data.eval_split` the held-out file: melody_jax/tasks/sources.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from data_pipeline.builder import read_clips
 from melody_jax.frozen.mulan import FrozenMuLan
 from melody_jax.frozen.semantic import SemanticTokenizer
 from melody_jax.frozen.vae import FrozenVAE
+from melody_jax.tasks.sources import records_path
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.sharding import Rules
 
@@ -41,10 +43,11 @@ def tokenize_clips(clips: list[np.ndarray], vae: FrozenVAE, tokenizer: SemanticT
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def tokenize_dataset(data_path: str, split: str, out: str, stage_dirs: dict[str, str], crop_seconds: float,
-                     batch_size: int, mesh: jax.sharding.Mesh, rules: Rules) -> dict[str, np.ndarray]:
-    """Runs the frozen VAE encoder, SSL + k-means and MuLan + RVQ over a prepared dataset split and
-    writes every crop's latents and tokens to the TFRecord `out` (atomically); returns the arrays.
+def tokenize_dataset(data_path: str, splits: list[str], out: str, stage_dirs: dict[str, str], crop_seconds: float,
+                     batch_size: int, mesh: jax.sharding.Mesh, rules: Rules) -> dict[str, dict[str, np.ndarray]]:
+    """Runs the frozen VAE encoder, SSL + k-means and MuLan + RVQ over each of the prepared dataset's
+    `splits` and writes every crop's latents and tokens to the split's records in the cache folder
+    `out` (each file atomically); returns each split's arrays.
 
     `stage_dirs` names the directories of "vae_gan", "ssl", "kmeans", "mulan" and "rvq".
     """
@@ -60,9 +63,12 @@ def tokenize_dataset(data_path: str, split: str, out: str, stage_dirs: dict[str,
     if crop % tokenizer.hop or crop % vae.hop:
         raise ConfigError(f"--crop_seconds={crop_seconds}: {crop} samples is not a whole number of semantic "
                           f"tokens ({tokenizer.hop} samples) and latent frames ({vae.hop} samples)")
-    clips = [x["audio"] for x in read_clips(data_path, split, vae.sample_rate)]
-    arrays = tokenize_clips(clips, vae, tokenizer, mulan, crop, batch_size)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_records(out + ".partial", arrays)
-    os.replace(out + ".partial", out)
-    return arrays
+    os.makedirs(out, exist_ok=True)
+    written = {}
+    for split in splits:
+        clips = [x["audio"] for x in read_clips(data_path, split, vae.sample_rate)]
+        written[split] = tokenize_clips(clips, vae, tokenizer, mulan, crop, batch_size)
+        path = records_path(out, split)
+        write_records(path + ".partial", written[split])
+        os.replace(path + ".partial", path)
+    return written

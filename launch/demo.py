@@ -51,17 +51,17 @@ def train_stage(name: str, config, workdir: str, log: dict) -> None:
 def tokenize(root: str, data: str) -> None:
     import jax
 
+    from configs.melody import TOKEN_CROP_SECONDS, TOKENIZE_STAGES, TOKENS
     from data_pipeline.tokenized import tokenize_dataset
+    from melody_jax.tasks.sources import TRAIN, records_path
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
-    from configs.melody import TOKEN_CROP_SECONDS, TOKENIZE_STAGES, TOKENS
-
     out = os.path.join(root, TOKENS)
-    if os.path.exists(out):
+    if os.path.exists(records_path(out, TRAIN)):
         return
     print("[demo] caching latents and tokens", flush=True)
     dirs = {s: os.path.join(root, s) for s in TOKENIZE_STAGES}
-    tokenize_dataset(data, "train", out, dirs, TOKEN_CROP_SECONDS, 16, make_mesh({"data": 1}, jax.devices()[:1]),
+    tokenize_dataset(data, [TRAIN], out, dirs, TOKEN_CROP_SECONDS, 16, make_mesh({"data": 1}, jax.devices()[:1]),
                      DEFAULT_RULES)
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
         configs = demo_configs(data, root, _STEPS.value)
         log: dict = {}
         for name in STAGES:
-            if configs[name].data.get("source") == "cached":
+            if configs[name].data.source == "cached":
                 tokenize(root, data)
             train_stage(name, configs[name], os.path.join(root, name), log)
         bundle = os.path.join(root, "bundle")

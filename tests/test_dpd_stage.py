@@ -9,7 +9,7 @@ from melody_jax.diffusion.samplers import generate
 from melody_jax.models.conv_baseline import ConvBaseline
 from melody_jax.models.dpd import Condition, velocity_fn
 from melody_jax.pipelines.dpd_sampling import sample_latents
-from melody_jax.tasks.dpd import (EVAL_ANGLE, EVAL_SPLIT, TRAIN_SPLIT, DPDTask, synthetic_latents, token_content,
+from melody_jax.tasks.dpd import (EVAL_ANGLE, DPDTask, synthetic_latents, token_content,
                                   token_patterns)
 from melody_jax.training.errors import ConfigError
 from melody_jax.tasks.registry import get_task
@@ -64,7 +64,7 @@ def test_mesh_layout_does_not_change_the_losses(stage_run, tmp_path):
 
 def test_config_errors_name_the_field():
     for overrides, field in [({"model.num_heads": 3}, "num_heads"), ({"data.token_length": 15}, "token_length"),
-                             ({"data.latent_length": 8}, "latent_length"), ({"data.source": "audio"}, "VAE-GAN"),
+                             ({"data.latent_length": 8}, "latent_length"), ({"data.source": "audio"}, "data.source"),
                              ({"model.merge_lengths": [16, 3]}, "merge_lengths"),
                              ({"model.cfg_dropout": 1.0}, "cfg_dropout")]:
         with pytest.raises(ConfigError, match=field):
@@ -75,13 +75,13 @@ def test_config_errors_name_the_field():
 def test_synthetic_source_is_deterministic_resumable_and_token_driven():
     config = stage_config("dpd")
     mesh = make_mesh(config.mesh)
-    it = synthetic_latents(config, mesh, TRAIN_SPLIT)
+    it = synthetic_latents(config, mesh, "train")
     next(it), next(it)
-    fresh = synthetic_latents(config, mesh, TRAIN_SPLIT)
+    fresh = synthetic_latents(config, mesh, "train")
     fresh.set_state(it.get_state())
     a, b = next(it), next(fresh)
     np.testing.assert_array_equal(np.asarray(a["latents"]), np.asarray(b["latents"]))
-    held_out = next(synthetic_latents(config, mesh, EVAL_SPLIT))
+    held_out = next(synthetic_latents(config, mesh, "validation"))
     assert not np.array_equal(np.asarray(held_out["semantic_tokens"]), np.asarray(a["semantic_tokens"]))
     z, tokens = np.asarray(a["latents"]), np.asarray(a["semantic_tokens"])
     assert z.shape == (8, 160, 16) and tokens.shape == (8, 16) and np.abs(z).max() <= 1.0

@@ -92,8 +92,8 @@ def test_case14_prepare_out_that_is_a_file_or_unwritable_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("module, args, message", [
-    ("launch.tokenize", ("--data=/nonexistent", "--out=x.tfrecord"), "error: --data: no prepared dataset in "),
-    ("launch.tokenize", ("--data={data}", "--crop_seconds=0", "--out=x.tfrecord"),
+    ("launch.tokenize", ("--data=/nonexistent", "--out=tokens"), "error: --data: no prepared dataset in "),
+    ("launch.tokenize", ("--data={data}", "--crop_seconds=0", "--out=tokens"),
      "error: --crop_seconds=0.0 must be a positive number of seconds"),
     ("launch.evaluate", ("--bundle=/nonexistent", "--reference=/nonexistent"), "error: --reference: no prepared"),
 ])  # --out as a folder: check_output_path (test_reliability_cli.py); prepare_data's --out: the test above

@@ -46,7 +46,7 @@ class FaultyTask(PoisonedToyLM):
     hide_grad_norm = False
 
     def train_iterator(self, mesh):
-        clean = self.batches(mesh, self.config.seed).make_batch
+        clean = self.batches(mesh, "train").make_batch
 
         def make(index: int) -> dict[str, np.ndarray]:
             batch = clean(index)

@@ -62,7 +62,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path, capsys):
         loaded = load_stage(str(tmp_path / "merged"), "toy_lm", mesh, rules, field="bundle")
         plain, merged = task.inner, loaded.params
         assert loaded.model == plain.model and "lora" not in merged
-        held_out = task.batches(mesh, 777)  # the new data, batches no run has seen
+        held_out = task.batches(mesh, "test")  # the new data, batches no run has seen
         batches = [next(held_out) for _ in range(8)]
         rng = jax.random.key(0)
         adapted = [float(jax.jit(task.loss)(tuned, b, rng)[0]) for b in batches]

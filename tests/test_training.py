@@ -99,7 +99,7 @@ class PoisonedTask(PoisonedToyLM):
     bad_batches: set = set()
 
     def train_iterator(self, mesh):
-        clean = self.batches(mesh, self.config.seed).make_batch
+        clean = self.batches(mesh, "train").make_batch
 
         def make(index):
             batch = clean(index)

@@ -35,8 +35,6 @@ class CodecTask(GANTask):
 
     def validate(self) -> None:
         c = self.config
-        require(bool(c.data.path), "config.data.path is empty; prepare a dataset with `python -m launch.prepare_data "
-                "--sample_rate=32000`")
         self.validate_gan()
         positive(c, "model.channels", "model.latent_dim", "model.quantizer.num_quantizers",
                  "model.quantizer.codebook_size", "data.sample_rate", "data.crop_seconds")

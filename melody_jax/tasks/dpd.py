@@ -1,11 +1,12 @@
 """Dual-path diffusion stage (DESIGN §4.5): multi-chunk velocity MSE with CFG token dropout.
 
-Data: `cached` reads VAE-GAN latents with their semantic tokens from the records `launch.tokenize`
-writes. `synthetic` (tests, benchmarks) makes latents that are a known function of the tokens plus structure the tokens do not give: each 25-Hz token selects a
+Data (`config.data.source`, melody_jax/tasks/sources.py): `cached` reads VAE-GAN latents with their
+semantic tokens from the records `launch.tokenize` writes. `synthetic` (tests, benchmarks) makes latents that are a known function of the tokens plus structure the tokens do not give: each 25-Hz token selects a
 fixed random 16-d pattern, patterns are interpolated smoothly (raised-cosine) to the latent frame
 rate, and a slow drift (two sinusoids per channel, one and two cycles per clip, random amplitude
 and phase per example) is added; the sum is clipped to [-1, 1] like real latents. Batches are a
-pure function of (seed, split, batch index), so the iterator's position is one integer.
+pure function of (seed, split, batch index) — the held-out split is a stream of its own, the pattern
+table shared — so the iterator's position is one integer.
 
 Evaluation adds the paper's architecture-ablation measures at one fixed angle δ = π/4: velocity
 MSE and the SI-SNR improvement of ẑ = predict_clean(z_δ, v̂, δ) over z_δ.
@@ -26,12 +27,12 @@ from melody_jax.diffusion.angles import (SCHEDULES, add_noise, chunk_boundaries,
                                          velocity)
 from melody_jax.frozen.stage_models import build_model, dpd_params
 from melody_jax.models.dpd import DPD
+from melody_jax.tasks.sources import SourcedTask, records_path, split_index
 from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.errors import ConfigError
-from melody_jax.training.task import Batch, Metrics, Task
+from melody_jax.training.task import Batch, Metrics
 
 EVAL_ANGLE = math.pi / 4
-TRAIN_SPLIT, EVAL_SPLIT = 0, 1
 
 
 def token_patterns(seed: int, vocab_size: int, latent_dim: int, scale: float) -> np.ndarray:
@@ -64,13 +65,13 @@ def synthetic_batch(
     return latents.astype(np.float32), tokens
 
 
-def synthetic_latents(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, split: int) -> IndexedBatches:
-    """Endless global batches {"latents", "tokens"}; the position is the batch index."""
+def synthetic_latents(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, split: str) -> IndexedBatches:
+    """Endless global batches {"latents", "tokens"} of `split`; the position is the batch index."""
     c = config
     patterns = token_patterns(c.seed, c.model.vocab_size, c.model.latent_dim, c.data.pattern_scale)
 
     def make(index: int) -> dict[str, np.ndarray]:
-        latents, tokens = synthetic_batch(patterns, c.seed, split, index, c.train.batch_size,
+        latents, tokens = synthetic_batch(patterns, c.seed, split_index(split), index, c.train.batch_size,
                                           c.data.latent_length, c.data.token_length, c.data.drift_scale)
         return {"latents": latents, "semantic_tokens": tokens}
 
@@ -92,16 +93,13 @@ def training_chunk_length(config) -> int | None:
     return math.ceil(d.token_length / m.num_chunks) * (d.latent_length // d.token_length)
 
 
-class DPDTask(Task):
+class DPDTask(SourcedTask):
     name = "dpd"
+    sources = ("synthetic", "cached")
 
     def validate(self) -> None:
         m, d = self.config.model, self.config.data
-        require(d.source in ("synthetic", "cached"), f"config.data.source={d.source!r} must be 'synthetic' or "
-                "'cached' (records of VAE-GAN latents and semantic tokens written by `python -m launch.tokenize`)")
-        if d.source == "cached":
-            require(bool(d.path), "config.data.path is empty; data.source='cached' needs the records that "
-                    "`python -m launch.tokenize` writes")
+        self.check_data()
         positive(self.config, "model.latent_dim", "model.hidden_dim", "model.num_blocks", "model.segment_length",
                  "model.num_heads", "model.roformer_layers", "model.mlp_dim", "model.angle_dim",
                  "model.vocab_size", "model.num_chunks", "data.latent_length", "data.token_length")
@@ -175,12 +173,7 @@ class DPDTask(Task):
         return RecordIterator(path, fields, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
                               shuffle_buffer=c.data.shuffle_buffer)
 
-    def train_iterator(self, mesh: jax.sharding.Mesh):
+    def batches(self, mesh: jax.sharding.Mesh, split: str):
         if self.config.data.source == "cached":
-            return self._records(mesh, self.config.data.path)
-        return synthetic_latents(self.config, mesh, TRAIN_SPLIT)
-
-    def eval_iterator(self, mesh: jax.sharding.Mesh):
-        if self.config.data.source == "cached":
-            return self._records(mesh, self.config.data.eval_path) if self.config.data.eval_path else None
-        return synthetic_latents(self.config, mesh, EVAL_SPLIT)
+            return self._records(mesh, records_path(self.config.data.path, split))
+        return synthetic_latents(self.config, mesh, split)

@@ -28,18 +28,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from data_pipeline.builder import held_out_split
-from data_pipeline.input import make_train_iterator
 from melody_jax.frozen.stage_models import gan_params
 from melody_jax.models import discriminators
+from melody_jax.tasks.sources import SourcedTask, prepared_audio
 from melody_jax.training import accumulate, balancer
 from melody_jax.training.config import one_of, positive, require
 from melody_jax.training.optim import make_optimizer
 from melody_jax.training.state import TrainState
-from melody_jax.training.task import Batch, Metrics, Task
+from melody_jax.training.task import Batch, Metrics
 
 Outputs = list[tuple[jax.Array, list[jax.Array]]]
-EVAL_SEED_OFFSET = 1_000_003
 
 
 def _halves(outs: Outputs) -> tuple[Outputs, Outputs]:
@@ -84,11 +82,12 @@ def generator_adversarial(real: Outputs, fake: Outputs, kind: str = "lsgan", red
     return adv, fm
 
 
-class GANTask(Task):
+class GANTask(SourcedTask):
     """A stage whose generator is trained against `config.discriminator` with `config.loss`
     weights `adversarial` and `feature_matching`. Subclasses give the generator's init and its
     reconstruction (with any non-adversarial losses already weighted)."""
 
+    sources = ("prepared_audio",)
     generator_state_collections: tuple[str, ...] = ()  # mutable non-gradient variables, e.g. ("vq_stats",)
     balanced_loss_names: tuple[str, ...] = ()  # the keys of `balanced_losses`
 
@@ -102,8 +101,9 @@ class GANTask(Task):
         """(fake `[B, T]`, real `[B, T]`, weighted reconstruction loss, metrics, new generator state)."""
 
     def validate_gan(self) -> None:
-        """The GAN step's options (called by each stage's `validate`)."""
+        """The data and the GAN step's options (called by each stage's `validate`)."""
         c = self.config
+        self.check_data()
         one_of(c, "loss.adversarial_loss", ADVERSARIAL_LOSSES)
         one_of(c, "loss.reduction", REDUCTIONS)
         one_of(c, "train.gan_updates", GAN_UPDATES)
@@ -280,14 +280,5 @@ class GANTask(Task):
         return {**out, "discriminator": count(params["discriminator"])}
 
     # --- data: crops of a prepared dataset at `data.sample_rate`, held out from `data.eval_split` ----
-    def _iterator(self, mesh, split: str, seed: int):
-        c = self.config
-        return make_train_iterator(c.data, global_batch_size=c.train.batch_size, mesh=mesh, seed=seed, split=split,
-                                   with_text=False)
-
-    def train_iterator(self, mesh):
-        return self._iterator(mesh, "train", self.config.seed)
-
-    def eval_iterator(self, mesh):
-        split = held_out_split(self.config.data.path, self.config.data.eval_split)
-        return None if split is None else self._iterator(mesh, split, self.config.seed + EVAL_SEED_OFFSET)
+    def batches(self, mesh, split: str):
+        return prepared_audio(self.config, mesh, split, with_text=False)

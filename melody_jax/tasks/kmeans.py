@@ -25,6 +25,7 @@ from melody_jax.frozen.checks import require_upstream
 from melody_jax.frozen.loader import Stage, load_stage
 from melody_jax.frozen.semantic import hidden_states, resolve_layer
 from melody_jax.frozen.stage_models import build_model
+from melody_jax.tasks.sources import check_data
 from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.sharding import config_rules
 from melody_jax.training.state import TrainState
@@ -70,12 +71,14 @@ def frame_batches(config, ssl: Stage, mesh: jax.sharding.Mesh) -> RepeatedBatch:
 
 class KMeansTask(FittingTask):
     name = "kmeans"
+    sources = ("upstream_audio",)
 
     def validate(self) -> None:
         c = self.config
         positive(c, "model.num_clusters", "model.embed_dim", "data.crop_seconds", "data.embed_batch_size")
         non_negative(c, "data.num_batches", "data.frames_per_crop")
         one_of(c, "model.mode", ("full", "minibatch"))
+        check_data(c, self.sources)
         require_upstream(c, "ssl")
         require(c.model.layer >= -1, f"config.model.layer={c.model.layer} must be -1 (middle) or a block index")
 

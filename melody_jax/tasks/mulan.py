@@ -14,17 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipeline.builder import held_out_split
-from data_pipeline.input import AudioBatchIterator, make_train_iterator
+from data_pipeline.input import AudioBatchIterator
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.mulan import MuLan, contrastive_loss
+from melody_jax.tasks.sources import SourcedTask, prepared_audio, stream_seed
 from melody_jax.text.byte_tokenizer import tokenize
 from melody_jax.training.config import positive, require
 from melody_jax.training.sharding import host_to_global, process_rows
-from melody_jax.training.task import Batch, Task
-
-EVAL_SEED_OFFSET = 1_000_003
+from melody_jax.training.task import Batch
 
 
 def pick_texts(captions: np.ndarray, tags: np.ndarray, use_caption: np.ndarray) -> list[str]:
@@ -74,8 +72,9 @@ class TextAudioIterator:
         self.index = int(state["index"])
 
 
-class MuLanTask(Task):
+class MuLanTask(SourcedTask):
     name = "mulan"
+    sources = ("prepared_audio",)
 
     def validate(self) -> None:
         c = self.config
@@ -83,7 +82,7 @@ class MuLanTask(Task):
         positive(c, "model.out_dim", "model.audio_layers", "model.text_layers", "model.embed_dim", "model.num_heads",
                  "model.mlp_dim", "model.n_fft", "model.hop_length", "model.n_mels", "model.patch_frames",
                  "model.patch_mels", "model.max_text_length", "data.sample_rate", "data.crop_seconds")
-        require(bool(d.path), "config.data.path is empty; prepare a dataset with `python -m launch.prepare_data`")
+        self.check_data()
         require(m.n_mels % m.patch_mels == 0,
                 f"config.model.patch_mels={m.patch_mels} does not divide n_mels={m.n_mels}")
         require(m.embed_dim % m.num_heads == 0 and (m.embed_dim // m.num_heads) % 2 == 0,
@@ -114,16 +113,9 @@ class MuLanTask(Task):
         return loss, {"accuracy": accuracy, "logit_scale": jnp.exp(log_scale),
                       "mcc": mulan_cycle_consistency(text_emb, audio_emb)}
 
-    def _iterator(self, mesh, split: str, seed: int) -> TextAudioIterator:
+    def batches(self, mesh, split: str) -> TextAudioIterator:
         c = self.config
-        audio = make_train_iterator(c.data, global_batch_size=c.train.batch_size, mesh=mesh, seed=seed, split=split)
-        return TextAudioIterator(audio, mesh, seed=seed, global_batch_size=c.train.batch_size,
+        return TextAudioIterator(prepared_audio(c, mesh, split, with_text=True), mesh,
+                                 seed=stream_seed(c.seed, split), global_batch_size=c.train.batch_size,
                                  caption_probability=c.data.caption_probability,
                                  max_text_length=c.model.max_text_length)
-
-    def train_iterator(self, mesh):
-        return self._iterator(mesh, "train", self.config.seed)
-
-    def eval_iterator(self, mesh):
-        split = held_out_split(self.config.data.path, self.config.data.eval_split)
-        return None if split is None else self._iterator(mesh, split, self.config.seed + EVAL_SEED_OFFSET)

@@ -8,14 +8,15 @@ all together, then each alone), so the model also learns the null conditions tha
 subtracts; an empty text trains as the null text. The texts may be augmented on the host first
 (`train.word_dropout`, `train.merge_text_p`: audiocraft's word dropout and description merging).
 
-Data sources (`config.data.source`):
+Data sources (`config.data.source`, melody_jax/tasks/sources.py):
 - "synthetic": a rule a tiny model learns in a few hundred steps, with both conditions mattering.
   Each example has an instrument i (from its caption, e.g. "violin solo") and a melody: random notes
   (pitch class b ∈ [0, 12), 1..`data.max_note_frames` chroma frames each) whose chromagram is the
   one-hot of b plus noise. Codebook 0 at frame t is b_t + 12·i; codebook k is (code_0 + 16·k) mod V.
   So code_0 mod 12 — the "chroma" of the codes — follows the given melody, which a model can only
   know from the melody prefix at each note change: the synthetic stand-in for "the chroma of the
-  generated audio follows the given chroma". Batches are a pure function of (seed, batch index).
+  generated audio follows the given chroma". Batches are a pure function of (split's stream seed,
+  batch index).
 - "codec": crops of `data.frames` codec frames from a prepared dataset at the codec's rate
   (`data.path`), with their captions (or tag lists, see `data.caption_probability`) and, with
   melody conditioning, their librosa chromagram made on the host at data time (`model.chroma_n_fft`,
@@ -43,17 +44,16 @@ from melody_jax.frozen.inputs import FrozenInputs
 from melody_jax.frozen.stage_models import (ARCHITECTURE, PATTERN_OPTIONS, build_model, musicgen_example_inputs,
                                             musicgen_pattern)
 from melody_jax.models.codebook_patterns import PATTERNS, Pattern
+from melody_jax.tasks.sources import TRAIN, SourcedTask, prepared_audio, stream_seed
 from melody_jax.text.byte_tokenizer import tokenize
 from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.errors import BundleError, ConfigError
 from melody_jax.training.sharding import config_rules
-from melody_jax.training.task import Batch, Task
+from melody_jax.training.task import Batch
 
-SOURCES = ("synthetic", "codec")
 INSTRUMENTS = ("piano", "violin", "flute", "drums")
 TEMPLATES = ("{} solo", "a calm melody played on the {}", "upbeat {} music")
 FINE_STEP = 16  # codebook k holds (code_0 + FINE_STEP · k) mod V
-EVAL_SEED_OFFSET = 1_000_003
 TEXT_STREAM = 7  # the text augmentation's random stream, apart from the data's
 
 
@@ -120,13 +120,14 @@ def melody_condition(audio: np.ndarray, sample_rate: int, codec_hop: int, model_
                        separation=separation)
 
 
-class MusicGenTask(Task):
+class MusicGenTask(SourcedTask):
     name = "musicgen"
+    sources = ("synthetic", "codec")
 
     def validate(self) -> None:
         c = self.config
         m, d = c.model, c.data
-        one_of(c, "data.source", SOURCES)
+        self.check_data()
         one_of(c, "model.pattern", tuple(sorted(PATTERNS)))
         one_of(c, "model.dtype", ("float32", "bfloat16"))
         positive(c, "model.num_codebooks", "model.codebook_size", "model.num_layers", "model.embed_dim",
@@ -172,8 +173,6 @@ class MusicGenTask(Task):
                     f"config.model.codebook_size={m.codebook_size} must be >= {need} for the synthetic rule")
             positive(c, "data.max_note_frames")
         else:
-            require(bool(d.path), "config.data.path is empty; data.source='codec' needs a prepared dataset at the "
-                    "codec's sample rate (`python -m launch.prepare_data --sample_rate=32000 ...`)")
             require_upstream(c, "codec")
             require(0.0 <= d.caption_probability <= 1.0,
                     f"config.data.caption_probability={d.caption_probability} must lie in [0, 1]")
@@ -233,22 +232,21 @@ class MusicGenTask(Task):
         metrics.update({f"ce_codebook_{k}": per_codebook[k] for k in range(per_codebook.shape[0])})
         return loss, metrics
 
-    def _codec_batches(self, mesh, split: str, seed: int) -> FrozenInputs:
-        from data_pipeline.input import make_train_iterator
+    def _codec_batches(self, mesh, split: str) -> FrozenInputs:
         from melody_jax.tasks.mulan import TextAudioIterator
 
         c, m = self.config, self.config.model
-        hop = self.codec.hop
+        hop, seed = self.codec.hop, stream_seed(self.config.seed, split)
         data = c.data.copy_and_resolve_references()
         data.crop_seconds = c.data.frames * hop / c.data.sample_rate
-        audio = make_train_iterator(data, global_batch_size=c.train.batch_size, mesh=mesh, seed=seed, split=split)
+        audio = prepared_audio(c, mesh, split, with_text=True, data=data)
 
         def chroma(rows: np.ndarray) -> dict[str, np.ndarray]:
             return {"chroma": melody_condition(rows, c.data.sample_rate, hop, m, m.melody_frames,
                                                c.data.melody_separation)}
 
         def augment(texts, captions, tags, rng):
-            return augment_texts(texts, captions, tags, rng, c.train) if split == "train" else texts
+            return augment_texts(texts, captions, tags, rng, c.train) if split == TRAIN else texts
 
         texts = TextAudioIterator(audio, mesh, seed=seed, global_batch_size=c.train.batch_size,
                                   caption_probability=c.data.caption_probability,
@@ -256,18 +254,10 @@ class MusicGenTask(Task):
                                   features=chroma if m.use_melody else None, augment=augment)
         return FrozenInputs(texts, self.codec.variables)
 
-    def train_iterator(self, mesh):
+    def batches(self, mesh, split: str):
         if self.config.data.source == "codec":
-            return self._codec_batches(mesh, "train", self.config.seed)
-        return synthetic_batches(self.config, mesh, self.config.seed)
-
-    def eval_iterator(self, mesh):
-        if self.config.data.source == "codec":
-            from data_pipeline.builder import held_out_split
-
-            split = held_out_split(self.config.data.path, self.config.data.eval_split)
-            return None if split is None else self._codec_batches(mesh, split, self.config.seed + EVAL_SEED_OFFSET)
-        return synthetic_batches(self.config, mesh, self.config.seed + EVAL_SEED_OFFSET, train=False)
+            return self._codec_batches(mesh, split)
+        return synthetic_batches(self.config, mesh, stream_seed(self.config.seed, split), train=split == TRAIN)
 
     def describe(self, params: Any) -> dict[str, int]:
         out = super().describe(params)

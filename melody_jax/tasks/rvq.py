@@ -25,6 +25,7 @@ from melody_jax.models.mulan import MuLan, embed_audio, l2_normalize, rvq_levels
 from melody_jax.frozen.checks import require_upstream
 from melody_jax.frozen.loader import Stage, load_stage
 from melody_jax.frozen.stage_models import build_model
+from melody_jax.tasks.sources import check_data
 from melody_jax.nn.kmeans import kmeans
 from melody_jax.nn.quantizers import perplexity
 from melody_jax.training.config import positive, require
@@ -91,6 +92,7 @@ def reconstruction(codebooks: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.A
 
 class RVQTask(FittingTask):
     name = "rvq"
+    sources = ("upstream_audio",)
 
     def validate(self) -> None:
         c = self.config
@@ -99,6 +101,7 @@ class RVQTask(FittingTask):
         require(c.train.num_steps == c.model.num_quantizers,
                 f"config.train.num_steps={c.train.num_steps} must equal model.num_quantizers={c.model.num_quantizers} "
                 "(one step fits one level)")
+        check_data(c, self.sources)
         require_upstream(c, "mulan")
 
     mulan: Stage | None = None  # the frozen MuLan stage of `upstream.mulan`, set by `setup`

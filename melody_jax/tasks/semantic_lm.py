@@ -1,13 +1,13 @@
 """Semantic LM stage (DESIGN §4.4, §7): next-token loss on semantic tokens after 12 MuLan tokens.
 
-Data sources (`config.data.source`):
+Data sources (`config.data.source`, melody_jax/tasks/sources.py):
 - "synthetic": a rule that the tiny preset learns in 150 steps and a test can check. With K =
   data.synthetic_codes and a start c ~ U[0, K) and stride b ~ U{1..data.num_strides} per example, the
   stream x_i = (c + i·b) mod K is cut into the M MuLan codes and the T semantic codes, so
   s_t = (s_{t-1} + b) mod K with s_{-1} = m_{M-1} and b = m_{M-1} − m_{M-2}: the first semantic token
   is a function of the prefix alone, later ones of the prefix and the previous token. Batches are a
-  pure function of (seed, batch index), so the iterator's position is one integer.
-- "cached": TFRecords from `launch.tokenize` (what large runs use: the frozen models run once).
+  pure function of (split's stream seed, batch index), so the iterator's position is one integer.
+- "cached": the records `launch.tokenize` writes per split (what large runs use: the frozen models run once).
 - "frozen_models": audio crops of `semantic_len` tokens from a prepared dataset (`data.path`), turned
   into MuLan tokens (MuLan audio tower + RVQ) and semantic tokens (SSL Conformer + k-means) inside the
   jitted step by the frozen stages named in `upstream.{ssl,kmeans,mulan,rvq}`, loaded by `setup`
@@ -29,13 +29,12 @@ from melody_jax.frozen.mulan import FrozenMuLan
 from melody_jax.frozen.semantic import SemanticTokenizer
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.semantic_lm import SemanticLM
-from melody_jax.training.config import one_of, positive, require
+from melody_jax.tasks.sources import SourcedTask, prepared_audio, records_path, stream_seed
+from melody_jax.training.config import positive, require
 from melody_jax.training.sharding import config_rules
-from melody_jax.training.task import Batch, Task
+from melody_jax.training.task import Batch
 
-SOURCES = ("synthetic", "cached", "frozen_models")
 FROZEN_STAGES = ("ssl", "kmeans", "mulan", "rvq")
-EVAL_SEED_OFFSET = 1_000_003
 
 
 def synthetic_tokens(seed: int, index: int, batch: int, num_mulan_tokens: int, semantic_len: int, codes: int,
@@ -67,15 +66,16 @@ def synthetic_batches(config, mesh, seed: int) -> IndexedBatches:
     return IndexedBatches(make, c.train.batch_size, mesh)
 
 
-class SemanticLMTask(Task):
+class SemanticLMTask(SourcedTask):
     name = "semantic_lm"
+    sources = ("synthetic", "cached", "frozen_models")
     tokenizer: SemanticTokenizer | None = None  # data.source="frozen_models": set by `setup`
     mulan: FrozenMuLan | None = None
 
     def validate(self) -> None:
         c = self.config
         m, d = c.model, c.data
-        one_of(c, "data.source", SOURCES)
+        self.check_data()
         positive(c, "model.num_layers", "model.embed_dim", "model.num_heads", "model.mlp_dim",
                  "model.num_mulan_tokens", "model.mulan_codebook_size", "model.semantic_vocab_size",
                  "data.semantic_len", "data.shuffle_buffer")
@@ -92,11 +92,7 @@ class SemanticLMTask(Task):
             require(d.num_strides < d.synthetic_codes,
                     f"config.data.num_strides={d.num_strides} must be < data.synthetic_codes={d.synthetic_codes}")
             require(m.num_mulan_tokens >= 2, "config.model.num_mulan_tokens must be >= 2 for the synthetic rule")
-        elif d.source == "cached":
-            require(bool(d.path), "config.data.path is empty; data.source='cached' needs a TFRecord file or glob")
-        else:
-            require(bool(d.path), "config.data.path is empty; data.source='frozen_models' needs a prepared dataset "
-                    "(`python -m launch.prepare_data`)")
+        elif d.source == "frozen_models":
             require_upstream(c, *FROZEN_STAGES)
 
     @property
@@ -140,15 +136,12 @@ class SemanticLMTask(Task):
         semantic = self.tokenizer.fn(frozen["ssl"], frozen["centroids"], audio)[:, : self.config.data.semantic_len]
         return self.mulan.audio_tokens_fn(frozen["mulan"], audio), semantic
 
-    def _audio(self, mesh, split: str, seed: int):
-        from data_pipeline.input import make_train_iterator
-
+    def _audio(self, mesh, split: str):
         tokenizer, mulan = self.tokenizer, self.mulan
         data = self.config.data.copy_and_resolve_references()
         data.crop_seconds = self.config.data.semantic_len * tokenizer.hop / data.sample_rate
         frozen = {"ssl": tokenizer.ssl_params, "centroids": tokenizer.centroids, "mulan": mulan.params}
-        audio = make_train_iterator(data, global_batch_size=self.config.train.batch_size, mesh=mesh, seed=seed,
-                                    split=split, with_text=False)
+        audio = prepared_audio(self.config, mesh, split, with_text=False, data=data)
         return FrozenInputs(audio, frozen, keys=("audio",))
 
     def _records(self, mesh, path: str):
@@ -160,24 +153,13 @@ class SemanticLMTask(Task):
         return RecordIterator(path, fields, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
                               shuffle_buffer=c.data.shuffle_buffer)
 
-    def train_iterator(self, mesh):
+    def batches(self, mesh, split: str):
         source = self.config.data.source
         if source == "cached":
-            return self._records(mesh, self.config.data.path)
+            return self._records(mesh, records_path(self.config.data.path, split))
         if source == "frozen_models":
-            return self._audio(mesh, "train", self.config.seed)
-        return synthetic_batches(self.config, mesh, self.config.seed)
-
-    def eval_iterator(self, mesh):
-        source, d = self.config.data.source, self.config.data
-        if source == "cached":
-            return self._records(mesh, d.eval_path) if d.eval_path else None
-        if source == "frozen_models":
-            from data_pipeline.builder import held_out_split
-
-            split = held_out_split(d.path, d.eval_split)
-            return None if split is None else self._audio(mesh, split, self.config.seed + EVAL_SEED_OFFSET)
-        return synthetic_batches(self.config, mesh, self.config.seed + EVAL_SEED_OFFSET)
+            return self._audio(mesh, split)
+        return synthetic_batches(self.config, mesh, stream_seed(self.config.seed, split))
 
     def describe(self, params: Any) -> dict[str, int]:
         return super().describe(params["decoder"])

@@ -14,17 +14,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from data_pipeline.builder import held_out_split
-from data_pipeline.input import make_train_iterator
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.conformer import Wav2Vec2Conformer
 from melody_jax.models.ssl_loss import wav2vec2_loss
+from melody_jax.tasks.sources import SourcedTask, prepared_audio
 from melody_jax.training import accumulate
 from melody_jax.training.config import positive, require
 from melody_jax.training.state import TrainState
-from melody_jax.training.task import Batch, Task
-
-EVAL_SEED_OFFSET = 1_000_003
+from melody_jax.training.task import Batch
 
 
 def gumbel_temperature(m, step: jax.Array) -> jax.Array:
@@ -33,8 +30,9 @@ def gumbel_temperature(m, step: jax.Array) -> jax.Array:
     return m.gumbel_start * (m.gumbel_end / m.gumbel_start) ** frac
 
 
-class SSLTask(Task):
+class SSLTask(SourcedTask):
     name = "ssl"
+    sources = ("prepared_audio",)
 
     def validate(self) -> None:
         c = self.config
@@ -43,7 +41,7 @@ class SSLTask(Task):
                  "model.num_groups", "model.num_vars", "model.codevector_dim", "model.final_dim", "model.mask_length",
                  "model.num_negatives", "model.logit_temperature", "model.gumbel_start", "model.gumbel_end",
                  "model.gumbel_anneal_steps", "data.sample_rate", "data.crop_seconds")
-        require(bool(c.data.path), "config.data.path is empty; prepare a dataset with `python -m launch.prepare_data`")
+        self.check_data()
         require(len(m.conv_channels) == len(m.conv_strides) > 0,
                 f"config.model.conv_channels has {len(m.conv_channels)} entries, conv_strides {len(m.conv_strides)}")
         require(m.embed_dim % m.num_heads == 0 and (m.embed_dim // m.num_heads) % 2 == 0,
@@ -93,14 +91,5 @@ class SSLTask(Task):
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.replace(params=params, opt_state=opt_state), metrics
 
-    def _iterator(self, mesh, split: str, seed: int):
-        c = self.config
-        return make_train_iterator(c.data, global_batch_size=c.train.batch_size, mesh=mesh, seed=seed,
-                                   split=split, with_text=False)
-
-    def train_iterator(self, mesh):
-        return self._iterator(mesh, "train", self.config.seed)
-
-    def eval_iterator(self, mesh):
-        split = held_out_split(self.config.data.path, self.config.data.eval_split)
-        return None if split is None else self._iterator(mesh, split, self.config.seed + EVAL_SEED_OFFSET)
+    def batches(self, mesh, split: str):
+        return prepared_audio(self.config, mesh, split, with_text=False)

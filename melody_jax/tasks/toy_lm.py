@@ -1,7 +1,8 @@
 """Toy LM stage: the LLaMA-style decoder on synthetic stride sequences (proves the training core).
 
-Data: x_0 ~ U[0, V), x_t = (x_{t-1} + b) mod V with b ~ U{1..num_strides} per sequence. Batches are
-a pure function of (seed, batch index), so the iterator's position is one integer.
+Data (`data.source="synthetic"`): x_0 ~ U[0, V), x_t = (x_{t-1} + b) mod V with b ~ U{1..num_strides} per
+sequence. Batches are a pure function of (split's stream seed, batch index), so the iterator's position
+is one integer.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import optax
 from data_pipeline.indexed import IndexedBatches
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.transformer import DecoderLM
+from melody_jax.tasks.sources import SourcedTask, stream_seed
 from melody_jax.training.config import positive, require
-from melody_jax.training.task import Batch, Task
+from melody_jax.training.task import Batch
 
 
 def stride_sequences(seed: int, index: int, batch: int, seq_len: int, vocab: int, num_strides: int) -> np.ndarray:
@@ -25,11 +27,13 @@ def stride_sequences(seed: int, index: int, batch: int, seq_len: int, vocab: int
     return ((start + stride * np.arange(seq_len)[None]) % vocab).astype(np.int32)
 
 
-class ToyLMTask(Task):
+class ToyLMTask(SourcedTask):
     name = "toy_lm"
+    sources = ("synthetic",)
 
     def validate(self) -> None:
         m = self.config.model
+        self.check_data()
         positive(self.config, "model.vocab_size", "model.num_layers", "model.embed_dim", "model.num_heads",
                  "model.mlp_dim", "data.seq_len", "data.num_strides")
         require(m.embed_dim % m.num_heads == 0,
@@ -52,17 +56,11 @@ class ToyLMTask(Task):
         accuracy = (logits.argmax(-1) == tokens[:, 1:]).mean()
         return loss, {"accuracy": accuracy}
 
-    def batches(self, mesh, seed: int) -> IndexedBatches:
-        c = self.config
+    def batches(self, mesh, split: str) -> IndexedBatches:
+        c, seed = self.config, stream_seed(self.config.seed, split)
 
         def make(index: int) -> dict[str, np.ndarray]:
             return {"tokens": stride_sequences(seed, index, c.train.batch_size, c.data.seq_len,
                                                c.model.vocab_size, c.data.num_strides)}
 
         return IndexedBatches(make, c.train.batch_size, mesh)
-
-    def train_iterator(self, mesh):
-        return self.batches(mesh, self.config.seed)
-
-    def eval_iterator(self, mesh):
-        return self.batches(mesh, self.config.seed + 1_000_003)

@@ -28,7 +28,6 @@ class VAEGANTask(GANTask):
     def validate(self) -> None:
         c = self.config
         m, d = c.model, c.data
-        require(bool(d.path), "config.data.path is empty; prepare a dataset with `python -m launch.prepare_data`")
         self.validate_gan()
         positive(c, "model.latent_dim", "model.latent_scale", "data.sample_rate", "data.crop_seconds")
         non_negative(c, "loss.mr_stft", "loss.feature_matching", "loss.adversarial", "loss.kl")
