@@ -229,7 +229,7 @@ def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
     assert restored["examples_consumed"] == 2 * 8 // jax.process_count()  # the audio iterator's position
     with pytest.raises(ConfigError, match=r"k-means has 32 clusters, model.semantic_vocab_size is 64"):
         SemanticLMTask(stage_config("semantic_lm", {"data.source": "frozen_models", "data.path": data,
-                                     "model.semantic_vocab_size": 64, **fields})).train_iterator(mesh)
+                                     "model.semantic_vocab_size": 64, **fields})).setup(mesh)
 
 
 def test_continue_windows_equals_window_by_window_calls(random_model):
