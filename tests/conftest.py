@@ -29,11 +29,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # Property tests explore the same inputs on every run (derandomized, no example database), so the
-# suite gives one verdict per commit; a new failure is pinned with `@example` where it is found.
+# suite gives one verdict per commit; a new failure is pinned with `@example` where it is found. No
+# deadline and no too_slow health check: both depend on the machine's load, not on the code.
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile("melody-jax", derandomize=True, database=None, print_blob=True)
+settings.register_profile("melody-jax", derandomize=True, database=None, print_blob=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("melody-jax")
 
 
@@ -57,7 +59,22 @@ def _recorded() -> dict[str, float]:
         return {}
 
 
+def _unpinned_property_tests(items) -> list[str]:
+    """Property tests whose settings would explore other inputs on another run or fail on a slow machine."""
+    out = []
+    for item in items:
+        s = getattr(getattr(item, "obj", None), "_hypothesis_internal_use_settings", None)
+        if s is not None and not (s.derandomize and s.database is None and s.deadline is None
+                                  and HealthCheck.too_slow in s.suppress_health_check):
+            out.append(item.nodeid)
+    return out
+
+
 def pytest_collection_modifyitems(items):
+    unpinned = _unpinned_property_tests(items)
+    if unpinned:
+        raise pytest.UsageError(f"property tests not derandomized (or timing-dependent): {unpinned[:5]}; keep the "
+                                "conftest profile's derandomize/database/deadline/too_slow settings")
     recorded = _recorded()
     long = {item.path.name for item in items if item.get_closest_marker("learning") or item.get_closest_marker("slow")}
 

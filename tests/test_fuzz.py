@@ -112,7 +112,8 @@ MANIFEST_LINE = st.one_of(
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.lists(MANIFEST_LINE.map(lambda b: b.replace(b"\n", b" ").replace(b"\r", b" ")), min_size=1, max_size=6))
 @example([b'{"path": "a.wav", "caption": "\xff\xfe piano"}'])  # found: non-UTF-8 bytes stopped the listing
 @example([b'{"path": "a.wav", "caption": "\\ud800"}'])  # found: a lone surrogate reached the TFDS writer
@@ -143,7 +144,8 @@ YTID = st.sampled_from(["in", "../out", "..", "/tmp", "a/../in", "in\\x", "missi
 GOOD_ROW = st.tuples(YTID, st.sampled_from(["0", "10"]), st.just("20")).map(list)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.lists(st.one_of(st.lists(CSV_CELL, min_size=0, max_size=6), GOOD_ROW), max_size=6), st.binary(max_size=40))
 @example([["in", "0", "20"], ["in", "0", "20"]], b"")  # found: two rows, one key → DuplicatedKeysError
 @example([["../out", "0", "20"]], b"")  # found: a ytid read outside --audio_dir
@@ -214,7 +216,8 @@ OUT_NAME = st.one_of(st.text(ANY_CHAR, max_size=30),
                                       "file.txt/x.wav", "x.wav\x00", "dir"]))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(OUT_NAME)
 def test_output_paths_are_writable_wavs_or_one_line_errors(tmp_path_factory, name):
     root = tmp_path_factory.mktemp("o")
