@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 from absl import logging
 import tqdm
 
@@ -45,6 +47,7 @@ from melody_jax.training.metrics import json_safe
 
 DATASET_NAME = "prepared_audio"
 REPORT_FILE = "prepare_report.json"
+WRITER_BUFFER_BYTES = 64 << 20  # serialized clips TFDS holds before it spills them to its sort files
 
 
 class PrepareError(UserError, ValueError):
@@ -72,6 +75,7 @@ class PrepareSettings:
     silence_db: float = -60.0  # audio whose peak is at or below this is skipped as silent
     val_fraction: float = 0.0  # share of items (by a hash of their key) in the 'validation' split
     workers: int = 2  # decoding threads
+    block_seconds: float = audio_io.BLOCK_SECONDS  # of a source file per read (memory, not data)
 
     def validate(self) -> None:
         if self.source not in sources.SOURCES:
@@ -82,15 +86,16 @@ class PrepareSettings:
             raise PrepareError(f"sample_rate must be at least 1000 Hz, got {self.sample_rate}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise PrepareError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.min_seconds <= 0 or self.segment_seconds < 0 or self.workers < 1:
-            raise PrepareError("min_seconds must be > 0, segment_seconds >= 0 and workers >= 1")
+        if self.min_seconds <= 0 or self.segment_seconds < 0 or self.workers < 1 or not self.block_seconds > 0:
+            raise PrepareError("min_seconds must be > 0, segment_seconds >= 0, workers >= 1 and block_seconds > 0")
         if self.segment_seconds and self.segment_seconds < self.min_seconds:
             raise PrepareError("segment_seconds must be 0 or at least min_seconds")
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that change the data (not `workers`)."""
+        """The settings that change the data (not `workers` or `block_seconds`)."""
         out = dataclasses.asdict(self)
         out.pop("workers")
+        out.pop("block_seconds")
         return out
 
 
@@ -186,9 +191,12 @@ class PreparedAudio(tfds.core.GeneratorBasedBuilder):
         yield from self._generate_examples([it for it in items if it.key not in self._val_keys], "train")
 
     def _load(self, item: sources.SourceItem) -> tuple[sources.SourceItem, tuple | audio_io.BadAudio, list[str]]:
-        notes: list[str] = []
+        """The item's first pass (run in a worker thread): audio of more than one clip is not kept."""
+        s, notes = self._settings, []
+        segment, minimum = int(s.segment_seconds * s.sample_rate), int(np.ceil(s.min_seconds * s.sample_rate))
+        hold = segment + minimum - 1 if segment else sys.maxsize  # the longest audio split_segments leaves whole
         try:
-            return item, sources.load_item(item, self._settings.sample_rate, notes), notes
+            return item, sources.load_item(item, s.sample_rate, notes, hold=hold, block_seconds=s.block_seconds), notes
         except audio_io.BadAudio as e:
             return item, e, notes
 
@@ -207,22 +215,28 @@ class PreparedAudio(tfds.core.GeneratorBasedBuilder):
                 continue
             for note in notes:
                 report.note(item.key, note)
-            audio, caption, tags, attributes = loaded
+            first, caption, tags, attributes = loaded
             try:
-                audio_io.check_audio(audio, sr, s.min_seconds, s.silence_db)
+                audio_io.check_level(first.frames, first.peak, sr, s.min_seconds, s.silence_db)
             except audio_io.BadAudio as e:
                 report.skip(item.key, e.reason, e.detail)
                 continue
-            audio = audio_io.limit_peak(audio)  # once per item, so its segments keep one gain
-            ranges = audio_io.split_segments(len(audio), segment, minimum)
-            for k, (start, stop) in enumerate(ranges):
-                piece = audio[start:stop]
-                if len(ranges) > 1:
-                    try:
+            ranges = audio_io.split_segments(first.frames, segment, minimum)
+            clips = first.clips(ranges)  # decodes again (block by block) unless the first pass kept the audio
+            for k, (start, _) in enumerate(ranges):
+                try:
+                    piece = next(clips)
+                except audio_io.BadAudio as e:  # the second read failed (the file changed): no later clip either
+                    for rest in range(k, len(ranges)):
+                        report.skip(item.key, e.reason, e.detail, segment=rest)
+                    break
+                piece = audio_io.limit_peak(piece, first.peak)  # the item's peak: its clips keep one gain
+                try:
+                    if len(ranges) > 1:
                         audio_io.check_audio(piece, sr, s.min_seconds, s.silence_db)
-                    except audio_io.BadAudio as e:
-                        report.skip(item.key, e.reason, e.detail, segment=k)
-                        continue
+                except audio_io.BadAudio as e:
+                    report.skip(item.key, e.reason, e.detail, segment=k)
+                    continue
                 report.wrote(split, len(piece) / sr)
                 yield f"{item.key}#{k}", {
                     "audio": audio_io.to_pcm(piece, s.pcm), "caption": caption, "tags": list(tags),
@@ -287,12 +301,16 @@ def load_report(out_dir: str) -> PrepareReport:
 
 @contextlib.contextmanager
 def _quiet_tfds() -> Iterator[None]:
-    """TFDS's own progress bars off while ours runs (they would interleave with it)."""
+    """TFDS's own progress bars off while ours runs (they would interleave with it), and its writer's
+    in-memory buffer (1 GB by default: a whole split of serialized clips) bounded; beyond the bound it
+    sorts the clips through temporary files into the same order."""
     tfds.disable_progress_bar()
+    default, tfds_shuffle.MAX_MEM_BUFFER_SIZE = tfds_shuffle.MAX_MEM_BUFFER_SIZE, WRITER_BUFFER_BYTES
     try:
         yield
     finally:
         tfds.enable_progress_bar()
+        tfds_shuffle.MAX_MEM_BUFFER_SIZE = default
 
 
 def _writable_folder(out_dir: str) -> None:

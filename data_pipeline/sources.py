@@ -10,13 +10,13 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 
 from data_pipeline import audio_io
 from data_pipeline.synthetic import clip_seed, generate_clip
@@ -251,18 +251,22 @@ def list_items(source: str, *, input_path: str = "", audio_dir: str = "", num_cl
     return unique_keys(musiccaps_items(input_path, audio_dir))
 
 
-def load_item(item: SourceItem, sample_rate: int,
-              notes: list[str] | None = None) -> tuple[np.ndarray, str, tuple[str, ...], dict[str, Any]]:
-    """(mono float32 audio at sample_rate, caption, tags, attributes); raises audio_io.BadAudio.
-    Defects the audio was kept despite go to `notes`."""
+def load_item(item: SourceItem, sample_rate: int, notes: list[str] | None = None, *, hold: int,
+              block_seconds: float = audio_io.BLOCK_SECONDS) -> tuple[audio_io.Scan, str, tuple[str, ...], dict]:
+    """(the first pass over the item's mono float32 audio at sample_rate, caption, tags, attributes); raises
+    audio_io.BadAudio. Audio longer than `hold` samples is decoded again when cut. Defects the audio was
+    kept despite go to `notes`."""
     if item.error:
         raise audio_io.BadAudio(*item.error)
     if item.synthetic:
         seed, index, seconds = item.synthetic
         clip = generate_clip(clip_seed(seed, index), seconds, sample_rate)
-        return clip.audio, clip.caption, tuple(clip.tags), clip.attributes
-    audio = audio_io.decode(item.path, sample_rate, item.start_s, item.end_s, notes)
+        return audio_io.scan(lambda: [clip.audio], hold), clip.caption, tuple(clip.tags), clip.attributes
+    first = audio_io.scan(lambda: audio_io.decode_blocks(item.path, sample_rate, item.start_s, item.end_s, notes,
+                                                         block_seconds), hold)
+    again = functools.partial(audio_io.decode_blocks, item.path, sample_rate, item.start_s, item.end_s,
+                              block_seconds=block_seconds)
     attributes = dict(item.attributes)
     if item.start_s is not None:
         attributes.update(start_s=item.start_s, end_s=item.end_s)
-    return audio, item.caption, item.tags, attributes
+    return dataclasses.replace(first, blocks=again), item.caption, item.tags, attributes
