@@ -41,7 +41,7 @@ DECODABLE = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif",
 AUDIO_EXTENSIONS = DECODABLE | {".m4a", ".aac", ".wma", ".webm", ".mp4"}
 
 BLOCK_SECONDS = 20.0  # of the source file per read: bounds memory, never changes the data
-_RETRY_FRAMES = 4096  # after a decoder error, read again in steps this small to keep what precedes the damage
+_RETRY_FRAMES = 1024  # after a decoder error, read again in steps this small to keep what precedes the damage
 _TRUNCATED_DATA = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
 
@@ -118,18 +118,19 @@ def decode_blocks(path: str, sample_rate: int, start_s: float | None = None, end
             try:
                 x = f.read(min(step, remaining), dtype="float32", always_2d=True)
             except sf.LibsndfileError as e:  # a cut or damaged FLAC/MP3: keep what decodes before the damage
+                failure = failure or e  # the first error says what happened
                 if step > _RETRY_FRAMES:
                     f.seek(stop - remaining)
                     step = _RETRY_FRAMES
                     continue
                 if remaining == stop - start:
-                    raise
-                failure, x = " ".join(str(e).split()), np.zeros((0, 1), np.float32)
+                    raise failure from None
+                x = np.zeros((0, 1), np.float32)
             if len(x) == 0:  # header promised more frames than the file holds: keep what decoded, say so
                 if notes is not None:
                     notes.append(f"truncated: its header promises {(stop - start) / f.samplerate:.2f} s, "
                                  f"{(stop - start - remaining) / f.samplerate:.2f} s decoded and kept"
-                                 + (f" (the decoder stopped: {failure})" if failure else ""))
+                                 + (f" (the decoder stopped: {' '.join(str(failure).split())})" if failure else ""))
                 break
             finite = np.isfinite(x).all(axis=1)
             if not finite.all():  # the first bad sample's time in the file, not its block's end
