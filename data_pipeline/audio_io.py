@@ -20,6 +20,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from data_pipeline import mpeg_frames
+
 # Reasons a file (or a segment of one) is skipped, as they appear in the preparation report.
 MISSING = "missing file"
 NOT_A_FILE = "not a regular file"
@@ -113,7 +115,7 @@ def decode_blocks(path: str, sample_rate: int, start_s: float | None = None, end
         if start:
             f.seek(start)
         resampler = soxr.ResampleStream(f.samplerate, sample_rate, 1, dtype="float32") if f.samplerate != sample_rate else None
-        step, remaining, failure = max(1, int(block_seconds * f.samplerate)), stop - start, None
+        step, remaining, failure, noted = max(1, int(block_seconds * f.samplerate)), stop - start, None, False
         while remaining > 0:
             try:
                 x = f.read(min(step, remaining), dtype="float32", always_2d=True)
@@ -128,6 +130,7 @@ def decode_blocks(path: str, sample_rate: int, start_s: float | None = None, end
                 x = np.zeros((0, 1), np.float32)
             if len(x) == 0:  # header promised more frames than the file holds: keep what decoded, say so
                 if notes is not None:
+                    noted = True
                     notes.append(f"truncated: its header promises {(stop - start) / f.samplerate:.2f} s, "
                                  f"{(stop - start - remaining) / f.samplerate:.2f} s decoded and kept"
                                  + (f" (the decoder stopped: {' '.join(str(failure).split())})" if failure else ""))
@@ -141,6 +144,8 @@ def decode_blocks(path: str, sample_rate: int, start_s: float | None = None, end
             yield _finite(resampler.resample_chunk(mono) if resampler else mono)
         if resampler:
             yield _finite(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        if notes is not None and not noted and path.lower().endswith(".mp3") and (start, stop) == (0, f.frames):
+            notes += mpeg_frames.notes(path, stop - remaining)  # cuts that neither its header nor libsndfile shows
 
 
 def _finite(block: np.ndarray) -> np.ndarray:

@@ -1,12 +1,11 @@
-"""Issue 27, cases 17 and 15: preparation streams long files (decode and resample block by block, clips
-written as they complete, memory flat in the file's length) and keeps what a cut FLAC/MP3 decodes, saying so.
+"""Issue 27, case 17: preparation streams long files (decode and resample block by block, clips written as
+they complete), so its memory is flat in the file's length (`python -m benchmarks.prepare_memory` for RSS).
 """
 from __future__ import annotations
 
 import tracemalloc
 
 import numpy as np
-import pytest
 import soundfile as sf
 import soxr
 import tensorflow_datasets as tfds
@@ -85,25 +84,3 @@ def test_memory_of_a_file_is_flat_in_its_length(tmp_path):
     # an array of the whole 4-min file would be 7.7 MB on its own
     assert peaks[4] < 1.1 * peaks[1] + 50_000, peaks
     assert peaks[4] < whole_4min / 4, peaks
-
-
-def _cut(path, fraction: float) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * fraction)])
-
-
-def test_a_cut_flac_keeps_what_decodes_with_a_note(tmp_path):
-    path = tmp_path / "cut.flac"
-    sf.write(str(path), tones(8.0, sr=SR, channels=1), SR)
-    _cut(path, 0.5)  # STREAMINFO still says 8 s; libsndfile loses sync at the cut
-    notes: list[str] = []
-    audio = audio_io.decode(str(path), SR, notes=notes)
-    # the cut is near 4 s: kept up to about the last whole FLAC frame (0.5 s), not the whole 20-s block before it
-    assert 3.0 * SR < len(audio) < 4.0 * SR
-    np.testing.assert_allclose(audio, tones(8.0, sr=SR, channels=1)[: len(audio), 0], atol=1e-4)  # 16-bit
-    assert len(notes) == 1 and notes[0].startswith(f"truncated: its header promises 8.00 s, {len(audio) / SR:.2f} s "
-                                                    "decoded and kept (the decoder stopped: Error : flac decoder lost sync.)"), notes
-    path.write_bytes(path.read_bytes()[:200])  # nothing but the header and a broken first frame: still corrupt
-    with pytest.raises(audio_io.BadAudio) as e:
-        audio_io.decode(str(path), SR)
-    assert e.value.reason == audio_io.CORRUPT
