@@ -4,7 +4,8 @@
 16-bit WAV per length into a temporary folder (block by block: the script never holds a whole file either),
 prepares each in a fresh subprocess (`--source=folder`, 24 kHz, 30-s clips, the CLI's defaults) and reports
 that process's peak RSS (getrusage ru_maxrss), its RSS once everything is imported and before the first
-file is opened, and the wall time. Prints a Markdown table and writes benchmarks/results/prepare_memory.json.
+file is opened, and the wall and CPU time. Prints a Markdown table and writes
+benchmarks/results/prepare_memory.json.
 `--quick`: 1 and 4 minutes.
 """
 from __future__ import annotations
@@ -49,19 +50,21 @@ def child(folder: str, out: str) -> None:
     from data_pipeline.builder import PrepareSettings, prepare
 
     imported = _rss_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = prepare(PrepareSettings(source="folder", input=folder), out, progress=False)
-    print(json.dumps({"rss_after_imports_mb": imported, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "prepare_s": time.perf_counter() - start, "examples": report.examples_written,
-                      "hours": report.hours_prepared}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    print(json.dumps({"rss_after_imports_mb": imported, "peak_rss_mb": peak,
+                      "prepare_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+                      "examples": report.examples_written, "hours": report.hours_prepared}))
 
 
 def measure(minutes: float, tmp: str) -> dict:
     folder, out = os.path.join(tmp, f"in_{minutes:g}"), os.path.join(tmp, f"out_{minutes:g}")
     os.makedirs(folder)
     write_long_wav(os.path.join(folder, "long.wav"), minutes)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-m", "benchmarks.prepare_memory", "--child", folder, out],
-                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          capture_output=True, text=True, cwd=root)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -71,10 +74,11 @@ def measure(minutes: float, tmp: str) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| file | WAV size | whole file as float32 at 24 kHz | RSS after imports | peak RSS | clips | time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| file | WAV size | the file as float32 at 24 kHz | RSS after imports | peak RSS | clips | wall | CPU |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['minutes']:g} min | {r['file_mb']:.0f} MB | {r['whole_file_float32_at_24khz_mb']:.0f} MB | "
-              f"{r['rss_after_imports_mb']:.0f} MB | {r['peak_rss_mb']:.0f} MB | {r['examples']} | {r['prepare_s']:.1f} s |"
+              f"{r['rss_after_imports_mb']:.0f} MB | {r['peak_rss_mb']:.0f} MB | {r['examples']} | "
+              f"{r['prepare_s']:.1f} s | {r['cpu_s']:.1f} s |"
               for r in rows]
     return "\n".join(lines)
 

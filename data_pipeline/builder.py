@@ -47,7 +47,7 @@ from melody_jax.training.metrics import json_safe
 
 DATASET_NAME = "prepared_audio"
 REPORT_FILE = "prepare_report.json"
-WRITER_BUFFER_BYTES = 64 << 20  # serialized clips TFDS holds before it spills them to its sort files
+WRITER_BUFFER_BYTES = 16 << 20  # serialized clips TFDS holds before it spills them to its sort files
 
 
 class PrepareError(UserError, ValueError):

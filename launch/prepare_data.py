@@ -34,6 +34,8 @@ _SEGMENT_SECONDS = flags.DEFINE_float(
 _SILENCE_DB = flags.DEFINE_float("silence_db", _defaults.silence_db, "Skip audio whose peak is at or below this dBFS.")
 _VAL_FRACTION = flags.DEFINE_float("val_fraction", _defaults.val_fraction, "Share of items in a 'validation' split.")
 _WORKERS = flags.DEFINE_integer("workers", _defaults.workers, "Decoding threads.")
+_BLOCK_SECONDS = flags.DEFINE_float("block_seconds", _defaults.block_seconds,
+                                    "Seconds of a source file decoded per read (bounds memory; the data is the same).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a dataset prepared in --out with other settings.")
 flags.mark_flags_as_required(["source", "out"])
 _MAX_LISTED = 50
@@ -46,7 +48,7 @@ def main(argv: list[str]) -> None:
         num_clips=_NUM_CLIPS.value if _SOURCE.value == "synthetic" else 0, seed=_SEED.value,
         clip_seconds=_CLIP_SECONDS.value, sample_rate=_SAMPLE_RATE.value, pcm=_PCM.value,
         min_seconds=_MIN_SECONDS.value, segment_seconds=_SEGMENT_SECONDS.value, silence_db=_SILENCE_DB.value,
-        val_fraction=_VAL_FRACTION.value, workers=_WORKERS.value,
+        val_fraction=_VAL_FRACTION.value, workers=_WORKERS.value, block_seconds=_BLOCK_SECONDS.value,
     )
     report = run_user_errors(lambda: prepare(settings, _OUT.value, overwrite=_OVERWRITE.value))
     print(report.summary())
