@@ -98,7 +98,6 @@ def hostile_folder(tmp_path_factory):
 
 
 HOSTILE_SKIPS = {
-    "trunc_half.flac": {audio_io.CORRUPT},
     "trunc_head.ogg": {audio_io.CORRUPT},
     "trunc_head.mp3": {audio_io.CORRUPT},
     "trunc_header.wav": {audio_io.CORRUPT},
@@ -116,7 +115,7 @@ HOSTILE_SKIPS = {
 def test_odd_but_valid_audio_arrives_at_24k_mono(hostile_folder):
     out, _ = hostile_folder
     got = examples(out)
-    assert sorted(got) == sorted([*ODD_GOOD, "caf\\xe9.wav", "trunc_half.wav"])
+    assert sorted(got) == sorted([*ODD_GOOD, "caf\\xe9.wav", "trunc_half.wav", "trunc_half.flac"])
     for name, (sr, seconds, _, _, _) in ODD_GOOD.items():
         audio = got[name]["audio"].astype(np.float64) / 32767.0
         assert len(audio) == round(seconds * SR), name
@@ -127,6 +126,8 @@ def test_odd_but_valid_audio_arrives_at_24k_mono(hostile_folder):
     # A WAV cut in half keeps the frames that are there, not the 3 s its header announced:
     # (half of 44 header bytes + 3 s of 16-bit samples, minus the header) / 2 bytes per sample.
     assert len(got["trunc_half.wav"]["audio"]) == ((44 + 2 * 3 * SR) // 2 - 44) // 2
+    # A FLAC cut at half its bytes (near 1.5 s) keeps what decodes before the decoder loses sync (issue 27).
+    assert 1.0 * SR < len(got["trunc_half.flac"]["audio"]) < 1.5 * SR
 
 
 def test_hostile_files_are_skipped_with_their_reason(hostile_folder):
@@ -138,7 +139,8 @@ def test_hostile_files_are_skipped_with_their_reason(hostile_folder):
     details = {s["item"]: s["detail"] for s in report.skipped}
     assert "not valid UTF-8" in details["surrogate_caption.wav"]
     assert all("\n" not in d for d in details.values())
-    assert report.items_read == len(ODD_GOOD) + 2 + len(HOSTILE_SKIPS)
+    assert report.items_read == len(ODD_GOOD) + 3 + len(HOSTILE_SKIPS)
+    assert sorted(n["item"] for n in report.notes) == ["trunc_half.flac", "trunc_half.wav"]
 
 
 def test_hostile_manifest_lines_are_counted_skips(tmp_path):
