@@ -1,8 +1,10 @@
-"""Preparation as a TFDS GeneratorBasedBuilder: decode once, resample, downmix, write TFRecord shards.
+"""Preparation as a TFDS GeneratorBasedBuilder: decode, resample, downmix, write TFRecord shards.
 
-`prepare(settings, out_dir)` lists a source, decodes each item in a small thread pool (soundfile and
-soxr release the GIL; results are consumed in listing order, so the output is deterministic),
-checks and cuts it into segments of at most `segment_seconds`, and writes one example per segment:
+`prepare(settings, out_dir)` lists a source, makes each item's first pass (length and peak; the audio
+itself only when it is one segment) in a small thread pool (soundfile and soxr release the GIL; results
+are consumed in listing order, so the output is deterministic), checks it, and writes one example per
+segment of at most `segment_seconds`, each as soon as it is cut (a longer item is decoded again, block
+by block: `audio_io.scan`/`cut`, so memory never holds a whole long file):
 
     audio       int16 (or float32) PCM, mono, at `sample_rate`, stored as raw bytes
     caption     str ("" when the source has none)
