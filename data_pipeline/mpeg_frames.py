@@ -80,7 +80,8 @@ def notes(path: str, decoded: int) -> list[str]:
         return []
     out, kept = [], decoded / frames.sample_rate
     if frames.cut_bytes:
-        out.append(f"truncated: the file ends {frames.cut_bytes} bytes into an MPEG frame; {kept:.2f} s decoded and kept")
+        out.append(f"truncated: the file ends {frames.cut_bytes} bytes into an MPEG frame; "
+                   f"{kept:.2f} s decoded and kept")
     if frames.samples - decoded > 4 * 1152:  # beyond encoder delay, padding and the Xing frame
         out.append(f"its MPEG frames hold {frames.samples / frames.sample_rate:.2f} s but the decoder stops at its "
                    f"length estimate (no Xing/VBRI header): {kept:.2f} s decoded and kept")
