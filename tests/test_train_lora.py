@@ -5,9 +5,11 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from melody_jax.pipelines.bundle import export_stage
+from melody_jax.pipelines.bundle import export_stage, write_stage
 from melody_jax.nn.lora import adapting, is_adapter, split
+from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, param_signature, reading
 from melody_jax.training.errors import BundleError, WorkdirError
 from melody_jax.frozen.loader import load_stage
@@ -179,10 +181,13 @@ def test_init_from_refuses_another_stage_or_shape_in_one_line(tmp_path):
 
 
 def test_lora_on_the_dpd_changes_only_adapters(tmp_path):
-    """The DPD (self/cross-attention query and value kernels of its RoFormer layers), 6 steps from a 2-step base."""
-    base_cfg = stage_config("dpd", {"train.num_steps": 2, **QUIET})
-    train(get_task(base_cfg), str(tmp_path / "base"))
-    base = final_params(base_cfg, tmp_path / "base")
+    """The DPD (self/cross-attention query and value kernels of its RoFormer layers), 6 steps from a base stage
+    folder holding a fresh init (written like a bundle's stage: no base training to compile)."""
+    base_cfg = stage_config("dpd", QUIET)
+    task, mesh, rules, _, _ = stage_layout(base_cfg)
+    with activate(mesh, rules):
+        base = jax.device_get(jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(jax.random.key(3)))
+    write_stage(str(tmp_path / "base"), "dpd", config_lib.to_json(base_cfg), base, 0)
     cfg = stage_config("dpd", {"model.lora.rank": 2, "train.num_steps": 6, "optim.lr": 1e-2,
                                "train.init_from": str(tmp_path / "base"), **QUIET})
     tuned = train_lora(cfg, tmp_path / "lora")
