@@ -3,12 +3,14 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
 from melody_jax.pipelines.bundle import export_stage, write_stage
-from melody_jax.nn.lora import adapting, is_adapter, split
+from melody_jax.models.transformer import DecoderLM
+from melody_jax.nn.lora import LoRA, adapting, is_adapter, merge, split
 from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, param_signature, reading
 from melody_jax.training.errors import BundleError, WorkdirError
@@ -157,6 +159,27 @@ def test_lora_fine_tunes_a_trained_musicgen(tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(plain), np.asarray(logits), rtol=1e-5, atol=1e-5)
     print(f"held-out loss on the new data: base {np.mean(before):.3f}, adapted {np.mean(adapted):.3f}")
     assert np.mean(adapted) < np.mean(before) - 0.05, (np.mean(before), np.mean(adapted))  # measured: 2.555 → 2.421
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_merged_kernels_equal_the_adapters_in_unrolled_and_scanned_stacks(scan):
+    """The same patterns adapt `layer_i/…` and a scanned stack's `layers/…` (stacked adapters); merging is exact."""
+    model = DecoderLM(vocab_size=16, num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32, scan_layers=scan)
+    spec = LoRA(rank=2, alpha=4.0, patterns=("*/query/kernel", "*/down/kernel"))
+    tokens = jnp.arange(12).reshape(2, 6)
+    with adapting(spec):
+        params = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    base, adapters = split(params)
+    assert len(jax.tree.leaves(adapters)) == 2 * 2 * (1 if scan else 2)
+    noise = jax.random.normal(jax.random.key(1), (2, 2, 2, 16))  # B starts at zero: give it values
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 * noise.reshape(-1)[: x.size].reshape(x.shape) if p[-1].key == "lora_b" else x, params)
+    with adapting(spec):
+        adapted = model.apply({"params": params}, tokens)
+    merged = merge(params, spec.alpha)
+    assert jax.tree.structure(merged) == jax.tree.structure(base)
+    np.testing.assert_allclose(model.apply({"params": merged}, tokens), adapted, rtol=1e-5, atol=1e-5)
+    assert np.abs(model.apply({"params": base}, tokens) - adapted).max() > 1e-3  # the adapters matter
 
 
 def test_init_from_refuses_another_stage_or_shape_in_one_line(tmp_path):
