@@ -108,6 +108,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path, capsys):
         adapted = [float(jax.jit(task.loss)(tuned, b, rng)[0]) for b in batches]
         merged_out = [float(jax.jit(plain.loss)(merged, b, rng)[0]) for b in batches]
         before = [float(jax.jit(plain.loss)(base, b, rng)[0]) for b in batches]
+    print(f"held-out loss on the new data: base {np.mean(before):.3f}, adapted {np.mean(adapted):.3f}")
     np.testing.assert_allclose(merged_out, adapted, rtol=1e-5, atol=1e-5)
     # measured: 2.854 → 2.674 nats (30 steps, rank 2 on query and value)
     assert np.mean(adapted) < np.mean(before) - 0.1, (np.mean(before), np.mean(adapted))
@@ -121,8 +122,8 @@ def test_lora_fine_tunes_a_trained_musicgen(tmp_path, capsys):
     train(get_task(base_cfg), str(tmp_path / "base"))
     base = final_params(base_cfg, tmp_path / "base")
     cfg = stage_config("musicgen", {"train.init_from": str(tmp_path / "base"), "seed": 1, "data.max_note_frames": 1,
-                                    "model.lora.rank": 4, "train.num_steps": 20, "optim.lr": 1e-2, "optim.warmup_steps": 0,
-                                    **mesh_fields, **QUIET})
+                                    "model.lora.rank": 4, "train.num_steps": 20, "optim.lr": 1e-2,
+                                    "optim.warmup_steps": 0, **mesh_fields, **QUIET})
     task, mesh, rules, abstract, _ = stage_layout(cfg)
     # the optimizer state: the adapters' moments, sharded like them; nothing for the frozen base (MaskedNode)
     moments = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(abstract.opt_state)[0] if is_adapter(p)]

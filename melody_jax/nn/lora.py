@@ -95,7 +95,8 @@ def is_adapter(path: tuple[Any, ...]) -> bool:
 def merge(params: Mapping[str, Any], alpha: float) -> dict[str, Any]:
     """Plain parameters: each adapted kernel becomes W + (α/r)·A·B and its adapters are dropped.
 
-    A scanned stack's kernels `[layers, in…, out…]` merge layer by layer: A `[layers, in…, r]`, B `[layers, r, out…]`."""
+    A scanned stack's kernels `[layers, in…, out…]` merge layer by layer (A `[layers, in…, r]`,
+    B `[layers, r, out…]`)."""
     out = {k: merge(v, alpha) if isinstance(v, Mapping) else v for k, v in params.items() if k not in ADAPTERS}
     if "lora_a" in params:
         a, b, w = params["lora_a"], params["lora_b"], params["kernel"]
