@@ -110,7 +110,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path, capsys):
         before = [float(jax.jit(plain.loss)(base, b, rng)[0]) for b in batches]
     print(f"held-out loss on the new data: base {np.mean(before):.3f}, adapted {np.mean(adapted):.3f}")
     np.testing.assert_allclose(merged_out, adapted, rtol=1e-5, atol=1e-5)
-    # measured: 2.854 → 2.674 nats (30 steps, rank 2 on query and value)
+    # measured: 2.847 → 2.659 nats (30 steps, rank 2 on query and value)
     assert np.mean(adapted) < np.mean(before) - 0.1, (np.mean(before), np.mean(adapted))
 
 
