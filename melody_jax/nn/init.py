@@ -11,9 +11,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from melody_jax.nn import lora
+
 
 class Dense(nn.Module):
-    """Contracts x's `axis` dims with the kernel's leading dims; kernel axes are named `names`."""
+    """Contracts x's `axis` dims with the kernel's leading dims; kernel axes are named `names`.
+
+    Inside `lora.adapting(spec)` a kernel matched by the spec gets its low-rank adapter (`melody_jax/nn/lora.py`)."""
 
     features: int | tuple[int, ...]
     names: tuple[str | None, ...]
@@ -41,6 +45,9 @@ class Dense(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[n_in:]),
                               features, jnp.float32)
             y = y + bias.astype(self.dtype)
+        adapter = lora.for_kernel(self)  # after the base's parameters, so their initial values do not move
+        if adapter is not None:
+            y = y + adapter.delta(self, x, axis, self.names, features, self.dtype)
         return y
 
 

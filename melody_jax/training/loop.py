@@ -28,7 +28,7 @@ from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirErr
 from melody_jax.training.metrics import MetricsWriter, final_metrics, write_json_atomic
 from melody_jax.training.sharding import (activate, assert_sharded, batch_divisor, config_mesh, config_rules,
                                           sharded_shapes)
-from melody_jax.training.state import TrainState
+from melody_jax.training.state import TrainState, overlay
 from melody_jax.training.task import Task
 from melody_jax.training.workdir_lock import holds_workdir
 
@@ -77,6 +77,18 @@ def sharded_abstract_state(task: Task, mesh: jax.sharding.Mesh, rules, rng: jax.
 def init_sharded_state(task: Task, shardings, rng: jax.Array) -> TrainState:
     return jax.jit(lambda r: nn.meta.unbox(ema.attach(task.init_state(r), task.config)),
                    out_shardings=shardings)(rng)
+
+
+def start_state(task: Task, shardings, rng: jax.Array, source: init_from.Source | None, abstract) -> TrainState:
+    """The state a run starts from: its sharded init, then the parameters of `train.init_from`."""
+    state = init_sharded_state(task, shardings, rng)
+    return state if source is None else init_from.load(source, state, abstract, task.config, shardings)
+
+
+def checkpointed(task: Task, state: TrainState) -> TrainState:
+    """What a checkpoint holds of `state`: `Task.checkpointed` of its parameters and of their EMA."""
+    return state.replace(params=task.checkpointed(state.params),
+                         ema=None if state.ema is None else task.checkpointed(state.ema))
 
 
 def guarded(task: Task, step_rng: jax.Array):
@@ -164,10 +176,11 @@ def train(task: Task, workdir: str) -> dict[str, Any]:
         init_rng, step_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
         abstract, shardings = sharded_abstract_state(task, mesh, rules, init_rng)
         assert_sharded(abstract, config)  # before any memory is spent on a layout that would not fit
-        signature = param_signature(abstract.params)
+        saved = checkpointed(task, abstract)
+        signature = param_signature(saved.params)
         source = init_from.check(config, abstract.params) if init_from.requested(config) else None
         meta = {"stage": config.stage, "param_signature": signature, "seed": config.seed,
-                "ema": abstract.ema is not None}
+                "ema": abstract.ema is not None, **({"init_from": source.record()} if source else {})}
         ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, every=config.train.checkpoint_every)
         train_it = task.train_iterator(mesh)
         latest = ckpt.latest_step()
@@ -175,7 +188,14 @@ def train(task: Task, workdir: str) -> dict[str, Any]:
             try:
                 saved_meta = ckpt.read_meta(latest)
                 check_compatible(saved_meta, config.stage, signature, f"workdir {workdir}", config.seed)
-                state, data_state = ckpt.restore(latest, ema.as_saved(abstract, saved_meta))
+                state, data_state = ckpt.restore(latest, ema.as_saved(saved, saved_meta))
+                if jax.tree.structure(saved.params) != jax.tree.structure(abstract.params):
+                    # the frozen rest, as this run began: its init, then the init_from step it recorded
+                    fresh = start_state(task, shardings, init_rng, init_from.recorded(saved_meta, source, workdir),
+                                        abstract)
+                    keep_ema = state.ema is not None and fresh.ema is not None
+                    state = state.replace(params=overlay(fresh.params, state.params),
+                                          ema=overlay(fresh.ema, state.ema) if keep_ema else None)
                 state = ema.match_config(state, config, shardings)
             except BaseException:
                 ckpt.close()  # a refused workdir must not leave Orbax's threads behind
@@ -183,9 +203,7 @@ def train(task: Task, workdir: str) -> dict[str, Any]:
             train_it.set_state(data_state)
             logging.info("resumed from step %d", latest)
         else:
-            state = init_sharded_state(task, shardings, init_rng)
-            if source is not None:
-                state = init_from.load(source, state, abstract, config, shardings)
+            state = start_state(task, shardings, init_rng, source, abstract)
             if is_main:
                 counts = task.describe(state.params)
                 logging.info("parameters: %s (total %d)", counts, sum(counts.values()))
@@ -260,7 +278,7 @@ def _run(task, config, mesh, state, start, train_it, step_fn, eval_fn, eval_rng,
             if ckpt.should_save(step):  # a step's line is in the log before its checkpoint can commit
                 consume(*pending)
                 pending = None
-            ckpt.save(step, state, train_it.get_state(), meta)
+            ckpt.save(step, checkpointed(task, state), train_it.get_state(), meta)
             stop = (ckpt.reached_preemption(step) if jax.process_count() > 1 else preemption.requested)
             if stop and step < num_steps:
                 status = "preempted"
@@ -271,7 +289,7 @@ def _run(task, config, mesh, state, start, train_it, step_fn, eval_fn, eval_rng,
             consume(*pending)
         final_step = int(jax.device_get(state.step))
         if ckpt.latest_step() != final_step:
-            ckpt.save(final_step, state, train_it.get_state(), meta, force=True)
+            ckpt.save(final_step, checkpointed(task, state), train_it.get_state(), meta, force=True)
         bar.close()
     if status == "preempted":
         logging.warning("preempted: saved step %d", final_step)

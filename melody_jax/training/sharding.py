@@ -223,6 +223,28 @@ def assert_sharded(abstract_state: Any, config: Any, min_size: int | None = None
                 f"config.sharding_rules, or raise config.sharding.min_sharded_size above {size}")
 
 
+def box_like_params(tree: Any, boxed_params: Any) -> Any:
+    """`tree` (e.g. an optimizer's state of the unboxed parameters) with every leaf that is a per-parameter
+    copy (its path ends with a parameter's path, same shape) boxed in that parameter's logical axes.
+
+    The rest (step counters, scalars) stays unboxed, so replicated; placeholders without leaves (the
+    `MaskedNode`s `optax.multi_transform` puts where a group's transform does not apply) get nothing.
+    """
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    boxes = {path: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=is_box)[0]
+             if is_box(leaf)}
+    lengths = sorted({len(p) for p in boxes}, reverse=True)
+
+    def box(path, leaf):
+        for n in lengths:
+            param = boxes.get(tuple(path[len(path) - n:])) if len(path) >= n else None
+            if param is not None and param.value.shape == leaf.shape:
+                return param.replace_boxed(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(box, tree)
+
+
 def sharded_shapes(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: jax.sharding.Mesh,
                    rules: Rules) -> tuple[Any, Any]:
     """(ShapeDtypeStructs carrying their shardings, the sharding tree) of `init_fn`'s boxed output,

@@ -1,6 +1,7 @@
 """The training state: one pytree the loop shards, donates, checkpoints and restores."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,3 +29,11 @@ class TrainState:
     def create(cls, params: Any, opt_state: Any) -> "TrainState":
         zero = jnp.zeros((), jnp.int32)
         return cls(step=zero, params=params, opt_state=opt_state, bad_steps=zero, bad_streak=zero)
+
+
+def overlay(tree: Mapping[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
+    """`tree` (nested dicts) with the leaves of `part`, nested dicts along some of its paths, in their places."""
+    out = dict(tree)
+    for key, value in part.items():
+        out[key] = overlay(tree[key], value) if isinstance(value, Mapping) and key in tree else value
+    return out

@@ -15,9 +15,11 @@ from typing import Any, Protocol
 import jax
 import ml_collections
 import optax
+from flax import linen as nn
 
 from melody_jax.training import accumulate
 from melody_jax.training.optim import make_optimizer
+from melody_jax.training.sharding import box_like_params
 from melody_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -69,9 +71,10 @@ class Task(abc.ABC):
         return make_optimizer(self.config.optim, self.config.train.num_steps)
 
     def init_state(self, rng: jax.Array) -> TrainState:
-        """Boxed state: optax keeps the params' logical-axis boxes, so its state shards alike."""
+        """Boxed state: the optimizer's per-parameter state takes the params' logical axes (by path), so it
+        shards alike, whatever placeholders the optimizer keeps (`optax.multi_transform`'s masked groups)."""
         params = self.init_params(rng)
-        return TrainState.create(params, self.optimizer().init(params))
+        return TrainState.create(params, box_like_params(self.optimizer().init(nn.meta.unbox(params)), params))
 
     def train_step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         """Must return metrics with the total `loss`; `grad_norm` if gradients exist."""
@@ -85,6 +88,11 @@ class Task(abc.ABC):
     def eval_step(self, params: Any, batch: Batch, rng: jax.Array) -> Metrics:
         loss, metrics = self.loss(params, batch, rng, train=False)
         return {**metrics, "loss": loss}
+
+    def checkpointed(self, params: Any) -> Any:
+        """The part of the parameters (and of their EMA) that checkpoints hold: all of them. A run that
+        keeps some frozen (LoRA) holds the rest only; a resume rebuilds the frozen part as the run began."""
+        return params
 
     def describe(self, params: Any) -> dict[str, int]:
         """Parameter count per top-level module, printed at start."""
