@@ -118,6 +118,10 @@ def get_config(arg: str | None = None):
     # near-deterministic synthetic rule those tails are noise, and 3.0 breaks the tiny model's fine
     # codebooks (seen: 28 % of them right at 3.0, 100 % at 1.5), so tiny samples at 1.5.
     c.sample.cfg_scale = 1.5 if tiny else 3.0
+    # audiocraft's defaults for every preset: one batched pass for both CFG branches (two_step_cfg False)
+    # and plain CFG (cfg_beta None; a float guides text vs. melody twice, MusicGen-Style's cfg_coef_beta).
+    c.sample.two_step_cfg = False
+    c.sample.cfg_beta = None
     c.sample.window_frames = c.data.frames  # longer generations slide a window of this many frames
     c.sample.keep_frames = 8 if tiny else 600  # …keeping this many as the next window's prompt (12 s of 30)
     return c

@@ -104,7 +104,7 @@ def _integer(value: object, name: str) -> int:
 
 
 def check_sampling(*, seed: object, count: int = 1, temperature: object = None, top_k: object = None,
-                   top_p: object = None, cfg: object = None, steps: object = None) -> None:
+                   top_p: object = None, cfg: object = None, steps: object = None, cfg_beta: object = None) -> None:
     """Every sampling argument of `launch.sample` given in its range, before a bundle is loaded.
 
     `count` outputs use seeds seed … seed + count - 1, which must all fit a uint32 key; None means
@@ -119,6 +119,7 @@ def check_sampling(*, seed: object, count: int = 1, temperature: object = None, 
              ("top_k", top_k, _integer, lambda v: v >= 0, "must be >= 0 (0 = off)"),
              ("top_p", top_p, _real, lambda v: 0 < v <= 1, "must lie in (0, 1] (1 = off)"),
              ("cfg", cfg, _real, lambda v: 0 <= v <= MAX_CFG, f"must lie in [0, {MAX_CFG:g}]"),
+             ("cfg_beta", cfg_beta, _real, lambda v: 0 <= v <= MAX_CFG, f"must lie in [0, {MAX_CFG:g}]"),
              ("steps", steps, _integer, lambda v: 1 <= v <= MAX_STEPS, f"must lie in [1, {MAX_STEPS}]"))
     for name, value, parse, ok, rule in rules:
         if value is not None and not ok(value := parse(value, name)):

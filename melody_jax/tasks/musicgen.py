@@ -27,6 +27,7 @@ Data sources (`config.data.source`, melody_jax/tasks/sources.py):
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -160,6 +161,9 @@ class MusicGenTask(SourcedTask):
         one_of(c, "train.cfg_dropout_per", DROPOUT_SCOPES)
         one_of(c, "data.melody_separation", SEPARATIONS)
         positive(c, "model.chroma_n_fft")
+        beta = c.sample.get("cfg_beta")
+        require(beta is None or (isinstance(beta, (int, float)) and math.isfinite(beta) and m.use_melody),
+                f"config.sample.cfg_beta={beta} must be None (plain CFG) or a finite number with model.use_melody")
         require(0 <= c.sample.keep_frames < c.sample.window_frames <= d.frames,
                 f"config.sample: need 0 <= keep_frames ({c.sample.keep_frames}) < window_frames "
                 f"({c.sample.window_frames}) <= data.frames ({d.frames})")
