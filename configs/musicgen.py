@@ -76,6 +76,11 @@ def get_config(arg: str | None = None):
     # offline stand-in for audiocraft's Demucs stems (vocals + other; it removes drums, not bass). Not the
     # default: HPSS costs ≈6 s of one host core per 30-s clip (measured), ≈6 min per batch of 64.
     c.data.melody_separation = "none"
+    # codec: the melody chroma from the target crop ("same": audiocraft's musicgen, whose self_wav is the
+    # training segment itself, chroma cache included) or from a crop of another part of the same clip that
+    # does not overlap it ("other"; the target's own crop when the clip is shorter than two crops — clips
+    # are cut at prepare_data's --segment_seconds, so "other" needs segments of at least 2 × data.frames).
+    c.data.melody_segment = "same"
     c.data.eval_split = "validation"
     c.data.sample_rate = 32000
     c.data.frame_rate = 50
