@@ -70,8 +70,8 @@ class AudioBatchIterator:
         mask   float32 [B, crop_samples]   1 where `audio` is real, 0 where it is padding
         index  int32   [B]                 the example's `id` in the prepared split
     and, unless `with_text=False`, `other_audio` (with `other_segment`: host-local float32 numpy
-    [B_local, crop_samples], see the module docstring) and numpy object arrays of Python str holding this host's rows only
-    (strings cannot be jax.Arrays): caption [B_local], tags [B_local] (", "-joined), attributes
+    [B_local, crop_samples], see the module docstring) and numpy object arrays of Python str holding
+    this host's rows only (strings cannot be jax.Arrays): caption [B_local], tags [B_local] (", "-joined), attributes
     [B_local] (JSON). A text-conditioned task tokenises those into global arrays in its own
     iterator; audio-only stages pass `with_text=False` and get jax.Arrays only.
     """

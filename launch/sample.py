@@ -29,6 +29,9 @@ _DURATION = flags.DEFINE_float("duration", None, "Seconds to generate (continuat
                                                  "the bundle's.")
 _STEPS = flags.DEFINE_integer("steps", None, "MeLoDy: diffusion sampling steps (default: the bundle's).")
 _SCHEDULE = flags.DEFINE_enum("schedule", None, list(SCHEDULES), "MeLoDy: DPD angle schedule (default: the bundle's).")
+_CANDIDATES = flags.DEFINE_integer("inpaint_candidates", None, "MeLoDy --inpaint: spans the semantic LM draws, one "
+                                                               "kept by the right context (1 = left context only; "
+                                                               "default: the bundle's).")
 _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the bundle's).")
 _CFG_BETA = flags.DEFINE_float("cfg_beta", None, "musicgen (melody models): double CFG, text pushed by beta against "
                                                  "the melody (audiocraft's cfg_coef_beta; default: the bundle's).")
@@ -71,7 +74,7 @@ def check_arguments() -> str:
     if _DURATION.value is not None:
         check_min_duration(check_duration(_DURATION.value, MAX_SECONDS))
     given = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, cfg=_CFG.value, steps=_STEPS.value,
-                 cfg_beta=_CFG_BETA.value,
+                 cfg_beta=_CFG_BETA.value, inpaint_candidates=_CANDIDATES.value,
                  top_p=None if _TOP_P.value == 0 else _TOP_P.value)  # top_p 0: MusicGen's "top-k instead"
     check_sampling(seed=_SEED.value, count=max(len(_PROMPTS.value), 1), **given)
     return check_output_path(_OUT.value)
@@ -129,7 +132,8 @@ def run(pipeline) -> tuple:
         if _START.value is None or _END.value is None:
             raise AudioInputError("--inpaint needs --start and --end (seconds)")
         audio = read_audio(_INPAINT.value, pipeline.sample_rate)
-        return (pipeline.inpaint(audio, _START.value, _END.value, prompts, **common),
+        return (pipeline.inpaint(audio, _START.value, _END.value, prompts, inpaint_candidates=_CANDIDATES.value,
+                                 **common),
                 [f"{_INPAINT.value} inpainted {_START.value:g}-{_END.value:g} s"])
     if _AUDIO_PROMPT.value:
         audio = read_audio(_AUDIO_PROMPT.value, pipeline.sample_rate)

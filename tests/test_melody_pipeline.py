@@ -177,7 +177,7 @@ def test_mismatched_bundles_are_refused(bundle, tmp_path):
 def test_sample_cli_writes_wavs_and_spectrograms(bundle, tmp_path):
     out = str(tmp_path / "song.wav")
     proc = run_cli("launch.sample", f"--bundle={bundle}", "--prompt=piano", "--prompt=drums", "--duration=1",
-                   "--steps=2", f"--out={out}", "--no_progress", timeout=600)
+                   "--steps=2", "--schedule=uniform", f"--out={out}", "--no_progress", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import soundfile as sf
 
@@ -248,7 +248,8 @@ def test_musicgen_sample_cli_and_bundle_checks(musicgen_bundle, tmp_path):
     melody_wav = str(tmp_path / "melody.wav")
     sf.write(melody_wav, 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000), 16000)
     proc = run_cli("launch.sample", f"--bundle={musicgen_bundle}", "--prompt=piano",
-                   "--duration=0.5", f"--melody={melody_wav}", f"--out={tmp_path / 'mg.wav'}", timeout=600)
+                   "--duration=0.5", f"--melody={melody_wav}", "--two_step_cfg", "--cfg_beta=2",
+                   f"--out={tmp_path / 'mg.wav'}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     audio, rate = sf.read(str(tmp_path / "mg.wav"))
     assert rate == 32000 and audio.shape == (16000,) and "musicgen_lm" in proc.stdout

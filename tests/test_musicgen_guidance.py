@@ -76,10 +76,19 @@ def test_guidance_options_are_validated():
         MusicGenTask(stage_config("musicgen", {"sample.cfg_beta": 2.0, "model.use_melody": False})).validate()
     with pytest.raises(SamplingError, match=r"^--cfg_beta=-1 must lie in \[0, 100\]$"):
         check_sampling(seed=0, cfg_beta=-1.0)
-    proc = run_cli("launch.sample", "--bundle=/nonexistent", "--prompt=x", "--cfg_beta=nan", timeout=120, devices=1)
+    with pytest.raises(SamplingError, match=r"^--inpaint_candidates=0 must lie in \[1, 64\]$"):
+        check_sampling(seed=0, inpaint_candidates=0)
+
+
+@pytest.mark.parametrize("flag, error", [
+    ("--cfg_beta=nan", "error: --cfg_beta must be a finite number, got nan"),
+    ("--inpaint_candidates=0", "error: --inpaint_candidates=0 must lie in [1, 64]"),
+    ("--schedule=cosine", "error: flag --schedule=cosine: value should be one of <paper|uniform>")])
+def test_sample_cli_refuses_bad_guidance_and_schedule_flags(flag, error):
+    """Before any bundle is read (the path does not exist): one line, exit 2."""
+    proc = run_cli("launch.sample", "--bundle=/nonexistent", "--prompt=x", flag, timeout=120, devices=1)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        "error: --cfg_beta must be a finite number, got nan"]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [error], proc.stderr[-2000:]
 
 
 def nucleus_reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:

@@ -106,7 +106,8 @@ def _decode(model: MusicGenLM, params, conds, known: jax.Array, fixed: np.ndarra
     def forward(caches, inputs, prefill: bool):
         out, updated = [], []
         for cache, (lo, hi), group_conds in zip(caches, groups, sliced):
-            logits, new = dec.apply({"params": params, "cache": cache}, jnp.concatenate([inputs] * ((hi - lo) // batch)),
+            tiled = jnp.concatenate([inputs] * ((hi - lo) // batch))
+            logits, new = dec.apply({"params": params, "cache": cache}, tiled,
                                     *(group_conds if prefill else (None, None, None)), mutable=["cache"],
                                     method=MusicGenLM.logits)
             out.append(logits[:, :, -1])
