@@ -74,7 +74,7 @@ def get_config(arg: str | None = None):
     c.optim.lr = {"tiny": 1e-2, "small": 2e-3}.get(preset, 1e-4)
     c.optim.warmup_steps = 100 if preset == "tiny" else 1000
     # MeLoDy's sampling (DPD and semantic LM), stored in bundles: steps, cfg, schedule (paper | uniform),
-    # temperature, top_k, top_p, duration; see melody_jax/pipelines/dpd_sampling.py
+    # temperature, top_k, top_p, duration, inpaint_candidates; see melody_jax/pipelines/dpd_sampling.py
     c.sample = ml_collections.ConfigDict(SAMPLE_DEFAULTS)
     c.train.ema_decay = 0.0 if preset == "tiny" else 0.9999  # weight EMA, the standard for diffusion models
     return c

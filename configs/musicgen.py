@@ -76,6 +76,11 @@ def get_config(arg: str | None = None):
     # offline stand-in for audiocraft's Demucs stems (vocals + other; it removes drums, not bass). Not the
     # default: HPSS costs ≈6 s of one host core per 30-s clip (measured), ≈6 min per batch of 64.
     c.data.melody_separation = "none"
+    # codec: the melody chroma from the target crop ("same": audiocraft's musicgen, whose self_wav is the
+    # training segment itself, chroma cache included) or from a crop of another part of the same clip that
+    # does not overlap it ("other"; the target's own crop when the clip is shorter than two crops — clips
+    # are cut at prepare_data's --segment_seconds, so "other" needs segments of at least 2 × data.frames).
+    c.data.melody_segment = "same"
     c.data.eval_split = "validation"
     c.data.sample_rate = 32000
     c.data.frame_rate = 50
@@ -118,6 +123,10 @@ def get_config(arg: str | None = None):
     # near-deterministic synthetic rule those tails are noise, and 3.0 breaks the tiny model's fine
     # codebooks (seen: 28 % of them right at 3.0, 100 % at 1.5), so tiny samples at 1.5.
     c.sample.cfg_scale = 1.5 if tiny else 3.0
+    # audiocraft's defaults for every preset: one batched pass for both CFG branches (two_step_cfg False)
+    # and plain CFG (cfg_beta None; a float guides text vs. melody twice, MusicGen-Style's cfg_coef_beta).
+    c.sample.two_step_cfg = False
+    c.sample.cfg_beta = None
     c.sample.window_frames = c.data.frames  # longer generations slide a window of this many frames
     c.sample.keep_frames = 8 if tiny else 600  # …keeping this many as the next window's prompt (12 s of 30)
     return c

@@ -9,7 +9,9 @@ Pipeline (per host, in order):
    still-serialized records, so skipping is cheap (no parsing, no crop).
 3. Parse, convert to float32 in [-1, 1), crop `crop_seconds` at a start drawn statelessly from
    (seed, e, p) — shorter clips are zero-padded and `mask` marks real samples — batch the host's
-   rows, prefetch.
+   rows, prefetch. With `other_segment`, each row also gets `other_audio`: a crop of the same clip
+   that does not overlap the first, drawn uniformly from (seed, e, p) among those that fit, or the
+   first crop itself when none does (a clip shorter than two crops).
 4. `__next__` turns the numeric arrays into global arrays sharded over the mesh's batch axes.
 
 Resume scheme: the state is the number of examples this host has consumed (the same number on every
@@ -67,16 +69,18 @@ class AudioBatchIterator:
         audio  float32 [B, crop_samples]   in [-1, 1), zero after the clip's end
         mask   float32 [B, crop_samples]   1 where `audio` is real, 0 where it is padding
         index  int32   [B]                 the example's `id` in the prepared split
-    and, unless `with_text=False`, numpy object arrays of Python str holding this host's rows only
-    (strings cannot be jax.Arrays): caption [B_local], tags [B_local] (", "-joined), attributes
+    and, unless `with_text=False`, `other_audio` (with `other_segment`: host-local float32 numpy
+    [B_local, crop_samples], see the module docstring) and numpy object arrays of Python str holding
+    this host's rows only (strings cannot be jax.Arrays): caption [B_local], tags [B_local] (", "-joined), attributes
     [B_local] (JSON). A text-conditioned task tokenises those into global arrays in its own
     iterator; audio-only stages pass `with_text=False` and get jax.Arrays only.
     """
 
     def __init__(self, data_config: Mapping[str, Any], *, global_batch_size: int, mesh: jax.sharding.Mesh,
                  seed: int, split: str = "train", with_text: bool = True, process_index: int | None = None,
-                 process_count: int | None = None):
+                 process_count: int | None = None, other_segment: bool = False):
         hide_gpus_from_tensorflow()
+        self.other_segment = other_segment
         cfg = dict(default_data_config().to_dict(), **dict(data_config.items()))
         self.mesh = mesh
         self.seed = int(seed)
@@ -159,7 +163,15 @@ class AudioBatchIterator:
             maxval=tf.maximum(n - crop, 0) + 1, dtype=tf.int64)
         piece = audio[start:start + crop]
         valid = tf.shape(piece)[0]
+        other = {}
+        if self.other_segment:
+            before, after = tf.maximum(start - crop + 1, 0), tf.maximum(n - 2 * crop - start + 1, 0)
+            draw = tf.random.stateless_uniform([], seed=tf.stack([-1 - _seed_for(self.seed, epoch), pos]), minval=0,
+                                               maxval=tf.maximum(before + after, 1), dtype=tf.int64)
+            second = tf.where(before + after == 0, start, tf.where(draw < before, draw, start + crop + draw - before))
+            other = {"other_audio": tf.pad(audio[second:second + crop], [[0, crop - valid]])}
         return {
+            **other,
             "audio": tf.pad(piece, [[0, crop - valid]]),
             "mask": tf.sequence_mask(valid, crop, dtype=tf.float32),
             "index": tf.cast(ex["id"], tf.int32),
@@ -205,7 +217,8 @@ class AudioBatchIterator:
 
 def make_train_iterator(data_config: Mapping[str, Any], *, global_batch_size: int, mesh: jax.sharding.Mesh,
                         seed: int, split: str = "train", with_text: bool = True, process_index: int | None = None,
-                        process_count: int | None = None) -> AudioBatchIterator:
+                        process_count: int | None = None, other_segment: bool = False) -> AudioBatchIterator:
     """The training input of every stage; `process_index/count` default to JAX's (tests inject them)."""
     return AudioBatchIterator(data_config, global_batch_size=global_batch_size, mesh=mesh, seed=seed, split=split,
-                              with_text=with_text, process_index=process_index, process_count=process_count)
+                              with_text=with_text, process_index=process_index, process_count=process_count,
+                              other_segment=other_segment)

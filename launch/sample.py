@@ -4,8 +4,8 @@
 (`launch.convert`) — is sampled with audiocraft's modes: `--prompt` (optionally `--melody=FILE` to
 follow its chromagram), `--continue=FILE` (its audio encoded and continued by `--duration` seconds;
 with or without `--prompt`), `--unconditional`. The bundle's stages say which system it holds;
-every sampling flag left out (duration, steps, schedule, CFG, temperature, top-k, top-p) takes the
-bundle's `sample` config.
+every sampling flag left out (duration, steps, schedule, CFG, temperature, top-k, top-p; MusicGen's
+`--cfg_beta`, `--two_step_cfg`) takes the bundle's `sample` config.
 
 Writes one WAV (16-bit, the bundle's rate) and one spectrogram PNG per output (`out.wav`, or
 `out_0.wav`, `out_1.wav`, … for a batch), and prints the time per stage and the real-time factor.
@@ -29,7 +29,14 @@ _DURATION = flags.DEFINE_float("duration", None, "Seconds to generate (continuat
                                                  "the bundle's.")
 _STEPS = flags.DEFINE_integer("steps", None, "MeLoDy: diffusion sampling steps (default: the bundle's).")
 _SCHEDULE = flags.DEFINE_enum("schedule", None, list(SCHEDULES), "MeLoDy: DPD angle schedule (default: the bundle's).")
+_CANDIDATES = flags.DEFINE_integer("inpaint_candidates", None, "MeLoDy --inpaint: spans the semantic LM draws, one "
+                                                               "kept by the right context (1 = left context only; "
+                                                               "default: the bundle's).")
 _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the bundle's).")
+_CFG_BETA = flags.DEFINE_float("cfg_beta", None, "musicgen (melody models): double CFG, text pushed by beta against "
+                                                 "the melody (audiocraft's cfg_coef_beta; default: the bundle's).")
+_TWO_STEP_CFG = flags.DEFINE_bool("two_step_cfg", None, "musicgen: run the CFG branches as separate forward passes "
+                                                        "with their own KV caches (default: the bundle's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Prompt i uses seed + i.")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (default: the bundle's).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Top-k of the semantic LM or of musicgen, 0 = off (default: the "
@@ -67,6 +74,7 @@ def check_arguments() -> str:
     if _DURATION.value is not None:
         check_min_duration(check_duration(_DURATION.value, MAX_SECONDS))
     given = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, cfg=_CFG.value, steps=_STEPS.value,
+                 cfg_beta=_CFG_BETA.value, inpaint_candidates=_CANDIDATES.value,
                  top_p=None if _TOP_P.value == 0 else _TOP_P.value)  # top_p 0: MusicGen's "top-k instead"
     check_sampling(seed=_SEED.value, count=max(len(_PROMPTS.value), 1), **given)
     return check_output_path(_OUT.value)
@@ -75,7 +83,8 @@ def check_arguments() -> str:
 def sampling() -> dict:
     """The sampling flags; None (not given) takes the bundle's."""
     return dict(steps=_STEPS.value, schedule=_SCHEDULE.value, cfg=_CFG.value, temperature=_TEMPERATURE.value,
-                top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+                top_k=_TOP_K.value, top_p=_TOP_P.value, cfg_beta=_CFG_BETA.value, two_step_cfg=_TWO_STEP_CFG.value,
+                seed=_SEED.value)
 
 
 def run_musicgen(pipeline, prompts: list[str] | None) -> tuple:
@@ -123,7 +132,8 @@ def run(pipeline) -> tuple:
         if _START.value is None or _END.value is None:
             raise AudioInputError("--inpaint needs --start and --end (seconds)")
         audio = read_audio(_INPAINT.value, pipeline.sample_rate)
-        return (pipeline.inpaint(audio, _START.value, _END.value, prompts, **common),
+        return (pipeline.inpaint(audio, _START.value, _END.value, prompts, inpaint_candidates=_CANDIDATES.value,
+                                 **common),
                 [f"{_INPAINT.value} inpainted {_START.value:g}-{_END.value:g} s"])
     if _AUDIO_PROMPT.value:
         audio = read_audio(_AUDIO_PROMPT.value, pipeline.sample_rate)

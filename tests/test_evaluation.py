@@ -121,7 +121,8 @@ def test_launch_evaluate_scores_a_musicgen_bundle(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["system"] == "musicgen" and report["duration_s"] == 3.0
-    assert report["sampling"] == {"cfg": 1.5, "top_k": 250, "top_p": 0.0, "temperature": 1.0}  # tiny's config.sample
+    assert report["sampling"] == {"cfg": 1.5, "top_k": 250, "top_p": 0.0, "temperature": 1.0, "cfg_beta": None,
+                                  "two_step_cfg": False}  # tiny's config.sample
     fad = report["fad_musicnn"]
     print("musicnn FAD, untrained MusicGen vs reference halves:", fad)
     assert fad["patches_generated"] == 4 and fad["generated"] > 2 * fad["reference_halves"] > 0, fad

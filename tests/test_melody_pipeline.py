@@ -1,7 +1,8 @@
 """End-to-end MeLoDy sampling on a bundle of tiny untrained stages (DESIGN §1, §4.6, §7).
 
 Checked: output lengths (10 s directly, 25 s by continuation windows), continuation and inpainting
-keep the known latents bit for bit, a batch equals its rows sampled one by one, and bundles whose
+keep the known latents bit for bit, inpainting runs the DPD window by window and draws the span's
+semantic tokens with the right context weighing in, a batch equals its rows sampled one by one, and bundles whose
 parts do not fit are refused with a message naming the mismatch. Tiny DPD window: 16 tokens
 (0.64 s), so 10 s already needs 59 continuation windows.
 """
@@ -10,14 +11,17 @@ from __future__ import annotations
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from melody_jax.pipelines.bundle import check_fit, read_configs
+from melody_jax.pipelines.dpd_sampling import inpaint_plan
 from melody_jax.pipelines.generation import AudioInputError
-from melody_jax.pipelines.melody import MeLoDy
+from melody_jax.pipelines.melody import MeLoDy, fold, row_keys
 from melody_jax.pipelines.validation import DurationError, PromptError
 from melody_jax.training.errors import BundleError, UserError
+from melody_jax.training.sharding import activate
 from tests.bundle_fixture import build_bundle, tiny_configs
 from tests.helpers import run_cli
 
@@ -85,6 +89,49 @@ def test_inpainting_changes_only_the_span(melody):
     assert out.audio.shape == audio.shape
 
 
+def test_long_span_is_inpainted_window_by_window(melody):
+    audio = np.random.default_rng(2).uniform(-0.3, 0.3, (1, int(1.6 * RATE))).astype(np.float32)  # 40 tokens
+    before = np.asarray(melody.vae.encode(audio))
+    out = melody.inpaint(audio, 0.2, 1.2, ["flute"], steps=2, seed=2, inpaint_candidates=2)
+    plan = inpaint_plan(40, 5, 30, melody.window_tokens, melody.chunk_tokens)
+    assert melody.window_tokens == 16 and plan.tolist() == [[0, 5, 16], [15, 16, 30]]
+    assert out.forward_passes["dpd"] == 2 * len(plan)
+    assert out.audio.shape == audio.shape and out.latents.shape == before.shape
+    inside = (np.arange(before.shape[1]) >= 50) & (np.arange(before.shape[1]) < 300)  # 0.2–1.2 s at 250 Hz
+    np.testing.assert_array_equal(out.latents[:, ~inside], before[:, ~inside])
+    assert np.abs(out.latents[:, inside] - before[:, inside]).mean() > 1e-3
+
+
+def test_span_tokens_are_resampled_by_the_right_context(melody):
+    """The hand computation: the same candidates the LM draws after the left context, weighted by the
+    full forward's log p(right | prefix, left, span), one drawn per row by Gumbel-max with the row's key."""
+    batch, count, num_new = 6, 4, 5
+    rng = np.random.default_rng(4)
+    vocab = melody.lm.vocab_size
+    left, right = rng.integers(0, vocab, (batch, 9)), rng.integers(0, vocab, (batch, melody.chunk_tokens))
+    keys = row_keys(11, batch)
+    s = {**melody.defaults, "inpaint_candidates": count}
+    context = left[:, -melody.lm_context:]
+    with activate(melody.mesh, melody.rules):
+        prefix = melody.mulan.text_tokens(["calm strings"] * batch)
+        got = np.asarray(melody._span_tokens(prefix, left, right, num_new, keys, s))
+        spans = [np.asarray(melody._lm(prefix, context, num_new, fold(fold(keys, 1), c), s)) for c in range(count)]
+        left_only = melody._span_tokens(prefix, left, right, num_new, keys, {**s, "inpaint_candidates": 1})
+        np.testing.assert_array_equal(left_only, melody._lm(prefix, context, num_new, fold(keys, 1), s))
+    assert got.shape == (batch, num_new)
+    weights = np.zeros((batch, count))
+    for c, span in enumerate(spans):
+        stream = np.concatenate([np.asarray(prefix), np.concatenate([left, span], 1)[:, -melody.lm_context:], right], 1)
+        logp = jax.nn.log_softmax(melody.lm.apply({"params": melody.lm_params}, stream[:, :-1]), -1)
+        tail = np.asarray(logp)[:, -right.shape[1]:]
+        weights[:, c] = np.take_along_axis(tail, right[..., None], -1)[..., 0].sum(1)
+    gumbel = np.asarray(jax.vmap(lambda k: jax.random.gumbel(k, (count,)))(fold(keys, 3)))
+    chosen = np.argmax(weights + gumbel, axis=1)
+    np.testing.assert_array_equal(got, np.stack([spans[c][b] for b, c in enumerate(chosen)]))
+    # the right context decides: without its weights the draw would differ for some rows
+    assert (chosen != np.argmax(gumbel, axis=1)).any(), (weights, gumbel)
+
+
 def test_batch_equals_rows_one_by_one(melody):
     prompts = ["violin, sad", "synth, happy, fast"]
     batch = melody.generate(prompts, 1.0, steps=2, seed=7)
@@ -130,7 +177,7 @@ def test_mismatched_bundles_are_refused(bundle, tmp_path):
 def test_sample_cli_writes_wavs_and_spectrograms(bundle, tmp_path):
     out = str(tmp_path / "song.wav")
     proc = run_cli("launch.sample", f"--bundle={bundle}", "--prompt=piano", "--prompt=drums", "--duration=1",
-                   "--steps=2", f"--out={out}", "--no_progress", timeout=600)
+                   "--steps=2", "--schedule=uniform", f"--out={out}", "--no_progress", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import soundfile as sf
 
@@ -201,7 +248,8 @@ def test_musicgen_sample_cli_and_bundle_checks(musicgen_bundle, tmp_path):
     melody_wav = str(tmp_path / "melody.wav")
     sf.write(melody_wav, 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000), 16000)
     proc = run_cli("launch.sample", f"--bundle={musicgen_bundle}", "--prompt=piano",
-                   "--duration=0.5", f"--melody={melody_wav}", f"--out={tmp_path / 'mg.wav'}", timeout=600)
+                   "--duration=0.5", f"--melody={melody_wav}", "--two_step_cfg", "--cfg_beta=2",
+                   f"--out={tmp_path / 'mg.wav'}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     audio, rate = sf.read(str(tmp_path / "mg.wav"))
     assert rate == 32000 and audio.shape == (16000,) and "musicgen_lm" in proc.stdout

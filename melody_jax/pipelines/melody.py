@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from melody_jax.diffusion.angles import SCHEDULES
 from melody_jax.pipelines.bundle import check_fit, read_configs
-from melody_jax.pipelines.dpd_sampling import (continue_sampled_latents, inpaint_sampled_latents, sample_defaults,
-                                               sample_latents)
+from melody_jax.pipelines.dpd_sampling import (continue_sampled_latents, inpaint_plan, inpaint_sampled_latents,
+                                               inpaint_windows, sample_defaults, sample_latents)
 from melody_jax.pipelines.generation import AudioInputError, Generator, Result
-from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, sample
+from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, sample, teacher_forced_logits
 from melody_jax.pipelines.stages import frames
 from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
 from melody_jax.training.errors import UserError
@@ -128,7 +128,8 @@ class MeLoDy(Generator):
     def inpaint(self, audio: np.ndarray, start_s: float, end_s: float, prompts: Sequence[str] | None = None,
                 seed: int | Sequence[int] = 0, **sampling) -> Result:
         """Regenerates [start_s, end_s) of `audio` [B, T] (widened to whole tokens); the latents outside
-        stay as encoded. The span's semantic tokens come from the LM, continuing the tokens before it."""
+        stay as encoded. The span's semantic tokens see both sides (`_span_tokens`); the DPD fills the
+        span window by window (`dpd_sampling.inpaint_plan`), each window the DPD's trained length."""
         s = self._checked(self.settings(**sampling))
         audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
         samples, end_s = inpaint_span(audio.shape[1], self.tokenizer.hop, self.sample_rate, start_s, end_s)
@@ -140,26 +141,59 @@ class MeLoDy(Generator):
             prefix = self._timed(seconds, "mulan", self._prefix(prompts, audio))
             tokens = np.asarray(self.tokenizer(audio))
             z = self.vae.encode(audio)
-            context = tokens[:, max(0, t0 - self.lm_context):t0]
-            new = self._timed(seconds, "semantic_lm", lambda: self._lm(prefix, context, t1 - t0, fold(keys, 1), s))
+            new = self._timed(seconds, "semantic_lm", lambda: self._span_tokens(
+                prefix, tokens[:, :t0], tokens[:, t1:t1 + self.chunk_tokens], t1 - t0, keys, s))
             tokens = np.concatenate([tokens[:, :t0], np.asarray(new), tokens[:, t1:]], axis=1)
-            fpt = self.frames_per_token
-            mask = np.zeros(z.shape[:2], bool)
-            mask[:, t0 * fpt:t1 * fpt] = True
-            z = self._timed(seconds, "dpd", lambda: inpaint_sampled_latents(
-                self.dpd, self.dpd_params, z, jnp.asarray(mask), jnp.asarray(tokens), fold(keys, 2), s["cfg"],
+            plan = inpaint_plan(tokens.shape[1], t0, t1, self.window_tokens, self.chunk_tokens)
+            z = self._timed(seconds, "dpd", lambda: inpaint_windows(
+                self.dpd, self.dpd_params, z, jnp.asarray(tokens), jnp.asarray(plan), fold(keys, 2), s["cfg"],
+                window_tokens=int(min(self.window_tokens, tokens.shape[1])), frames_per_token=self.frames_per_token,
                 num_steps=s["steps"], schedule=s["schedule"]))
             audio_out = self._timed(seconds, "vae_decode", lambda: self.vae.decode(z))
-        passes = {"mulan": 1, "semantic_lm": t1 - t0, "dpd": s["steps"], "vae_decode": 1}
+        scored = min(self.chunk_tokens, tokens.shape[1] - t1) if s["inpaint_candidates"] > 1 else 0
+        # the candidates are one batch; scoring the right context is one teacher-forced call per token
+        passes = {"mulan": 1, "semantic_lm": t1 - t0 + scored, "dpd": s["steps"] * len(plan), "vae_decode": 1}
         return Result(np.asarray(audio_out), self.sample_rate, seconds, passes, np.asarray(z), tokens,
                       np.asarray(prefix))
+
+    def _span_tokens(self, prefix, left: np.ndarray, right: np.ndarray, num_new: int, keys,
+                     s: dict[str, Any]) -> jax.Array:
+        """`num_new` tokens between `left` and `right` (the first right tokens, ≤ M_ST) for a causal LM.
+
+        Sampling-importance-resampling: `inpaint_candidates` spans are drawn after the left context
+        (as continuation draws, window by window), each is weighted by the LM's likelihood of `right`
+        after it, p(right | left, span), and one is drawn per row in proportion to that weight (Gumbel-
+        max with the row's key): as candidates grow this draws from p(span | left, right). One
+        candidate, or no right context, is the left context alone.
+        """
+        count, batch = s["inpaint_candidates"], left.shape[0]
+        context = left[:, max(0, left.shape[1] - self.lm_context):]
+        if count == 1 or right.shape[1] == 0:
+            return self._lm(prefix, context, num_new, fold(keys, 1), s)
+        repeat = lambda x: jnp.concatenate([jnp.asarray(x)] * count)  # noqa: E731 - candidate-major rows
+        candidate_keys = jnp.concatenate([fold(fold(keys, 1), c) for c in range(count)])
+        spans = np.asarray(self._lm(repeat(prefix), np.asarray(repeat(context)), num_new, candidate_keys, s))
+        weights = self._log_likelihood(repeat(prefix), np.concatenate([np.asarray(repeat(left)), spans], axis=1),
+                                       np.asarray(repeat(right))).reshape(count, batch)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (count,)))(fold(keys, 3))  # [B, count]
+        chosen = np.asarray(jnp.argmax(weights.T + gumbel, axis=1))
+        return jnp.asarray(spans.reshape(count, batch, num_new)[chosen, np.arange(batch)])
+
+    def _log_likelihood(self, prefix, before: np.ndarray, tokens: np.ndarray) -> jax.Array:
+        """float32 [B]: log p(tokens | prefix ⊕ the last `lm_context` tokens of `before`) under the LM."""
+        context = jnp.asarray(before[:, max(0, before.shape[1] - self.lm_context):])
+        logits = teacher_forced_logits(self.lm, self.lm_params, jnp.concatenate([prefix, context], axis=1), tokens)
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), jnp.asarray(tokens)[..., None], axis=-1)
+        return picked[..., 0].sum(axis=1)
 
     # --- the shared path ------------------------------------------------------------------------
     @staticmethod
     def _checked(s: dict[str, Any]) -> dict[str, Any]:
-        if s["steps"] < 1 or not math.isfinite(s["cfg"]) or s["schedule"] not in SCHEDULES:
-            raise AudioInputError(f"need steps >= 1, a finite cfg and a schedule in {SCHEDULES}, got "
-                                  f"steps={s['steps']}, cfg={s['cfg']}, schedule={s['schedule']!r}")
+        if (s["steps"] < 1 or not math.isfinite(s["cfg"]) or s["schedule"] not in SCHEDULES
+                or s["inpaint_candidates"] < 1):
+            raise AudioInputError(f"need steps >= 1, a finite cfg, a schedule in {SCHEDULES} and inpaint_candidates "
+                                  f">= 1, got steps={s['steps']}, cfg={s['cfg']}, schedule={s['schedule']!r}, "
+                                  f"inpaint_candidates={s['inpaint_candidates']}")
         return s
 
     def _run(self, prefix_fn, batch: int, z0, tokens0, duration: float, seed, s: dict[str, Any]) -> Result:

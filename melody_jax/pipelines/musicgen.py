@@ -7,8 +7,9 @@ The verbs are audiocraft's — `generate`, `generate_unconditional`, `generate_c
 `musicgen_sampling` (CFG, top-k or top-p, sliding windows beyond the trained length) and decoding
 them with the frozen codec, returning the same `Result` as MeLoDy so the two systems can be run and
 timed side by side (`pipelines.generation.Generator`). Unset arguments take the bundle's `sample`
-defaults (duration, top_k, top_p, temperature, cfg_scale — the argument `cfg`). A stereo checkpoint's codes are [L0, R0, L1, R1, …]: each channel decodes
-with the mono codec, and the audio is `[B, T, 2]`.
+defaults (duration, top_k, top_p, temperature, cfg_scale — the argument `cfg` —, cfg_beta, two_step_cfg).
+A stereo checkpoint's codes are [L0, R0, L1, R1, …]: each channel decodes with the mono codec, and the
+audio is `[B, T, 2]`.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from melody_jax.tasks.musicgen import melody_condition
 from melody_jax.text.byte_tokenizer import tokenize as byte_tokenize
 from melody_jax.training.sharding import DEFAULT_RULES, activate, make_mesh
 
-SAMPLE_DEFAULTS = {"duration": 10.0, "top_k": 250, "top_p": 0.0, "temperature": 1.0, "cfg_scale": 3.0}
+SAMPLE_DEFAULTS = {"duration": 10.0, "top_k": 250, "top_p": 0.0, "temperature": 1.0, "cfg_scale": 3.0,
+                   "cfg_beta": None, "two_step_cfg": False}
 HUB_CHROMA = {"n_fft": 16384, "hop": 4096}
 TEXT_BUCKET = 32  # T5 tokens  # musicgen-melody's feature extractor, at the codec's rate
 
@@ -132,6 +134,8 @@ class MusicGen(Generator):
     def _run(self, prompts: Sequence[str] | None, batch: int, seed: int, s: dict, melody=None,
              prompt_codes: np.ndarray | None = None) -> Result:
         duration_s = check_duration(s["duration"], MAX_SECONDS)
+        if s["cfg_beta"] is not None and not self.config.model.use_melody:
+            raise AudioInputError("cfg_beta guides text against the melody; this MusicGen has no melody conditioning")
         unconditional = prompts is None
         prompts = [""] * batch if unconditional else [check_prompt(p, MAX_PROMPT_CHARS) for p in prompts]
         prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[2]
@@ -147,7 +151,7 @@ class MusicGen(Generator):
                            window_frames=self.config.sample.window_frames,
                            keep_frames=self.config.sample.keep_frames, chroma_hop_frames=self.chroma_hop_frames,
                            melody_frames=None if self.prepend else self.config.model.melody_frames,
-                           unconditional=unconditional)
+                           unconditional=unconditional, cfg_beta=s["cfg_beta"], two_step_cfg=s["two_step_cfg"])
             codes = jax.block_until_ready(out.codes)
             seconds["musicgen_lm"] = time.perf_counter() - start
             start = time.perf_counter()

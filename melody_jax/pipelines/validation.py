@@ -81,6 +81,7 @@ MIN_SECONDS = 0.1  # below this a bundle's rate rounds the audio to nothing (an 
 MAX_TEMPERATURE = 100.0
 MAX_CFG = 100.0
 MAX_STEPS = 1000
+MAX_CANDIDATES = 64  # inpainting spans drawn at once (a batch of that many × the prompts)
 SEED_LIMIT = 2**32  # seeds become uint32 PRNG keys; prompt i uses seed + i
 OUTPUT_EXTENSIONS = (".wav",)
 
@@ -104,7 +105,8 @@ def _integer(value: object, name: str) -> int:
 
 
 def check_sampling(*, seed: object, count: int = 1, temperature: object = None, top_k: object = None,
-                   top_p: object = None, cfg: object = None, steps: object = None) -> None:
+                   top_p: object = None, cfg: object = None, steps: object = None, cfg_beta: object = None,
+                   inpaint_candidates: object = None) -> None:
     """Every sampling argument of `launch.sample` given in its range, before a bundle is loaded.
 
     `count` outputs use seeds seed … seed + count - 1, which must all fit a uint32 key; None means
@@ -119,7 +121,10 @@ def check_sampling(*, seed: object, count: int = 1, temperature: object = None, 
              ("top_k", top_k, _integer, lambda v: v >= 0, "must be >= 0 (0 = off)"),
              ("top_p", top_p, _real, lambda v: 0 < v <= 1, "must lie in (0, 1] (1 = off)"),
              ("cfg", cfg, _real, lambda v: 0 <= v <= MAX_CFG, f"must lie in [0, {MAX_CFG:g}]"),
-             ("steps", steps, _integer, lambda v: 1 <= v <= MAX_STEPS, f"must lie in [1, {MAX_STEPS}]"))
+             ("cfg_beta", cfg_beta, _real, lambda v: 0 <= v <= MAX_CFG, f"must lie in [0, {MAX_CFG:g}]"),
+             ("steps", steps, _integer, lambda v: 1 <= v <= MAX_STEPS, f"must lie in [1, {MAX_STEPS}]"),
+             ("inpaint_candidates", inpaint_candidates, _integer, lambda v: 1 <= v <= MAX_CANDIDATES,
+              f"must lie in [1, {MAX_CANDIDATES}]"))
     for name, value, parse, ok, rule in rules:
         if value is not None and not ok(value := parse(value, name)):
             raise SamplingError(f"--{name}={value:g} {rule}" if parse is _real else f"--{name}={value} {rule}")

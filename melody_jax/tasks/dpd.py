@@ -122,7 +122,7 @@ class DPDTask(SourcedTask):
         except ValueError as e:
             raise ConfigError(f"config.model.chunk_edges: {e}") from None
         one_of(self.config, "sample.schedule", SCHEDULES)
-        positive(self.config, "sample.steps", "sample.duration")
+        positive(self.config, "sample.steps", "sample.duration", "sample.inpaint_candidates")
         non_negative(self.config, "sample.cfg", "sample.temperature", "sample.top_k")
         require(0 < self.config.sample.top_p <= 1, f"config.sample.top_p={self.config.sample.top_p} must lie in (0, 1]")
         require(0 <= m.cfg_dropout < 1, f"config.model.cfg_dropout={m.cfg_dropout} must lie in [0, 1)")

@@ -33,8 +33,9 @@ def pick_texts(captions: np.ndarray, tags: np.ndarray, use_caption: np.ndarray) 
 class TextAudioIterator:
     """Wraps the audio iterator; state = the audio iterator's position plus the batch index.
 
-    `features` (optional) maps this host's audio rows `[B_local, T]` (numpy) to more per-row arrays
-    made at data time — e.g. MusicGen's chromagram — which join the batch as global arrays too.
+    `features` (optional) maps this host's audio rows `[B_local, T]` (numpy; the audio iterator's
+    `feature_audio` field) to more per-row arrays made at data time — e.g. MusicGen's chromagram, from
+    the target crop or another segment of its clip — which join the batch as global arrays too.
     `augment` (optional) maps (picked texts, captions, tags, rng) of this host's rows to the texts to
     tokenize — e.g. MusicGen's text augmentation — with an rng of (seed, batch index, first row).
     """
@@ -42,10 +43,10 @@ class TextAudioIterator:
     def __init__(self, audio: AudioBatchIterator, mesh: jax.sharding.Mesh, *, seed: int, global_batch_size: int,
                  caption_probability: float, max_text_length: int,
                  features: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
-                 augment: Callable[..., list[str]] | None = None):
+                 augment: Callable[..., list[str]] | None = None, feature_audio: str = "audio"):
         self.audio, self.mesh, self.seed = audio, mesh, seed
         self.batch_size, self.p, self.max_length = global_batch_size, caption_probability, max_text_length
-        self.features, self.augment = features, augment
+        self.features, self.augment, self.feature_audio = features, augment, feature_audio
         self.index = 0
 
     def __iter__(self):
@@ -61,7 +62,7 @@ class TextAudioIterator:
             texts = self.augment(texts, local["caption"], local["tags"], rng)
         self.index += 1
         tokens, mask = tokenize(texts, self.max_length)
-        extra = self.features(local["audio"]) if self.features is not None else {}
+        extra = self.features(local[self.feature_audio]) if self.features is not None else {}
         return host_to_global({"audio": local["audio"], "text_tokens": tokens, "text_mask": mask, **extra}, self.mesh)
 
     def get_state(self) -> dict[str, Any]:

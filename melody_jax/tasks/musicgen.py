@@ -20,13 +20,15 @@ Data sources (`config.data.source`, melody_jax/tasks/sources.py):
 - "codec": crops of `data.frames` codec frames from a prepared dataset at the codec's rate
   (`data.path`), with their captions (or tag lists, see `data.caption_probability`) and, with
   melody conditioning, their librosa chromagram made on the host at data time (`model.chroma_n_fft`,
-  after `data.melody_separation`). The frozen codec
+  after `data.melody_separation`; from the crop itself or, `data.melody_segment="other"`, from another
+  part of its clip). The frozen codec
   (`upstream.codec`: the codec stage's workdir or a bundle's codec folder, loaded by `setup`) turns
   the crops into codes inside the jitted step; its parameters ride along with every batch
   (`frozen.inputs.FrozenInputs`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -52,6 +54,7 @@ from melody_jax.training.sharding import config_rules
 from melody_jax.training.task import Batch
 
 INSTRUMENTS = ("piano", "violin", "flute", "drums")
+MELODY_SEGMENTS = ("same", "other")  # the melody chroma's crop: the target's, or another part of its clip
 TEMPLATES = ("{} solo", "a calm melody played on the {}", "upbeat {} music")
 FINE_STEP = 16  # codebook k holds (code_0 + FINE_STEP · k) mod V
 TEXT_STREAM = 7  # the text augmentation's random stream, apart from the data's
@@ -159,7 +162,12 @@ class MusicGenTask(SourcedTask):
             require(0.0 <= c.train[field] <= 1.0, f"config.train.{field}={c.train[field]} must lie in [0, 1]")
         one_of(c, "train.cfg_dropout_per", DROPOUT_SCOPES)
         one_of(c, "data.melody_separation", SEPARATIONS)
+        segment = d.get("melody_segment", "same")
+        require(segment in MELODY_SEGMENTS, f"config.data.melody_segment={segment!r} must be one of {MELODY_SEGMENTS}")
         positive(c, "model.chroma_n_fft")
+        beta = c.sample.get("cfg_beta")
+        require(beta is None or (isinstance(beta, (int, float)) and math.isfinite(beta) and m.use_melody),
+                f"config.sample.cfg_beta={beta} must be None (plain CFG) or a finite number with model.use_melody")
         require(0 <= c.sample.keep_frames < c.sample.window_frames <= d.frames,
                 f"config.sample: need 0 <= keep_frames ({c.sample.keep_frames}) < window_frames "
                 f"({c.sample.window_frames}) <= data.frames ({d.frames})")
@@ -239,7 +247,8 @@ class MusicGenTask(SourcedTask):
         hop, seed = self.codec.hop, stream_seed(self.config.seed, split)
         data = c.data.copy_and_resolve_references()
         data.crop_seconds = c.data.frames * hop / c.data.sample_rate
-        audio = prepared_audio(c, mesh, split, with_text=True, data=data)
+        other = m.use_melody and c.data.get("melody_segment", "same") == "other"
+        audio = prepared_audio(c, mesh, split, with_text=True, data=data, other_segment=other)
 
         def chroma(rows: np.ndarray) -> dict[str, np.ndarray]:
             return {"chroma": melody_condition(rows, c.data.sample_rate, hop, m, m.melody_frames,
@@ -251,7 +260,8 @@ class MusicGenTask(SourcedTask):
         texts = TextAudioIterator(audio, mesh, seed=seed, global_batch_size=c.train.batch_size,
                                   caption_probability=c.data.caption_probability,
                                   max_text_length=m.max_text_length,
-                                  features=chroma if m.use_melody else None, augment=augment)
+                                  features=chroma if m.use_melody else None, augment=augment,
+                                  feature_audio="other_audio" if other else "audio")
         return FrozenInputs(texts, self.codec.variables)
 
     def batches(self, mesh, split: str):

@@ -105,9 +105,11 @@ class SourcedTask(Task):
 
 
 def prepared_audio(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, split: str, *, with_text: bool,
-                   data: ml_collections.ConfigDict | None = None) -> DataIterator:
-    """Crops of `split` of the prepared dataset at data.path (`data`: the config's data fields, changed)."""
+                   data: ml_collections.ConfigDict | None = None, other_segment: bool = False) -> DataIterator:
+    """Crops of `split` of the prepared dataset at data.path (`data`: the config's data fields, changed);
+    `other_segment`: each row also gets a crop from another part of its clip (data_pipeline/input.py)."""
     from data_pipeline.input import make_train_iterator  # TensorFlow: only when used
 
     return make_train_iterator(config.data if data is None else data, global_batch_size=config.train.batch_size,
-                               mesh=mesh, seed=stream_seed(config.seed, split), split=split, with_text=with_text)
+                               mesh=mesh, seed=stream_seed(config.seed, split), split=split, with_text=with_text,
+                               other_segment=other_segment)
