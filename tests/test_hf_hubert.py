@@ -24,6 +24,8 @@ from melody_jax.convert.hf_hubert import hubert_from_hf
 from melody_jax.frozen.semantic import SemanticTokenizer
 from melody_jax.frozen.stage_models import hubert_model
 from melody_jax.tasks.registry import get_task
+from melody_jax.tasks.ssl import SSLTask
+from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import train
 from tests.helpers import run_cli, stage_config
 from tests.test_ssl_stage import PROBE_CLUSTERS, probe_accuracy
@@ -71,6 +73,8 @@ def test_mert_config_maps_and_unsupported_variants_are_refused(tmp_path):
     c = hubert_from_hf(read_checkpoint(_edited(tmp_path, lambda x: x.update(mert)))).config
     assert (c.hf.variant, c.model.model_rate, c.data.sample_rate, c.model.token_hop) == ("mert", 24000, 24000, 960)
     assert c.model.residual_scale == pytest.approx(6 ** 0.25)  # deepnorm: (2 · 3 layers)^¼
+    with pytest.raises(ConfigError, match="model.arch"):  # a converted tower does not train
+        SSLTask(c).validate()
     cases = [({"model_type": "wav2vec2"}, "model_type"), ({"feature_extractor_cqt": True}, "feature_extractor_cqt"),
              ({"conv_pos_batch_norm": True}, "conv_pos_batch_norm"), ({"hidden_act": "relu"}, "hidden_act"),
              ({"feat_extract_norm": "batch"}, "feat_extract_norm"), ({"num_hidden_layers": 4}, "layers.3")]
@@ -94,15 +98,6 @@ def test_resampler_matches_soxr_and_removes_what_aliases():
     assert np.abs(alias[200:-200]).max() < 1e-3
 
 
-@pytest.fixture(scope="module")
-def hubert_bundle(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("hubert") / "bundle")
-    proc = run_cli("launch.convert", "--format=hf", f"--input={FIXTURES}/hubert", f"--out={out}", devices=1)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout[proc.stdout.index("{"):])["variant"] == "hubert"
-    return out
-
-
 def test_convert_cli_refuses_a_mert_with_cqt_in_one_line(tmp_path):
     source = _edited(tmp_path, lambda x: x.update(model_type="mert_model", feature_extractor_cqt=True))
     proc = run_cli("launch.convert", "--format=hf", f"--input={source}", f"--out={tmp_path / 'out'}", devices=1)
@@ -111,24 +106,28 @@ def test_convert_cli_refuses_a_mert_with_cqt_in_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "ssl")
 
 
-def test_token_probe_runs_end_to_end_on_the_converted_hubert(hubert_bundle, prepared_data, tmp_path):
+def test_token_probe_runs_end_to_end_on_the_converted_hubert(prepared_data, tmp_path):
     """Plumbing, not quality: k-means fits on the converted tower's pooled frames (`upstream.ssl` = the
     bundle's ssl folder, 24-kHz data resampled to 16 kHz inside), the tokenizer loads from the kmeans
-    stage, and issue 5's probe (nearest centroid on token histograms, 4-fold CV) reads its tokens."""
-    probe = prepared_data(source="synthetic", num_clips=240, seed=1, clip_seconds=3.2, sample_rate=SR,
-                          val_fraction=0.0)  # test_ssl_stage.py's held-out probe clips
+    stage, and issue 5's probe (nearest centroid on token histograms, 4-fold CV) reads its tokens (120
+    clips of 1.6 s, 40 tokens each, to keep the test short)."""
+    probe = prepared_data(source="synthetic", num_clips=120, seed=1, clip_seconds=1.6, sample_rate=SR,
+                          val_fraction=0.0)
+    manifest = convert(f"{FIXTURES}/hubert", str(tmp_path / "bundle"))
+    assert manifest["stages"] == ["ssl"] and manifest["variant"] == "hubert"
     km_dir = str(tmp_path / "kmeans")
     summary = train(get_task(stage_config("kmeans", {
-        "upstream.ssl": f"{hubert_bundle}/ssl", "data.path": probe, "model.embed_dim": 32, "model.layer": 2,
-        "model.num_clusters": PROBE_CLUSTERS})), km_dir)
+        "upstream.ssl": str(tmp_path / "bundle" / "ssl"), "data.path": probe, "model.embed_dim": 32,
+        "model.layer": 2, "model.num_clusters": PROBE_CLUSTERS, "data.num_batches": 4, "train.num_steps": 5,
+        "train.checkpoint_every": 5})), km_dir)
     assert summary["status"] == "done"
     tok = SemanticTokenizer.load(km_dir)
     assert (tok.hop, tok.sample_rate, tok.layer, tok.vocab_size) == (960, SR, 2, PROBE_CLUSTERS)
 
     clips = read_clips(probe)
-    audio = np.stack([x["audio"][: int(3.2 * SR)] for x in clips])
-    tokens = np.concatenate([np.asarray(tok(jnp.asarray(audio[i:i + 80]))) for i in range(0, len(audio), 80)])
-    assert tokens.shape == (240, 80) and 0 <= tokens.min() and tokens.max() < PROBE_CLUSTERS
+    audio = np.stack([x["audio"][: int(1.6 * SR)] for x in clips])
+    tokens = np.asarray(tok(jnp.asarray(audio)))
+    assert tokens.shape == (120, 40) and 0 <= tokens.min() and tokens.max() < PROBE_CLUSTERS
     assert len(np.unique(tokens)) > PROBE_CLUSTERS // 2
 
     # The pooled frames are the tower's 50-Hz frames of the resampled audio averaged in pairs.
@@ -136,9 +135,9 @@ def test_token_probe_runs_end_to_end_on_the_converted_hubert(hubert_bundle, prep
         pooled = tok.model.apply({"params": tok.ssl_params}, jnp.asarray(audio[:2]), 2,
                                  method=type(tok.model).hidden_states)
         states, _ = tok.model.apply({"params": tok.ssl_params}, resample(jnp.asarray(audio[:2]), SR, 16000))
-    frames = np.asarray(states[2])  # 51,200 samples at 16 kHz: 159 frames
-    assert frames.shape[1] == 159  # token t averages frames 2t and 2t + 1; the last one has frame 158 only
-    want = np.concatenate([frames[:, :158].reshape(2, 79, 2, -1).mean(2), frames[:, 158:]], 1)
+    frames = np.asarray(states[2])  # 25,600 samples at 16 kHz: 79 frames
+    assert frames.shape[1] == 79  # token t averages frames 2t and 2t + 1; the last one has frame 78 only
+    want = np.concatenate([frames[:, :78].reshape(2, 39, 2, -1).mean(2), frames[:, 78:]], 1)
     np.testing.assert_allclose(np.asarray(pooled), want, atol=1e-5)
 
     labels = {"key": [x["attributes"]["tonic"] for x in clips], "lead": [x["attributes"]["lead"] for x in clips],
