@@ -91,11 +91,11 @@ def test_resampler_matches_soxr_and_removes_what_aliases():
     x = (np.sin(2 * np.pi * 440 * t) + 0.5 * np.sin(2 * np.pi * 5000 * t + 1)).astype(np.float32)
     ours = np.asarray(resample(jnp.asarray(x[None]), SR, 16000))[0]
     assert ours.shape == (16000,)
-    # Measured: 7e-4 from soxr away from the edges (zero-extended here); a 10-kHz tone, above the new
-    # Nyquist, comes out at 3e-5.
-    assert np.abs(ours - soxr.resample(x, SR, 16000))[200:-200].max() < 3e-3
+    # Measured: 3.2e-5 from soxr away from the edges (zero-extended here); a 10-kHz tone, above the new
+    # Nyquist, comes out at 2.9e-5.
+    assert np.abs(ours - soxr.resample(x, SR, 16000))[200:-200].max() < 2e-4
     alias = np.asarray(resample(jnp.asarray(np.sin(2 * np.pi * 10000 * t).astype(np.float32)), SR, 16000))
-    assert np.abs(alias[200:-200]).max() < 1e-3
+    assert np.abs(alias[200:-200]).max() < 2e-4
 
 
 def test_convert_cli_refuses_a_mert_with_cqt_in_one_line(tmp_path):
@@ -106,6 +106,7 @@ def test_convert_cli_refuses_a_mert_with_cqt_in_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "ssl")
 
 
+@pytest.mark.slow  # a kmeans stage fitted and 120 clips tokenized: ~35 CPU-seconds
 def test_token_probe_runs_end_to_end_on_the_converted_hubert(prepared_data, tmp_path):
     """Plumbing, not quality: k-means fits on the converted tower's pooled frames (`upstream.ssl` = the
     bundle's ssl folder, 24-kHz data resampled to 16 kHz inside), the tokenizer loads from the kmeans
