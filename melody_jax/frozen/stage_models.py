@@ -76,7 +76,7 @@ def ssl_model(m) -> Wav2Vec2Conformer:
 
 
 def hubert_model(config) -> Hubert:
-    """A converted HuBERT/MERT (`model.arch = "hubert"`, melody_jax.convert.hf_hubert) taking `data.sample_rate` audio."""
+    """A converted HuBERT/MERT (`model.arch = "hubert"`, convert/hf_hubert.py) taking `data.sample_rate` audio."""
     m = config.model
     return Hubert(conv_channels=tuple(m.conv_channels), conv_kernels=tuple(m.conv_kernels),
                   conv_strides=tuple(m.conv_strides), conv_bias=m.conv_bias, feature_norm=m.feature_norm,
