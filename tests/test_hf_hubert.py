@@ -106,7 +106,7 @@ def test_convert_cli_refuses_a_mert_with_cqt_in_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "ssl")
 
 
-@pytest.mark.slow  # a kmeans stage fitted and 120 clips tokenized: ~35 CPU-seconds
+@pytest.mark.slow  # a kmeans stage fitted and 120 clips tokenized: ~20 CPU-seconds
 def test_token_probe_runs_end_to_end_on_the_converted_hubert(prepared_data, tmp_path):
     """Plumbing, not quality: k-means fits on the converted tower's pooled frames (`upstream.ssl` = the
     bundle's ssl folder, 24-kHz data resampled to 16 kHz inside), the tokenizer loads from the kmeans
