@@ -23,7 +23,8 @@ from absl import flags
 from launch.common import quiet_library_logs, run_app, run_user_errors
 
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf"], "Checkpoint format: hf = Hugging Face transformers.")
-_INPUT = flags.DEFINE_string("input", None, "Checkpoint directory (config.json + safetensors + tokenizer.json).")
+_INPUT = flags.DEFINE_string("input", None,
+                             "Checkpoint directory (config.json + safetensors; MusicGen: + tokenizer.json).")
 _OUT = flags.DEFINE_string("out", None, "Bundle directory to create.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype stored in the bundle "
                            "(parameters stay float32): float32 for parity with transformers, bfloat16 for speed.")
