@@ -68,6 +68,7 @@ bench-peer: $(PEER_STAMP) $(STAMP)
 fixtures: $(PEER_STAMP)
 	$(PEER_VENV)/bin/python benchmarks/peers/fixtures_musicgen.py --out tests/fixtures/hf
 	$(PEER_VENV)/bin/python benchmarks/peers/fixtures_encodec.py --out tests/fixtures/hf
+	$(PEER_VENV)/bin/python benchmarks/peers/fixtures_hubert.py --out tests/fixtures/hf
 
 clean:
 	rm -rf runs .pytest_cache

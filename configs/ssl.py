@@ -32,6 +32,7 @@ def get_config(arg: str | None = None):
     c = base_config("ssl")
     c.preset = preset
     m = c.model
+    m.arch = "conformer"  # "hubert": a converted HuBERT/MERT (launch.convert), frozen: k-means fits on it
     m.conv_strides = [5, 4, 4, 4, 3]  # total 960: 25 Hz at 24 kHz
     m.num_groups = 2
     m.dropout = 0.0 if tiny else 0.1

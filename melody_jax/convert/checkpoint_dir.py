@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -116,3 +118,41 @@ def take(tensors: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(value.shape) != tuple(shape):
         raise ConversionError(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(shape)}")
     return value
+
+
+def linear(tensors: dict, name: str, d_in: int, out: tuple[int, ...]) -> np.ndarray:
+    """torch Linear weight `[prod(out), d_in]` → kernel `[d_in, *out]`."""
+    return take(tensors, name, (math.prod(out), d_in)).T.reshape((d_in,) + out)
+
+
+def linear_in(tensors: dict, name: str, inp: tuple[int, ...], d_out: int) -> np.ndarray:
+    """torch Linear weight `[d_out, prod(inp)]` → kernel `[*inp, d_out]` (an attention output)."""
+    return take(tensors, name, (d_out, math.prod(inp))).T.reshape(inp + (d_out,))
+
+
+def weight_norm(tensors: dict, module: str, shape: tuple[int, ...], dim: int = 0) -> np.ndarray:
+    """The weight-normed `module.weight` of torch shape `shape`, folded: w = g · v / ‖v‖, the norm over
+    every axis but `dim` (torch's `weight_norm(dim=...)`). Both namings are read: the parametrization's
+    `parametrizations.weight.original0/1` and the older `weight_g / weight_v`."""
+    names = [(f"{module}.parametrizations.weight.original0", f"{module}.parametrizations.weight.original1"),
+             (f"{module}.weight_g", f"{module}.weight_v")]
+    g_name, v_name = next((n for n in names if n[1] in tensors), names[0])
+    g = take(tensors, g_name, tuple(n if i == dim else 1 for i, n in enumerate(shape)))
+    v = take(tensors, v_name, shape)
+    axes = tuple(i for i in range(len(shape)) if i != dim)
+    norm = np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=axes, keepdims=True))
+    return (g * v / np.maximum(norm, 1e-30)).astype(np.float32)
+
+
+def check_fits(params: dict, shapes, what: str) -> None:
+    """Every parameter the model expects is there with its shape, and nothing else."""
+    got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+    for name, shape in want.items():
+        if name not in got:
+            raise ConversionError(f"{what}: the converted parameters lack {name}")
+        if got[name] != shape:
+            raise ConversionError(f"{what}: {name} has shape {got[name]}, the model expects {shape}")
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise ConversionError(f"{what}: unexpected converted parameters {extra[:3]}")

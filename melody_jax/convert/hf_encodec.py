@@ -19,7 +19,7 @@ import math
 import ml_collections
 import numpy as np
 
-from melody_jax.convert.checkpoint_dir import ConversionError, take
+from melody_jax.convert.checkpoint_dir import ConversionError, take, weight_norm
 
 _FRESH_CLUSTER_SIZE = 2.0  # VectorQuantizer._fresh_size at the default dead_code_threshold
 _REQUIRED = {"audio_channels": 1, "use_causal_conv": False, "norm_type": "weight_norm", "num_residual_layers": 1,
@@ -63,14 +63,8 @@ class _Reader:
         return np.asarray(take(self.tensors, self.prefix + name, shape), np.float32)
 
     def weight(self, module: str, shape: tuple[int, int, int]) -> np.ndarray:
-        """The weight-normed `module.weight` of torch shape `shape`, folded."""
-        names = [(f"{module}.parametrizations.weight.original0", f"{module}.parametrizations.weight.original1"),
-                 (f"{module}.weight_g", f"{module}.weight_v")]
-        g_name, v_name = next((n for n in names if self.has(n[1])), names[0])
-        g = self.take(g_name, (shape[0], 1, 1))
-        v = self.take(v_name, shape)
-        norm = np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=(1, 2), keepdims=True))
-        return (g * v / np.maximum(norm, 1e-30)).astype(np.float32)
+        """The weight-normed `module.weight` of torch shape `shape`, folded per output row."""
+        return weight_norm(self.tensors, self.prefix + module, shape)
 
     def conv(self, module: str, c_in: int, c_out: int, kernel: int) -> dict:
         w = self.weight(f"{module}.conv", (c_out, c_in, kernel))

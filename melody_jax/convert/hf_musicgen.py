@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from melody_jax.convert.checkpoint_dir import Checkpoint, ConversionError, take
+from melody_jax.convert.checkpoint_dir import Checkpoint, ConversionError, check_fits, linear, linear_in, take
 from melody_jax.convert.hf_encodec import encodec_from_hf
 
 VARIANTS = {"musicgen": "MusicgenForConditionalGeneration", "musicgen_melody": "MusicgenMelodyForConditionalGeneration"}
@@ -73,16 +73,6 @@ def variant_name(config: dict) -> str:
     return name.replace("musicgen", "musicgen-stereo", 1) if config["decoder"].get("audio_channels", 1) == 2 else name
 
 
-def _linear(tensors: dict, name: str, d_in: int, out: tuple[int, ...]) -> np.ndarray:
-    """torch Linear weight `[prod(out), d_in]` → kernel `[d_in, *out]`."""
-    return take(tensors, name, (math.prod(out), d_in)).T.reshape((d_in,) + out)
-
-
-def _linear_in(tensors: dict, name: str, inp: tuple[int, ...], d_out: int) -> np.ndarray:
-    """torch Linear weight `[d_out, prod(inp)]` → kernel `[*inp, d_out]` (an attention output)."""
-    return take(tensors, name, (d_out, math.prod(inp))).T.reshape(inp + (d_out,))
-
-
 def t5_params(tensors: dict, text: dict, prefix: str = "text_encoder.") -> dict:
     d, heads, d_kv, d_ff = text["d_model"], text["num_heads"], text["d_kv"], text["d_ff"]
     vocab = text["vocab_size"]
@@ -95,14 +85,14 @@ def t5_params(tensors: dict, text: dict, prefix: str = "text_encoder.") -> dict:
            "final_norm": {"scale": take(tensors, f"{prefix}encoder.final_layer_norm.weight", (d,))}}
     for i in range(text["num_layers"]):
         b = f"{prefix}encoder.block.{i}.layer."
-        attn = {n: {"kernel": _linear(tensors, f"{b}0.SelfAttention.{t}.weight", d, (heads, d_kv))}
+        attn = {n: {"kernel": linear(tensors, f"{b}0.SelfAttention.{t}.weight", d, (heads, d_kv))}
                 for n, t in (("query", "q"), ("key", "k"), ("value", "v"))}
         out[f"layers_{i}"] = {
-            **attn, "out": {"kernel": _linear_in(tensors, f"{b}0.SelfAttention.o.weight", (heads, d_kv), d)},
+            **attn, "out": {"kernel": linear_in(tensors, f"{b}0.SelfAttention.o.weight", (heads, d_kv), d)},
             "attn_norm": {"scale": take(tensors, f"{b}0.layer_norm.weight", (d,))},
             "mlp_norm": {"scale": take(tensors, f"{b}1.layer_norm.weight", (d,))},
-            "wi": {"kernel": _linear(tensors, f"{b}1.DenseReluDense.wi.weight", d, (d_ff,))},
-            "wo": {"kernel": _linear(tensors, f"{b}1.DenseReluDense.wo.weight", d_ff, (d,))}}
+            "wi": {"kernel": linear(tensors, f"{b}1.DenseReluDense.wi.weight", d, (d_ff,))},
+            "wo": {"kernel": linear(tensors, f"{b}1.DenseReluDense.wo.weight", d_ff, (d,))}}
     return out
 
 
@@ -112,9 +102,9 @@ def _norm(tensors: dict, name: str, d: int) -> dict:
 
 def _attention(tensors: dict, name: str, d: int, heads: int) -> dict:
     hd = d // heads
-    out = {n: {"kernel": _linear(tensors, f"{name}.{n[0]}_proj.weight", d, (heads, hd))}
+    out = {n: {"kernel": linear(tensors, f"{name}.{n[0]}_proj.weight", d, (heads, hd))}
            for n in ("query", "key", "value")}
-    out["out"] = {"kernel": _linear_in(tensors, f"{name}.out_proj.weight", (heads, hd), d)}
+    out["out"] = {"kernel": linear_in(tensors, f"{name}.out_proj.weight", (heads, hd), d)}
     return out
 
 
@@ -130,8 +120,8 @@ def decoder_params(tensors: dict, dec: dict, cross: bool, prefix: str = "decoder
         block = {"attn_norm": _norm(tensors, layer + "self_attn_layer_norm", d),
                  "self_attn": _attention(tensors, layer + "self_attn", d, heads),
                  "mlp_norm": _norm(tensors, layer + "final_layer_norm", d),
-                 "mlp": {"fc1": {"kernel": _linear(tensors, layer + "fc1.weight", d, (dec["ffn_dim"],))},
-                         "fc2": {"kernel": _linear(tensors, layer + "fc2.weight", dec["ffn_dim"], (d,))}}}
+                 "mlp": {"fc1": {"kernel": linear(tensors, layer + "fc1.weight", d, (dec["ffn_dim"],))},
+                         "fc2": {"kernel": linear(tensors, layer + "fc2.weight", dec["ffn_dim"], (d,))}}}
         if cross:
             block["cross_norm"] = _norm(tensors, layer + "encoder_attn_layer_norm", d)
             block["cross_attn"] = _attention(tensors, layer + "encoder_attn", d, heads)
@@ -186,17 +176,6 @@ def codec_config(model: ml_collections.ConfigDict, sample_rate: int) -> ml_colle
     return c
 
 
-def _fits(params: dict, shapes, what: str) -> None:
-    """Every parameter the model expects is there with its shape, and nothing else."""
-    got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
-    want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
-    for name, shape in want.items():
-        _need(name in got, f"{what}: the converted parameters lack {name}")
-        _need(got[name] == shape, f"{what}: {name} has shape {got[name]}, the model expects {shape}")
-    extra = sorted(set(got) - set(want))
-    _need(not extra, f"{what}: unexpected converted parameters {extra[:3]}")
-
-
 def musicgen_from_hf(ckpt: Checkpoint) -> Converted:
     """The checkpoint's LM (+ T5 + projections) and codec, as our stage configs and parameter trees."""
     try:
@@ -218,12 +197,12 @@ def _convert(ckpt: Checkpoint) -> Converted:
     t = ckpt.tensors
     params = {"text_encoder": t5_params(t, text), **decoder_params(t, dec, cross=not melody)}
     if text["d_model"] != dec["hidden_size"]:
-        params["text_projection"] = {"kernel": _linear(t, "enc_to_dec_proj.weight", text["d_model"], (dec["hidden_size"],)),
+        params["text_projection"] = {"kernel": linear(t, "enc_to_dec_proj.weight", text["d_model"], (dec["hidden_size"],)),
                                      "bias": take(t, "enc_to_dec_proj.bias", (dec["hidden_size"],))}
     if melody:
         chroma = int(ckpt.config.get("num_chroma", 12))
         _need(chroma == 12, f"unsupported num_chroma {chroma} (only 12)")
-        params["melody_proj"] = {"kernel": _linear(t, "audio_enc_to_dec_proj.weight", chroma, (dec["hidden_size"],)),
+        params["melody_proj"] = {"kernel": linear(t, "audio_enc_to_dec_proj.weight", chroma, (dec["hidden_size"],)),
                                  "bias": take(t, "audio_enc_to_dec_proj.bias", (dec["hidden_size"],))}
     codec_model, codec_variables = encodec_from_hf(ckpt.config["audio_encoder"], t, prefix="audio_encoder.")
     _need(codec_model.quantizer.num_quantizers == dec["num_codebooks"] // dec.get("audio_channels", 1),
@@ -235,7 +214,7 @@ def _convert(ckpt: Checkpoint) -> Converted:
     config = musicgen_config(ckpt.config, codec_model)
     task = MusicGenTask(config)
     task.validate()
-    _fits(params, nn.meta.unbox(jax.eval_shape(task.init_params, jax.random.key(0))), "musicgen")
+    check_fits(params, nn.meta.unbox(jax.eval_shape(task.init_params, jax.random.key(0))), "musicgen")
     codec_params = {"generator": codec_variables["params"],
                     "generator_state": {k: v for k, v in codec_variables.items() if k != "params"}}
     return Converted(variant_name(ckpt.config), config, params,

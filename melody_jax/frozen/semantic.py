@@ -1,4 +1,7 @@
-"""Semantic tokens (DESIGN §4.2): frozen wav2vec2-Conformer layer-l states → nearest k-means centroid.
+"""Semantic tokens (DESIGN §4.2): frozen SSL layer-l states → nearest k-means centroid.
+
+The SSL tower is our wav2vec2-Conformer or a converted HuBERT/MERT (`models.hubert`, whose layer-l
+frames are pooled to the token rate inside `hidden_states`); both give [B, N // hop, D].
 
 `tokenize(model, layer, ssl_params, centroids, audio)` is pure and traceable, so a later stage can
 run it inside its own jitted step; `SemanticTokenizer` binds model and layer (its `fn` is
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 from melody_jax.frozen.checks import need
 from melody_jax.frozen.loader import load_stage
 from melody_jax.models.conformer import Wav2Vec2Conformer
+from melody_jax.models.hubert import Hubert
 from melody_jax.nn.kmeans import assign
 from melody_jax.training.errors import WorkdirError
 from melody_jax.training.sharding import DEFAULT_RULES, Rules, make_mesh
@@ -29,11 +33,14 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     return num_layers // 2 if layer < 0 else layer
 
 
-def hidden_states(model: Wav2Vec2Conformer, layer: int, ssl_params: Any, audio: jax.Array) -> jax.Array:
-    return model.apply({"params": ssl_params}, audio, layer, method=Wav2Vec2Conformer.hidden_states)
+SSLTower = Wav2Vec2Conformer | Hubert
 
 
-def tokenize(model: Wav2Vec2Conformer, layer: int, ssl_params: Any, centroids: jax.Array,
+def hidden_states(model: SSLTower, layer: int, ssl_params: Any, audio: jax.Array) -> jax.Array:
+    return model.apply({"params": ssl_params}, audio, layer, method=type(model).hidden_states)
+
+
+def tokenize(model: SSLTower, layer: int, ssl_params: Any, centroids: jax.Array,
              audio: jax.Array) -> jax.Array:
     """audio float32 [B, N] at the model's rate → int32 [B, N // hop] (hop 960: 25 tokens a second)."""
     return assign(hidden_states(model, layer, ssl_params, audio).astype(jnp.float32), centroids)
@@ -41,7 +48,7 @@ def tokenize(model: Wav2Vec2Conformer, layer: int, ssl_params: Any, centroids: j
 
 @dataclasses.dataclass(frozen=True)
 class SemanticTokenizer:
-    model: Wav2Vec2Conformer
+    model: SSLTower
     layer: int
     ssl_params: Any
     centroids: jax.Array  # [K, D]

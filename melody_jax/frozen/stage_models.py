@@ -19,6 +19,7 @@ from melody_jax.audio.chroma import NUM_CHROMA
 from melody_jax.models import codec, discriminators, vae_gan
 from melody_jax.models.conformer import Wav2Vec2Conformer
 from melody_jax.models.dpd import DPD
+from melody_jax.models.hubert import Hubert
 from melody_jax.models.mulan import MuLan
 from melody_jax.models.musicgen_lm import MusicGenLM
 from melody_jax.models.semantic_lm import SemanticLM
@@ -74,7 +75,27 @@ def ssl_model(m) -> Wav2Vec2Conformer:
         dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.get("scan_layers", False))
 
 
+def hubert_model(config) -> Hubert:
+    """A converted HuBERT/MERT (`model.arch = "hubert"`, convert/hf_hubert.py) taking `data.sample_rate` audio."""
+    m = config.model
+    return Hubert(conv_channels=tuple(m.conv_channels), conv_kernels=tuple(m.conv_kernels),
+                  conv_strides=tuple(m.conv_strides), conv_bias=m.conv_bias, feature_norm=m.feature_norm,
+                  embed_dim=m.embed_dim, num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+                  pos_kernel=m.pos_kernel, pos_groups=m.pos_groups, stable_layer_norm=m.stable_layer_norm,
+                  residual_scale=m.residual_scale, layer_norm_eps=m.layer_norm_eps, normalize_audio=m.normalize_audio,
+                  model_rate=m.model_rate, input_rate=config.data.sample_rate, token_hop=m.token_hop,
+                  dtype=jnp.dtype(m.dtype))
+
+
+def ssl_tower(config) -> Wav2Vec2Conformer | Hubert:
+    """The ssl stage's network: our Conformer, or a converted HuBERT-family tower (frozen only)."""
+    return hubert_model(config) if config.model.get("arch") == "hubert" else ssl_model(config.model)
+
+
 def _ssl(config) -> StageModel:
+    if config.model.get("arch") == "hubert":
+        tower = hubert_model(config)
+        return StageModel(tower, lambda rng: tower.init(rng, jnp.zeros((1, tower.model_rate)))["params"])
     model, audio = ssl_model(config.model), jnp.zeros((1, crop_samples(config)))
 
     def init(rng):

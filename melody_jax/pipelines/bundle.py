@@ -19,6 +19,7 @@ import ml_collections
 
 from melody_jax.frozen.codec import MUSICGEN_STAGES, check_musicgen_fit
 from melody_jax.frozen.loader import KEEP, load_stage, read_stage_config
+from melody_jax.frozen.stage_models import ssl_tower
 from melody_jax.training import config as config_lib
 from melody_jax.training import lora
 from melody_jax.training.checkpoint import Checkpointer, param_signature
@@ -55,7 +56,7 @@ def check_fit(configs: Mapping[str, ml_collections.ConfigDict]) -> None:
     _need(rvq.model.embed_dim == mulan.model.out_dim,
           f"rvq quantizes {rvq.model.embed_dim}-d embeddings, mulan embeds to {mulan.model.out_dim}")
     latent_rate = rate / math.prod(vae.model.encoder.rates)
-    token_rate = rate / math.prod(ssl.model.conv_strides)
+    token_rate = rate / ssl_tower(ssl).hop
     frames = latent_rate / token_rate
     _need(frames == round(frames), f"vae_gan latents ({latent_rate:g} Hz) are not a whole multiple of "
                                    f"the semantic tokens ({token_rate:g} Hz)")

@@ -37,6 +37,8 @@ class SSLTask(SourcedTask):
     def validate(self) -> None:
         c = self.config
         m = c.model
+        require(m.get("arch", "conformer") == "conformer", f"config.model.arch={m.get('arch')!r}: a converted "
+                "HuBERT/MERT tower is frozen (fit k-means on it with config.upstream.ssl); only 'conformer' trains")
         positive(c, "model.embed_dim", "model.num_layers", "model.num_heads", "model.mlp_dim", "model.conv_kernel",
                  "model.num_groups", "model.num_vars", "model.codevector_dim", "model.final_dim", "model.mask_length",
                  "model.num_negatives", "model.logit_temperature", "model.gumbel_start", "model.gumbel_end",
