@@ -33,6 +33,14 @@ def read_progress(root: str, split: str, process: int) -> dict[str, Any] | None:
         return None
 
 
+def check_settings(root: str, split: str, process: int, settings: dict[str, Any]) -> None:
+    """A ConfigError when this process's `split` in `root` was started with other settings."""
+    progress = read_progress(root, split, process)
+    if progress is not None and progress["settings"] != json.loads(json.dumps(settings)):  # as it reads back
+        raise ConfigError(f"--out={root}: its {split!r} split was started with other settings "
+                          f"({progress['settings']}, now {settings}); use a fresh --out")
+
+
 class ShardWriter:
     """Serialized records → `root/<split>/p<process>-<k>.tfrecord`, a new shard once one holds `max_bytes`.
 
@@ -43,12 +51,9 @@ class ShardWriter:
     def __init__(self, root: str, split: str, process: int, max_bytes: int, settings: dict[str, Any]):
         self.root, self.split, self.process, self.max_bytes = root, split, process, max(1, int(max_bytes))
         os.makedirs(os.path.join(root, split), exist_ok=True)
-        settings = json.loads(json.dumps(settings))  # as it reads back
+        check_settings(root, split, process, settings)
         self.progress = read_progress(root, split, process) or {
             "settings": settings, "shards": [], "position": None, "done": False}
-        if self.progress["settings"] != settings:
-            raise ConfigError(f"--out={root}: its {split!r} split was started with other settings "
-                              f"({self.progress['settings']}, now {settings}); use a fresh --out")
         kept = {os.path.join(root, s["file"]) for s in self.progress["shards"]}
         for path in glob.glob(os.path.join(root, split, f"p{process:05d}-*.tfrecord*")):
             if path not in kept:  # a shard a kill interrupted, or one committed but not yet listed

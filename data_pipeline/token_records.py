@@ -129,7 +129,7 @@ class RecordIterator:
         seed = self.seed * 1_000_003 + epoch
         files = tf.data.Dataset.from_tensor_slices(self.files).shuffle(len(self.files), seed=seed)
         records = files.interleave(tf.data.TFRecordDataset, cycle_length=min(self.CYCLE, len(self.files)),
-                                   block_length=1, deterministic=True)
+                                   block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if not self.by_file:  # the same order on every host: each keeps its every n-th record
             records = records.shard(jax.process_count(), jax.process_index())
         return records.shuffle(self.shuffle_buffer, seed=seed)

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec
 
 from data_pipeline.audio_io import from_pcm
 from data_pipeline.builder import host_split
-from data_pipeline.record_shards import ShardWriter, write_manifest
+from data_pipeline.record_shards import ShardWriter, check_settings, write_manifest
 from data_pipeline.token_records import serialized_rows
 from melody_jax.frozen.mulan import FrozenMuLan
 from melody_jax.frozen.semantic import SemanticTokenizer
@@ -85,10 +85,13 @@ def host_crops(data_path: str, split: str, rate: int, spec: CropSpec, position: 
 
 
 class FrozenStages:
-    """The three frozen stages as one jitted function of a global audio batch on `mesh`."""
+    """The three frozen stages as one jitted function of a global audio batch on `mesh`.
+
+    `stage_dirs` names the directories of "vae_gan", "ssl", "kmeans", "mulan" and "rvq".
+    """
 
     def __init__(self, stage_dirs: dict[str, str], mesh: jax.sharding.Mesh, rules: Rules):
-        d = stage_dirs
+        d = self.dirs = {k: os.path.abspath(v) for k, v in stage_dirs.items()}
         self.vae = FrozenVAE.load(d["vae_gan"], mesh, rules)
         self.tokenizer = SemanticTokenizer.load(d["kmeans"], d["ssl"], mesh, rules)
         self.mulan = FrozenMuLan.load(d["mulan"], d["rvq"], mesh, rules)
@@ -140,29 +143,31 @@ def _tokenize_split(stages: FrozenStages, data_path: str, split: str, out: str, 
     return sum(s["records"] for s in writer.progress["shards"])
 
 
-def tokenize_dataset(data_path: str, splits: list[str], out: str, stage_dirs: dict[str, str], spec: CropSpec,
-                     batch_size: int, mesh: jax.sharding.Mesh, rules: Rules, *,
-                     shard_mb: float = 256.0) -> dict[str, dict[str, Any]]:
-    """Runs the frozen VAE encoder, SSL + k-means and MuLan + RVQ over each of the prepared dataset's
-    `splits` on `mesh` (every host calls it alike) and writes every crop's records into shards of
-    about `shard_mb` MB under `out`; returns each split's manifest entry. A rerun resumes.
+def tokenize_dataset(data_path: str, splits: list[str], out: str, stages: FrozenStages, spec: CropSpec,
+                     batch_size: int, *, shard_mb: float = 256.0) -> dict[str, dict[str, Any]]:
+    """Runs the frozen stages over each of the prepared dataset's `splits` on their mesh (every host
+    calls it alike) and writes every crop's records into shards of about `shard_mb` MB under `out`;
+    returns each split's manifest entry. A rerun resumes; a finished split is not redone.
 
-    `stage_dirs` names the directories of "vae_gan", "ssl", "kmeans", "mulan" and "rvq"; `batch_size`
-    is the global batch (a multiple of the mesh's devices and of the processes).
+    `batch_size` is the global batch (a multiple of the mesh's devices and of the processes).
     """
     spec.check()
-    devices = batch_divisor(mesh)
+    devices = batch_divisor(stages.mesh)
     if batch_size < 1 or batch_size % devices or batch_size % jax.process_count():
         raise ConfigError(f"--batch_size={batch_size} must be a positive multiple of the {devices} devices "
                           f"and {jax.process_count()} processes")
-    stages = FrozenStages(stage_dirs, mesh, rules)
+    settings = {"crops": dataclasses.asdict(spec), "processes": jax.process_count(),
+                "data": os.path.abspath(data_path), "stages": stages.dirs}
+    for split in splits:  # before any stage is loaded: a finished or foreign cache costs nothing
+        check_settings(out, split, jax.process_index(), settings)
+    finished = read_manifest(out).get("splits", {})
+    if all(split in finished for split in splits):
+        return {split: finished[split] for split in splits}
     rate, hops = stages.vae.sample_rate, (stages.tokenizer.hop, stages.vae.hop)
     crop = int(round(spec.seconds * rate))
     if crop % hops[0] or crop % hops[1]:
         raise ConfigError(f"--crop_seconds={spec.seconds}: {crop} samples is not a whole number of semantic "
                           f"tokens ({hops[0]} samples) and latent frames ({hops[1]} samples)")
-    settings = {"crops": dataclasses.asdict(spec), "processes": jax.process_count(),
-                "data": os.path.abspath(data_path), "stages": {k: os.path.abspath(v) for k, v in stage_dirs.items()}}
     fields = {"latents": [crop // hops[1], stages.vae.latent_dim], "semantic_tokens": [crop // hops[0]],
               "mulan_tokens": [stages.mulan.num_tokens]}
     written = {}

@@ -84,15 +84,16 @@ def main(argv: list[str]) -> None:
 
     import jax
 
-    from data_pipeline.tokenized import tokenize_dataset
+    from data_pipeline.tokenized import FrozenStages, tokenize_dataset
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
     def run() -> None:
         out, splits = check_arguments()
         dirs = {stage: flag.value for stage, flag in _STAGES.items()}
         start = time.perf_counter()
-        written = tokenize_dataset(_DATA.value, splits, out, dirs, crop_spec(), _BATCH.value,
-                                   make_mesh({"data": -1}), DEFAULT_RULES, shard_mb=_SHARD_MB.value)
+        stages = FrozenStages(dirs, make_mesh({"data": -1}), DEFAULT_RULES)
+        written = tokenize_dataset(_DATA.value, splits, out, stages, crop_spec(), _BATCH.value,
+                                   shard_mb=_SHARD_MB.value)
         seconds = time.perf_counter() - start
         if jax.process_index() == 0:
             for split, entry in written.items():

@@ -21,10 +21,7 @@ from data_pipeline.audio_io import from_pcm
 from data_pipeline.builder import host_split
 from data_pipeline.record_shards import ShardWriter, read_progress, write_manifest
 from data_pipeline.token_records import Field, RecordIterator, serialized_rows
-from data_pipeline.tokenized import CropSpec, tokenize_dataset
-from melody_jax.frozen.mulan import FrozenMuLan
-from melody_jax.frozen.semantic import SemanticTokenizer
-from melody_jax.frozen.vae import FrozenVAE
+from data_pipeline.tokenized import CropSpec, FrozenStages, tokenize_dataset
 from melody_jax.tasks.registry import get_task
 from melody_jax.tasks.sources import cache_shards, read_manifest
 from melody_jax.training.errors import ConfigError
@@ -48,6 +45,12 @@ def stages(tmp_path_factory):
     return {stage: str(root / stage) for stage in TOKENIZE_STAGES}
 
 
+@pytest.fixture(scope="module")
+def frozen(stages):
+    """The stages loaded once on all 8 devices (every run of the module shares their compiled step)."""
+    return FrozenStages(stages, make_mesh({"data": -1}), DEFAULT_RULES)
+
+
 @pytest.fixture
 def data(prepared_data):
     return prepared_data(source="synthetic", num_clips=12, clip_seconds=1.5, sample_rate=RATE, seed=3,
@@ -69,9 +72,8 @@ def cache_records(out: str, split: str) -> dict[tuple[int, int], dict[str, np.nd
     return records
 
 
-def tokenize(data: str, out, stages: dict, spec: CropSpec = SLIDING, shard_mb: float = 0.02, splits=("train",)):
-    return tokenize_dataset(data, list(splits), str(out), stages, spec, 8, make_mesh({"data": -1}), DEFAULT_RULES,
-                            shard_mb=shard_mb)
+def tokenize(data: str, out, frozen: FrozenStages, spec: CropSpec = SLIDING, splits=("train",)):
+    return tokenize_dataset(data, list(splits), str(out), frozen, spec, 8, shard_mb=0.02)
 
 
 def test_crop_modes():
@@ -93,8 +95,8 @@ def test_crop_modes():
             bad.check()
 
 
-def test_tokenize_streams_shards_and_resumes_after_a_crash(tmp_path, stages, data, monkeypatch):
-    written = tokenize(data, tmp_path / "clean", stages, splits=("train", "validation"))
+def test_tokenize_streams_shards_and_resumes_after_a_crash(tmp_path, frozen, data, monkeypatch):
+    written = tokenize(data, tmp_path / "clean", frozen, splits=("train", "validation"))
     clips = {split: clip_audio(data, split) for split in ("train", "validation")}
     for split, entry in written.items():
         expected = sum(len(SLIDING.starts(len(a), RATE, split, 0)) for a in clips[split].values())
@@ -104,17 +106,11 @@ def test_tokenize_streams_shards_and_resumes_after_a_crash(tmp_path, stages, dat
     clean = cache_records(str(tmp_path / "clean"), "train")
     assert len(clean) == written["train"]["records"]
 
-    # the records are the frozen stages' own outputs for those crops, one device, outside the job
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    vae = FrozenVAE.load(stages["vae_gan"], mesh, DEFAULT_RULES)
-    tokenizer = SemanticTokenizer.load(stages["kmeans"], stages["ssl"], mesh, DEFAULT_RULES)
-    mulan = FrozenMuLan.load(stages["mulan"], stages["rvq"], mesh, DEFAULT_RULES)
-    keys = sorted(clean)[:4]
-    audio = np.stack([clips["train"][c][s:s + int(CROP * RATE)] for c, s in keys])
-    np.testing.assert_allclose(np.asarray(vae.encode(audio)).reshape(4, -1),
-                               [clean[k]["latents"] for k in keys], atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(tokenizer(audio)), [clean[k]["semantic_tokens"] for k in keys])
-    np.testing.assert_array_equal(np.asarray(mulan.audio_tokens(audio)), [clean[k]["mulan_tokens"] for k in keys])
+    # the records are the stages' outputs for those crops (cut here from the clips)
+    keys = sorted(clean)[:8]
+    expected = frozen(np.stack([clips["train"][c][s:s + int(CROP * RATE)] for c, s in keys]))
+    for field, values in expected.items():
+        np.testing.assert_array_equal([clean[k][field] for k in keys], values.reshape(8, -1))
 
     # a crash in the middle of the third shard: two committed, one partial; the rerun completes it
     out = tmp_path / "crashed"
@@ -128,12 +124,12 @@ def test_tokenize_streams_shards_and_resumes_after_a_crash(tmp_path, stages, dat
 
     monkeypatch.setattr(ShardWriter, "write", crashing)
     with pytest.raises(KeyboardInterrupt):
-        tokenize(data, out, stages)
+        tokenize(data, out, frozen)
     monkeypatch.setattr(ShardWriter, "write", real_write)
     progress = read_progress(str(out), "train", 0)
     assert len(progress["shards"]) == 2 and not progress["done"]
     assert any(f.endswith(".partial") for f in os.listdir(out / "train")) and read_manifest(str(out)) == {}
-    again = tokenize(data, out, stages)
+    again = tokenize(data, out, frozen)
     assert again["train"]["records"] == written["train"]["records"]
     resumed = cache_records(str(out), "train")
     assert resumed.keys() == clean.keys()
@@ -143,9 +139,9 @@ def test_tokenize_streams_shards_and_resumes_after_a_crash(tmp_path, stages, dat
     listed = {os.path.basename(s["file"]) for s in again["train"]["shards"]}
     assert set(os.listdir(out / "train")) == listed | {"p00000.progress.json"}, "nothing half-written is left"
 
-    assert tokenize(data, out, stages)["train"] == again["train"]  # finished: a rerun changes nothing
+    assert tokenize(data, out, frozen)["train"] == again["train"]  # finished: a rerun changes nothing
     with pytest.raises(ConfigError, match="started with other settings"):
-        tokenize(data, out, stages, spec=CropSpec(CROP))
+        tokenize(data, out, frozen, spec=CropSpec(CROP))
 
 
 def clip_audio(data: str, split: str) -> dict[int, np.ndarray]:
@@ -229,3 +225,38 @@ def test_paper_dpd_without_a_data_path_exits_2_naming_the_field(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("error: config.data.path is empty; data.source='cached' needs the cache folder")
     assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.slow  # a two-process job, killed and rerun, against this process's run
+def test_two_processes_tokenize_what_one_does_and_survive_kill_9(tmp_path, stages, frozen, data):
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "launch.multiprocess", "--num_processes=2", "--devices_per_process=4",
+           "--module=launch.tokenize", "--timeout_s=280", "--", f"--data={data}", f"--out={out}",
+           "--splits=train,validation", "--crops=sliding", f"--crop_seconds={CROP}", "--crop_hop_seconds=0.32",
+           "--batch_size=8", "--shard_mb=0.0001",  # one record a shard: a kill lands between commits
+           *(f"--{'vae' if s == 'vae_gan' else s}={d}" for s, d in stages.items())]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.time() + 240
+    while not all((read_progress(str(out), "train", p) or {}).get("shards") for p in (0, 1)):
+        assert job.poll() is None and time.time() < deadline, "the job ended before any shard was committed"
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both processes, at once
+    job.wait()
+    progress = [read_progress(str(out), split, p) for split in ("train", "validation") for p in (0, 1)]
+    assert not all(p and p["done"] for p in progress), "killed in the middle"
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-2000:]
+    assert "[p0] train: 24 crops of 0.64 s in 24 shards" in rerun.stdout
+    one = tmp_path / "one"
+    tokenize(data, one, frozen, splits=("train", "validation"))
+    for split in ("train", "validation"):
+        files = {s["file"].split("/")[1][:6] for s in read_manifest(str(out))["splits"][split]["shards"]}
+        assert files == {"p00000", "p00001"}, "each process writes its own shards"
+        two, single = cache_records(str(out), split), cache_records(str(one), split)  # no duplicate in either
+        assert two.keys() == single.keys(), "the union of the shards is the one-process run's crops"
+        for key in single:
+            np.testing.assert_allclose(two[key]["latents"], single[key]["latents"], atol=1e-6)
+            np.testing.assert_array_equal(two[key]["semantic_tokens"], single[key]["semantic_tokens"])
+            np.testing.assert_array_equal(two[key]["mulan_tokens"], single[key]["mulan_tokens"])
