@@ -14,8 +14,10 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
+from data_pipeline.token_records import serialized_rows
 from melody_jax.tasks.sources import MANIFEST, read_manifest
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.metrics import write_json_atomic
@@ -118,3 +120,13 @@ def write_manifest(root: str, split: str, processes: int, extra: dict[str, Any] 
     manifest.setdefault("splits", {})[split] = entry
     write_json_atomic(os.path.join(root, MANIFEST), manifest)
     return entry
+
+
+def write_cache(root: str, split: str, arrays: dict[str, np.ndarray], max_bytes: int = 1 << 28) -> int:
+    """Arrays [N, ...] (integers ≥ 0 or floats) written by this one process as `split` of the cache
+    folder `root`, one record per row, shards and manifest included; returns N."""
+    writer = ShardWriter(root, split, 0, max_bytes, {})
+    for i, row in enumerate(serialized_rows(arrays)):
+        writer.write(row, i + 1)
+    writer.finish()
+    return write_manifest(root, split, 1)["records"]

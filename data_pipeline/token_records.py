@@ -66,24 +66,6 @@ def serialized_rows(arrays: Mapping[str, np.ndarray]) -> list[bytes]:
             .SerializeToString() for i in range(check_arrays(arrays))]
 
 
-def write_records(path: str, arrays: Mapping[str, np.ndarray]) -> int:
-    """Writes arrays [N, ...] (integers ≥ 0 or floats), one Example per row, to one file; returns N."""
-    rows = serialized_rows(arrays)
-    with tf.io.TFRecordWriter(path) as writer:
-        for row in rows:
-            writer.write(row)
-    return len(rows)
-
-
-def write_token_records(path: str, mulan_tokens: np.ndarray, semantic_tokens: np.ndarray) -> int:
-    """Writes int [N, 12] MuLan and int [N, T] semantic tokens to one TFRecord file; returns N."""
-    mulan, semantic = np.asarray(mulan_tokens), np.asarray(semantic_tokens)
-    for name, a in (("mulan_tokens", mulan), ("semantic_tokens", semantic)):
-        if not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"{name} must be non-negative integers, got dtype {a.dtype}")
-    return write_records(path, {"mulan_tokens": mulan, "semantic_tokens": semantic})
-
-
 class RecordIterator:
     """Endless global batches of the named `fields` (int32 codes, float32 values) from cache shards.
 

@@ -149,27 +149,25 @@ def clip_audio(data: str, split: str) -> dict[int, np.ndarray]:
     return {int(ex["id"]): from_pcm(ex["audio"]) for ex in host_split(data, split).as_numpy_iterator()}
 
 
-def write_cache(out: str, split: str, sizes: list[int]) -> dict[int, np.ndarray]:
-    """Shards of `sizes` records (DPD fields, L = 32, T = 4) and their manifest; record i's latents are i."""
-    start, values = 0, {}
+def write_shards(out: str, split: str, sizes: list[int]) -> None:
+    """Shards of `sizes` records (DPD fields, L = 32, T = 4), one writer each, and their manifest;
+    record i's `clip_id` and latents are i."""
+    start = 0
     for k, size in enumerate(sizes):
         writer = ShardWriter(out, split, k, max_bytes=1 << 30, settings={})
         ids = np.arange(start, start + size)
-        rows = serialized_rows({"latents": np.repeat(ids[:, None, None], 32 * 16, 1).reshape(size, 32, 16)
-                                .astype(np.float32), "semantic_tokens": ids[:, None] % 8 * np.ones((1, 4), int),
-                                "clip_id": ids[:, None]})
+        rows = serialized_rows({"latents": np.broadcast_to(ids[:, None, None], (size, 32, 16)).astype(np.float32),
+                                "semantic_tokens": np.broadcast_to(ids[:, None] % 8, (size, 4)), "clip_id": ids[:, None]})
         for i, row in zip(ids, rows):
             writer.write(row, int(i))
-            values[int(i)] = i
         writer.finish()
         start += size
     write_manifest(out, split, len(sizes))
-    return values
 
 
 @pytest.mark.parametrize("sizes", [[10, 7, 12, 5, 9], [30]], ids=["by_file", "by_record"])
 def test_cached_source_splits_shards_over_hosts_and_interleaves_them(tmp_path, monkeypatch, sizes):
-    write_cache(str(tmp_path), "train", sizes)
+    write_shards(str(tmp_path), "train", sizes)
     shards = cache_shards(str(tmp_path), "train")
     fields = {"latents": Field((32, 16)), "semantic_tokens": Field((4,), 8)}
     mesh = make_mesh({"data": -1})
