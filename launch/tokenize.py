@@ -90,8 +90,8 @@ def main(argv: list[str]) -> None:
     def run() -> None:
         out, splits = check_arguments()
         dirs = {stage: flag.value for stage, flag in _STAGES.items()}
-        start = time.perf_counter()
         stages = FrozenStages(dirs, make_mesh({"data": -1}), DEFAULT_RULES)
+        start = time.perf_counter()
         written = tokenize_dataset(_DATA.value, splits, out, stages, crop_spec(), _BATCH.value,
                                    shard_mb=_SHARD_MB.value)
         seconds = time.perf_counter() - start

@@ -4,7 +4,6 @@ The frozen stages are untrained tiny ones (what is checked — which crops, thei
 resumption, the split over hosts — does not depend on trained weights); the data is a prepared
 synthetic dataset of 1.5-s clips, cut into 0.64-s crops (the tiny DPD's window).
 """
-import json
 import os
 import signal
 import subprocess
@@ -157,7 +156,8 @@ def write_shards(out: str, split: str, sizes: list[int]) -> None:
         writer = ShardWriter(out, split, k, max_bytes=1 << 30, settings={})
         ids = np.arange(start, start + size)
         rows = serialized_rows({"latents": np.broadcast_to(ids[:, None, None], (size, 32, 16)).astype(np.float32),
-                                "semantic_tokens": np.broadcast_to(ids[:, None] % 8, (size, 4)), "clip_id": ids[:, None]})
+                                "semantic_tokens": np.broadcast_to(ids[:, None] % 8, (size, 4)),
+                                "clip_id": ids[:, None]})
         for i, row in zip(ids, rows):
             writer.write(row, int(i))
         writer.finish()
