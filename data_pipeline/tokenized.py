@@ -158,7 +158,7 @@ def tokenize_dataset(data_path: str, splits: list[str], out: str, stages: Frozen
                           f"and {jax.process_count()} processes")
     settings = {"crops": dataclasses.asdict(spec), "processes": jax.process_count(),
                 "data": os.path.abspath(data_path), "stages": stages.dirs}
-    for split in splits:  # before any stage is loaded: a finished or foreign cache costs nothing
+    for split in splits:  # before any work: a foreign cache is refused, a finished one returned
         check_settings(out, split, jax.process_index(), settings)
     finished = read_manifest(out).get("splits", {})
     if all(split in finished for split in splits):
