@@ -278,17 +278,23 @@ def held_out_split(path: str, split: str) -> str | None:
     return split
 
 
-def read_clips(path: str, split: str = "train", sample_rate: int | None = None,
-               limit: int | None = None) -> list[dict[str, Any]]:
-    """This host's share of a prepared split (its first `limit` examples) as dicts of float32 `audio`,
-    `caption`, `tags` and `attributes` (a dict); `sample_rate`, when given, must be the data's rate."""
+def host_split(path: str, split: str, sample_rate: int | None = None):
+    """This host's share of a prepared split (`tfds.split_for_jax_process`) as a tf.data.Dataset of
+    its examples in order; `sample_rate`, when given, must be the data's rate."""
     builder = tfds.builder_from_directory(find_prepared(path))
     rate = builder.info.metadata["settings"]["sample_rate"]
     if sample_rate is not None and rate != sample_rate:
         raise PrepareError(f"{path} was prepared at {rate} Hz, not the model's {sample_rate} Hz")
     if split not in builder.info.splits:
         raise PrepareError(f"{path} has no split {split!r} (it has {sorted(builder.info.splits)})")
-    ds = builder.as_dataset(split=tfds.split_for_jax_process(split))
+    return builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
+
+
+def read_clips(path: str, split: str = "train", sample_rate: int | None = None,
+               limit: int | None = None) -> list[dict[str, Any]]:
+    """This host's share of a prepared split (its first `limit` examples) as dicts of float32 `audio`,
+    `caption`, `tags` and `attributes` (a dict); `sample_rate`, when given, must be the data's rate."""
+    ds = host_split(path, split, sample_rate)
     if limit is not None:
         ds = ds.take(limit)
     return [{"audio": audio_io.from_pcm(ex["audio"]), "caption": ex["caption"].decode("utf-8"),

@@ -1,18 +1,22 @@
 """Cached stage inputs as TFRecords: written once by `launch.tokenize`, read by tf.data.
 
 `launch.tokenize` runs the frozen MuLan + RVQ, SSL + k-means and VAE-GAN encoder once over a
-dataset and writes, per clip, one `tf.train.Example` with `mulan_tokens` int64[12],
-`semantic_tokens` int64[T] and `latents` float[L · 16] (row-major [L, 16]), so the semantic LM and
-the DPD train without those models in their step. Each reader names the fields it needs.
+dataset and writes, per crop, one `tf.train.Example` with `mulan_tokens` int64[12],
+`semantic_tokens` int64[T], `latents` float[L · 16] (row-major [L, 16]) and where the crop came from
+(`clip_id`, `crop_start` in samples), into shard files a manifest lists (data_pipeline/tokenized.py),
+so the semantic LM and the DPD train without those models in their step. Each reader names the
+fields it needs.
 
 Reading is deterministic and resumable from one number, the batches consumed: epoch e is this host's
-records (every process_count-th) shuffled from (seed, e), and epochs follow each other unmixed. A
-restore rebuilds epoch n·b // epoch_size and skips the rest in still-serialized records (no parsing).
+records interleaved and shuffled from (seed, e), and epochs follow each other unmixed. A restore
+rebuilds epoch n·b // epoch_size (its size from the manifest's counts) and skips the rest in
+still-serialized records (no parsing).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -42,9 +46,8 @@ def _feature(values: np.ndarray) -> tf.train.Feature:
     return tf.train.Feature(float_list=tf.train.FloatList(value=flat.astype(np.float32).tolist()))
 
 
-def write_records(path: str, arrays: Mapping[str, np.ndarray]) -> int:
-    """Writes arrays [N, ...] (integers ≥ 0 or floats), one Example per row, to one file; returns N."""
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+def check_arrays(arrays: Mapping[str, np.ndarray]) -> int:
+    """N of arrays [N, ...] that may be written: integers ≥ 0 or finite floats, one N; ValueError otherwise."""
     sizes = {len(v) for v in arrays.values()}
     if len(sizes) != 1 or any(v.ndim < 2 for v in arrays.values()):
         raise ValueError(f"need arrays [N, ...] with one N, got {({k: v.shape for k, v in arrays.items()})}")
@@ -53,59 +56,65 @@ def write_records(path: str, arrays: Mapping[str, np.ndarray]) -> int:
             raise ValueError(f"{name} must be non-negative integers")
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             raise ValueError(f"{name} holds non-finite values")
-    with tf.io.TFRecordWriter(path) as writer:
-        for i in range(sizes.pop()):
-            example = tf.train.Example(features=tf.train.Features(
-                feature={k: _feature(v[i]) for k, v in arrays.items()}))
-            writer.write(example.SerializeToString())
-    return len(next(iter(arrays.values())))
+    return sizes.pop()
 
 
-def write_token_records(path: str, mulan_tokens: np.ndarray, semantic_tokens: np.ndarray) -> int:
-    """Writes int [N, 12] MuLan and int [N, T] semantic tokens to one TFRecord file; returns N."""
-    mulan, semantic = np.asarray(mulan_tokens), np.asarray(semantic_tokens)
-    for name, a in (("mulan_tokens", mulan), ("semantic_tokens", semantic)):
-        if not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"{name} must be non-negative integers, got dtype {a.dtype}")
-    return write_records(path, {"mulan_tokens": mulan, "semantic_tokens": semantic})
+def serialized_rows(arrays: Mapping[str, np.ndarray]) -> list[bytes]:
+    """One serialized Example per row of arrays [N, ...] (checked by `check_arrays`)."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    return [tf.train.Example(features=tf.train.Features(feature={k: _feature(v[i]) for k, v in arrays.items()}))
+            .SerializeToString() for i in range(check_arrays(arrays))]
 
 
 class RecordIterator:
-    """Endless global batches of the named `fields` (int32 codes, float32 values) from records.
+    """Endless global batches of the named `fields` (int32 codes, float32 values) from cache shards.
 
-    `pattern` is a file or glob. The first record's field sizes are checked against `fields`, and
-    every batch's codes against their vocabulary, with errors naming the config setting.
+    `shards` lists (file, records) as the cache's manifest does. With at least one file per process
+    each host reads its own files (every process_count-th), else every host reads all and keeps
+    every process_count-th record. An epoch interleaves the host's files in an order drawn from
+    (seed, epoch), `CYCLE` at a time, then shuffles records in a buffer. The first record's field
+    sizes are checked against `fields`, and every batch's codes against their vocabulary.
     """
 
-    def __init__(self, pattern: str, fields: Mapping[str, Field], *, global_batch_size: int,
+    CYCLE = 8  # shard files read at once
+
+    def __init__(self, shards: Sequence[tuple[str, int]], fields: Mapping[str, Field], *, global_batch_size: int,
                  mesh: jax.sharding.Mesh, seed: int, shuffle_buffer: int):
         hide_gpus_from_tensorflow()
-        self.files = sorted(tf.io.gfile.glob(pattern))
-        if not self.files:
-            raise ConfigError(f"config.data.path={pattern!r} matches no files")
+        if not shards:
+            raise ConfigError("config.data.path: the cache lists no shard files")
+        n, i = jax.process_count(), jax.process_index()
+        files, counts = [f for f, _ in shards], [c for _, c in shards]
+        self.by_file = len(files) >= n
+        self.files = files[i::n] if self.by_file else files
+        total = sum(counts)
+        self.epoch_size = sum(counts[i::n]) if self.by_file else total // n + int(i < total % n)
+        if self.epoch_size == 0:
+            raise ConfigError(f"config.data.path={os.path.dirname(files[0])!r}: process {i} gets no records")
         self.fields, self.mesh, self.seed, self.shuffle_buffer = dict(fields), mesh, int(seed), shuffle_buffer
         rows = process_rows(global_batch_size)
         self.local_batch = rows.stop - rows.start
         self.features = {k: tf.io.FixedLenFeature([math.prod(f.shape)], tf.int64 if f.is_int else tf.float32)
                          for k, f in self.fields.items()}
-        self.epoch_size = int(self._host_records().reduce(np.int64(0), lambda n, _: n + 1))
-        if self.epoch_size == 0:
-            raise ConfigError(f"config.data.path={pattern!r}: process {jax.process_index()} gets no records")
-        record = tf.train.Example.FromString(next(iter(self._host_records().take(1))).numpy()).features.feature
+        first = next(iter(tf.data.TFRecordDataset(self.files[:1]).take(1))).numpy()
+        record = tf.train.Example.FromString(first).features.feature
         found = {k: (len(record[k].int64_list.value) or len(record[k].float_list.value)) if k in record else 0
                  for k in self.fields}
         expected = {k: math.prod(f.shape) for k, f in self.fields.items()}
         if found != expected:
-            raise ConfigError(f"config.data.path={pattern!r} holds field sizes {found}, the config expects "
-                              f"{expected}")
+            raise ConfigError(f"config.data.path={os.path.dirname(files[0])!r} holds field sizes {found}, the config "
+                              f"expects {expected}")
         self.batches = 0
         self._iterator = None
 
-    def _host_records(self) -> tf.data.Dataset:
-        return tf.data.TFRecordDataset(self.files).shard(jax.process_count(), jax.process_index())
-
     def _epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
-        return self._host_records().shuffle(self.shuffle_buffer, seed=self.seed * 1_000_003 + epoch)
+        seed = self.seed * 1_000_003 + epoch
+        files = tf.data.Dataset.from_tensor_slices(self.files).shuffle(len(self.files), seed=seed)
+        records = files.interleave(tf.data.TFRecordDataset, cycle_length=min(self.CYCLE, len(self.files)),
+                                   block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if not self.by_file:  # the same order on every host: each keeps its every n-th record
+            records = records.shard(jax.process_count(), jax.process_index())
+        return records.shuffle(self.shuffle_buffer, seed=seed)
 
     def _dataset(self) -> tf.data.Dataset:
         epoch, offset = divmod(self.batches * self.local_batch, self.epoch_size)

@@ -83,6 +83,25 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(e))
 
 
+class DistributedFlags:
+    """`--distributed/--coordinator/--num_processes/--process_id`: what every multi-host CLI takes."""
+
+    def __init__(self):
+        self.mode = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "Join a multi-process job: "
+                                      "auto = when a coordinator is given or a cluster (SLURM, Cloud TPU) detected.")
+        self.coordinator = flags.DEFINE_string("coordinator", "", "HOST:PORT of process 0's coordinator (explicit "
+                                               "start-up).")
+        self.num_processes = flags.DEFINE_integer("num_processes", 0, "Processes in the job (explicit start-up).")
+        self.process_id = flags.DEFINE_integer("process_id", -1, "This process's index in [0, num_processes).")
+
+    def join(self) -> bool:
+        """Joins the job (before JAX touches a device); one-line errors. True when distributed."""
+        from melody_jax.training.distributed import initialize
+
+        return run_user_errors(lambda: initialize(self.mode.value, self.coordinator.value, self.num_processes.value,
+                                                  self.process_id.value))
+
+
 def run_app(main: Callable[[list[str]], None]) -> None:
     """`app.run(main)` with `parse_flags`: every CLI's entry point."""
     app.run(main, flags_parser=parse_flags)

@@ -52,17 +52,17 @@ def tokenize(root: str, data: str) -> None:
     import jax
 
     from configs.melody import TOKEN_CROP_SECONDS, TOKENIZE_STAGES, TOKENS
-    from data_pipeline.tokenized import tokenize_dataset
-    from melody_jax.tasks.sources import TRAIN, records_path
+    from data_pipeline.tokenized import CropSpec, FrozenStages, tokenize_dataset
+    from melody_jax.tasks.sources import TRAIN, read_manifest
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
     out = os.path.join(root, TOKENS)
-    if os.path.exists(records_path(out, TRAIN)):
+    if TRAIN in read_manifest(out).get("splits", {}):
         return
     print("[demo] caching latents and tokens", flush=True)
     dirs = {s: os.path.join(root, s) for s in TOKENIZE_STAGES}
-    tokenize_dataset(data, [TRAIN], out, dirs, TOKEN_CROP_SECONDS, 16, make_mesh({"data": 1}, jax.devices()[:1]),
-                     DEFAULT_RULES)
+    stages = FrozenStages(dirs, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
+    tokenize_dataset(data, [TRAIN], out, stages, CropSpec(TOKEN_CROP_SECONDS), 16)
 
 
 def write_report(path: str, log: dict, outputs: list[dict], evaluation: str) -> None:

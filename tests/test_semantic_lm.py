@@ -13,8 +13,7 @@ from melody_jax.models.semantic_lm import stream_ids
 from melody_jax.pipelines.lm_sampling import (continue_tokens, continue_windows, sample, sample_from_logits,
                                               teacher_forced_logits)
 from melody_jax.tasks.semantic_lm import SemanticLMTask, rule_targets, synthetic_tokens
-from melody_jax.tasks.sources import records_path
-from data_pipeline.token_records import write_token_records
+from data_pipeline.record_shards import write_cache
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import ConfigError
 from melody_jax.tasks.registry import get_task
@@ -158,7 +157,7 @@ def test_sampling_under_a_mesh_equals_one_device(random_model):
 def test_cached_records_round_trip(tmp_path):
     mulan, semantic = synthetic_tokens(0, 0, 64, 12, 20, CODES, 4)
     path = str(tmp_path)
-    assert write_token_records(records_path(path, "train"), mulan, semantic) == 64
+    assert write_cache(path, "train", {"mulan_tokens": mulan, "semantic_tokens": semantic}, max_bytes=3000) == 64
     config = lm_config({"data.source": "cached", "data.path": path, "train.num_steps": 3, "train.checkpoint_every": 3})
     mesh = make_mesh(config.mesh)
     it = SemanticLMTask(config).train_iterator(mesh)

@@ -27,7 +27,7 @@ from melody_jax.diffusion.angles import (SCHEDULES, add_noise, chunk_boundaries,
                                          velocity)
 from melody_jax.frozen.stage_models import build_model, dpd_params
 from melody_jax.models.dpd import DPD
-from melody_jax.tasks.sources import SourcedTask, records_path, split_index
+from melody_jax.tasks.sources import SourcedTask, cache_shards, split_index
 from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.task import Batch, Metrics
@@ -164,16 +164,16 @@ class DPDTask(SourcedTask):
         fixed = self.fixed_angle_metrics(params, batch, jax.random.fold_in(rng, 1), EVAL_ANGLE)
         return {**super().eval_step(params, batch, rng), **fixed}
 
-    def _records(self, mesh: jax.sharding.Mesh, path: str):
+    def _records(self, mesh: jax.sharding.Mesh, shards: list[tuple[str, int]]):
         from data_pipeline.token_records import Field, RecordIterator  # TensorFlow: only when used
 
         c = self.config
         fields = {"latents": Field((c.data.latent_length, c.model.latent_dim)),
                   "semantic_tokens": Field((c.data.token_length,), c.model.vocab_size)}
-        return RecordIterator(path, fields, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
+        return RecordIterator(shards, fields, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
                               shuffle_buffer=c.data.shuffle_buffer)
 
     def batches(self, mesh: jax.sharding.Mesh, split: str):
         if self.config.data.source == "cached":
-            return self._records(mesh, records_path(self.config.data.path, split))
+            return self._records(mesh, cache_shards(self.config.data.path, split))
         return synthetic_latents(self.config, mesh, split)

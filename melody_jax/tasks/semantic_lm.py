@@ -29,7 +29,7 @@ from melody_jax.frozen.mulan import FrozenMuLan
 from melody_jax.frozen.semantic import SemanticTokenizer
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.semantic_lm import SemanticLM
-from melody_jax.tasks.sources import SourcedTask, prepared_audio, records_path, stream_seed
+from melody_jax.tasks.sources import SourcedTask, cache_shards, prepared_audio, stream_seed
 from melody_jax.training.config import positive, require
 from melody_jax.training.sharding import config_rules
 from melody_jax.training.task import Batch
@@ -144,19 +144,19 @@ class SemanticLMTask(SourcedTask):
         audio = prepared_audio(self.config, mesh, split, with_text=False, data=data)
         return FrozenInputs(audio, frozen, keys=("audio",))
 
-    def _records(self, mesh, path: str):
+    def _records(self, mesh, shards: list[tuple[str, int]]):
         from data_pipeline.token_records import Field, RecordIterator  # TensorFlow: only when used
 
         c = self.config
         fields = {"mulan_tokens": Field((c.model.num_mulan_tokens,), c.model.mulan_codebook_size),
                   "semantic_tokens": Field((c.data.semantic_len,), c.model.semantic_vocab_size)}
-        return RecordIterator(path, fields, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
+        return RecordIterator(shards, fields, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
                               shuffle_buffer=c.data.shuffle_buffer)
 
     def batches(self, mesh, split: str):
         source = self.config.data.source
         if source == "cached":
-            return self._records(mesh, records_path(self.config.data.path, split))
+            return self._records(mesh, cache_shards(self.config.data.path, split))
         if source == "frozen_models":
             return self._audio(mesh, split)
         return synthetic_batches(self.config, mesh, stream_seed(self.config.seed, split))

@@ -6,6 +6,7 @@ in `batches`; validation, the held-out split and the stream seeds are resolved h
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import os
 from typing import NamedTuple
@@ -14,6 +15,7 @@ import jax
 import ml_collections
 
 from melody_jax.training.config import require
+from melody_jax.training.errors import ConfigError
 from melody_jax.training.task import DataIterator, Task
 
 TRAIN = "train"
@@ -63,9 +65,25 @@ def stream_seed(seed: int, split: str) -> int:
     return seed + STREAM_OFFSET * split_index(split)
 
 
-def records_path(path: str, split: str) -> str:
-    """The cached records of `split` in the cache folder `path`."""
-    return os.path.join(path, f"{split}.tfrecord")
+MANIFEST = "manifest.json"  # in a cache folder: its splits' shard files and record counts (launch.tokenize)
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of the cache folder `path` ({} while there is none: no split finished yet)."""
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def cache_shards(path: str, split: str) -> list[tuple[str, int]]:
+    """(shard file, records) of `split` in the cache folder `path`, as its manifest lists them."""
+    splits = read_manifest(path).get("splits", {})
+    if split not in splits:
+        raise ConfigError(f"config.data.path={path!r} holds no finished {split!r} split of a cache "
+                          f"(`python -m launch.tokenize` writes {MANIFEST}; it lists {sorted(splits)})")
+    return [(os.path.join(path, s["file"]), int(s["records"])) for s in splits[split]["shards"]]
 
 
 def held_out_split(config: ml_collections.ConfigDict) -> str | None:
@@ -78,8 +96,8 @@ def held_out_split(config: ml_collections.ConfigDict) -> str | None:
         from data_pipeline.builder import held_out_split as dataset_split  # TensorFlow: only when used
 
         return dataset_split(d.path, d.eval_split)
-    if kind == "records" and not os.path.exists(records_path(d.path, d.eval_split)):
-        logging.warning("no evaluation: %s is missing (config.data.eval_split)", records_path(d.path, d.eval_split))
+    if kind == "records" and d.eval_split not in read_manifest(d.path).get("splits", {}):
+        logging.warning("no evaluation: the cache %s has no %r split (config.data.eval_split)", d.path, d.eval_split)
         return None
     return d.eval_split
 
