@@ -57,8 +57,10 @@ def test_hubert_loss_against_numpy():
 def test_wav2vec2_loss_counts_codes_in_use():
     b, t = 2, 10
     out = {"context": jnp.ones((b, t, 4)), "targets": jnp.ones((b, t, 4)), "mask": jnp.ones((b, t), bool),
-           "prob_perplexity": jnp.asarray(1.0), "code_perplexity": jnp.asarray(1.0), "feature_penalty": jnp.asarray(0.0)}
-    kwargs = dict(num_negatives=3, logit_temperature=0.1, num_codes=16, diversity_weight=0.0, feature_penalty_weight=0.0)
+           "prob_perplexity": jnp.asarray(1.0), "code_perplexity": jnp.asarray(1.0),
+           "feature_penalty": jnp.asarray(0.0)}
+    kwargs = dict(num_negatives=3, logit_temperature=0.1, num_codes=16, diversity_weight=0.0,
+                  feature_penalty_weight=0.0)
     codes = jnp.stack([jnp.broadcast_to(jnp.arange(t) % 5, (b, t)), jnp.zeros((b, t), jnp.int32)], -1)  # 5 + 1
     assert float(wav2vec2_loss({**out, "codes": codes}, jax.random.key(0), **kwargs)[1]["codes_in_use"]) == 6.0
 

@@ -95,8 +95,9 @@ class SSLTask(SourcedTask):
             require(up.model.hop == self.model.hop and up.config.data.sample_rate == c.data.sample_rate,
                     f"config.upstream.ssl: its frames (hop {up.model.hop} at {up.config.data.sample_rate} Hz) "
                     f"differ from this model's (hop {self.model.hop} at {c.data.sample_rate} Hz)")
-            require(c.model.target_layer <= up.config.model.num_layers, f"config.model.target_layer="
-                    f"{c.model.target_layer} but the SSL model in {c.upstream.ssl} has {up.config.model.num_layers} blocks")
+            blocks = up.config.model.num_layers
+            require(c.model.target_layer <= blocks, f"config.model.target_layer={c.model.target_layer} but the "
+                                                    f"SSL model in {c.upstream.ssl} has {blocks} blocks")
         self.frames = target_frames(c, up, self.model.hop)
         params = None if up is None else up.params
         targets = fit_targets(self.frames, params, prepared_audio(c, mesh, "train", with_text=False),
