@@ -1,4 +1,11 @@
-"""wav2vec 2.0-Conformer pre-training (DESIGN §4.2): the semantic tokenizer's encoder, before k-means.
+"""Conformer SSL pre-training (DESIGN §4.2): the semantic tokenizer's encoder, before k-means.
+
+`model.objective`: "wav2vec2" (the paper's: contrastive over a Gumbel codebook; every preset: at tiny scale
+it measured better than HuBERT's first iteration, README "What semantic tokens carry") or "hubert" (masked
+prediction of `num_targets` k-means clusters of `target_features` frames, fitted on the first
+`target_batches` batches).
+HuBERT's second iteration: `upstream.ssl=DIR` clusters that trained SSL model's block `target_layer`
+(-1 = middle) instead of the acoustic features.
 
 Parameter counts (from `jax.eval_shape` of the model): tiny 0.15M, small 6.7M, base 57.2M, paper 200.6M
 against the paper's 199.5M (paper: D 768, 14 Conformer blocks, FFN 3072, 12 heads, conv kernel 31,
@@ -7,6 +14,8 @@ exponentially from `gumbel_start` to `gumbel_end` over `gumbel_anneal_steps` (wa
 fairseq's ×0.999995 per step reaches 0.5 after ~277k steps). `tiny` is 1.6-s crops, 200 steps on CPU in minutes;
 set data.path (a dataset prepared at 24 kHz) for every preset.
 """
+import ml_collections
+
 from configs.common import base_config, check_preset, set_fields
 from data_pipeline.input import default_data_config
 
@@ -34,6 +43,12 @@ def get_config(arg: str | None = None):
     m = c.model
     m.arch = "conformer"  # "hubert": a converted HuBERT/MERT (launch.convert), frozen: k-means fits on it
     m.conv_strides = [5, 4, 4, 4, 3]  # total 960: 25 Hz at 24 kHz
+    m.objective = "wav2vec2"
+    m.num_targets = 24 if tiny else 100  # HuBERT's first iteration: 100 MFCC clusters; tiny: measured best
+    m.target_features = ["mfcc", "chroma"]  # timbre + pitch class (MERT adds a constant-Q view for music)
+    m.target_layer = -1  # with upstream.ssl: the block clustered for iteration 2 (-1 = middle)
+    m.unmasked_weight = 1.0 if tiny else 0.0  # HuBERT: α = 1, masked frames only; tiny: measured best
+    m.target_batches = 8 if tiny else 32
     m.num_groups = 2
     m.dropout = 0.0 if tiny else 0.1
     m.mask_prob = 0.65  # fairseq meaning: a span starts at a frame with probability mask_prob / mask_length
@@ -49,6 +64,8 @@ def get_config(arg: str | None = None):
     m.dtype = "float32" if preset in ("tiny", "small") else "bfloat16"
     m.remat = preset == "paper"
     m.scan_layers = False  # True: the Conformer blocks as one nn.scan (other param names)
+
+    c.upstream = ml_collections.ConfigDict({"ssl": ""})  # HuBERT iteration 2: the trained ssl stage's workdir
 
     c.data.update(default_data_config())
     c.data.source = "prepared_audio"  # data.path: a prepared dataset (launch.prepare_data)

@@ -72,7 +72,8 @@ def ssl_model(m) -> Wav2Vec2Conformer:
         num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim, conv_kernel=m.conv_kernel,
         num_groups=m.num_groups, num_vars=m.num_vars, codevector_dim=m.codevector_dim, final_dim=m.final_dim,
         dropout=m.dropout, mask_prob=m.mask_prob, mask_length=m.mask_length, normalize_audio=m.normalize_audio,
-        dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.get("scan_layers", False))
+        dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.get("scan_layers", False),
+        num_targets=m.num_targets if m.objective == "hubert" else 0)
 
 
 def hubert_model(config) -> Hubert:

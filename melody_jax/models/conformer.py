@@ -2,8 +2,11 @@
 
 audio [B, N] at 24 kHz → conv feature encoder (total stride 960 → 25 Hz) → LayerNorm → projection →
 span masking (learned mask embedding) → Conformer blocks with rotary self-attention → context [B, T, D].
-Targets come from a Gumbel-softmax product quantizer (G groups × V entries) over the unmasked conv
-features. The loss (contrastive + diversity, `melody_jax.models.ssl_loss`) lives outside the module.
+wav2vec 2.0: targets come from a Gumbel-softmax product quantizer (G groups × V entries) over the unmasked
+conv features. HuBERT (`num_targets` > 0): a linear head gives logits over that many discrete targets
+(k-means clusters computed outside, by the task) in place of the quantizer [choice: HuBERT projects and
+takes cosines with learned cluster embeddings; a linear head is the same family with fewer knobs]. The
+losses (`melody_jax.models.ssl_loss`) live outside the module.
 
 Logical axes: conv channels `conv_in`/`conv_out`, attention `heads`, FFN `mlp`; the conv module's
 depthwise channels are named `mlp` too (they are D wide, but it is their tensor-parallel axis), and
@@ -233,6 +236,7 @@ class Wav2Vec2Conformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False  # the blocks as one nn.scan (ScannedBlocks): other parameter names
+    num_targets: int = 0  # > 0: the HuBERT objective's head over that many targets, no quantizer
 
     def setup(self):
         self.feature_encoder = FeatureEncoder(tuple(self.conv_channels), tuple(self.conv_strides), self.dtype)
@@ -247,9 +251,12 @@ class Wav2Vec2Conformer(nn.Module):
         else:
             self.blocks = [block(self.num_heads, self.mlp_dim, self.conv_kernel, self.dropout, self.dtype)
                            for _ in range(self.num_layers)]
-        self.quantizer = GumbelQuantizer(self.num_groups, self.num_vars, self.codevector_dim, self.dtype)
-        self.project_q = dense(self.final_dim, ("embed", "latent"), jnp.float32, use_bias=True)
-        self.final_proj = dense(self.final_dim, ("embed", "latent"), jnp.float32, use_bias=True)
+        if self.num_targets:
+            self.target_head = dense(self.num_targets, ("embed", "vocab"), jnp.float32, use_bias=True)
+        else:
+            self.quantizer = GumbelQuantizer(self.num_groups, self.num_vars, self.codevector_dim, self.dtype)
+            self.project_q = dense(self.final_dim, ("embed", "latent"), jnp.float32, use_bias=True)
+            self.final_proj = dense(self.final_dim, ("embed", "latent"), jnp.float32, use_bias=True)
         self.input_dropout = nn.Dropout(self.dropout)
 
     @property
@@ -281,7 +288,8 @@ class Wav2Vec2Conformer(nn.Module):
 
     def __call__(self, audio: jax.Array, *, temperature: jax.Array | float = 1.0, train: bool = True,
                  mask: jax.Array | None = None) -> dict[str, jax.Array]:
-        """Masked forward. `mask` bool [B, T] overrides the random spans (rng stream "mask")."""
+        """Masked forward. `mask` bool [B, T] overrides the random spans (rng stream "mask"). HuBERT: returns
+        {"logits" [B, T, num_targets], "mask", "feature_penalty"}; wav2vec 2.0: context, targets and codes."""
         raw, feats, x = self.features(audio)
         penalty = jnp.mean(jnp.square(raw.astype(jnp.float32)))  # wav2vec 2.0's feature L2 penalty
         if mask is None:
@@ -293,6 +301,8 @@ class Wav2Vec2Conformer(nn.Module):
         else:
             for blk in self.blocks:
                 x = blk(x, not train)
+        if self.num_targets:
+            return {"logits": self.target_head(x.astype(jnp.float32)), "mask": mask, "feature_penalty": penalty}
         q, codes, prob_ppl, code_ppl = self.quantizer(feats, temperature, train)
         return {"context": self.final_proj(x.astype(jnp.float32)), "targets": self.project_q(q.astype(jnp.float32)),
                 "codes": codes, "mask": mask, "prob_perplexity": prob_ppl, "code_perplexity": code_ppl,

@@ -1,4 +1,5 @@
-"""The wav2vec 2.0 objective: contrastive loss over K distractors from the same utterance + diversity loss.
+"""The SSL objectives: wav2vec 2.0 (contrastive over K distractors from the same utterance + diversity) and
+HuBERT (cross-entropy on discrete targets at masked frames).
 
 Distractors for a masked frame t are K other masked frames of the same utterance, drawn uniformly
 with replacement (wav2vec 2.0 §3.2); a distractor whose codes equal the target's is the target
@@ -60,9 +61,34 @@ def wav2vec2_loss(out: dict[str, jax.Array], rng: jax.Array, *, num_negatives: i
     scored = weight * (~dropped.all(-1))
     accuracy = jnp.sum((jnp.argmax(logits, -1) == 0) * scored) / jnp.maximum(scored.sum(), 1.0)
     dropped_share = jnp.sum(dropped.mean(-1) * weight) / total
+    in_use = jnp.any(jax.nn.one_hot(out["codes"], num_codes // out["codes"].shape[-1], dtype=jnp.bool_),
+                     axis=(0, 1)).sum()  # distinct codes in the batch, summed over groups (at most G·V)
     diversity = (num_codes - out["prob_perplexity"]) / num_codes
     loss = contrastive + diversity_weight * diversity + feature_penalty_weight * out["feature_penalty"]
     return loss, {"contrastive_loss": contrastive, "accuracy": accuracy, "diversity_loss": diversity,
-                  "distractors_dropped": dropped_share,
+                  "distractors_dropped": dropped_share, "codes_in_use": in_use.astype(jnp.float32),
                   "prob_perplexity": out["prob_perplexity"], "code_perplexity": out["code_perplexity"],
                   "feature_penalty": out["feature_penalty"], "mask_fraction": jnp.mean(mask.astype(jnp.float32))}
+
+
+def hubert_loss(out: dict[str, jax.Array], targets: jax.Array, *, unmasked_weight: float,
+                feature_penalty_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(total loss, metrics): mean cross-entropy of the int32 [B, T] targets at masked frames, plus
+    `unmasked_weight` × the same at unmasked frames (HuBERT's α = 1 / 1 − α weighting, α = 1 by default)."""
+    logits, mask = out["logits"], out["mask"]
+    ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    masked, unmasked = mask.astype(jnp.float32), (~mask).astype(jnp.float32)
+    ce_masked = jnp.sum(ce * masked) / jnp.maximum(masked.sum(), 1.0)
+    ce_unmasked = jnp.sum(ce * unmasked) / jnp.maximum(unmasked.sum(), 1.0)
+    right = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    k = logits.shape[-1]
+    target_counts = jax.nn.one_hot(targets, k).reshape(-1, k).sum(0)
+    loss = ce_masked + unmasked_weight * ce_unmasked + feature_penalty_weight * out["feature_penalty"]
+    return loss, {"masked_loss": ce_masked, "unmasked_loss": ce_unmasked,
+                  "accuracy": jnp.sum(right * masked) / jnp.maximum(masked.sum(), 1.0),
+                  "unmasked_accuracy": jnp.sum(right * unmasked) / jnp.maximum(unmasked.sum(), 1.0),
+                  "majority": target_counts.max() / jnp.maximum(target_counts.sum(), 1.0),
+                  "targets_in_use": jnp.sum(target_counts > 0).astype(jnp.float32),
+                  "predictions_in_use": jnp.sum(jnp.any(jax.nn.one_hot(jnp.argmax(logits, -1), k, dtype=jnp.bool_),
+                                                        axis=(0, 1))).astype(jnp.float32),
+                  "feature_penalty": out["feature_penalty"], "mask_fraction": jnp.mean(masked)}

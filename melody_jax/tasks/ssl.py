@@ -1,10 +1,14 @@
-"""SSL stage (DESIGN §4.2, §7): wav2vec 2.0 pre-training of the Conformer encoder on unlabelled audio.
+"""SSL stage (DESIGN §4.2, §7): pre-training of the Conformer encoder on unlabelled audio, by the wav2vec 2.0
+objective or (model.objective="hubert") HuBERT's masked prediction of k-means targets (`ssl_targets`: fitted
+by `setup`, they ride along with every batch under "frozen" and are assigned inside the step).
 
 The Gumbel temperature depends on the step, which `Task.loss` does not see, so `train_step` computes
 it from `state.step` and calls `objective`; evaluation quantizes without noise (temperature unused).
 Logged: accuracy (chance = 1/(K+1), logged as `chance`), contrastive/diversity losses, soft
 (`prob_perplexity`) and hard (`code_perplexity`, the codebook's) perplexities, temperature, and
-`distractors_dropped` (near 1 = the codebook collapsed and accuracy no longer means anything).
+`distractors_dropped` (near 1 = the codebook collapsed and accuracy no longer means anything) and
+`codes_in_use` (distinct codes in the batch). HuBERT logs masked/unmasked cross-entropy and accuracy, the
+majority target's share (`majority`, the accuracy of always guessing it) and the targets and predictions in use.
 """
 from __future__ import annotations
 
@@ -14,12 +18,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from melody_jax.audio.frame_features import FEATURES
+from melody_jax.frozen.inputs import FrozenInputs
+from melody_jax.frozen.loader import load_stage
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.conformer import Wav2Vec2Conformer
-from melody_jax.models.ssl_loss import wav2vec2_loss
+from melody_jax.models.ssl_loss import hubert_loss, wav2vec2_loss
 from melody_jax.tasks.sources import SourcedTask, prepared_audio
+from melody_jax.tasks.ssl_targets import Frames, fit_targets, labels, target_frames
 from melody_jax.training import accumulate
-from melody_jax.training.config import positive, require
+from melody_jax.training.config import non_negative, one_of, positive, require
+from melody_jax.training.sharding import config_rules
 from melody_jax.training.state import TrainState
 from melody_jax.training.task import Batch
 
@@ -33,6 +42,8 @@ def gumbel_temperature(m, step: jax.Array) -> jax.Array:
 class SSLTask(SourcedTask):
     name = "ssl"
     sources = ("prepared_audio",)
+    targets: dict[str, Any] | None = None  # HuBERT: fitted k-means targets (+ "upstream" params), set by `setup`
+    frames: Frames | None = None  # HuBERT: what the targets cluster, set by `setup`
 
     def validate(self) -> None:
         c = self.config
@@ -44,6 +55,15 @@ class SSLTask(SourcedTask):
                  "model.num_negatives", "model.logit_temperature", "model.gumbel_start", "model.gumbel_end",
                  "model.gumbel_anneal_steps", "data.sample_rate", "data.crop_seconds")
         self.check_data()
+        one_of(c, "model.objective", ("wav2vec2", "hubert"))
+        if m.objective == "hubert":
+            positive(c, "model.num_targets", "model.target_batches")
+            non_negative(c, "model.unmasked_weight")
+            require(bool(c.upstream.ssl) or (len(m.target_features) > 0 and set(m.target_features) <= set(FEATURES)),
+                    f"config.model.target_features={list(m.target_features)} must name some of {FEATURES}")
+            require(m.target_layer >= -1, f"config.model.target_layer={m.target_layer} must be -1 (middle) or a block")
+        require(m.objective == "hubert" or not c.upstream.ssl,
+                "config.upstream.ssl (targets from a trained SSL model) needs model.objective='hubert'")
         require(len(m.conv_channels) == len(m.conv_strides) > 0,
                 f"config.model.conv_channels has {len(m.conv_channels)} entries, conv_strides {len(m.conv_strides)}")
         require(m.embed_dim % m.num_heads == 0 and (m.embed_dim // m.num_heads) % 2 == 0,
@@ -66,6 +86,26 @@ class SSLTask(SourcedTask):
     def model(self) -> Wav2Vec2Conformer:
         return build_model(self.config).module
 
+    def setup(self, mesh: jax.sharding.Mesh) -> None:
+        """HuBERT: fits the targets on the training stream's first batches (iteration 2: on `upstream.ssl`)."""
+        c = self.config
+        if c.model.objective != "hubert" or self.targets is not None:
+            return
+        up = (load_stage(c.upstream.ssl, "ssl", mesh, config_rules(c), field="config.upstream.ssl")
+              if c.upstream.ssl else None)
+        if up is not None:
+            require(up.model.hop == self.model.hop and up.config.data.sample_rate == c.data.sample_rate,
+                    f"config.upstream.ssl: its frames (hop {up.model.hop} at {up.config.data.sample_rate} Hz) "
+                    f"differ from this model's (hop {self.model.hop} at {c.data.sample_rate} Hz)")
+            blocks = up.config.model.num_layers
+            require(c.model.target_layer <= blocks, f"config.model.target_layer={c.model.target_layer} but the "
+                                                    f"SSL model in {c.upstream.ssl} has {blocks} blocks")
+        self.frames = target_frames(c, up, self.model.hop)
+        params = None if up is None else up.params
+        targets = fit_targets(self.frames, params, prepared_audio(c, mesh, "train", with_text=False),
+                              c.model.target_batches, self.model.hop, c.model.num_targets, jax.random.key(c.seed), mesh)
+        self.targets = targets if up is None else {**targets, "upstream": params}
+
     def init_params(self, rng: jax.Array) -> Any:
         return build_model(self.config).init(rng)
 
@@ -74,6 +114,9 @@ class SSLTask(SourcedTask):
         mask_rng, gumbel_rng, drop_rng, neg_rng = jax.random.split(rng, 4)
         out = self.model.apply({"params": params}, batch["audio"], temperature=temperature, train=train,
                                rngs={"mask": mask_rng, "gumbel": gumbel_rng, "dropout": drop_rng})
+        if m.objective == "hubert":
+            return hubert_loss(out, labels(self.frames, batch["frozen"], batch["audio"]),
+                               unmasked_weight=m.unmasked_weight, feature_penalty_weight=m.feature_penalty_weight)
         loss, metrics = wav2vec2_loss(out, neg_rng, num_negatives=m.num_negatives,
                                       logit_temperature=m.logit_temperature, num_codes=m.num_groups * m.num_vars,
                                       diversity_weight=m.diversity_weight,
@@ -94,4 +137,5 @@ class SSLTask(SourcedTask):
         return state.replace(params=params, opt_state=opt_state), metrics
 
     def batches(self, mesh, split: str):
-        return prepared_audio(self.config, mesh, split, with_text=False)
+        audio = prepared_audio(self.config, mesh, split, with_text=False)
+        return audio if self.targets is None else FrozenInputs(audio, self.targets)

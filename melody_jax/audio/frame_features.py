@@ -1,0 +1,55 @@
+"""Acoustic frame features at a model's frame rate, in JAX: the discrete-target sources of HuBERT-style
+pre-training (HuBERT's first iteration clusters MFCCs; MERT adds a constant-Q view of pitch for music).
+
+Frame t of a `hop`-sample frame rate is the STFT frame centred on sample t·hop (window 2·hop), so a clip
+of N samples gives N // hop frames, the count the SSL model's conv encoder gives. "chroma" folds the STFT
+power onto the 12 pitch classes with librosa's chroma filters (the STFT form of a constant-Q chroma).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import librosa
+import numpy as np
+
+from melody_jax.audio.chroma import NUM_CHROMA
+from melody_jax.audio.mel import mel_filterbank
+from melody_jax.audio.stft import magnitude, stft
+
+FEATURES = ("logmel", "mfcc", "chroma")
+NUM_MELS, NUM_MFCC = 64, 20
+
+
+@functools.lru_cache(maxsize=None)
+def chroma_filters(sample_rate: int, n_fft: int) -> np.ndarray:
+    """float32 [n_fft // 2 + 1, 12] (librosa's chroma filterbank at tuning 0, transposed). Read-only."""
+    out = np.ascontiguousarray(librosa.filters.chroma(sr=sample_rate, n_fft=n_fft, n_chroma=NUM_CHROMA,
+                                                      tuning=0.0).T, dtype=np.float32)
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def dct_matrix(n: int, k: int) -> np.ndarray:
+    """float32 [n, k]: orthonormal DCT-II (scipy's `dct(norm="ortho")`), first k coefficients."""
+    i = np.arange(n)[:, None] + 0.5
+    out = np.cos(np.pi * i * np.arange(k)[None] / n) * np.sqrt(2.0 / n)
+    out[:, 0] /= np.sqrt(2.0)
+    return out.astype(np.float32)
+
+
+def frame_features(audio: jax.Array, sample_rate: int, hop: int, names: tuple[str, ...]) -> jax.Array:
+    """audio [B, N] → float32 [B, N // hop, D]: the named features (`FEATURES`) side by side."""
+    n_fft = 2 * hop
+    frames = audio.shape[-1] // hop
+    power = jnp.square(magnitude(stft(audio, n_fft, hop)))[..., :frames, :]
+    logmel = jnp.log(jnp.maximum(power @ mel_filterbank(sample_rate, n_fft, NUM_MELS), 1e-8))
+    chroma = power @ chroma_filters(sample_rate, n_fft)
+    parts = {"logmel": logmel, "mfcc": logmel @ dct_matrix(NUM_MELS, NUM_MFCC),
+             "chroma": chroma / jnp.maximum(chroma.max(-1, keepdims=True), 1e-8)}  # max-normalised, as librosa
+    for name in names:
+        if name not in parts:
+            raise ValueError(f"frame feature {name!r} must be one of {FEATURES}")
+    return jnp.concatenate([parts[name] for name in names], -1)

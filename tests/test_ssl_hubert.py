@@ -1,0 +1,93 @@
+"""The HuBERT objective of the ssl stage (issue 22): frame features against librosa/scipy, the masked
+cross-entropy against NumPy, k-means targets fitted in `setup` and assigned in the step, iteration 2 on a
+trained SSL model's layer, the wav2vec 2.0 loss's count of codes in use, and one-line config errors."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import librosa
+import numpy as np
+import pytest
+import scipy.fft
+
+from melody_jax.audio.frame_features import NUM_MELS, NUM_MFCC, frame_features
+from melody_jax.models.ssl_loss import hubert_loss, wav2vec2_loss
+from melody_jax.tasks.registry import get_task
+from melody_jax.tasks.ssl import SSLTask
+from melody_jax.training.errors import ConfigError
+from melody_jax.training.loop import train
+from tests.helpers import stage_config
+
+SR, HOP = 24000, 960
+HUBERT = {"model.objective": "hubert", "model.num_targets": 8, "model.target_batches": 2, "data.crop_seconds": 0.8,
+          "data.eval_split": "", "train.batch_size": 8}
+
+
+def test_frame_features_match_librosa_and_scipy():
+    """One frame per hop (the conv encoder's count); chroma of a 440 Hz tone peaks at A; MFCC = DCT-II of log-mel."""
+    t = np.arange(int(0.5 * SR)) / SR
+    audio = np.stack([np.sin(2 * np.pi * 440.0 * t), np.sin(2 * np.pi * 261.63 * t)]).astype(np.float32)
+    feats = np.asarray(frame_features(jnp.asarray(audio), SR, HOP, ("logmel", "mfcc", "chroma")))
+    assert feats.shape == (2, len(t) // HOP, NUM_MELS + NUM_MFCC + 12)
+    logmel, mfcc, chroma = np.split(feats, [NUM_MELS, NUM_MELS + NUM_MFCC], -1)
+    np.testing.assert_allclose(mfcc, scipy.fft.dct(logmel, norm="ortho", axis=-1)[..., :NUM_MFCC], rtol=1e-4, atol=1e-3)
+    # A and C (the first frame, half reflect padding, is left out for the low tone's 12.5-Hz bins)
+    assert (chroma[0].argmax(-1) == 9).all() and (chroma[1, 1:].argmax(-1) == 0).all()
+    want = librosa.feature.chroma_stft(y=audio[0], sr=SR, n_fft=2 * HOP, hop_length=HOP, tuning=0.0).T[:chroma.shape[1]]
+    np.testing.assert_allclose(chroma[0, 1:], want[1:], atol=1e-3)  # librosa pads with zeros, we reflect
+
+
+def test_hubert_loss_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 6, 5)).astype(np.float32)
+    targets = rng.integers(0, 5, (2, 6)).astype(np.int32)
+    mask = rng.random((2, 6)) < 0.5
+    out = {"logits": jnp.asarray(logits), "mask": jnp.asarray(mask), "feature_penalty": jnp.asarray(0.5)}
+    loss, m = hubert_loss(out, jnp.asarray(targets), unmasked_weight=0.25, feature_penalty_weight=2.0)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(loss), ce[mask].mean() + 0.25 * ce[~mask].mean() + 1.0, rtol=1e-5)
+    np.testing.assert_allclose(float(m["accuracy"]), (logits.argmax(-1) == targets)[mask].mean(), rtol=1e-6)
+    assert float(m["majority"]) == pytest.approx(np.bincount(targets.ravel()).max() / targets.size)
+    assert float(m["targets_in_use"]) == len(np.unique(targets))
+
+
+def test_wav2vec2_loss_counts_codes_in_use():
+    b, t = 2, 10
+    out = {"context": jnp.ones((b, t, 4)), "targets": jnp.ones((b, t, 4)), "mask": jnp.ones((b, t), bool),
+           "prob_perplexity": jnp.asarray(1.0), "code_perplexity": jnp.asarray(1.0),
+           "feature_penalty": jnp.asarray(0.0)}
+    kwargs = dict(num_negatives=3, logit_temperature=0.1, num_codes=16, diversity_weight=0.0,
+                  feature_penalty_weight=0.0)
+    codes = jnp.stack([jnp.broadcast_to(jnp.arange(t) % 5, (b, t)), jnp.zeros((b, t), jnp.int32)], -1)  # 5 + 1
+    assert float(wav2vec2_loss({**out, "codes": codes}, jax.random.key(0), **kwargs)[1]["codes_in_use"]) == 6.0
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(ConfigError, match="objective"):
+        SSLTask(stage_config("ssl", {"data.path": "x", "model.objective": "byol"})).validate()
+    with pytest.raises(ConfigError, match="target_features"):
+        SSLTask(stage_config("ssl", {"data.path": "x", **HUBERT, "model.target_features": ["cqt"]})).validate()
+    with pytest.raises(ConfigError, match="upstream.ssl"):
+        SSLTask(stage_config("ssl", {"data.path": "x", "model.objective": "wav2vec2", "upstream.ssl": "y"})).validate()
+
+
+@pytest.mark.slow
+def test_hubert_iterations_train_through_the_loop(tmp_path, prepared_data):
+    """Iteration 1 (acoustic targets) and 2 (block 1 of iteration 1's model) run through the loop, each with
+    targets of the width of what it clusters."""
+    data = prepared_data(source="synthetic", num_clips=16, seed=0, clip_seconds=1.0, sample_rate=SR, val_fraction=0.0)
+    first, second = str(tmp_path / "it1"), str(tmp_path / "it2")
+    task = get_task(stage_config("ssl", {"data.path": data, "train.num_steps": 3, **HUBERT}))
+    assert train(task, first)["status"] == "done"
+    assert set(task.targets) == {"mean", "std", "centroids"} and task.targets["centroids"].shape == (8, 32)  # 20+12
+    task2 = get_task(stage_config("ssl", {"data.path": data, "train.num_steps": 3, "upstream.ssl": first,
+                                          "model.target_layer": 1, **HUBERT}))
+    assert train(task2, second)["status"] == "done"
+    assert task2.targets["centroids"].shape == (8, 64)  # the tiny model's width
+    for w in (first, second):
+        line = [json.loads(x) for x in open(f"{w}/metrics.jsonl")][-1]
+        assert {"masked_loss", "accuracy", "majority", "targets_in_use", "predictions_in_use"} <= set(line)
+        assert 1 <= line["targets_in_use"] <= 8 and line["masked_loss"] > 0
