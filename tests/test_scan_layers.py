@@ -4,8 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
+from melody_jax.pipelines.musicgen_sampling import generate, teacher_forced_logits
+from melody_jax.tasks.musicgen import MusicGenTask
+from melody_jax.text.byte_tokenizer import tokenize
+from melody_jax.training.checkpoint import param_signature
 from melody_jax.training.errors import ConfigError, WorkdirError
+from melody_jax.training.layer_layout import relayout
 from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import init_sharded_state, train
 from melody_jax.training.sharding import activate
@@ -85,6 +91,38 @@ def test_scanned_conformer_gives_the_unscanned_outputs_and_hidden_states():
             np.testing.assert_allclose(np.asarray(jax.jit(fn, static_argnums=0)(scan_task.model, scan_params)),
                                        np.asarray(jax.jit(fn, static_argnums=0)(task.model, params)),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_musicgen_gives_the_unscanned_logits_cache_and_greedy_codes():
+    """The LM's and the text encoder's blocks scanned: same logits, same cached (stacked KV cache) logits
+    with guidance, same greedy codes; parameters converted by `relayout` (the converter's and restore's)."""
+    config = stage_config("musicgen", {"model.text_layers": 2})
+    plain, scan = MusicGenTask(config), MusicGenTask(stage_config("musicgen", {"model.text_layers": 2,
+                                                                               "model.scan_layers": True}))
+    params = nn.meta.unbox(plain.init_params(jax.random.key(0)))
+    scan_shapes = nn.meta.unbox(jax.eval_shape(scan.init_params, jax.random.key(0)))
+    scan_params = relayout(params, scan_shapes)
+    assert param_signature(scan_params) == param_signature(scan_shapes)
+    assert scan_params["layers"]["self_attn"]["query"]["kernel"].shape[0] == config.model.num_layers >= 2
+    np.testing.assert_array_equal(scan_params["text_encoder"]["encoder"]["layers"]["mlp_norm"]["scale"][1],
+                                  params["text_encoder"]["encoder"]["layer_1"]["mlp_norm"]["scale"])
+    m = config.model
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, m.codebook_size, (2, m.num_codebooks, config.data.frames))
+    seq = plain.pattern.build(codes, m.codebook_size)
+    tokens, mask = tokenize(["a calm piano", "drums"], m.max_text_length)
+    chroma = rng.random((2, m.melody_frames, 12)).astype(np.float32)
+    out = {}
+    for name, task, p in (("plain", plain, params), ("scan", scan, scan_params)):
+        full = task.model.apply({"params": p}, seq, tokens, mask, chroma)
+        cached = teacher_forced_logits(task.model, p, seq, tokens, mask, chroma, cfg_scale=3.0)
+        greedy = generate(task.model, p, task.pattern, tokens, mask, 12, jax.random.key(0), chroma=chroma,
+                          cfg_scale=3.0, temperature=0.0)
+        out[name] = np.asarray(full), np.asarray(cached), np.asarray(greedy.codes)
+    np.testing.assert_allclose(out["scan"][0], out["plain"][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["scan"][1], out["plain"][1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["scan"][2], out["plain"][2])
+    assert len(np.unique(out["plain"][2])) > 4  # not a constant sequence
 
 
 def test_scanned_checkpoint_is_refused_unscanned_in_one_line(tmp_path):

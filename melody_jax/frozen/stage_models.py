@@ -141,7 +141,8 @@ def dpd_params(model: nn.Module, config, rng: jax.Array) -> Any:
 
 
 ARCHITECTURE = {"norm": "rms", "positions": "rotary", "mlp_bias": True, "text_encoder": "bytes", "text_vocab_size": 0,
-                "text_head_dim": 0, "text_proj": False, "melody_mode": "prefix"}  # configs saved before these: defaults
+                "text_head_dim": 0, "text_proj": False, "melody_mode": "prefix",
+                "scan_layers": False}  # configs saved before these: defaults
 
 
 def musicgen_model(model_config) -> MusicGenLM:

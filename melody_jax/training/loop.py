@@ -21,7 +21,7 @@ from absl import logging
 from flax import linen as nn
 from tqdm import tqdm
 
-from melody_jax.training import accumulate, ema, init_from
+from melody_jax.training import accumulate, ema, init_from, layer_layout
 from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
@@ -174,8 +174,13 @@ def train(task: Task, workdir: str) -> dict[str, Any]:
         if latest is not None:
             try:
                 saved_meta = ckpt.read_meta(latest)
-                check_compatible(saved_meta, config.stage, signature, f"workdir {workdir}", config.seed)
-                state, data_state = ckpt.restore(latest, ema.as_saved(abstract, saved_meta))
+                other = layer_layout.saved_layout(abstract.params, saved_meta.get("param_signature"))
+                saved = abstract if other is None else layer_layout.relayout_trees(abstract, abstract.params, other)
+                check_compatible(saved_meta, config.stage, param_signature(saved.params), f"workdir {workdir}",
+                                 config.seed)
+                state, data_state = ckpt.restore(latest, ema.as_saved(saved, saved_meta))
+                if other is not None:  # written with the other model.scan_layers: layers stacked or unstacked
+                    state = layer_layout.relayout_trees(state, other, abstract.params, place=True)
                 state = ema.match_config(state, config, shardings)
             except BaseException:
                 ckpt.close()  # a refused workdir must not leave Orbax's threads behind
