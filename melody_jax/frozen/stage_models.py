@@ -128,7 +128,8 @@ def _dpd(config) -> StageModel:
                 segment_length=m.segment_length, merge_lengths=tuple(m.merge_lengths) or None,
                 num_heads=m.num_heads, roformer_layers=m.roformer_layers, mlp_dim=m.mlp_dim,
                 angle_dim=m.angle_dim, vocab_size=m.vocab_size, align_tokens=m.align_tokens,
-                parallel_sru=m.parallel_sru, remat=m.remat, dtype=jnp.dtype(m.dtype))
+                parallel_sru=m.parallel_sru, remat=m.remat, dtype=jnp.dtype(m.dtype),
+                scan_layers=m.get("scan_layers", False))
 
     return StageModel(model, lambda rng: dpd_params(model, config, rng))
 

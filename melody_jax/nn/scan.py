@@ -24,10 +24,13 @@ def _carry_form(block: type[nn.Module]) -> type[nn.Module]:
     return Scanned
 
 
-def layer_stack(block: type[nn.Module], num_layers: int, num_broadcast: int, remat: bool = False) -> type[nn.Module]:
-    """A module class: construct it with `block`'s fields, call it as `block` → (x, None)."""
+def layer_stack(block: type[nn.Module], num_layers: int, num_broadcast: int, remat: bool = False,
+                num_scanned: int = 0) -> type[nn.Module]:
+    """A module class: construct it with `block`'s fields, call it as `block` → (x, None). The last
+    `num_scanned` arguments are per layer (leading axis `num_layers`), the `num_broadcast` before them shared."""
     scanned = _carry_form(block)
     if remat:
         scanned = nn.remat(scanned, prevent_cse=False)
-    return nn.scan(scanned, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,) * num_broadcast,
-                   length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return nn.scan(scanned, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned, length=num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})

@@ -79,6 +79,23 @@ def init_sharded_state(task: Task, shardings, rng: jax.Array) -> TrainState:
                    out_shardings=shardings)(rng)
 
 
+def restore_checkpoint(ckpt: Checkpointer, step: int, abstract: TrainState, shardings: TrainState,
+                       config: ml_collections.ConfigDict, where: str) -> tuple[TrainState, dict]:
+    """(state, data state) of checkpoint `step` for this run, refused in one line if it holds another model.
+
+    One written with the other `model.scan_layers` is restored as written and its layers stacked or
+    unstacked (parameters, EMA and optimizer moments alike), then placed on this run's shardings.
+    """
+    meta = ckpt.read_meta(step)
+    other = layer_layout.saved_layout(abstract.params, meta.get("param_signature"))
+    saved = abstract if other is None else layer_layout.relayout_trees(abstract, abstract.params, other)
+    check_compatible(meta, config.stage, param_signature(saved.params), where, config.seed)
+    state, data_state = ckpt.restore(step, ema.as_saved(saved, meta))
+    if other is not None:
+        state = layer_layout.relayout_trees(state, other, abstract.params, place=True)
+    return ema.match_config(state, config, shardings), data_state
+
+
 def guarded(task: Task, step_rng: jax.Array):
     """Wraps the task's step: a non-finite loss or gradient leaves the state as it was, counted."""
 
@@ -173,15 +190,7 @@ def train(task: Task, workdir: str) -> dict[str, Any]:
         latest = ckpt.latest_step()
         if latest is not None:
             try:
-                saved_meta = ckpt.read_meta(latest)
-                other = layer_layout.saved_layout(abstract.params, saved_meta.get("param_signature"))
-                saved = abstract if other is None else layer_layout.relayout_trees(abstract, abstract.params, other)
-                check_compatible(saved_meta, config.stage, param_signature(saved.params), f"workdir {workdir}",
-                                 config.seed)
-                state, data_state = ckpt.restore(latest, ema.as_saved(saved, saved_meta))
-                if other is not None:  # written with the other model.scan_layers: layers stacked or unstacked
-                    state = layer_layout.relayout_trees(state, other, abstract.params, place=True)
-                state = ema.match_config(state, config, shardings)
+                state, data_state = restore_checkpoint(ckpt, latest, abstract, shardings, config, f"workdir {workdir}")
             except BaseException:
                 ckpt.close()  # a refused workdir must not leave Orbax's threads behind
                 raise
