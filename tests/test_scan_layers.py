@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from melody_jax.models.dpd import DPD
-from melody_jax.pipelines.musicgen_sampling import generate, teacher_forced_logits
+from melody_jax.pipelines.musicgen_sampling import generate
 from melody_jax.tasks.musicgen import MusicGenTask
 from melody_jax.text.byte_tokenizer import tokenize
 from melody_jax.training.errors import ConfigError, WorkdirError
@@ -101,8 +101,8 @@ def test_scanned_conformer_gives_the_unscanned_outputs_and_hidden_states():
 
 
 def test_scanned_musicgen_gives_the_unscanned_logits_cache_and_greedy_codes():
-    """The LM's and the text encoder's blocks scanned: same logits, same cached (stacked KV cache) logits
-    with guidance, same greedy codes; parameters converted by `relayout` (the converter's and restore's)."""
+    """The LM's and the text encoder's blocks scanned: same logits, same greedy CFG codes (decoded with the
+    KV cache stacked over layers); parameters converted by `relayout` (the converter's and restore's)."""
     config = stage_config("musicgen", {"model.text_layers": 2})
     plain, scan = MusicGenTask(config), MusicGenTask(stage_config("musicgen", {"model.text_layers": 2,
                                                                                "model.scan_layers": True}))
@@ -121,15 +121,13 @@ def test_scanned_musicgen_gives_the_unscanned_logits_cache_and_greedy_codes():
     chroma = rng.random((2, m.melody_frames, 12)).astype(np.float32)
     out = {}
     for name, task, p in (("plain", plain, params), ("scan", scan, scan_params)):
-        full = task.model.apply({"params": p}, seq, tokens, mask, chroma)
-        cached = teacher_forced_logits(task.model, p, seq, tokens, mask, chroma, cfg_scale=3.0)
+        full = jax.jit(task.model.apply)({"params": p}, seq, tokens, mask, chroma)
         greedy = generate(task.model, p, task.pattern, tokens, mask, 12, jax.random.key(0), chroma=chroma,
                           cfg_scale=3.0, temperature=0.0)
-        out[name] = np.asarray(full), np.asarray(cached), np.asarray(greedy.codes)
+        out[name] = np.asarray(full), np.asarray(greedy.codes)
     np.testing.assert_allclose(out["scan"][0], out["plain"][0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out["scan"][1], out["plain"][1], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(out["scan"][2], out["plain"][2])
-    assert len(np.unique(out["plain"][2])) > 4  # not a constant sequence
+    np.testing.assert_array_equal(out["scan"][1], out["plain"][1])
+    assert len(np.unique(out["plain"][1])) > 4  # not a constant sequence
 
 
 def adam(state):
@@ -210,7 +208,7 @@ def test_checkpoint_restores_and_initialises_in_the_other_layout(tmp_path, writt
 
 
 def test_scanned_checkpoint_of_another_depth_is_refused_in_one_line(tmp_path):
-    train(get_task(toy_config({"model.scan_layers": True, "train.num_steps": 1})), str(tmp_path))
+    write_checkpoint(toy_config({"model.scan_layers": True}), tmp_path)
     with pytest.raises(WorkdirError, match=r"different model: parameter layer_0/attn/key/kernel has shape None there "
                                            r"and \[64, 4, 16\] in this config"):
         train(get_task(toy_config({"train.num_steps": 2, "model.num_layers": 3})), str(tmp_path))
