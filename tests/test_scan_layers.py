@@ -1,11 +1,12 @@
-"""model.scan_layers: the decoder's blocks as one nn.scan give the unscanned model's loss;
-model.attention_impl: the cuDNN kernel is refused in one line where there is none."""
+"""model.scan_layers: every stack as one nn.scan gives the unscanned model's outputs; checkpoints convert
+between the layouts; model.attention_impl: the cuDNN kernel is refused in one line where there is none."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from melody_jax.models.dpd import DPD
 from melody_jax.pipelines.musicgen_sampling import generate
@@ -148,7 +149,11 @@ def test_scanned_dpd_gives_the_unscanned_velocities():
     rng = np.random.default_rng(0)  # random parameters of the model's shapes: no init to compile
     params = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
                           nn.meta.unbox(jax.eval_shape(plain.init, jax.random.key(0), *args[:3])["params"]))
-    scan_shapes = nn.meta.unbox(jax.eval_shape(scan.init, jax.random.key(0), *args[:3])["params"])
+    boxed = jax.eval_shape(scan.init, jax.random.key(0), *args[:3])["params"]
+    spec = nn.get_partition_spec(boxed)["blocks"]["roformer"]["self_attn"]["query"]["kernel"]
+    assert spec == P("layers", "sublayers", "embed", "heads", "kv")  # distinct names: the nested stack shards
+    nn.logical_to_mesh(nn.get_partition_spec(boxed), [("embed", "fsdp")])
+    scan_shapes = nn.meta.unbox(boxed)
     scan_params = stacked(params, "block")
     assert jax.tree.structure(scan_params) == jax.tree.structure(scan_shapes)
     assert scan_params["blocks"]["roformer"]["mlp"]["fc1"]["kernel"].shape[:2] == (5, 2)

@@ -104,8 +104,8 @@ def coarse_path(block: "DualPathBlock", h: jax.Array, context: jax.Array, uncond
     coarse = h.reshape(b, s, merge_length, group, d).mean(3).transpose(0, 2, 1, 3)
     fields = (block.num_heads, block.mlp_dim, block.dtype)
     if block.scan_layers:
-        coarse, _ = layer_stack(RoformerLayer, block.roformer_layers, 2)(*fields, name="roformer")(
-            coarse, context, uncond)
+        stack = layer_stack(RoformerLayer, block.roformer_layers, 2, axis="sublayers")
+        coarse, _ = stack(*fields, name="roformer")(coarse, context, uncond)
     else:
         for j in range(block.roformer_layers):
             coarse = RoformerLayer(*fields, name=f"roformer_{j}")(coarse, context, uncond)

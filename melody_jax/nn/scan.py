@@ -25,12 +25,13 @@ def _carry_form(block: type[nn.Module]) -> type[nn.Module]:
 
 
 def layer_stack(block: type[nn.Module], num_layers: int, num_broadcast: int, remat: bool = False,
-                num_scanned: int = 0) -> type[nn.Module]:
+                num_scanned: int = 0, axis: str = "layers") -> type[nn.Module]:
     """A module class: construct it with `block`'s fields, call it as `block` → (x, None). The last
-    `num_scanned` arguments are per layer (leading axis `num_layers`), the `num_broadcast` before them shared."""
+    `num_scanned` arguments are per layer (leading axis `num_layers`), the `num_broadcast` before them shared.
+    `axis`: the stacked axis's logical name (a stack nested in another needs its own; unsharded)."""
     scanned = _carry_form(block)
     if remat:
         scanned = nn.remat(scanned, prevent_cse=False)
     return nn.scan(scanned, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                    in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned, length=num_layers,
-                   metadata_params={nn.PARTITION_NAME: "layers"})
+                   metadata_params={nn.PARTITION_NAME: axis})
