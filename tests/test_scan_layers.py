@@ -9,6 +9,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from melody_jax.models.dpd import DPD
+from melody_jax.models.musicgen_lm import MusicGenLM
 from melody_jax.pipelines.musicgen_sampling import generate
 from melody_jax.tasks.musicgen import MusicGenTask
 from melody_jax.text.byte_tokenizer import tokenize
@@ -120,12 +121,19 @@ def test_scanned_musicgen_gives_the_unscanned_logits_cache_and_greedy_codes():
     seq = plain.pattern.build(codes, m.codebook_size)
     tokens, mask = tokenize(["a calm piano", "drums"], m.max_text_length)
     chroma = rng.random((2, m.melody_frames, 12)).astype(np.float32)
-    out = {}
+    out, caches = {}, {}
     for name, task, p in (("plain", plain, params), ("scan", scan, scan_params)):
+        def decode_cache(task=task, p=p):  # what the sampler allocates
+            conds = task.model.apply({"params": p}, tokens, mask, chroma, method=MusicGenLM.conditions)
+            return task.model.clone(decode=True).init(jax.random.key(0), seq, *conds, method=MusicGenLM.logits)
+        caches[name] = jax.eval_shape(decode_cache)["cache"]
         full = jax.jit(task.model.apply)({"params": p}, seq, tokens, mask, chroma)
         greedy = generate(task.model, p, task.pattern, tokens, mask, 12, jax.random.key(0), chroma=chroma,
                           cfg_scale=3.0, temperature=0.0)
         out[name] = np.asarray(full), np.asarray(greedy.codes)
+    for kind in ("self_attn", "cross_attn"):  # one cache, stacked over the layers
+        for key, leaf in caches["scan"]["layers"][kind].items():
+            assert leaf.shape == (m.num_layers,) + caches["plain"]["layers_0"][kind][key].shape, key
     np.testing.assert_allclose(out["scan"][0], out["plain"][0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out["scan"][1], out["plain"][1])
     assert len(np.unique(out["plain"][1])) > 4  # not a constant sequence
