@@ -49,6 +49,9 @@ def get_config(arg: str | None = None):
     c.model.align_tokens = not reference
     c.model.parallel_sru = preset != "tiny"  # same math; at K = 16 the sequential scan compiles faster
     c.model.remat = preset == "paper"
+    # True: the blocks as one nn.scan, the coarse path a switch over the distinct merge lengths and the
+    # Roformer layers a nested scan (the fine path and each coarse variant compile once; other param names)
+    c.model.scan_layers = False
     c.model.dtype = "float32" if on_cpu else "bfloat16"
     c.model.num_chunks = 4  # M: multi-chunk training [paper]
     # Chunk edges in training: "even" ⌊m·L/M⌋ (625 frames each at L = 2500), or "tokens": the last M − 1

@@ -55,6 +55,7 @@ def get_config(arg: str | None = None):
     c.model.use_melody = True
     c.model.chroma_n_fft = 16384 if reference else 4096  # audiocraft's chroma_stem: radix2_exp 14
     c.model.remat = not tiny
+    c.model.scan_layers = False  # True: the LM's and text encoder's blocks as one nn.scan each (other param names)
     # architecture options of the public checkpoints (launch.convert sets them; the defaults are ours)
     c.model.norm = "rms"  # rms | layer
     c.model.positions = "rotary"  # rotary | sinusoidal

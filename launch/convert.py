@@ -30,10 +30,13 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
                            "(parameters stay float32): float32 for parity with transformers, bfloat16 for speed.")
 _SAMPLE_RATE = flags.DEFINE_integer("sample_rate", 24000, "HuBERT/MERT: the rate of the audio the tokenizer takes "
                                    "(resampled inside to the tower's own rate); a multiple of 25.")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "MusicGen: write the LM's and T5's blocks stacked, for "
+                          "model.scan_layers (faster compiles; the same outputs).")
 flags.mark_flags_as_required(["input", "out"])
 
 
-def convert(source: str, out: str, dtype: str = "float32", sample_rate: int = 24000) -> dict:
+def convert(source: str, out: str, dtype: str = "float32", sample_rate: int = 24000,
+            scan_layers: bool = False) -> dict:
     """Writes the bundle of the HF checkpoint in `source` to `out`; returns its manifest."""
     from melody_jax.convert.checkpoint_dir import read_checkpoint
     from melody_jax.convert.hf_hubert import MODEL_TYPES, hubert_from_hf
@@ -50,7 +53,7 @@ def convert(source: str, out: str, dtype: str = "float32", sample_rate: int = 24
         tower.config.model.dtype = dtype
         write_stage(os.path.join(out, "ssl"), "ssl", config_lib.to_json(tower.config), tower.params, 0)
         return {**write_manifest(out, {"ssl": 0}, {"ssl": origin}), "variant": tower.variant}
-    converted = musicgen_from_hf(checkpoint)
+    converted = musicgen_from_hf(checkpoint, scan_layers)
     converted.musicgen_config.model.dtype = dtype
     configs = {"codec": converted.codec_config, "musicgen": converted.musicgen_config}
     check_musicgen_fit(configs)
@@ -66,7 +69,8 @@ def convert(source: str, out: str, dtype: str = "float32", sample_rate: int = 24
 def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
-    manifest = run_user_errors(lambda: convert(_INPUT.value, _OUT.value, _DTYPE.value, _SAMPLE_RATE.value))
+    manifest = run_user_errors(lambda: convert(_INPUT.value, _OUT.value, _DTYPE.value, _SAMPLE_RATE.value,
+                                               _SCAN.value))
     print(json.dumps(manifest, indent=2))
 
 

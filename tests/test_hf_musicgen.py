@@ -25,9 +25,9 @@ FIXTURES = "tests/fixtures/hf"
 
 
 @functools.cache
-def converted(variant: str):
+def converted(variant: str, scan_layers: bool = False):
     """(model, params, pattern, golden, token ids, mask) of one fixture, ids from our tokenizer."""
-    c = musicgen_from_hf(read_checkpoint(f"{FIXTURES}/{variant}"))
+    c = musicgen_from_hf(read_checkpoint(f"{FIXTURES}/{variant}"), scan_layers)
     golden = dict(np.load(f"{FIXTURES}/{variant}/golden.npz", allow_pickle=False))
     ids, mask = T5Tokenizer(c.tokenizer)(list(golden["prompts"]), c.musicgen_config.model.max_text_length)
     m = c.musicgen_config.model
@@ -51,8 +51,8 @@ def test_tokenizer_and_t5_last_hidden_state():
     assert err < 1e-5
 
 
-def _logits(variant: str, drop: bool = False) -> tuple[np.ndarray, dict]:
-    model, params, _, golden, ids, mask = converted(variant)
+def _logits(variant: str, drop: bool = False, scan_layers: bool = False) -> tuple[np.ndarray, dict]:
+    model, params, _, golden, ids, mask = converted(variant, scan_layers)
     drops = (jnp.full(2, drop), jnp.full(2, drop))
     conds = model.apply({"params": params}, ids, mask, golden.get("chroma"), *drops, method=MusicGenLM.conditions)
     return np.asarray(model.apply({"params": params}, golden["decoder_input_ids"], *conds,
@@ -85,6 +85,19 @@ def test_greedy_guided_codes_are_transformers(variant):
     out = generate(model, params, pattern, ids, mask, want.shape[2], jax.random.key(0), chroma=golden.get("chroma"),
                    cfg_scale=3.0, temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out.codes), want)
+
+
+@pytest.mark.parametrize("variant", ["musicgen", "musicgen-melody"])
+def test_scanned_conversion_gives_transformers_logits_and_greedy_codes(variant):
+    """`launch.convert --scan_layers`: the decoder's and T5's blocks stacked, the same parity (cross-attention
+    and prepend; stereo differs from mono in the codebook count only)."""
+    model, params, pattern, golden, ids, mask = converted(variant, scan_layers=True)
+    assert model.scan_layers and "layers" in params and "layers" in params["text_encoder"]
+    logits, _ = _logits(variant, scan_layers=True)
+    assert np.abs(logits - golden["logits"]).max() < 1e-4
+    out = generate(model, params, pattern, ids, mask, golden["greedy_codes"].shape[2], jax.random.key(0),
+                   chroma=golden.get("chroma"), cfg_scale=3.0, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(out.codes), golden["greedy_codes"])
 
 
 def test_unconditional_and_nucleus_sampling():

@@ -24,6 +24,7 @@ import numpy as np
 
 from melody_jax.convert.checkpoint_dir import Checkpoint, ConversionError, check_fits, linear, linear_in, take
 from melody_jax.convert.hf_encodec import encodec_from_hf
+from melody_jax.training.layer_layout import relayout
 
 VARIANTS = {"musicgen": "MusicgenForConditionalGeneration", "musicgen_melody": "MusicgenMelodyForConditionalGeneration"}
 TOKENIZER_FILE = "tokenizer.json"
@@ -176,15 +177,16 @@ def codec_config(model: ml_collections.ConfigDict, sample_rate: int) -> ml_colle
     return c
 
 
-def musicgen_from_hf(ckpt: Checkpoint) -> Converted:
-    """The checkpoint's LM (+ T5 + projections) and codec, as our stage configs and parameter trees."""
+def musicgen_from_hf(ckpt: Checkpoint, scan_layers: bool = False) -> Converted:
+    """The checkpoint's LM (+ T5 + projections) and codec, as our stage configs and parameter trees;
+    `scan_layers`: the decoder's and T5's blocks stacked for `model.scan_layers`."""
     try:
-        return _convert(ckpt)
+        return _convert(ckpt, scan_layers)
     except (KeyError, TypeError) as e:  # a config.json field missing or of the wrong kind
         raise ConversionError(f"{ckpt.path}/config.json: missing or malformed field {e}") from None
 
 
-def _convert(ckpt: Checkpoint) -> Converted:
+def _convert(ckpt: Checkpoint, scan_layers: bool) -> Converted:
     from flax import linen as nn
 
     from melody_jax.tasks.musicgen import MusicGenTask
@@ -212,9 +214,13 @@ def _convert(ckpt: Checkpoint) -> Converted:
           f"the audio encoder's codebooks have {codec_model.quantizer.codebook_size} codes, the decoder "
           f"{dec['vocab_size']}")
     config = musicgen_config(ckpt.config, codec_model)
+    config.model.scan_layers = scan_layers
     task = MusicGenTask(config)
     task.validate()
-    check_fits(params, nn.meta.unbox(jax.eval_shape(task.init_params, jax.random.key(0))), "musicgen")
+    shapes = nn.meta.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
+    if scan_layers:
+        params = relayout(params, shapes)
+    check_fits(params, shapes, "musicgen")
     codec_params = {"generator": codec_variables["params"],
                     "generator_state": {k: v for k, v in codec_variables.items() if k != "params"}}
     return Converted(variant_name(ckpt.config), config, params,

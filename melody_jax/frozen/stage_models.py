@@ -150,7 +150,8 @@ def _dpd(config) -> StageModel:
                 segment_length=m.segment_length, merge_lengths=tuple(m.merge_lengths) or None,
                 num_heads=m.num_heads, roformer_layers=m.roformer_layers, mlp_dim=m.mlp_dim,
                 angle_dim=m.angle_dim, vocab_size=m.vocab_size, align_tokens=m.align_tokens,
-                parallel_sru=m.parallel_sru, remat=m.remat, dtype=jnp.dtype(m.dtype))
+                parallel_sru=m.parallel_sru, remat=m.remat, dtype=jnp.dtype(m.dtype),
+                scan_layers=m.get("scan_layers", False))
 
     return StageModel(model, lambda rng: dpd_params(model, config, rng))
 
@@ -163,7 +164,8 @@ def dpd_params(model: nn.Module, config, rng: jax.Array) -> Any:
 
 
 ARCHITECTURE = {"norm": "rms", "positions": "rotary", "mlp_bias": True, "text_encoder": "bytes", "text_vocab_size": 0,
-                "text_head_dim": 0, "text_proj": False, "melody_mode": "prefix"}  # configs saved before these: defaults
+                "text_head_dim": 0, "text_proj": False, "melody_mode": "prefix",
+                "scan_layers": False}  # configs saved before these: defaults
 
 
 def musicgen_model(model_config) -> MusicGenLM:

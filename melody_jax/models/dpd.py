@@ -19,6 +19,7 @@ as a set and can only match them to frames by content. On the synthetic latents 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -32,6 +33,7 @@ from melody_jax.nn.film import FiLM
 from melody_jax.nn.init import dense
 from melody_jax.nn.mlp import GeluMLP
 from melody_jax.nn.norms import RMSNorm
+from melody_jax.nn.scan import layer_stack
 from melody_jax.nn.segment import num_segments, overlap_add, segment
 from melody_jax.nn.sru import BiSRU
 
@@ -94,27 +96,47 @@ class RoformerLayer(nn.Module):
         return x.reshape(b, k, s, d)
 
 
-class DualPathBlock(nn.Module):
-    """One block: H [B, S, K, D] → RMSNorm(H_f-in + FiLM(BiSRU(BiSRU(H_f-in)), m))."""
+def coarse_path(block: "DualPathBlock", h: jax.Array, context: jax.Array, uncond: jax.Array | None,
+                merge_length: int) -> jax.Array:
+    """H [B, S, K, D] → columns merged K → K_MS (means), the Roformer layers, repeated back to K."""
+    b, s, k, d = h.shape
+    group = k // merge_length
+    coarse = h.reshape(b, s, merge_length, group, d).mean(3).transpose(0, 2, 1, 3)
+    fields = (block.num_heads, block.mlp_dim, block.dtype)
+    if block.scan_layers:
+        stack = layer_stack(RoformerLayer, block.roformer_layers, 2, axis="sublayers")
+        coarse, _ = stack(*fields, name="roformer")(coarse, context, uncond)
+    else:
+        for j in range(block.roformer_layers):
+            coarse = RoformerLayer(*fields, name=f"roformer_{j}")(coarse, context, uncond)
+    return jnp.repeat(coarse.transpose(0, 2, 1, 3), group, axis=2)
 
-    merge_length: int
+
+class DualPathBlock(nn.Module):
+    """One block: H [B, S, K, D] → RMSNorm(H_f-in + FiLM(BiSRU(BiSRU(H_f-in)), m)).
+
+    `merge_lengths`: the block's K_MS, or (blocks scanned by the DPD) every distinct K_MS of the stack,
+    of which `choice` picks this block's: the coarse path is a `lax.switch` over them, all sharing the
+    one set of parameters, so the fine path and each coarse variant compile once. `scan_layers`: the
+    Roformer layers as one `nn.scan` too.
+    """
+
+    merge_lengths: tuple[int, ...]
     num_heads: int
     mlp_dim: int
     roformer_layers: int
     parallel_sru: bool = True
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
-    def __call__(
-        self, h: jax.Array, context: jax.Array, film: jax.Array, uncond: jax.Array | None
-    ) -> jax.Array:
-        b, s, k, d = h.shape
-        group = k // self.merge_length
-        coarse = h.reshape(b, s, self.merge_length, group, d).mean(3).transpose(0, 2, 1, 3)
-        for j in range(self.roformer_layers):
-            coarse = RoformerLayer(self.num_heads, self.mlp_dim, self.dtype, name=f"roformer_{j}")(
-                coarse, context, uncond)
-        coarse = jnp.repeat(coarse.transpose(0, 2, 1, 3), group, axis=2)
+    def __call__(self, h: jax.Array, context: jax.Array, film: jax.Array, uncond: jax.Array | None,
+                 choice: jax.Array | None = None) -> jax.Array:
+        branches = [functools.partial(coarse_path, merge_length=m) for m in self.merge_lengths]
+        if len(branches) == 1:
+            coarse = branches[0](self, h, context, uncond)
+        else:
+            coarse = nn.switch(choice, branches, self, h, context, uncond)
         f_in = RMSNorm(dtype=self.dtype, name="fine_norm")(h + coarse)
         f = BiSRU(self.parallel_sru, self.dtype, name="sru_0")(f_in)
         f = BiSRU(self.parallel_sru, self.dtype, name="sru_1")(f)
@@ -173,6 +195,7 @@ class DPD(nn.Module):
     align_tokens: bool = True
     remat: bool = False
     dtype: Any = jnp.float32
+    scan_layers: bool = False  # the blocks as one nn.scan (coarse paths switched by K_MS), Roformers nested
 
     def resolved_merge_lengths(self) -> tuple[int, ...]:
         merge = self.merge_lengths or default_merge_lengths(self.segment_length, self.num_blocks)
@@ -199,10 +222,17 @@ class DPD(nn.Module):
             semantic = jnp.where(uncond[:, None], 0.0, semantic).astype(semantic.dtype)
         film = e_delta[:, np.arange(s) * length // s] + semantic[:, None, :]
 
-        block = nn.remat(DualPathBlock) if self.remat else DualPathBlock
-        for i, merge in enumerate(self.resolved_merge_lengths()):
-            h = block(merge, self.num_heads, self.mlp_dim, self.roformer_layers, self.parallel_sru,
-                      self.dtype, name=f"block_{i}")(h, e_st, film, uncond)
+        merges = self.resolved_merge_lengths()
+        fields = (self.num_heads, self.mlp_dim, self.roformer_layers, self.parallel_sru, self.dtype, self.scan_layers)
+        if self.scan_layers:
+            choices = tuple(sorted(set(merges)))
+            stack = layer_stack(DualPathBlock, self.num_blocks, 3, self.remat, num_scanned=1)
+            h, _ = stack(choices, *fields, name="blocks")(h, e_st, film, uncond,
+                                                          jnp.array([choices.index(m) for m in merges], jnp.int32))
+        else:
+            block = nn.remat(DualPathBlock) if self.remat else DualPathBlock
+            for i, merge in enumerate(merges):
+                h = block((merge,), *fields, name=f"block_{i}")(h, e_st, film, uncond)
 
         y = RMSNorm(dtype=self.dtype, name="out_norm")(overlap_add(h, length))
         y = dense(self.latent_dim, ("embed", "latent"), self.dtype, use_bias=True, name="output")(y)

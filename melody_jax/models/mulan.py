@@ -25,6 +25,7 @@ from melody_jax.nn.init import dense
 from melody_jax.nn.mlp import GeluMLP
 from melody_jax.nn.norms import RMSNorm
 from melody_jax.nn.kmeans import assign
+from melody_jax.nn.scan import layer_stack
 from melody_jax.text.byte_tokenizer import VOCAB_SIZE
 
 MAX_LOG_SCALE = math.log(100.0)  # CLIP's clip: logits at most 100 × cosine
@@ -44,14 +45,6 @@ class EncoderBlock(nn.Module):
         h = RMSNorm(dtype=self.dtype, name="mlp_norm")(x)
         x = x + GeluMLP(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-
-class _ScannedBlock(EncoderBlock):
-    """An EncoderBlock in `nn.scan`'s (carry, output) form."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, positions: jax.Array) -> tuple[jax.Array, None]:
-        return super().__call__(x, mask, positions), None
 
 
 class Encoder(nn.Module):
@@ -74,10 +67,7 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array, valid: jax.Array, positions: jax.Array) -> jax.Array:
         mask = padding_mask(valid)
         if self.scan_layers:
-            block = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = layer_stack(EncoderBlock, self.num_layers, 2, self.remat)
             x, _ = stack(self.num_heads, self.mlp_dim, self.dtype, name="layers")(x, mask, positions)
         else:
             block = nn.remat(EncoderBlock) if self.remat else EncoderBlock

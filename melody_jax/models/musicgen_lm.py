@@ -45,6 +45,7 @@ from melody_jax.nn.attention import Attention, cached_attention, padding_mask
 from melody_jax.nn.init import dense, embed_tokens
 from melody_jax.nn.mlp import GeluMLP
 from melody_jax.nn.norms import RMSNorm
+from melody_jax.nn.scan import layer_stack
 from melody_jax.text.byte_tokenizer import VOCAB_SIZE
 
 ACT = ("batch", "length", "embed")
@@ -86,12 +87,13 @@ class TextEncoder(nn.Module):
     mlp_dim: int
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         x = embed_tokens(self, "token_embedding", tokens, VOCAB_SIZE, self.embed_dim, self.dtype)
         encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim, out_dim=self.embed_dim, dtype=self.dtype,
-                          remat=self.remat, pool=False, name="encoder")
+                          remat=self.remat, pool=False, scan_layers=self.scan_layers, name="encoder")
         return encoder(x, mask.astype(bool), jnp.arange(tokens.shape[1]))
 
 
@@ -185,6 +187,7 @@ class MusicGenLM(nn.Module):
     text_proj: bool = False  # Linear(text_embed_dim → embed_dim, with bias) after the text encoder
     melody_mode: str = "prefix"  # prefix | prepend
     melody_frames: int = 0  # prepend: the chroma prefix is tiled/truncated to this many frames
+    scan_layers: bool = False  # the decoder's and the text encoder's blocks as one nn.scan each (`layers/…`)
 
     @property
     def special_token(self) -> int:
@@ -198,10 +201,10 @@ class MusicGenLM(nn.Module):
         if self.text_encoder == "t5":
             self.text_tower = T5Encoder(self.text_vocab_size, self.text_layers, self.text_embed_dim, self.text_heads,
                                         self.text_head_dim, self.text_mlp_dim, dtype=self.dtype, remat=self.remat,
-                                        name="text_encoder")
+                                        scan_layers=self.scan_layers, name="text_encoder")
         else:
             self.text_tower = TextEncoder(self.text_layers, self.text_embed_dim, self.text_heads, self.text_mlp_dim,
-                                          self.dtype, self.remat, name="text_encoder")
+                                          self.dtype, self.remat, self.scan_layers, name="text_encoder")
         if self.text_proj:
             self.text_projection = dense(self.embed_dim, (None, "embed"), self.dtype, use_bias=True)
         self.embedding = self.param(
@@ -210,10 +213,13 @@ class MusicGenLM(nn.Module):
             (self.num_codebooks, self.codebook_size + 1, self.embed_dim))
         if self.use_melody:
             self.melody_proj = dense(self.embed_dim, (None, "embed"), self.dtype, use_bias=self.prepend)
-        block = nn.remat(MusicGenBlock) if self.remat else MusicGenBlock
-        self.layers = [block(self.num_heads, self.mlp_dim, self.dtype, self.decode, self.norm,
-                             self.positions == "rotary", self.mlp_bias, not self.prepend)
-                       for _ in range(self.num_layers)]
+        fields = (self.num_heads, self.mlp_dim, self.dtype, self.decode, self.norm, self.positions == "rotary",
+                  self.mlp_bias, not self.prepend)
+        if self.scan_layers:
+            self.layers = layer_stack(MusicGenBlock, self.num_layers, 2, self.remat)(*fields)
+        else:
+            block = nn.remat(MusicGenBlock) if self.remat else MusicGenBlock
+            self.layers = [block(*fields) for _ in range(self.num_layers)]
         self.final_norm = make_norm(self.norm, self.dtype)
         self.head = dense((self.num_codebooks, self.codebook_size), ("embed", None, "vocab"), self.dtype)
         if self.decode and self.positions == "sinusoidal":
@@ -270,8 +276,11 @@ class MusicGenLM(nn.Module):
                 self.decode_position.value = start + x.shape[1]
             x = x + sinusoids(start + jnp.arange(x.shape[1]), self.embed_dim).astype(self.dtype)
         x = nn.with_logical_constraint(x, ACT)
-        for layer in self.layers:
-            x = layer(x, context, context_mask)
+        if self.scan_layers:
+            x, _ = self.layers(x, context, context_mask)
+        else:
+            for layer in self.layers:
+                x = layer(x, context, context_mask)
         x = self.final_norm(x[:, num_prefix:])
         logits = self.head(x).transpose(0, 2, 1, 3).astype(jnp.float32)
         return nn.with_logical_constraint(logits, ("batch", None, "length", "vocab"))

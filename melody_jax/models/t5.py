@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from melody_jax.nn.init import dense, embed_tokens
 from melody_jax.nn.norms import RMSNorm
+from melody_jax.nn.scan import layer_stack
 
 ACT = ("batch", "length", "embed")
 
@@ -60,7 +61,10 @@ class T5Block(nn.Module):
 
 
 class T5Encoder(nn.Module):
-    """Token ids `[B, L]` and their mask → last hidden state `[B, L, embed_dim]` (float32)."""
+    """Token ids `[B, L]` and their mask → last hidden state `[B, L, embed_dim]` (float32).
+
+    `scan_layers`: the blocks as one `nn.scan` (`melody_jax.nn.scan`), parameters `layers/…`.
+    """
 
     vocab_size: int
     num_layers: int
@@ -73,6 +77,7 @@ class T5Encoder(nn.Module):
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
@@ -83,7 +88,11 @@ class T5Encoder(nn.Module):
         buckets = relative_buckets(tokens.shape[1], self.num_buckets, self.max_distance)
         bias = jnp.take(relative, buckets, axis=0).transpose(2, 0, 1)[None]  # [1, H, L, L], shared by every block
         bias = jnp.where(mask.astype(bool)[:, None, None, :], bias, jnp.finfo(jnp.float32).min)
-        block = nn.remat(T5Block) if self.remat else T5Block
-        for i in range(self.num_layers):
-            x = block(self.num_heads, self.head_dim, self.mlp_dim, self.epsilon, self.dtype, name=f"layers_{i}")(x, bias)
+        fields = (self.num_heads, self.head_dim, self.mlp_dim, self.epsilon, self.dtype)
+        if self.scan_layers:
+            x, _ = layer_stack(T5Block, self.num_layers, 1, self.remat)(*fields, name="layers")(x, bias)
+        else:
+            block = nn.remat(T5Block) if self.remat else T5Block
+            for i in range(self.num_layers):
+                x = block(*fields, name=f"layers_{i}")(x, bias)
         return RMSNorm(self.epsilon, self.dtype, name="final_norm")(x).astype(jnp.float32)

@@ -12,6 +12,7 @@ from melody_jax.nn.attention import Attention
 from melody_jax.nn.init import dense, embed_tokens
 from melody_jax.nn.mlp import SwiGLU
 from melody_jax.nn.norms import RMSNorm
+from melody_jax.nn.scan import layer_stack
 
 
 class DecoderBlock(nn.Module):
@@ -30,14 +31,6 @@ class DecoderBlock(nn.Module):
         h = RMSNorm(dtype=self.dtype, name="mlp_norm")(x)
         x = x + SwiGLU(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-
-class _ScannedBlock(DecoderBlock):
-    """A DecoderBlock in `nn.scan`'s (carry, output) form."""
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, None]:
-        return super().__call__(x, mask), None
 
 
 class DecoderLM(nn.Module):
@@ -63,10 +56,7 @@ class DecoderLM(nn.Module):
     def __call__(self, tokens: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         x = embed_tokens(self, "embedding", tokens, self.vocab_size, self.embed_dim, self.dtype)
         if self.scan_layers:
-            block = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
-            stack = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,), length=self.num_layers,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
+            stack = layer_stack(DecoderBlock, self.num_layers, 1, self.remat)
             x, _ = stack(self.num_heads, self.mlp_dim, self.dtype, self.decode, self.attention_impl, name="layers")(
                 x, mask)
         else:

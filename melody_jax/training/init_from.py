@@ -1,6 +1,7 @@
 """`train.init_from=DIR`: start a stage from the parameters of a workdir or a bundle of that stage.
 
-Parameters are matched by name and shape, top-level group by group: every group the source holds
+Parameters are matched by name and shape (a source written with the other `model.scan_layers` is
+converted, `training/layer_layout.py`), top-level group by group: every group the source holds
 must exist in this run with the same names and shapes; groups it lacks start from their init (a
 bundle keeps a GAN's generator only, so its critic starts fresh), and so do LoRA adapters, which a
 source never provides. The first mismatch is one line naming the parameter, raised before anything
@@ -20,7 +21,7 @@ import ml_collections
 from absl import logging
 
 from melody_jax.nn.lora import split
-from melody_jax.training import ema
+from melody_jax.training import ema, layer_layout
 from melody_jax.training.checkpoint import param_signature, reading
 from melody_jax.training.errors import WorkdirError
 from melody_jax.training.lora import rank
@@ -36,6 +37,7 @@ class Source:
     step: int
     key: str  # "params" or "ema"
     groups: tuple[str, ...]
+    layout: Any = None  # the source's abstract parameters when written in the other layer layout
 
     def record(self) -> dict[str, Any]:
         return {"directory": self.directory, "step": self.step, "key": self.key}
@@ -59,13 +61,15 @@ def check(config: ml_collections.ConfigDict, abstract_params: Any) -> Source:
                            "it made with `launch.bundle --merge_lora`")
     with reading(directory) as ckpt:
         step, meta = ckpt.newest(f"{field} holds no checkpoint")
-    saved, run = meta.get("param_signature", {}), param_signature(split(abstract_params)[0])
+    saved, base = meta.get("param_signature", {}), split(abstract_params)[0]
+    layout = layer_layout.saved_layout(base, saved)
+    run = param_signature(base if layout is None else layout)
     groups = sorted({n.split("/")[0] for n in saved})
     for name in sorted(set(saved) | {n for n in run if n.split("/")[0] in groups}):
         if saved.get(name) != run.get(name):
             raise WorkdirError(f"{field} does not fit this model: parameter {name} has shape {saved.get(name)} there "
                                f"and {run.get(name)} here")
-    return Source(directory, step, "ema" if meta.get("ema") else "params", tuple(groups))
+    return Source(directory, step, "ema" if meta.get("ema") else "params", tuple(groups), layout)
 
 
 def load(source: Source, state: TrainState, abstract: TrainState, config: ml_collections.ConfigDict,
@@ -73,7 +77,11 @@ def load(source: Source, state: TrainState, abstract: TrainState, config: ml_col
     """`state` with the source's parameters in place of its initial ones (the EMA restarts from them)."""
     with reading(source.directory) as ckpt:
         base = split(abstract.params)[0]
-        restored = ckpt.restore_params(source.step, {g: base[g] for g in source.groups}, source.key)
+        if source.layout is None:
+            restored = ckpt.restore_params(source.step, {g: base[g] for g in source.groups}, source.key)
+        else:  # written with the other model.scan_layers: every group, layers stacked or unstacked
+            restored = ckpt.restore_params(source.step, source.layout, source.key)
+            restored = layer_layout.relayout_trees(restored, source.layout, base, place=True)
     logging.info("initialised %s from %s (step %d, %s)", ", ".join(source.groups), source.directory, source.step,
                  source.key)
     state = state.replace(params=overlay(state.params, restored), ema=None)

@@ -21,7 +21,7 @@ from absl import logging
 from flax import linen as nn
 from tqdm import tqdm
 
-from melody_jax.training import accumulate, ema, init_from
+from melody_jax.training import accumulate, ema, init_from, layer_layout
 from melody_jax.training import config as config_lib
 from melody_jax.training.checkpoint import Checkpointer, check_compatible, param_signature
 from melody_jax.training.errors import ConfigError, TrainingDiverged, WorkdirError
@@ -89,6 +89,24 @@ def checkpointed(task: Task, state: TrainState) -> TrainState:
     """What a checkpoint holds of `state`: `Task.checkpointed` of its parameters and of their EMA."""
     return state.replace(params=task.checkpointed(state.params),
                          ema=None if state.ema is None else task.checkpointed(state.ema))
+
+
+def restore_checkpoint(ckpt: Checkpointer, step: int, saved: TrainState, config: ml_collections.ConfigDict,
+                       where: str) -> tuple[TrainState, dict, dict]:
+    """(state as checkpointed, its meta, data state) of checkpoint `step` for this run, refused in one line
+    if it holds another model. `saved` is what this run checkpoints (`checkpointed`).
+
+    One written with the other `model.scan_layers` is restored as written and its layers stacked or
+    unstacked (parameters, EMA and optimizer moments alike), then placed on this run's shardings.
+    """
+    meta = ckpt.read_meta(step)
+    other = layer_layout.saved_layout(saved.params, meta.get("param_signature"))
+    written = saved if other is None else layer_layout.relayout_trees(saved, saved.params, other)
+    check_compatible(meta, config.stage, param_signature(written.params), where, config.seed)
+    state, data_state = ckpt.restore(step, ema.as_saved(written, meta))
+    if other is not None:
+        state = layer_layout.relayout_trees(state, other, saved.params, place=True)
+    return state, meta, data_state
 
 
 def guarded(task: Task, step_rng: jax.Array):
@@ -186,9 +204,7 @@ def train(task: Task, workdir: str) -> dict[str, Any]:
         latest = ckpt.latest_step()
         if latest is not None:
             try:
-                saved_meta = ckpt.read_meta(latest)
-                check_compatible(saved_meta, config.stage, signature, f"workdir {workdir}", config.seed)
-                state, data_state = ckpt.restore(latest, ema.as_saved(saved, saved_meta))
+                state, saved_meta, data_state = restore_checkpoint(ckpt, latest, saved, config, f"workdir {workdir}")
                 if jax.tree.structure(saved.params) != jax.tree.structure(abstract.params):
                     # the frozen rest, as this run began: its init, then the init_from step it recorded
                     fresh = start_state(task, shardings, init_rng, init_from.recorded(saved_meta, source, workdir),
