@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -201,6 +202,15 @@ class AudioBatchIterator:
         if self.with_text:
             out.update({k: v for k, v in local.items() if k not in GLOBAL_KEYS})
         return out
+
+
+def frame_mask(mask: jax.Array, hop: int, frames: int) -> jax.Array:
+    """[B, frames]: 1 where all `hop` samples of a frame are real in `mask [B, samples]` (0 past its end), so
+    a model's frames that are partly or wholly padding never count in a loss."""
+    need = frames * hop
+    mask = jnp.asarray(mask, jnp.float32)[:, :need]
+    mask = jnp.pad(mask, ((0, 0), (0, need - mask.shape[1])))
+    return mask.reshape(mask.shape[0], frames, hop).min(-1)
 
 
 def make_train_iterator(data_config: Mapping[str, Any], *, global_batch_size: int, mesh: jax.sharding.Mesh,

@@ -42,11 +42,12 @@ def contrastive_logits(context: jax.Array, targets: jax.Array, codes: jax.Array,
 
 
 def wav2vec2_loss(out: dict[str, jax.Array], rng: jax.Array, *, num_negatives: int, logit_temperature: float,
-                  num_codes: int, diversity_weight: float, feature_penalty_weight: float
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  num_codes: int, diversity_weight: float, feature_penalty_weight: float,
+                  valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss, metrics) from the model's forward dict; frames count where masked in utterances with
-    at least two masked frames (one needs a distractor)."""
-    mask = out["mask"]
+    at least two masked frames (one needs a distractor). `valid [B, T]` (optional): frames of real audio;
+    padding frames are neither scored nor drawn as distractors."""
+    mask = out["mask"] if valid is None else out["mask"] & (valid > 0)
     negatives = sample_negatives(rng, mask, num_negatives)
     logits = contrastive_logits(out["context"], out["targets"], out["codes"], negatives, logit_temperature)
     weight = (mask & (mask.sum(1, keepdims=True) >= 2)).astype(jnp.float32)

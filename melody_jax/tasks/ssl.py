@@ -5,6 +5,7 @@ it from `state.step` and calls `objective`; evaluation quantizes without noise (
 Logged: accuracy (chance = 1/(K+1), logged as `chance`), contrastive/diversity losses, soft
 (`prob_perplexity`) and hard (`code_perplexity`, the codebook's) perplexities, temperature, and
 `distractors_dropped` (near 1 = the codebook collapsed and accuracy no longer means anything).
+Frames of padding (the crop's `mask`) are neither masked targets nor distractors.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from data_pipeline.input import frame_mask
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.conformer import Wav2Vec2Conformer
 from melody_jax.models.ssl_loss import wav2vec2_loss
@@ -72,10 +74,12 @@ class SSLTask(SourcedTask):
         mask_rng, gumbel_rng, drop_rng, neg_rng = jax.random.split(rng, 4)
         out = self.model.apply({"params": params}, batch["audio"], temperature=temperature, train=train,
                                rngs={"mask": mask_rng, "gumbel": gumbel_rng, "dropout": drop_rng})
+        valid = frame_mask(batch["mask"], self.model.hop, out["mask"].shape[1]) if "mask" in batch else None
         loss, metrics = wav2vec2_loss(out, neg_rng, num_negatives=m.num_negatives,
                                       logit_temperature=m.logit_temperature, num_codes=m.num_groups * m.num_vars,
                                       diversity_weight=m.diversity_weight,
-                                      feature_penalty_weight=m.feature_penalty_weight)
+                                      feature_penalty_weight=m.feature_penalty_weight,
+                                      valid=valid)
         return loss, {**metrics, "temperature": jnp.asarray(temperature, jnp.float32),
                       "chance": jnp.asarray(1.0 / (m.num_negatives + 1), jnp.float32)}
 
