@@ -158,3 +158,38 @@ def per_frame_errors(task, params, batch) -> jax.Array:
 
 def task_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((1, 1, 1), MESH_AXES, devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def test_min_segment_ratio_skips_mostly_padded_clips_and_resumes_exactly(prepared_data):
+    """3-s clips cut at 2 s give 2-s and 1-s examples; with 2-s crops and ratio 0.75 only the 2-s ones are
+    read, epochs hold those only, and a restored iterator continues exactly (across an epoch boundary)."""
+    from data_pipeline.input import default_data_config, make_train_iterator
+    from melody_jax.training.errors import ConfigError
+    from melody_jax.training.sharding import make_mesh
+
+    rate = 8000
+    path = prepared_data(source="synthetic", num_clips=6, seed=3, clip_seconds=3.0, sample_rate=rate,
+                         segment_seconds=2.0)
+    c = default_data_config()
+    c.path, c.sample_rate, c.crop_seconds, c.shuffle_buffer = path, rate, 2.0, 4
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    kept = make_train_iterator({**c, "min_segment_ratio": 0.75}, global_batch_size=8, mesh=mesh, seed=0,
+                               with_text=False)
+    every = make_train_iterator(c, global_batch_size=8, mesh=mesh, seed=0, with_text=False)
+    assert every.examples_per_epoch == 12 and kept.examples_per_epoch == 6
+    assert float(np.asarray(next(every)["mask"]).mean(1).min()) == pytest.approx(0.5)  # the 1-s pieces
+    batches = [next(kept) for _ in range(3)]  # 24 rows: 4 epochs of the 6 kept examples
+    for b in batches:
+        assert float(np.asarray(b["mask"]).min()) == 1.0
+    ids = np.concatenate([np.asarray(b["index"]) for b in batches])
+    assert all(sorted(ids[i:i + 6]) == sorted(ids[:6]) for i in range(0, 24, 6))
+    restored = make_train_iterator({**c, "min_segment_ratio": 0.75}, global_batch_size=8, mesh=mesh, seed=0,
+                                   with_text=False)
+    replay = make_train_iterator({**c, "min_segment_ratio": 0.75}, global_batch_size=8, mesh=mesh, seed=0,
+                                 with_text=False)
+    next(replay)
+    restored.set_state(replay.get_state())
+    for b in batches[1:]:
+        np.testing.assert_array_equal(np.asarray(next(restored)["index"]), np.asarray(b["index"]))
+    with pytest.raises(ConfigError, match="config.data.min_segment_ratio"):
+        make_train_iterator({**c, "min_segment_ratio": 1.5}, global_batch_size=8, mesh=mesh, seed=0)
