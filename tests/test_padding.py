@@ -104,7 +104,8 @@ def test_frozen_mulan_averages_valid_windows_only(mulan):
 
 
 def _ssl_out(rng: np.random.Generator, frames: int) -> dict[str, jax.Array]:
-    return {"mask": jnp.asarray(rng.random((2, frames)) < 0.6), "context": jnp.asarray(rng.standard_normal((2, frames, 8))),
+    return {"mask": jnp.asarray(rng.random((2, frames)) < 0.6),
+            "context": jnp.asarray(rng.standard_normal((2, frames, 8))),
             "targets": jnp.asarray(rng.standard_normal((2, frames, 8))),
             "codes": jnp.asarray(rng.integers(0, 50, (2, frames, 2))), "prob_perplexity": jnp.asarray(3.0),
             "code_perplexity": jnp.asarray(3.0), "feature_penalty": jnp.asarray(0.1)}

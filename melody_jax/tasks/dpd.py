@@ -1,9 +1,10 @@
 """Dual-path diffusion stage (DESIGN §4.5): multi-chunk velocity MSE with CFG token dropout.
 
 Data (`config.data.source`, melody_jax/tasks/sources.py): `cached` reads VAE-GAN latents with their
-semantic tokens from the records `launch.tokenize` writes; where a batch carries `latent_mask [B, L]` (latents
-cached from a clip shorter than the crop) the velocity MSE averages the valid frames only. `synthetic` (tests, benchmarks) makes latents that are a known function of the tokens plus structure the tokens do not give: each 25-Hz token selects a
-fixed random 16-d pattern, patterns are interpolated smoothly (raised-cosine) to the latent frame
+semantic tokens from the records `launch.tokenize` writes; where a batch carries `latent_mask [B, L]`
+(latents cached from a clip shorter than the crop) the velocity MSE averages the valid frames only.
+`synthetic` (tests, benchmarks) makes latents that are a known function of the tokens plus structure
+the tokens do not give: each 25-Hz token selects a fixed random 16-d pattern, patterns are interpolated smoothly (raised-cosine) to the latent frame
 rate, and a slow drift (two sinusoids per channel, one and two cycles per clip, random amplitude
 and phase per example) is added; the sum is clipped to [-1, 1] like real latents. Batches are a
 pure function of (seed, split, batch index) — the held-out split is a stream of its own, the pattern

@@ -79,7 +79,8 @@ class FramePasses:
         for i in tqdm(range(self.num_batches), desc="ssl frames", leave=False,
                       disable=jax.process_index() != 0 or not self.progress):
             batch = next(self.audio)
-            yield self.embed(self.params, batch["audio"], batch["mask"], jax.random.fold_in(jax.random.key(self.seed), i))
+            rng = jax.random.fold_in(jax.random.key(self.seed), i)
+            yield self.embed(self.params, batch["audio"], batch["mask"], rng)
 
     def __iter__(self) -> "FramePasses":
         return self

@@ -13,7 +13,6 @@ all; then exact Lloyd passes), so the devices hold one chunk at a time.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Iterable, Iterator
@@ -124,8 +123,8 @@ def embedding_chunks(config, mulan: Stage, mesh: jax.sharding.Mesh) -> Embedding
     data.path = c.data.path or data.path
     clips = (x["audio"] for x in iter_clips(data.path, "train", data.sample_rate))
     emb = clip_embeddings(mulan.model, mulan.params, clips, window, c.data.embed_batch_size, mesh)
-    require(len(emb) == 0 or emb.shape[1] == c.model.embed_dim, f"config.model.embed_dim={c.model.embed_dim} but "
-                                                                f"the MuLan in {c.upstream.mulan} embeds to {emb.shape[1]}")
+    require(len(emb) == 0 or emb.shape[1] == c.model.embed_dim,
+            f"config.model.embed_dim={c.model.embed_dim} but the MuLan in {c.upstream.mulan} embeds to {emb.shape[1]}")
     return EmbeddingChunks(emb.reshape(len(emb), c.model.embed_dim), c.data.embed_batch_size, mesh)
 
 
@@ -134,8 +133,8 @@ def _residual(codebooks: jax.Array, x: jax.Array) -> jax.Array:
     return x - reconstruction(codebooks, x)[0]
 
 
-@functools.partial(jax.jit, static_argnames="level")
-def _level_sums(codebooks: jax.Array, x: jax.Array, w: jax.Array, level: int) -> dict[str, jax.Array]:
+@jax.jit
+def _level_sums(codebooks: jax.Array, x: jax.Array, w: jax.Array, level: jax.Array) -> dict[str, jax.Array]:
     quantized, _, codes = reconstruction(codebooks, x)
     k = codebooks.shape[1]
     return {"error": jnp.sum(w * jnp.sum((x - quantized) ** 2, -1)), "cosine": jnp.sum(w * jnp.sum(
@@ -147,7 +146,9 @@ def fit_level(chunks: Chunks, codebooks: jax.Array, level: int, key: jax.Array, 
               init_chunks: int) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(codebooks with `level` fitted by k-means on the residuals all lower levels leave, the pass's sums
     of squared error, cosine, level-`level` code counts and rows), streamed over the chunks."""
-    residuals = lambda: ((_residual(codebooks, x), w) for x, w in chunks())  # noqa: E731
+    def residuals() -> Iterator[tuple[jax.Array, jax.Array]]:
+        return ((_residual(codebooks, x), w) for x, w in chunks())
+
     fit = fit_kmeans_stream(residuals, codebooks.shape[1], key, iters=iters, init_chunks=init_chunks, progress=False)
     codebooks = codebooks.at[level].set(fit.centroids)
     sums = None
