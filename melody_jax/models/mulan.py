@@ -163,12 +163,13 @@ class MuLan(nn.Module):
 
 
 def valid_patches(model: MuLan, mask: jax.Array, num_patches: int) -> jax.Array:
-    """bool [B, num_patches] from a prefix sample mask [B, T]: a patch counts when every STFT window of
-    its frames lies inside the real samples, so padding (and the edge a cut clip reflects) is left out
-    and a padded clip pools the same patches as the clip cut to its length."""
+    """bool [B, num_patches] from a prefix sample mask [B, T]: in a padded row a patch counts when every
+    STFT window of its frames ends inside the real samples; a row without padding keeps every patch, as
+    unmasked inference does. A padded clip then pools the patches of the clip cut to its length whenever
+    the cut clip's last STFT window ends inside it (else the cut clip also keeps its reflect-padded edge)."""
     real = jnp.asarray(mask, jnp.float32).sum(-1, keepdims=True)
     last_frame = (jnp.arange(num_patches) + 1) * model.patch_frames - 1
-    return last_frame * model.hop_length + model.n_fft - model.n_fft // 2 <= real
+    return (last_frame * model.hop_length + model.n_fft - model.n_fft // 2 <= real) | (real >= mask.shape[-1])
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
