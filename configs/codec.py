@@ -49,6 +49,7 @@ def get_config(arg: str | None = None):
                   balancer=reference, balancer_total_norm=1.0, balancer_ema_decay=0.999)
 
     c.data.update(default_data_config())
+    c.data.min_segment_ratio = 0.8 if preset in ("base", "paper") else 0.0  # audiocraft MusicGen's 0.8
     c.data.source = "prepared_audio"  # data.path: a prepared dataset (launch.prepare_data)
     c.data.sample_rate = 32000
     c.data.shuffle_buffer = 64 if tiny else 256

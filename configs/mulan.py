@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
     c.model.scan_layers = False  # True: each tower's blocks as one nn.scan (other param names)
 
     c.data.update(default_data_config())
+    c.data.min_segment_ratio = 0.8 if preset in ("base", "paper") else 0.0  # audiocraft MusicGen's 0.8
     c.data.source = "prepared_audio"  # data.path: a prepared dataset (launch.prepare_data)
     c.data.sample_rate = 24000  # every preset: the rate of the VAE-GAN and SSL stages it is bundled with
     c.data.shuffle_buffer = 64 if tiny else 256

@@ -67,6 +67,7 @@ def get_config(arg: str | None = None):
     c.model.melody_mode = "prefix"  # prefix | prepend (musicgen-melody: text and chroma prepended, no cross-attention)
 
     c.data.update(default_data_config())  # the audio pipeline's fields (data.source="codec")
+    c.data.min_segment_ratio = 0.8 if preset in ("base", "paper") else 0.0  # audiocraft MusicGen's 0.8
     del c.data["crop_seconds"]  # codec: data.frames codec frames, in samples at the codec's rate
     # synthetic | codec. paper/base train on real audio: validation refuses them until data.path and
     # upstream.codec are set.

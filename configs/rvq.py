@@ -21,7 +21,10 @@ def get_config(arg: str | None = None):
     c.model.kmeans_iters = 20 if tiny else 50
     c.data.source = "upstream_audio"  # data.path: a prepared dataset; "" = the mulan stage's
     c.data.window_seconds = 2.0 if tiny else 10.0  # a clip's embedding is the mean over these windows
-    c.data.embed_batch_size = 16 if tiny else 64  # windows per MuLan forward pass (global)
+    c.data.embed_batch_size = 16 if tiny else 64  # windows per MuLan forward pass, embeddings per k-means chunk
+    # k-means++ seeds on the first data.init_batches chunks of embeddings (0 = all, as an in-memory fit);
+    # a bounded sample at scale [choice]: 256 × 64 = 16k embeddings for 1024 centres.
+    c.data.init_batches = 0 if tiny else 256
     c.train.num_steps = c.model.num_quantizers
     c.train.log_every = 1
     c.train.eval_every = c.train.num_steps

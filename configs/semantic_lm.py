@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
 
     # paper/base train on real data: validation refuses them until data.path names the cache folder.
     c.data.source = "cached" if preset in ("paper", "base") else "synthetic"
+    c.data.min_segment_ratio = 0.8 if preset in ("base", "paper") else 0.0  # frozen_models crops; audiocraft's 0.8
     # codes the synthetic rule uses (≤ both vocabularies)
     c.data.synthetic_codes = min(c.model.semantic_vocab_size, c.model.mulan_codebook_size)
     c.data.num_strides = 4

@@ -68,6 +68,7 @@ def get_config(arg: str | None = None):
     c.upstream = ml_collections.ConfigDict({"ssl": ""})  # HuBERT iteration 2: the trained ssl stage's workdir
 
     c.data.update(default_data_config())
+    c.data.min_segment_ratio = 0.8 if preset in ("base", "paper") else 0.0  # audiocraft MusicGen's 0.8
     c.data.source = "prepared_audio"  # data.path: a prepared dataset (launch.prepare_data)
     c.data.sample_rate = 24000
     c.data.shuffle_buffer = 64 if tiny else 256

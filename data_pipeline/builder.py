@@ -290,16 +290,23 @@ def host_split(path: str, split: str, sample_rate: int | None = None):
     return builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
 
 
-def read_clips(path: str, split: str = "train", sample_rate: int | None = None,
-               limit: int | None = None) -> list[dict[str, Any]]:
-    """This host's share of a prepared split (its first `limit` examples) as dicts of float32 `audio`,
-    `caption`, `tags` and `attributes` (a dict); `sample_rate`, when given, must be the data's rate."""
+def iter_clips(path: str, split: str = "train", sample_rate: int | None = None,
+               limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """This host's share of a prepared split (its first `limit` examples), one clip at a time (so a split
+    need not fit in memory) as dicts of float32 `audio`, `caption`, `tags` and `attributes` (a dict);
+    `sample_rate`, when given, must be the data's rate (checked before the first clip is read)."""
     ds = host_split(path, split, sample_rate)
     if limit is not None:
         ds = ds.take(limit)
-    return [{"audio": audio_io.from_pcm(ex["audio"]), "caption": ex["caption"].decode("utf-8"),
+    return ({"audio": audio_io.from_pcm(ex["audio"]), "caption": ex["caption"].decode("utf-8"),
              "tags": [t.decode("utf-8") for t in ex["tags"]], "attributes": json.loads(ex["attributes"])}
-            for ex in tfds.as_numpy(ds)]
+            for ex in tfds.as_numpy(ds))
+
+
+def read_clips(path: str, split: str = "train", sample_rate: int | None = None,
+               limit: int | None = None) -> list[dict[str, Any]]:
+    """`iter_clips` as a list."""
+    return list(iter_clips(path, split, sample_rate, limit))
 
 
 def load_report(out_dir: str) -> PrepareReport:

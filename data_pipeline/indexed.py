@@ -35,23 +35,3 @@ class IndexedBatches:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.index = int(state["index"])
-
-
-class RepeatedBatch:
-    """The same global batch every step (fitting stages: k-means, RVQ); the position is the step count."""
-
-    def __init__(self, batch: dict[str, jax.Array]):
-        self.batch, self.index = batch, 0
-
-    def __iter__(self) -> "RepeatedBatch":
-        return self
-
-    def __next__(self) -> dict[str, jax.Array]:
-        self.index += 1
-        return self.batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])

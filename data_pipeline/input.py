@@ -11,7 +11,10 @@ Pipeline (per host, in order):
    (seed, e, p) — shorter clips are zero-padded and `mask` marks real samples — batch the host's
    rows, prefetch. With `other_segment`, each row also gets `other_audio`: a crop of the same clip
    that does not overlap the first, drawn uniformly from (seed, e, p) among those that fit, or the
-   first crop itself when none does (a clip shorter than two crops).
+   first crop itself when none does (a clip shorter than two crops). With `min_segment_ratio` > 0,
+   clips shorter than that share of the crop are filtered out in step 2, before `enumerate` (so they
+   hold no position), which parses every record once more and makes an epoch's size known only by
+   counting (once, on resume).
 4. `__next__` turns the numeric arrays into global arrays sharded over the mesh's batch axes.
 
 Resume scheme: the state is the number of examples this host has consumed (the same number on every
@@ -28,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -52,6 +56,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.path = ""  # a prepared dataset: the --out folder of `python -m launch.prepare_data`
     c.sample_rate = 24000  # must equal the prepared dataset's rate (checked)
     c.crop_seconds = 10.0  # length of every training example; shorter clips are padded + masked
+    # Clips shorter than this share of the crop are skipped (their crops would be mostly padding); 0 = keep all.
+    c.min_segment_ratio = 0.0
     c.shuffle_buffer = 256  # examples (serialized, so ~0.5 MB each for 10 s of int16 at 24 kHz)
     c.cycle_length = 4  # shards read concurrently per host
     c.prefetch_batches = 2
@@ -95,6 +101,8 @@ class AudioBatchIterator:
                               f"(data×fsdp = {batch_divisor(mesh)})")
         if cfg["crop_seconds"] <= 0:
             raise ConfigError(f"config.data.crop_seconds must be > 0, got {cfg['crop_seconds']}")
+        if not 0.0 <= cfg["min_segment_ratio"] <= 1.0:
+            raise ConfigError(f"config.data.min_segment_ratio={cfg['min_segment_ratio']} must lie in [0, 1]")
         if cfg["shuffle_buffer"] < 1 or cfg["cycle_length"] < 1:
             raise ConfigError("config.data.shuffle_buffer and config.data.cycle_length must be >= 1")
         self.local_batch_size = global_batch_size // self.process_count
@@ -112,12 +120,27 @@ class AudioBatchIterator:
         host_split = tfds.split_for_jax_process(split, process_index=self.process_index,
                                                 process_count=self.process_count)
         self._files = self._builder.info.splits[host_split].file_instructions
-        self.examples_per_epoch = sum(f.take for f in self._files)
-        if not self.examples_per_epoch:
+        self._min_samples = int(np.ceil(cfg["min_segment_ratio"] * self.crop_samples))
+        self._records_per_epoch = sum(f.take for f in self._files)
+        if not self._records_per_epoch:
             raise ConfigError(f"config.data.path={cfg['path']!r}: process {self.process_index} of "
                               f"{self.process_count} gets no examples of split {split!r}")
+        self._kept: int | None = None if self._min_samples else self._records_per_epoch
         self._consumed = 0
         self._iterator = None
+
+    @property
+    def examples_per_epoch(self) -> int:
+        """This host's examples in an epoch: with `min_segment_ratio`, the clips long enough, counted once
+        by reading the host's share (only when asked: on resume or by a caller that needs it)."""
+        if self._kept is None:
+            count = self._epoch(tf.constant(0, tf.int64)).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
+            self._kept = int(count)
+            if not self._kept:
+                raise ConfigError(f"config.data.min_segment_ratio={self._cfg['min_segment_ratio']}: no clip of "
+                                  f"process {self.process_index}'s share of split {self.split!r} in "
+                                  f"{self._cfg['path']} is {self._min_samples} samples or longer")
+        return self._kept
 
     # --- state -----------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
@@ -149,7 +172,12 @@ class AudioBatchIterator:
             cycle_length=min(self._cfg["cycle_length"], len(files)), block_length=1,
             num_parallel_calls=min(self._cfg["cycle_length"], len(files)), deterministic=True)
         records = records.shuffle(self._cfg["shuffle_buffer"], seed=_seed_for(self.seed, epoch))
+        if self._min_samples:  # before `enumerate`, so positions (and resuming) count the kept clips only
+            records = records.filter(lambda rec: self._num_samples(rec) >= self._min_samples)
         return records.enumerate().map(lambda pos, rec: (epoch, pos, rec))
+
+    def _num_samples(self, record: tf.Tensor) -> tf.Tensor:
+        return tf.shape(self._builder.info.features.deserialize_example(record)["audio"], out_type=tf.int64)[0]
 
     def _parse_and_crop(self, epoch: tf.Tensor, pos: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
         ex = self._builder.info.features.deserialize_example(record)
@@ -181,7 +209,7 @@ class AudioBatchIterator:
         }
 
     def _dataset(self) -> tf.data.Dataset:
-        epoch0, offset = divmod(self._consumed, self.examples_per_epoch)
+        epoch0, offset = divmod(self._consumed, self.examples_per_epoch) if self._consumed else (0, 0)
         ds = tf.data.Dataset.range(epoch0, 2**62).flat_map(self._epoch).skip(offset)
         ds = ds.map(self._parse_and_crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(self.local_batch_size, drop_remainder=True).prefetch(self._cfg["prefetch_batches"])
@@ -213,6 +241,15 @@ class AudioBatchIterator:
         if self.with_text:
             out.update({k: v for k, v in local.items() if k not in GLOBAL_KEYS})
         return out
+
+
+def frame_mask(mask: jax.Array, hop: int, frames: int) -> jax.Array:
+    """[B, frames]: 1 where all `hop` samples of a frame are real in `mask [B, samples]` (0 past its end), so
+    a model's frames that are partly or wholly padding never count in a loss."""
+    need = frames * hop
+    mask = jnp.asarray(mask, jnp.float32)[:, :need]
+    mask = jnp.pad(mask, ((0, 0), (0, need - mask.shape[1])))
+    return mask.reshape(mask.shape[0], frames, hop).min(-1)
 
 
 def make_train_iterator(data_config: Mapping[str, Any], *, global_batch_size: int, mesh: jax.sharding.Mesh,

@@ -138,8 +138,8 @@ def test_iterator_yields_global_arrays_with_captions_and_tags(trained):
     task = trained["task"]
     it = task.train_iterator(trained["mesh"])
     batches = [next(it) for _ in range(4)]
-    assert all(set(b) == {"audio", "text_tokens", "text_mask"} and all(isinstance(v, jax.Array) for v in b.values())
-               for b in batches)
+    assert all(set(b) == {"audio", "mask", "text_tokens", "text_mask"}
+               and all(isinstance(v, jax.Array) for v in b.values()) for b in batches)
     b = batches[0]
     assert b["audio"].shape == (16, task.crop_samples) and b["text_tokens"].shape == (16, 128)
     texts = [decode(row) for b in batches for row in np.asarray(b["text_tokens"])]

@@ -52,6 +52,13 @@ def test_hubert_loss_against_numpy():
     np.testing.assert_allclose(float(m["accuracy"]), (logits.argmax(-1) == targets)[mask].mean(), rtol=1e-6)
     assert float(m["majority"]) == pytest.approx(np.bincount(targets.ravel()).max() / targets.size)
     assert float(m["targets_in_use"]) == len(np.unique(targets))
+    # frames of padding (valid = 0) are scored neither masked nor unmasked
+    valid = np.ones((2, 6), np.float32)
+    valid[:, 4:] = 0
+    loss, m = hubert_loss(out, jnp.asarray(targets), unmasked_weight=0.25, feature_penalty_weight=2.0,
+                          valid=jnp.asarray(valid))
+    real = valid > 0
+    np.testing.assert_allclose(float(loss), ce[mask & real].mean() + 0.25 * ce[~mask & real].mean() + 1.0, rtol=1e-5)
 
 
 def test_wav2vec2_loss_counts_codes_in_use():

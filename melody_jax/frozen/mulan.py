@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from melody_jax.frozen.checks import need
 from melody_jax.frozen.loader import load_stage
-from melody_jax.models.mulan import MuLan, l2_normalize, mulan_tokens
+from melody_jax.models.mulan import MuLan, l2_normalize, mulan_tokens, valid_patches
 from melody_jax.text.byte_tokenizer import tokenize as text_tokenize
 from melody_jax.training.sharding import Rules
 
@@ -49,17 +49,25 @@ class FrozenMuLan:
     def codebook_size(self) -> int:
         return int(self.params["codebooks"].shape[1])
 
-    def audio_embedding_fn(self, params: Any, audio: jax.Array) -> jax.Array:
-        """[B, T] (T ≥ one window) → [B, D]: the unit-norm mean embedding over whole windows."""
+    def audio_embedding_fn(self, params: Any, audio: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """[B, T] (T ≥ one window) → [B, D]: the unit-norm mean embedding over whole windows; with a sample
+        mask [B, T], over the windows holding a valid patch, each embedded from its valid patches."""
         b, t = audio.shape
         n = max(1, t // self.window)
-        windows = audio[:, : n * self.window].reshape(b * n, self.window) if t >= self.window else audio
-        emb = self.model.apply({"params": params["mulan"]}, windows, method=MuLan.embed_audio)
-        return l2_normalize(emb.reshape(b, -1, emb.shape[-1]).mean(1))
+        width = self.window if t >= self.window else t
+        windows = audio[:, : n * width].reshape(b * n, width)
+        masks = None if mask is None else mask[:, : n * width].reshape(b * n, width)
+        emb = self.model.apply({"params": params["mulan"]}, windows, masks, method=MuLan.embed_audio)
+        emb = emb.reshape(b, n, emb.shape[-1])
+        if masks is None:
+            return l2_normalize(emb.mean(1))
+        weight = valid_patches(self.model, masks, 1)[:, 0].reshape(b, n).astype(jnp.float32)
+        weight = jnp.where(weight.any(-1, keepdims=True), weight, 1.0)[..., None]
+        return l2_normalize((emb * weight).sum(1) / weight.sum(1))
 
-    def audio_tokens_fn(self, params: Any, audio: jax.Array) -> jax.Array:
-        """[B, T] → int32 [B, Q]: RVQ of the audio embedding."""
-        return mulan_tokens(params["codebooks"], self.audio_embedding_fn(params, audio))
+    def audio_tokens_fn(self, params: Any, audio: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """[B, T] → int32 [B, Q]: RVQ of the audio embedding (over the valid samples of `mask`)."""
+        return mulan_tokens(params["codebooks"], self.audio_embedding_fn(params, audio, mask))
 
     def text_embedding_fn(self, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         return self.model.apply({"params": params["mulan"]}, tokens, mask, method=MuLan.embed_text)

@@ -127,22 +127,39 @@ class MuLan(nn.Module):
         mel = mel[:, : t * self.patch_frames].reshape(b, t, self.patch_frames, f, self.patch_mels)
         return mel.transpose(0, 1, 3, 2, 4).reshape(b, t, f, self.patch_frames * self.patch_mels)
 
-    def embed_audio(self, audio: jax.Array) -> jax.Array:
+    def embed_audio(self, audio: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Unit embeddings [B, out_dim]; with a sample mask the tower attends to and pools the valid
+        patches only (all of them where a row has none)."""
         p = self.patches(audio)
         b, t, f, _ = p.shape
         x = self.patch_proj(p) + self.band_embedding.astype(self.dtype)
         x = nn.with_logical_constraint(x.reshape(b, t * f, self.embed_dim), ("batch", "length", "embed"))
         positions = jnp.repeat(jnp.arange(t), f)
-        return self.audio_encoder(x, jnp.ones((b, t * f), bool), positions)
+        valid = jnp.ones((b, t), bool)
+        if mask is not None:
+            patches = valid_patches(self, mask, t)
+            valid = patches | ~patches.any(-1, keepdims=True)
+        return self.audio_encoder(x, jnp.repeat(valid, f, axis=1), positions)
 
     def embed_text(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         x = jnp.take(self.token_embedding, tokens, axis=0).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return self.text_encoder(x, mask.astype(bool), jnp.arange(tokens.shape[1]))
 
-    def __call__(self, audio: jax.Array, tokens: jax.Array, mask: jax.Array):
+    def __call__(self, audio: jax.Array, tokens: jax.Array, mask: jax.Array, audio_mask: jax.Array | None = None):
         """(audio embeddings, text embeddings, clipped log logit scale)."""
-        return self.embed_audio(audio), self.embed_text(tokens, mask), jnp.clip(self.log_scale, 0.0, MAX_LOG_SCALE)
+        return (self.embed_audio(audio, audio_mask), self.embed_text(tokens, mask),
+                jnp.clip(self.log_scale, 0.0, MAX_LOG_SCALE))
+
+
+def valid_patches(model: MuLan, mask: jax.Array, num_patches: int) -> jax.Array:
+    """bool [B, num_patches] from a prefix sample mask [B, T]: in a padded row a patch counts when every
+    STFT window of its frames ends inside the real samples; a row without padding keeps every patch, as
+    unmasked inference does. A padded clip then pools the patches of the clip cut to its length whenever
+    the cut clip's last STFT window ends inside it (else the cut clip also keeps its reflect-padded edge)."""
+    real = jnp.asarray(mask, jnp.float32).sum(-1, keepdims=True)
+    last_frame = (jnp.arange(num_patches) + 1) * model.patch_frames - 1
+    return (last_frame * model.hop_length + model.n_fft - model.n_fft // 2 <= real) | (real >= mask.shape[-1])
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -165,9 +182,9 @@ def contrastive_loss(text_emb: jax.Array, audio_emb: jax.Array, log_scale: jax.A
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def embed_audio(model: MuLan, params, audio: jax.Array) -> jax.Array:
-    """[B, T] audio at `model.sample_rate` → [B, out_dim] unit vectors."""
-    return model.apply({"params": params}, audio, method=MuLan.embed_audio)
+def embed_audio(model: MuLan, params, audio: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """[B, T] audio at `model.sample_rate` (and its sample mask) → [B, out_dim] unit vectors."""
+    return model.apply({"params": params}, audio, mask, method=MuLan.embed_audio)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -43,11 +43,12 @@ def contrastive_logits(context: jax.Array, targets: jax.Array, codes: jax.Array,
 
 
 def wav2vec2_loss(out: dict[str, jax.Array], rng: jax.Array, *, num_negatives: int, logit_temperature: float,
-                  num_codes: int, diversity_weight: float, feature_penalty_weight: float
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  num_codes: int, diversity_weight: float, feature_penalty_weight: float,
+                  valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss, metrics) from the model's forward dict; frames count where masked in utterances with
-    at least two masked frames (one needs a distractor)."""
-    mask = out["mask"]
+    at least two masked frames (one needs a distractor). `valid [B, T]` (optional): frames of real audio;
+    padding frames are neither scored nor drawn as distractors."""
+    mask = out["mask"] if valid is None else out["mask"] & (valid > 0)
     negatives = sample_negatives(rng, mask, num_negatives)
     logits = contrastive_logits(out["context"], out["targets"], out["codes"], negatives, logit_temperature)
     weight = (mask & (mask.sum(1, keepdims=True) >= 2)).astype(jnp.float32)
@@ -72,12 +73,15 @@ def wav2vec2_loss(out: dict[str, jax.Array], rng: jax.Array, *, num_negatives: i
 
 
 def hubert_loss(out: dict[str, jax.Array], targets: jax.Array, *, unmasked_weight: float,
-                feature_penalty_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+                feature_penalty_weight: float, valid: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss, metrics): mean cross-entropy of the int32 [B, T] targets at masked frames, plus
-    `unmasked_weight` × the same at unmasked frames (HuBERT's α = 1 / 1 − α weighting, α = 1 by default)."""
+    `unmasked_weight` × the same at unmasked frames (HuBERT's α = 1 / 1 − α weighting, α = 1 by default);
+    `valid [B, T]` (optional): frames of real audio, the only ones scored."""
     logits, mask = out["logits"], out["mask"]
     ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    masked, unmasked = mask.astype(jnp.float32), (~mask).astype(jnp.float32)
+    real = jnp.ones(mask.shape, jnp.float32) if valid is None else (valid > 0).astype(jnp.float32)
+    masked, unmasked = mask.astype(jnp.float32) * real, (~mask).astype(jnp.float32) * real
     ce_masked = jnp.sum(ce * masked) / jnp.maximum(masked.sum(), 1.0)
     ce_unmasked = jnp.sum(ce * unmasked) / jnp.maximum(unmasked.sum(), 1.0)
     right = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)

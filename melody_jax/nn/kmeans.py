@@ -1,6 +1,8 @@
 """The one k-means (DESIGN §4.2, §4.3, §6): k-means++ seeding, then full Lloyd (sums accumulated over
 chunks) or mini-batch (Sculley) steps, with empty clusters re-seeded at the worst-fitted points. Used by
-the kmeans stage (`fit_kmeans`'s steps), the rvq stage and VQ initialisation (`kmeans`, traceable).
+the kmeans and rvq stages (streamed: `init_from_sample`, `stream_pass`, `fit_kmeans_stream` see one chunk
+at a time and re-read the data each pass, so no split has to fit in memory) and VQ initialisation
+(`kmeans`, traceable).
 
 Data layout: `x [C, N, D]` = C chunks of N rows whose row axis is sharded over the mesh's batch axes
 (`shard_rows`), `w [C, N]` row weights (0 = padding). Every reduction over rows is a sum or an argmax
@@ -10,6 +12,8 @@ gathers, so no device ever holds another's rows. Centroids `[K, D]` are replicat
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import jax
@@ -98,12 +102,24 @@ def _merge(a: Stats, b: Stats) -> Stats:
     return Stats(a.counts + b.counts, a.sums + b.sums, a.inertia + b.inertia, top, points[idx])
 
 
+def empty_stats(num_clusters: int, dim: int) -> Stats:
+    """What `accumulate` starts a pass from."""
+    k, d = num_clusters, dim
+    return Stats(jnp.zeros(k), jnp.zeros((k, d)), jnp.zeros(()), jnp.full((k,), -1.0), jnp.zeros((k, d)))
+
+
+@jax.jit
+def accumulate(stats: Stats, x: jax.Array, w: jax.Array, centroids: jax.Array) -> Stats:
+    """`stats` plus one chunk's (x [N, D], w [N]): exact sums and counts, so a pass streamed chunk by chunk
+    gives what `lloyd_stats` gives over all the chunks at once."""
+    return _merge(stats, _chunk_stats(x.astype(jnp.float32), w, centroids))
+
+
 @jax.jit
 def lloyd_stats(x: jax.Array, w: jax.Array, centroids: jax.Array) -> Stats:
     """Assignment statistics of all chunks (a `lax.scan`, so memory holds one chunk's [N, K] distances)."""
     x = x.astype(jnp.float32)
-    k, d = centroids.shape
-    zero = Stats(jnp.zeros(k), jnp.zeros((k, d)), jnp.zeros(()), jnp.full((k,), -1.0), jnp.zeros((k, d)))
+    zero = empty_stats(*centroids.shape)
     return jax.lax.scan(lambda s, xw: (_merge(s, _chunk_stats(xw[0], xw[1], centroids)), None), zero, (x, w))[0]
 
 
@@ -115,32 +131,75 @@ def reseed(centroids: jax.Array, counts: jax.Array, far_points: jax.Array) -> tu
 
 
 @jax.jit
+def lloyd_update(centroids: jax.Array, s: Stats) -> jax.Array:
+    """The centroids after a Lloyd iteration whose pass gathered `s`: the means, empty clusters re-seeded."""
+    means = s.sums / jnp.maximum(s.counts, 1e-12)[:, None]
+    return reseed(jnp.where(s.counts[:, None] > 0, means, centroids), s.counts, s.far_points)[0]
+
+
+@jax.jit
 def lloyd_step(x: jax.Array, w: jax.Array, centroids: jax.Array) -> tuple[jax.Array, Stats]:
     """One full Lloyd iteration: (new centroids, statistics of the old ones — their inertia)."""
     s = lloyd_stats(x, w, centroids)
+    return lloyd_update(centroids, s), s
+
+
+@jax.jit
+def minibatch_update(centroids: jax.Array, totals: jax.Array, x: jax.Array, w: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One mini-batch k-means update (Sculley 2010) from a chunk x [N, D]: centre ← centre + (n_b/n_total)·
+    (batch mean − centre). Returns (centroids, running counts, the chunk's inertia)."""
+    s = _chunk_stats(x.astype(jnp.float32), w, centroids)
+    totals = totals + s.counts
     means = s.sums / jnp.maximum(s.counts, 1e-12)[:, None]
-    new, _ = reseed(jnp.where(s.counts[:, None] > 0, means, centroids), s.counts, s.far_points)
-    return new, s
+    rate = (s.counts / jnp.maximum(totals, 1e-12))[:, None]
+    c = jnp.where(s.counts[:, None] > 0, centroids + rate * (means - centroids), centroids)
+    return reseed(c, totals, s.far_points)[0], totals, s.inertia
 
 
 @jax.jit
 def minibatch_step(x: jax.Array, w: jax.Array, centroids: jax.Array, totals: jax.Array
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One pass of mini-batch k-means (Sculley 2010), a chunk per update: centre ← centre + (n_b/n_total)·
-    (batch mean − centre). Returns (centroids, running counts, Σ inertia seen during the pass)."""
-    x = x.astype(jnp.float32)
-
+    """One pass of mini-batch k-means, a chunk per update. Returns (centroids, running counts, Σ inertia
+    seen during the pass)."""
     def body(carry, xw):
         c, totals, inertia = carry
-        s = _chunk_stats(xw[0], xw[1], c)
-        totals = totals + s.counts
-        means = s.sums / jnp.maximum(s.counts, 1e-12)[:, None]
-        rate = (s.counts / jnp.maximum(totals, 1e-12))[:, None]
-        c = jnp.where(s.counts[:, None] > 0, c + rate * (means - c), c)
-        c, _ = reseed(c, totals, s.far_points)
-        return (c, totals, inertia + s.inertia), None
+        c, totals, chunk_inertia = minibatch_update(c, totals, xw[0], xw[1])
+        return (c, totals, inertia + chunk_inertia), None
 
     return jax.lax.scan(body, (centroids, totals, jnp.zeros(())), (x, w))[0]
+
+
+Chunks = Callable[[], Iterable[tuple[jax.Array, jax.Array]]]  # a fresh pass of (x [N, D], w [N]) chunks
+
+
+def init_from_sample(chunks: Chunks, num_clusters: int, key: jax.Array, max_chunks: int) -> jax.Array:
+    """k-means++ on a bounded sample: the first `max_chunks` chunks of a pass (0 = all of it)."""
+    sample = list(itertools.islice(chunks(), max_chunks or None))
+    return kmeans_plusplus(key, jnp.stack([x for x, _ in sample]), jnp.stack([w for _, w in sample]), num_clusters)
+
+
+def stream_pass(chunks: Chunks, centroids: jax.Array, mode: str, totals: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One iteration streamed over a pass, one chunk in memory at a time: full Lloyd (exact sums and counts
+    over the pass, then the update) or mini-batch (an update per chunk). Returns (centroids, counts — the
+    pass's for full, the running ones for mini-batch —, inertia seen during the pass)."""
+    if mode == "minibatch":
+        inertia = jnp.zeros(())
+        for x, w in chunks():
+            centroids, totals, chunk_inertia = minibatch_update(centroids, totals, x, w)
+            inertia = inertia + chunk_inertia
+        return centroids, totals, inertia
+    s = pass_stats(chunks, centroids)
+    return lloyd_update(centroids, s), s.counts, s.inertia
+
+
+def pass_stats(chunks: Chunks, centroids: jax.Array) -> Stats:
+    """`lloyd_stats` of a streamed pass."""
+    s = empty_stats(*centroids.shape)
+    for x, w in chunks():
+        s = accumulate(s, x, w, centroids)
+    return s
 
 
 @functools.partial(jax.jit, static_argnames=("num_clusters", "iters"))
@@ -160,9 +219,17 @@ class KMeansResult(NamedTuple):
     history: list[float]  # inertia at each iteration of the best run
 
 
-def fit_kmeans(x: jax.Array, w: jax.Array, num_clusters: int, key: jax.Array, *, iters: int = 50, n_init: int = 1,
-               mode: str = "full", tol: float = 0.0, progress: bool = True) -> KMeansResult:
-    """k-means of chunks x [C, N, D] (weights w [C, N]); the best of `n_init` k-means++ seedings.
+def fit_kmeans(x: jax.Array, w: jax.Array, num_clusters: int, key: jax.Array, **kwargs) -> KMeansResult:
+    """k-means of chunks x [C, N, D] (weights w [C, N]) in memory: `fit_kmeans_stream` over its chunks,
+    seeded from all of them."""
+    return fit_kmeans_stream(lambda: zip(x, w), num_clusters, key, **kwargs)
+
+
+def fit_kmeans_stream(chunks: Chunks, num_clusters: int, key: jax.Array, *, iters: int = 50, n_init: int = 1,
+                      mode: str = "full", tol: float = 0.0, init_chunks: int = 0, progress: bool = True
+                      ) -> KMeansResult:
+    """k-means of the chunks `chunks()` yields, streamed (one chunk in memory at a time); the best of `n_init`
+    k-means++ seedings, each on the first `init_chunks` chunks (0 = all).
 
     `tol` > 0 stops when the relative inertia change falls below it. A tqdm bar shows the inertia.
     """
@@ -171,23 +238,19 @@ def fit_kmeans(x: jax.Array, w: jax.Array, num_clusters: int, key: jax.Array, *,
     best: KMeansResult | None = None
     bar = tqdm(total=n_init * iters, desc="k-means", disable=not progress or jax.process_index() != 0)
     for run_key in jax.random.split(key, n_init):
-        centroids = kmeans_plusplus(run_key, x, w, num_clusters)
+        centroids = init_from_sample(chunks, num_clusters, run_key, init_chunks)
         totals = jnp.zeros(num_clusters)
         history: list[float] = []
         for _ in range(iters):
-            if mode == "full":
-                centroids, s = lloyd_step(x, w, centroids)
-                inertia = float(s.inertia)
-            else:
-                centroids, totals, inertia_sum = minibatch_step(x, w, centroids, totals)
-                inertia = float(inertia_sum)
+            centroids, totals, inertia_sum = stream_pass(chunks, centroids, mode, totals)
+            inertia = float(inertia_sum)
             bar.update(1)
             bar.set_postfix(inertia=f"{inertia:.4g}")
             converged = history and abs(history[-1] - inertia) <= tol * max(history[-1], 1e-30)
             history.append(inertia)
             if tol > 0 and converged:
                 break
-        final = float(lloyd_stats(x, w, centroids).inertia)
+        final = float(pass_stats(chunks, centroids).inertia)
         if best is None or final < best.inertia:
             best = KMeansResult(centroids, final, history)
     bar.close()

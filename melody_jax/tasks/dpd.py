@@ -1,8 +1,10 @@
 """Dual-path diffusion stage (DESIGN §4.5): multi-chunk velocity MSE with CFG token dropout.
 
 Data (`config.data.source`, melody_jax/tasks/sources.py): `cached` reads VAE-GAN latents with their
-semantic tokens from the records `launch.tokenize` writes. `synthetic` (tests, benchmarks) makes latents that are a known function of the tokens plus structure the tokens do not give: each 25-Hz token selects a
-fixed random 16-d pattern, patterns are interpolated smoothly (raised-cosine) to the latent frame
+semantic tokens from the records `launch.tokenize` writes; where a batch carries `latent_mask [B, L]`
+(latents cached from a clip shorter than the crop) the velocity MSE averages the valid frames only.
+`synthetic` (tests, benchmarks) makes latents that are a known function of the tokens plus structure
+the tokens do not give: each 25-Hz token selects a fixed random 16-d pattern, patterns are interpolated smoothly (raised-cosine) to the latent frame
 rate, and a slow drift (two sinusoids per channel, one and two cycles per clip, random amplitude
 and phase per example) is added; the sum is clipped to [-1, 1] like real latents. Batches are a
 pure function of (seed, split, batch index) — the held-out split is a stream of its own, the pattern
@@ -147,7 +149,11 @@ class DPDTask(SourcedTask):
         if train and m.cfg_dropout > 0:
             uncond = jax.random.bernoulli(drop_key, m.cfg_dropout, (batch["semantic_tokens"].shape[0],))
         v_hat = self.model.apply({"params": params}, noisy.z_noisy, noisy.delta, batch["semantic_tokens"], uncond)
-        return jnp.mean(jnp.square(v_hat - noisy.target)), {}
+        error = jnp.mean(jnp.square(v_hat - noisy.target), -1)
+        if "latent_mask" not in batch:
+            return jnp.mean(error), {}
+        valid = jnp.asarray(batch["latent_mask"], jnp.float32)  # latents cached from a clip shorter than the crop
+        return (error * valid).sum() / jnp.maximum(valid.sum(), 1.0), {}
 
     def fixed_angle_metrics(self, params: Any, batch: Batch, rng: jax.Array, angle: float) -> Metrics:
         """Velocity MSE and SI-SNR improvement (dB) of ẑ over z_δ, every frame at `angle`, conditional."""

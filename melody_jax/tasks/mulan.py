@@ -63,7 +63,8 @@ class TextAudioIterator:
         self.index += 1
         tokens, mask = tokenize(texts, self.max_length)
         extra = self.features(local[self.feature_audio]) if self.features is not None else {}
-        return host_to_global({"audio": local["audio"], "text_tokens": tokens, "text_mask": mask, **extra}, self.mesh)
+        return host_to_global({"audio": local["audio"], "mask": local["mask"], "text_tokens": tokens, "text_mask": mask,
+                               **extra}, self.mesh)
 
     def get_state(self) -> dict[str, Any]:
         return {"audio": self.audio.get_state(), "index": self.index}
@@ -108,7 +109,7 @@ class MuLanTask(SourcedTask):
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         audio_emb, text_emb, log_scale = self.model.apply(
-            {"params": params}, batch["audio"], batch["text_tokens"], batch["text_mask"])
+            {"params": params}, batch["audio"], batch["text_tokens"], batch["text_mask"], batch.get("mask"))
         loss, logits = contrastive_loss(text_emb, audio_emb, log_scale)
         accuracy = (logits.argmax(-1) == jnp.arange(logits.shape[0])).mean()
         return loss, {"accuracy": accuracy, "logit_scale": jnp.exp(log_scale),

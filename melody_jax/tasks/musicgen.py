@@ -2,7 +2,10 @@
 
 Batches: `codes int32 [B, K, T]`, `text_tokens int32 [B, L]`, `text_mask bool [B, L]` and, with
 melody conditioning, `chroma float32 [B, F, 12]` (one row per `model.chroma_hop_frames` codec frames).
-The loss is the cross-entropy of every real code of the pattern sequence (special slots excluded);
+The loss is the cross-entropy of every real code of the pattern sequence (special slots excluded); codec
+frames that are padding (the crop's `mask`, or an optional `frame_mask [B, T]` beside `codes`) become
+special slots before the pattern is built, so a short clip padded to the crop trains exactly as the
+clip cut to its length (a causal LM, and the pattern places a frame's codes at steps ≥ the frame's);
 in training the conditions are dropped (`train.cfg_dropout*`, see melody_jax/tasks/musicgen_conditions.py:
 all together, then each alone), so the model also learns the null conditions that guided sampling
 subtracts; an empty text trains as the null text. The texts may be augmented on the host first
@@ -37,6 +40,7 @@ import numpy as np
 import optax
 
 from data_pipeline.indexed import IndexedBatches
+from data_pipeline.input import frame_mask
 from melody_jax.audio.chroma import NUM_CHROMA, SEPARATIONS, melody_rows
 from melody_jax.models.musicgen_lm import MELODY_MODES, NORMS, POSITIONS, TEXT_ENCODERS, MusicGenLM
 from melody_jax.tasks.musicgen_conditions import DROPOUT_SCOPES, augment_texts, condition_dropout, empty_text
@@ -218,8 +222,12 @@ class MusicGenTask(SourcedTask):
         model, c = self.model, self.config
         if "frozen" in batch:  # data.source="codec": the crops' codes, from the frozen codec
             codes = self.codec.encode_fn(batch["frozen"], batch["audio"])[:, :, : c.data.frames]
+            valid_frames = frame_mask(batch["mask"], self.codec.hop, codes.shape[2])
         else:
             codes = batch["codes"]
+            valid_frames = batch.get("frame_mask")
+        if valid_frames is not None:  # padding frames become empty slots: neither inputs nor CE targets
+            codes = jnp.where(valid_frames[:, None, :] > 0, codes, model.special_token)
         seq = self.pattern.build(codes, model.special_token)
         drop_text = drop_melody = None
         if train:
@@ -233,10 +241,11 @@ class MusicGenTask(SourcedTask):
         valid = seq != model.special_token
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, seq, 0))
         weight = valid.astype(jnp.float32)
-        loss = (ce * weight).sum() / weight.sum()
+        total = jnp.maximum(weight.sum(), 1.0)
+        loss = (ce * weight).sum() / total
         correct = (logits.argmax(-1) == seq) * weight
-        per_codebook = (ce * weight).sum((0, 2)) / weight.sum((0, 2))
-        metrics = {"accuracy": correct.sum() / weight.sum()}
+        per_codebook = (ce * weight).sum((0, 2)) / jnp.maximum(weight.sum((0, 2)), 1.0)
+        metrics = {"accuracy": correct.sum() / total}
         metrics.update({f"ce_codebook_{k}": per_codebook[k] for k in range(per_codebook.shape[0])})
         return loss, metrics
 

@@ -12,6 +12,9 @@ Data sources (`config.data.source`, melody_jax/tasks/sources.py):
   into MuLan tokens (MuLan audio tower + RVQ) and semantic tokens (SSL Conformer + k-means) inside the
   jitted step by the frozen stages named in `upstream.{ssl,kmeans,mulan,rvq}`, loaded by `setup`
   (their parameters ride along with every batch: `frozen.inputs.FrozenInputs`).
+Padding never trains: semantic tokens whose samples are not all real (the crop's `mask`; an optional
+`semantic_mask [B, T]` beside cached or synthetic tokens) are left out of the cross-entropy, and the
+MuLan tokens come from the valid samples only.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 import optax
 
 from data_pipeline.indexed import IndexedBatches
+from data_pipeline.input import frame_mask
 from melody_jax.frozen.checks import need, require_upstream
 from melody_jax.frozen.inputs import FrozenInputs
 from melody_jax.frozen.mulan import FrozenMuLan
@@ -123,18 +127,22 @@ class SemanticLMTask(SourcedTask):
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         if "frozen" in batch:  # data.source="frozen_models": tokenise the audio crops here
-            mulan_tokens, semantic = self._tokens(batch["frozen"], batch["audio"])
+            mulan_tokens, semantic = self._tokens(batch["frozen"], batch["audio"], batch["mask"])
+            valid = frame_mask(batch["mask"], self.tokenizer.hop, semantic.shape[1])
         else:
             mulan_tokens, semantic = batch["mulan_tokens"], batch["semantic_tokens"]
+            valid = batch.get("semantic_mask", jnp.ones(semantic.shape, jnp.float32))
         stream = jnp.concatenate([mulan_tokens, semantic], axis=1)
         # logits at position p predict stream[p + 1]: the last MuLan position predicts the first semantic token
         logits = self.model.apply({"params": params}, stream[:, :-1])[:, self.config.model.num_mulan_tokens - 1:]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, semantic).mean()
-        return loss, {"accuracy": (logits.argmax(-1) == semantic).mean()}
+        weight = jnp.asarray(valid, jnp.float32)  # tokens of padding are no targets (a causal LM: nor context)
+        total = jnp.maximum(weight.sum(), 1.0)
+        loss = (optax.softmax_cross_entropy_with_integer_labels(logits, semantic) * weight).sum() / total
+        return loss, {"accuracy": ((logits.argmax(-1) == semantic) * weight).sum() / total}
 
-    def _tokens(self, frozen: dict[str, Any], audio: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _tokens(self, frozen: dict[str, Any], audio: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         semantic = self.tokenizer.fn(frozen["ssl"], frozen["centroids"], audio)[:, : self.config.data.semantic_len]
-        return self.mulan.audio_tokens_fn(frozen["mulan"], audio), semantic
+        return self.mulan.audio_tokens_fn(frozen["mulan"], audio, mask), semantic
 
     def _audio(self, mesh, split: str):
         tokenizer, mulan = self.tokenizer, self.mulan
@@ -142,7 +150,7 @@ class SemanticLMTask(SourcedTask):
         data.crop_seconds = self.config.data.semantic_len * tokenizer.hop / data.sample_rate
         frozen = {"ssl": tokenizer.ssl_params, "centroids": tokenizer.centroids, "mulan": mulan.params}
         audio = prepared_audio(self.config, mesh, split, with_text=False, data=data)
-        return FrozenInputs(audio, frozen, keys=("audio",))
+        return FrozenInputs(audio, frozen, keys=("audio", "mask"))
 
     def _records(self, mesh, shards: list[tuple[str, int]]):
         from data_pipeline.token_records import Field, RecordIterator  # TensorFlow: only when used

@@ -9,6 +9,7 @@ Logged: accuracy (chance = 1/(K+1), logged as `chance`), contrastive/diversity l
 `distractors_dropped` (near 1 = the codebook collapsed and accuracy no longer means anything) and
 `codes_in_use` (distinct codes in the batch). HuBERT logs masked/unmasked cross-entropy and accuracy, the
 majority target's share (`majority`, the accuracy of always guessing it) and the targets and predictions in use.
+Frames of padding (the crop's `mask`) are neither targets nor distractors, in either objective.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from data_pipeline.input import frame_mask
 from melody_jax.audio.frame_features import FEATURES
 from melody_jax.frozen.inputs import FrozenInputs
 from melody_jax.frozen.loader import load_stage
@@ -114,13 +116,15 @@ class SSLTask(SourcedTask):
         mask_rng, gumbel_rng, drop_rng, neg_rng = jax.random.split(rng, 4)
         out = self.model.apply({"params": params}, batch["audio"], temperature=temperature, train=train,
                                rngs={"mask": mask_rng, "gumbel": gumbel_rng, "dropout": drop_rng})
+        valid = frame_mask(batch["mask"], self.model.hop, out["mask"].shape[1]) if "mask" in batch else None
         if m.objective == "hubert":
-            return hubert_loss(out, labels(self.frames, batch["frozen"], batch["audio"]),
+            return hubert_loss(out, labels(self.frames, batch["frozen"], batch["audio"]), valid=valid,
                                unmasked_weight=m.unmasked_weight, feature_penalty_weight=m.feature_penalty_weight)
         loss, metrics = wav2vec2_loss(out, neg_rng, num_negatives=m.num_negatives,
                                       logit_temperature=m.logit_temperature, num_codes=m.num_groups * m.num_vars,
                                       diversity_weight=m.diversity_weight,
-                                      feature_penalty_weight=m.feature_penalty_weight)
+                                      feature_penalty_weight=m.feature_penalty_weight,
+                                      valid=valid)
         return loss, {**metrics, "temperature": jnp.asarray(temperature, jnp.float32),
                       "chance": jnp.asarray(1.0 / (m.num_negatives + 1), jnp.float32)}
 

@@ -284,7 +284,7 @@ def _run(task, config, mesh, state, start, train_it, step_fn, eval_fn, eval_rng,
     with _Preemption() as preemption:
         status = "done"
         for step in range(start + 1, last_step + 1):
-            state, metrics = step_fn(state, next(train_it))
+            state, metrics = task.run_step(step_fn, state, train_it)
             if pending is not None:
                 consume(*pending)
             pending = (step, metrics)

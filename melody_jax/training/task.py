@@ -9,7 +9,7 @@ small JSON-serialisable position, stored in every checkpoint.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import jax
@@ -84,6 +84,12 @@ class Task(abc.ABC):
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.replace(params=params, opt_state=opt_state), metrics
+
+    def run_step(self, step_fn: Callable[[TrainState, Any], tuple[TrainState, Metrics]], state: TrainState,
+                 train_it: DataIterator) -> tuple[TrainState, Metrics]:
+        """One loop step: `step_fn` (the jitted, guarded `train_step`) on the next batch. A streamed fit
+        overrides it to read a whole pass of its data first and hand `train_step` what the pass gathered."""
+        return step_fn(state, next(train_it))
 
     def eval_step(self, params: Any, batch: Batch, rng: jax.Array) -> Metrics:
         loss, metrics = self.loss(params, batch, rng, train=False)
