@@ -4,11 +4,13 @@ from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from melody_jax.frozen.inputs import FrozenInputs
 from melody_jax.tasks.registry import get_task
+from melody_jax.training.errors import ConfigError
 from melody_jax.training.plan import _abstract_batch, count_collectives, plan_train_step
-from tests.helpers import run_cli, toy_config
+from tests.helpers import run_cli, stage_config, toy_config
 
 TOY_PARAMS = 90_432  # toy_lm tiny (the loop logs the same count)
 
@@ -60,3 +62,9 @@ def test_batches_carrying_frozen_parameters_are_planned_by_shape():
     abstract = _abstract_batch(task, None)
     assert abstract["audio"].shape == (8, 960) and abstract["frozen"]["codec"]["w"].shape == (4, 3)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+
+
+def test_a_streamed_fit_is_refused_in_one_line():
+    """k-means and RVQ fit pass by pass outside one compiled step (`Task.run_step`): nothing to plan."""
+    with pytest.raises(ConfigError, match=r"^config.stage='kmeans' is fitted pass by pass .* nothing to plan$"):
+        plan_train_step(get_task(stage_config("kmeans", {"upstream.ssl": "/nonexistent"})))

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import check_batch, guarded, sharded_abstract_state, validate
 from melody_jax.training.sharding import activate, assert_sharded, config_mesh, config_rules
 from melody_jax.training.task import Task
@@ -49,6 +50,9 @@ def plan_train_step(task: Task) -> dict[str, Any]:
     """Lowers and compiles the loop's train step for `task.config.mesh`; returns sizes (bytes) and counts."""
     config = task.config
     validate(task)
+    if type(task).run_step is not Task.run_step:
+        raise ConfigError(f"config.stage={config.stage!r} is fitted pass by pass (a streamed fit), not by one "
+                          "compiled train step: there is nothing to plan")
     mesh = config_mesh(config)
     rules = config_rules(config)
     check_batch(config, mesh)
