@@ -218,3 +218,17 @@ def test_lora_on_the_dpd_changes_only_adapters(tmp_path):
     adapters = assert_only_adapters_moved(tuned, base)
     assert len(jax.tree.leaves(adapters)) == 2 * 4 * cfg.model.num_blocks * cfg.model.roformer_layers
     assert sum(x.size for x in jax.tree.leaves(adapters)) / sum(x.size for x in jax.tree.leaves(tuned)) < 0.05
+    task, mesh, rules, _, _ = stage_layout(cfg)
+    with activate(mesh, rules):
+        export_stage(str(tmp_path / "lora"), "dpd", str(tmp_path / "merged"), mesh, rules, merge_lora=True)
+        merged = load_stage(str(tmp_path / "merged"), "dpd", mesh, rules, field="bundle").params
+        held_out = task.batches(mesh, cfg.data.eval_split)  # synthetic batches of a split no step saw
+        batches = [next(held_out) for _ in range(4)]
+        rng = jax.random.key(0)
+        adapted = [float(jax.jit(task.eval_step)(tuned, b, rng)["loss"]) for b in batches]
+        merged_out = [float(jax.jit(task.inner.eval_step)(merged, b, rng)["loss"]) for b in batches]
+        before = [float(jax.jit(task.inner.eval_step)(base, b, rng)["loss"]) for b in batches]
+    print(f"DPD held-out velocity loss: base {np.mean(before):.4f}, adapted {np.mean(adapted):.4f}")
+    np.testing.assert_allclose(merged_out, adapted, rtol=1e-5, atol=1e-5)
+    # measured: 1.5409 → 1.5313 in 6 steps (deterministic: fixed seeds); asserted: half that drop
+    assert np.mean(adapted) < np.mean(before) - 0.0048, (np.mean(before), np.mean(adapted))
