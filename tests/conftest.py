@@ -27,10 +27,10 @@ _OWNER = os.getppid() if "PYTEST_XDIST_WORKER" in os.environ else os.getpid()
 _CACHE = os.path.join(tempfile.gettempdir(), f"melody-jax-test-cache-{_OWNER}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-# librosa's numba gufuncs cache their machine code beside librosa's sources. Two processes compiling one at
-# once can leave mismatched cache files that make every later call segfault (numba#10128; seen in a fresh
-# venv, three workers reaching librosa's pitch tracking together): each worker, with the CLIs it starts,
-# compiles into its own directory of this run's cache.
+# librosa's numba gufuncs cache their machine code beside librosa's sources. Processes that compiled them in
+# different orders leave cache files that do not match, and every later call segfaults (numba#10128; seen
+# in a fresh venv, where the cache starts cold): each worker compiles into its own directory of this run's
+# cache, and each CLI a test starts into one of its own (`tests.helpers.cli_env`).
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(_CACHE, "numba", os.environ.get("PYTEST_XDIST_WORKER", "main")))
 
 # Property tests explore the same inputs on every run (derandomized, no example database), so the

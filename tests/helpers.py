@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +32,13 @@ def cli_env(devices: int = 8) -> dict[str, str]:
     """This process's environment (the compile flags conftest sets included) with `devices` CPU devices."""
     from melody_jax.training.distributed import process_env
 
-    return process_env(devices)
+    env = process_env(devices)
+    # numba's cached gufuncs (librosa's) break when processes that compiled them in different orders share
+    # the cache files (numba#10128: later calls segfault): each CLI compiles into a directory of its own
+    parent = os.environ.get("NUMBA_CACHE_DIR") or tempfile.gettempdir()
+    os.makedirs(parent, exist_ok=True)
+    env["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="numba-cli-", dir=parent)
+    return env
 
 
 def run_cli(module: str, *args: str, timeout: float = 300, devices: int = 8) -> subprocess.CompletedProcess:
