@@ -31,7 +31,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # different orders leave cache files that do not match, and every later call segfaults (numba#10128; seen
 # in a fresh venv, where the cache starts cold): each worker compiles into its own directory of this run's
 # cache, and each CLI a test starts into one of its own (`tests.helpers.cli_env`).
-os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(_CACHE, "numba", os.environ.get("PYTEST_XDIST_WORKER", "main")))
+# Assigned, not defaulted: xdist workers inherit the controller's environment.
+os.environ["NUMBA_CACHE_DIR"] = os.path.join(_CACHE, "numba", os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
 # Property tests explore the same inputs on every run (derandomized, no example database), so the
 # suite gives one verdict per commit; a new failure is pinned with `@example` where it is found. No
