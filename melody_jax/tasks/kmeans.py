@@ -13,7 +13,7 @@ iteration (every pass reads the same crops, so the position is the number of pas
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -31,7 +31,7 @@ from melody_jax.tasks.sources import check_data
 from melody_jax.training.config import non_negative, one_of, positive, require
 from melody_jax.training.sharding import config_rules
 from melody_jax.training.state import TrainState
-from melody_jax.training.task import Batch, FittingTask
+from melody_jax.training.task import Batch, FittingTask, Passes
 
 INIT_STREAM = 11  # the k-means++ seeding's random stream, apart from the frames'
 
@@ -48,7 +48,7 @@ def frame_embeddings(model, layer: int, params, audio: jax.Array, mask: jax.Arra
     return h.reshape(-1, d), valid.reshape(-1)
 
 
-class FramePasses:
+class FramePasses(Passes):
     """The SSL model's frames of `data.num_batches` batches (0 = one pass over the training set), one chunk
     (a batch's [N, D] frames and [N] weights, rows sharded over the batch axes) at a time. `next()` hands
     out a fresh pass — the same crops and frames every time, re-read from the start of the audio stream —
@@ -72,7 +72,6 @@ class FramePasses:
         self.params, self.seed, self.progress = ssl.params, c.seed, c.train.progress_bar
         self.embed = jax.jit(lambda p, a, mk, r: frame_embeddings(ssl.model, layer, p, a, mk, r,
                                                                   c.data.frames_per_crop))
-        self.index = 0
 
     def chunks(self) -> Iterator[tuple[jax.Array, jax.Array]]:
         self.audio.set_state(self.start)
@@ -81,19 +80,6 @@ class FramePasses:
             batch = next(self.audio)
             rng = jax.random.fold_in(jax.random.key(self.seed), i)
             yield self.embed(self.params, batch["audio"], batch["mask"], rng)
-
-    def __iter__(self) -> "FramePasses":
-        return self
-
-    def __next__(self) -> Callable[[], Iterator[tuple[jax.Array, jax.Array]]]:
-        self.index += 1
-        return self.chunks
-
-    def get_state(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
 
 
 class KMeansTask(FittingTask):

@@ -35,7 +35,7 @@ from melody_jax.nn.quantizers import perplexity
 from melody_jax.training.config import non_negative, positive, require
 from melody_jax.training.sharding import batch_divisor, config_rules, host_to_global
 from melody_jax.training.state import TrainState
-from melody_jax.training.task import Batch, FittingTask
+from melody_jax.training.task import Batch, FittingTask, Passes
 
 
 def windows(audio: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +79,7 @@ def clip_embeddings(model: MuLan, params, clips: Iterable[np.ndarray], window: i
     return np.asarray(l2_normalize(jnp.asarray(means)))
 
 
-class EmbeddingChunks:
+class EmbeddingChunks(Passes):
     """The clip embeddings (this host's [N, D] in host memory: D floats a clip, the audio is not kept) as
     global chunks of `rows` embeddings, weight 0 on the rows that pad the last chunk; `next()` hands out a
     fresh pass (the same chunks every time), so the fit holds one chunk on the devices at a time."""
@@ -88,7 +88,7 @@ class EmbeddingChunks:
         require(rows % batch_divisor(mesh) == 0, f"config.data.embed_batch_size={rows} is not divisible by the "
                                                  f"mesh's batch axes (data×fsdp = {batch_divisor(mesh)})")
         self.local = rows // jax.process_count()
-        self.embeddings, self.mesh, self.index = embeddings, mesh, 0
+        self.embeddings, self.mesh = embeddings, mesh
         sizes = multihost_utils.process_allgather(np.array(math.ceil(len(embeddings) / self.local)))
         self.num_chunks = int(np.max(sizes))
         require(self.num_chunks > 0, "the training set has no clips to fit the RVQ on")
@@ -100,19 +100,6 @@ class EmbeddingChunks:
             pad = self.local - len(x)
             batch = host_to_global({"x": np.pad(x, ((0, pad), (0, 0))), "w": np.pad(w, (0, pad))}, self.mesh)
             yield batch["x"], batch["w"]
-
-    def __iter__(self) -> "EmbeddingChunks":
-        return self
-
-    def __next__(self) -> Chunks:
-        self.index += 1
-        return self.chunks
-
-    def get_state(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"])
 
 
 def embedding_chunks(config, mulan: Stage, mesh: jax.sharding.Mesh) -> EmbeddingChunks:

@@ -105,6 +105,30 @@ class Task(abc.ABC):
         return {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in params.items()}
 
 
+class Passes(abc.ABC):
+    """A fitting task's iterator: `next()` hands out a fresh pass (`chunks`, re-read from the start every
+    time, one chunk in memory at a time); the checkpointed position is the number of passes handed out."""
+
+    index = 0
+
+    @abc.abstractmethod
+    def chunks(self) -> Iterator[tuple[jax.Array, jax.Array]]:
+        """One pass of (x [N, D], weights [N]) chunks."""
+
+    def __iter__(self) -> "Passes":
+        return self
+
+    def __next__(self) -> Callable[[], Iterator[tuple[jax.Array, jax.Array]]]:
+        self.index += 1
+        return self.chunks
+
+    def get_state(self) -> dict[str, Any]:
+        return {"index": self.index}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.index = int(state["index"])
+
+
 class FittingTask(Task):
     """A stage fitted by its own `train_step` (k-means iterations, RVQ levels) over all its data each
     step: no optimizer, no batch size, no gradients (configs/common.py `fitting_config`). Its state's
