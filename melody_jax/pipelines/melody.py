@@ -72,7 +72,7 @@ class MeLoDy(Generator):
                  progress: bool = True, schedule: str | None = None):
         if schedule not in (None, *SCHEDULES):
             raise UserError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        configs = read_configs(bundle)
+        self.configs = configs = read_configs(bundle)  # the stages' configs (the stage-quality table reads them)
         check_fit(configs)
         self.defaults = sample_defaults(configs["dpd"])
         self.defaults["schedule"] = schedule or self.defaults["schedule"]

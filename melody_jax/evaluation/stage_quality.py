@@ -1,0 +1,183 @@
+"""How good is each stage of a MeLoDy bundle on its own, on held-out clips (issue 23)? Where the chain
+does not follow its prompts, this table says which stage holds it back.
+
+- VAE-GAN: decode(encode(x)) against x — MR-STFT distance (the stage's own STFT resolutions), log-mel
+  L1, SI-SNR (`audio.metrics`);
+- semantic tokens: nearest-centroid probes of key, lead, drums and tempo band on the clips' token
+  histograms (`token_probe`), beside the majority share;
+- MuLan: text → audio retrieval recall@1 and @5 over the clips' captions, beside chance k / N;
+- semantic LM: held-out cross-entropy (nats per token) on crops cut like its training records (MuLan
+  tokens of the crop, then its semantic tokens), beside the unigram entropy of that held-out token
+  stream — with the share of the vocabulary it uses and of tokens that repeat their predecessor, so a
+  low loss on a collapsed or copied stream reads as such;
+- DPD: velocity MSE and SI-SNR improvement at δ = π/4 (`DPDTask.fixed_angle_metrics`) on held-out
+  latents with their true tokens and with the tokens permuted across all crops (same noise): equal
+  numbers mean the DPD does not use its tokens.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from data_pipeline.captions import tempo_band
+from melody_jax.audio.losses import resolutions
+from melody_jax.audio.metrics import reconstruction_metrics
+from melody_jax.evaluation.token_probe import probe
+from melody_jax.pipelines.melody import MeLoDy
+from melody_jax.tasks.dpd import EVAL_ANGLE, DPDTask
+from melody_jax.tasks.semantic_lm import SemanticLMTask
+from melody_jax.training.errors import EvaluationError
+from melody_jax.training.sharding import activate
+
+RECALL_AT = (1, 5)
+# attribute → the label a clip's synthetic attributes give it
+PROBES: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "key (tonic)": lambda a: a["tonic"], "lead": lambda a: a["lead"], "drums": lambda a: a["drums"],
+    "tempo band": lambda a: tempo_band(a["tempo_bpm"])}
+
+
+def _rows(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:
+    """fn over batches of rows of x, outputs concatenated (at most two shapes: one compile for the tail)."""
+    return np.concatenate([np.asarray(fn(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+
+
+def _means(fn: Callable[[int, dict[str, np.ndarray]], Mapping[str, Any]], arrays: Mapping[str, np.ndarray],
+           batch_size: int) -> dict[str, float]:
+    """Row-weighted means over batches of fn(batch index, batch) → {name: batch mean}."""
+    n = len(next(iter(arrays.values())))
+    totals: dict[str, float] = {}
+    for i, start in enumerate(range(0, n, batch_size)):
+        out = jax.device_get(fn(i, {k: v[start:start + batch_size] for k, v in arrays.items()}))
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * min(batch_size, n - start)
+    return {k: v / n for k, v in totals.items()}
+
+
+def crops(audio: np.ndarray, samples: int) -> np.ndarray:
+    """Non-overlapping crops [N · k, samples] of audio [N, T] (k whole crops per clip, in clip order)."""
+    k = audio.shape[1] // samples
+    if k == 0:
+        raise EvaluationError(f"held-out clips of {audio.shape[1]} samples are shorter than one crop of {samples}")
+    return audio[:, : k * samples].reshape(-1, samples)
+
+
+def vae_quality(vae, audio: np.ndarray, batch_size: int = 8) -> dict[str, float]:
+    """MR-STFT distance, log-mel L1 and SI-SNR (dB) of vae.decode(vae.encode(x)) against x [N, T] (trimmed
+    to whole latent frames), averaged over clips; `vae` a `FrozenVAE` or any object with its interface."""
+    w = vae.config.loss
+    metrics = jax.jit(functools.partial(reconstruction_metrics, sample_rate=vae.sample_rate,
+                                        resolutions=resolutions(w.stft_n_ffts, w.stft_hops, w.stft_wins)))
+    audio = audio[:, : audio.shape[1] // vae.hop * vae.hop]
+    return _means(lambda _, b: metrics(vae.decode(vae.encode(b["x"])), b["x"]), {"x": audio}, batch_size)
+
+
+def stream_statistics(tokens: np.ndarray, vocab_size: int) -> dict[str, float]:
+    """Unigram entropy (nats) of tokens [N, T], the share of the vocabulary they use, and the share of
+    tokens equal to their predecessor in the same row."""
+    p = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size) / tokens.size
+    nz = p[p > 0]
+    return {"entropy_nats": float(-(nz * np.log(nz)).sum()) + 0.0, "distinct_fraction": float(len(nz) / vocab_size),
+            "repeat_rate": float(np.mean(tokens[:, 1:] == tokens[:, :-1]))}
+
+
+def retrieval_recall(text_emb: np.ndarray, audio_emb: np.ndarray, ks: Sequence[int] = RECALL_AT) -> dict[int, float]:
+    """Text → audio recall@k: the share of texts i whose own audio i ranks among the k most cosine-similar
+    audios. Ties count against it (an audio as similar as the true one ranks before it), so a collapsed
+    embedding that scores every pair alike reads 0, not 1."""
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+    sim = unit(np.asarray(text_emb, np.float64)) @ unit(np.asarray(audio_emb, np.float64)).T
+    rank = (sim >= np.diag(sim)[:, None]).sum(1) - 1
+    return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def lm_quality(task: SemanticLMTask, params: Any, mulan_tokens: np.ndarray, semantic: np.ndarray,
+               batch_size: int = 8) -> dict[str, float]:
+    """The LM task's own held-out loss (cross-entropy, nats per token) and next-token accuracy."""
+    step = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(0), train=False))
+
+    def fn(_, b):
+        loss, metrics = step(params, b)
+        return {"loss": loss, **metrics}
+
+    return _means(fn, {"mulan_tokens": mulan_tokens, "semantic_tokens": semantic}, batch_size)
+
+
+def dpd_quality(task: DPDTask, params: Any, latents: np.ndarray, tokens: np.ndarray, seed: int = 0,
+                batch_size: int = 8) -> dict[str, dict[str, float]]:
+    """`fixed_angle_metrics` at δ = π/4 with the true tokens and with all tokens permuted across the crops;
+    both draw the same noise, so only the tokens differ."""
+    step = jax.jit(lambda p, b, k: task.fixed_angle_metrics(p, b, k, EVAL_ANGLE))
+    key = jax.random.key(seed)
+    shuffled = np.random.default_rng(seed).permutation(tokens.ravel()).reshape(tokens.shape)
+    return {name: _means(lambda i, b: step(params, b, jax.random.fold_in(key, i)),
+                         {"latents": latents, "semantic_tokens": t}, batch_size)
+            for name, t in (("true", tokens), ("shuffled", shuffled))}
+
+
+def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int = 0,
+                  batch_size: int = 8) -> dict[str, Any]:
+    """The table's figures for `clips` (dicts of `audio` at the bundle's rate, `caption` and, for the
+    token probes, synthetic `attributes`; `data_pipeline.builder.read_clips`), cut to the shortest clip."""
+    if len(clips) < 4:
+        raise EvaluationError(f"the stage table needs ≥ 4 held-out clips, got {len(clips)}")
+    hop = melody.tokenizer.hop
+    length = min(len(c["audio"]) for c in clips) // hop * hop
+    audio = np.stack([np.asarray(c["audio"][:length], np.float32) for c in clips])
+    lm_config, dpd_config = melody.configs["semantic_lm"], melody.configs["dpd"]
+    vocab = melody.tokenizer.vocab_size
+    with activate(melody.mesh, melody.rules):
+        tokens = _rows(melody.tokenizer, audio, batch_size)
+        text = np.asarray(melody.mulan.text_embeddings([c["caption"] for c in clips]))
+        lm_crops = crops(audio, melody.lm_window * hop)
+        mulan_tokens = _rows(melody.mulan.audio_tokens, lm_crops, batch_size)
+        lm_semantic = _rows(melody.tokenizer, lm_crops, batch_size)
+        dpd_crops = crops(audio, melody.window_tokens * hop)
+        table = {
+            "clips": len(clips), "seconds": length / melody.sample_rate,
+            "vae_gan": vae_quality(melody.vae, audio, batch_size),
+            "tokens": {name: (probe(tokens, [label(c["attributes"]) for c in clips], vocab)
+                              if all(c.get("attributes") for c in clips) else None) for name, label in PROBES.items()},
+            "mulan": {f"recall@{k}": r for k, r in retrieval_recall(
+                text, _rows(melody.mulan.audio_embeddings, audio, batch_size)).items()},
+            "semantic_lm": {"crops": len(lm_crops), **stream_statistics(lm_semantic, vocab),
+                            **lm_quality(SemanticLMTask(lm_config), melody.lm_params, mulan_tokens, lm_semantic,
+                                         batch_size)},
+            "dpd": {"crops": len(dpd_crops), **dpd_quality(
+                DPDTask(dpd_config), melody.dpd_params, _rows(melody.vae.encode, dpd_crops, batch_size),
+                _rows(melody.tokenizer, dpd_crops, batch_size), seed, batch_size)},
+        }
+    return table
+
+
+def markdown(table: Mapping[str, Any]) -> str:
+    """The table as Markdown: each stage's measures, with what each is to be read against."""
+    f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    n, v, lm, dpd = table["clips"], table["vae_gan"], table["semantic_lm"], table["dpd"]
+    lines = [f"{n} held-out clips of {table['seconds']:g} s; LM and DPD on {lm['crops']} / {dpd['crops']} crops "
+             "cut like their training records.", "",
+             "| stage | measure | value | read against |", "|---|---|---|---|",
+             f"| VAE-GAN | MR-STFT distance | {f(v['mr_stft'])} | 0 = identical |",
+             f"| VAE-GAN | log-mel L1 | {f(v['log_mel_l1'])} | 0 = identical |",
+             f"| VAE-GAN | SI-SNR (dB) | {f(v['si_snr_db'])} | higher is better |"]
+    for name, p in table["tokens"].items():
+        lines.append(f"| tokens | {name} probe accuracy | n/a | too few clips per class |" if p is None else
+                     f"| tokens | {name} probe accuracy | {f(p['accuracy'])} | majority {f(p['majority'])} "
+                     f"({p['clips']} clips, {p['classes']} classes) |")
+    for key, r in table["mulan"].items():
+        k = int(key.split("@")[1])
+        lines.append(f"| MuLan | text → audio {key} | {f(r)} | chance {f(min(1.0, k / n))} |")
+    lines += [f"| semantic LM | held-out cross-entropy (nats/token) | {f(lm['loss'])} | unigram entropy "
+              f"{f(lm['entropy_nats'])} |",
+              f"| semantic LM | held-out next-token accuracy | {f(lm['accuracy'])} | repeat rate "
+              f"{f(lm['repeat_rate'])} |",
+              f"| semantic LM | share of the vocabulary in the held-out stream | {f(lm['distinct_fraction'])} | "
+              "1 = every token used |"]
+    for measure, key in (("velocity MSE at π/4", "velocity_mse_quarter_pi"), ("SI-SNRi at π/4 (dB)",
+                                                                               "si_snri_db_quarter_pi")):
+        lines.append(f"| DPD | {measure}, true tokens | {f(dpd['true'][key])} | shuffled tokens "
+                     f"{f(dpd['shuffled'][key])} |")
+    return "\n".join(lines) + "\n"
