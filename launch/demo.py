@@ -6,9 +6,12 @@
    (`launch.tokenize`) and trains the semantic LM and the DPD on them;
 3. assembles a bundle and generates three prompts (one 30 s long, by continuation windows);
 4. evaluates the bundle on synthetic prompts against the held-out clips (`launch.evaluate`: FAD on
-   MuLan and musicnn embeddings, MuLan cycle consistency, tempo / key / drums / instrument accuracy);
+   MuLan and musicnn embeddings, MuLan cycle consistency, tempo / key / drums / instrument accuracy),
+   and each stage on its own on STAGE_CLIPS further synthetic clips no stage trained on
+   (`melody_jax.evaluation.stage_quality`: VAE-GAN reconstruction, token probes, MuLan retrieval, LM
+   loss against the token stream's entropy, DPD with true vs shuffled tokens);
 5. writes WAVs, spectrogram PNGs and WORKDIR/report.md (losses, time per stage, real-time factor,
-   the evaluation) and WORKDIR/eval.json.
+   the evaluation, the stage table) and WORKDIR/eval.json.
 
 Every stage resumes when the demo is run again; finished stages are skipped. Tiny models on a few
 minutes of CPU make recognisably structured noise, not music — the demo proves the whole path.
@@ -30,6 +33,7 @@ _STEPS = flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's step c
 PROMPTS = [("solo piano, slow, calm, in C major", 10.0), ("drums and bass, fast, energetic", 10.0),
            ("strings and flute, happy, in G major", 30.0)]
 EVAL_PROMPTS = 8
+STAGE_CLIPS = 64  # held-out clips of the stage table (another seed than the training data): 16 per probe fold
 
 
 def train_stage(name: str, config, workdir: str, log: dict) -> None:
@@ -65,7 +69,7 @@ def tokenize(root: str, data: str) -> None:
     tokenize_dataset(data, [TRAIN], out, stages, CropSpec(TOKEN_CROP_SECONDS), 16)
 
 
-def write_report(path: str, log: dict, outputs: list[dict], evaluation: str) -> None:
+def write_report(path: str, log: dict, outputs: list[dict], evaluation: str, stages: str) -> None:
     lines = ["# melody-jax demo", "", "## Stages (tiny presets)", "",
              "| stage | steps | final loss | seconds |", "|---|---|---|---|"]
     for name, s in log.items():
@@ -80,7 +84,8 @@ def write_report(path: str, log: dict, outputs: list[dict], evaluation: str) -> 
                      f"{t['dpd']:.2f} / {t['vae_decode']:.2f} | {o['rtf']:.2f} | {os.path.basename(o['wav'])}, "
                      f"{os.path.basename(o['png'])} |")
     lines += ["", "Times include compilation on first use of each shape. Tiny models trained for minutes: "
-              "expect structured noise, not music.", "", "## Evaluation (`launch.evaluate`)", "", evaluation]
+              "expect structured noise, not music.", "", "## Evaluation (`launch.evaluate`)", "", evaluation,
+              "## Stage by stage (`melody_jax.evaluation.stage_quality`)", "", stages]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -134,8 +139,15 @@ def main(argv: list[str]) -> None:
 
         report = evaluate(melody, read_prompts(f"synthetic:{EVAL_PROMPTS}"),
                           read_clips(data, "validation", melody.sample_rate), duration_s=10.0)
-        write_json_atomic(os.path.join(root, "eval.json"), report, sort_keys=False)
-        write_report(os.path.join(root, "report.md"), log, outputs, markdown(report))
+        print(f"[demo] measuring each stage on {STAGE_CLIPS} held-out clips", flush=True)
+        from melody_jax.evaluation import stage_quality
+
+        heldout = os.path.join(root, "heldout")
+        prepare(PrepareSettings(source="synthetic", num_clips=STAGE_CLIPS, clip_seconds=4.0, seed=1), heldout,
+                progress=False)
+        stages = stage_quality.stage_quality(melody, read_clips(heldout, "train", melody.sample_rate))
+        write_json_atomic(os.path.join(root, "eval.json"), {**report, "stage_quality": stages}, sort_keys=False)
+        write_report(os.path.join(root, "report.md"), log, outputs, markdown(report), stage_quality.markdown(stages))
         print(open(os.path.join(root, "report.md")).read())
 
     run_user_errors(run)

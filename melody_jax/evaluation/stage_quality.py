@@ -129,6 +129,7 @@ def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int 
     audio = np.stack([np.asarray(c["audio"][:length], np.float32) for c in clips])
     lm_config, dpd_config = melody.configs["semantic_lm"], melody.configs["dpd"]
     vocab = melody.tokenizer.vocab_size
+    labelled = all(c.get("attributes") for c in clips)
     with activate(melody.mesh, melody.rules):
         tokens = _rows(melody.tokenizer, audio, batch_size)
         text = np.asarray(melody.mulan.text_embeddings([c["caption"] for c in clips]))
@@ -139,8 +140,8 @@ def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int 
         table = {
             "clips": len(clips), "seconds": length / melody.sample_rate,
             "vae_gan": vae_quality(melody.vae, audio, batch_size),
-            "tokens": {name: (probe(tokens, [label(c["attributes"]) for c in clips], vocab)
-                              if all(c.get("attributes") for c in clips) else None) for name, label in PROBES.items()},
+            "tokens": {name: probe(tokens, [label(c["attributes"]) for c in clips], vocab) if labelled else None
+                       for name, label in PROBES.items()},
             "mulan": {f"recall@{k}": r for k, r in retrieval_recall(
                 text, _rows(melody.mulan.audio_embeddings, audio, batch_size)).items()},
             "semantic_lm": {"crops": len(lm_crops), **stream_statistics(lm_semantic, vocab),
@@ -164,9 +165,9 @@ def markdown(table: Mapping[str, Any]) -> str:
              f"| VAE-GAN | log-mel L1 | {f(v['log_mel_l1'])} | 0 = identical |",
              f"| VAE-GAN | SI-SNR (dB) | {f(v['si_snr_db'])} | higher is better |"]
     for name, p in table["tokens"].items():
-        lines.append(f"| tokens | {name} probe accuracy | n/a | too few clips per class |" if p is None else
-                     f"| tokens | {name} probe accuracy | {f(p['accuracy'])} | majority {f(p['majority'])} "
-                     f"({p['clips']} clips, {p['classes']} classes) |")
+        against = ("no attributes, or < 2 classes of ≥ 4 clips" if p is None else
+                   f"majority {f(p['majority'])} ({p['clips']} clips, {p['classes']} classes)")
+        lines.append(f"| tokens | {name} probe accuracy | {f(p and p['accuracy'])} | {against} |")
     for key, r in table["mulan"].items():
         k = int(key.split("@")[1])
         lines.append(f"| MuLan | text → audio {key} | {f(r)} | chance {f(min(1.0, k / n))} |")
