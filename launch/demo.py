@@ -49,6 +49,9 @@ def train_stage(name: str, config, workdir: str, log: dict) -> None:
     print(f"[demo] training {name} ({config.train.num_steps} steps)", flush=True)
     start = time.perf_counter()
     summary = train(get_task(config), workdir)
+    if summary["status"] != "done":  # SIGTERM/Ctrl-C: the stage saved its step; later stages need it whole
+        raise SystemExit(f"[demo] {name} {summary['status']} at step {summary['step']} (saved in {workdir}); "
+                         "run the demo again to resume")
     log[name] = {**summary, "seconds": time.perf_counter() - start}
 
 
