@@ -20,6 +20,7 @@ from tests.helpers import stage_config
 
 STAGE_STEPS = 30  # the loop run (a); the mesh runs (c) stop at step MESH_STEPS of the same schedule
 MESH_STEPS = 5
+# Not fewer: at 150 steps (warm-up 50) the conv baseline is ahead (velocity MSE 0.210 vs 0.241).
 ABLATION_STEPS = 300
 ABLATION = {"model.cfg_dropout": 0.0, "train.num_steps": ABLATION_STEPS}  # conditional velocity only
 
@@ -130,6 +131,8 @@ def test_dpd_beats_a_same_size_conv_baseline(ablation):
     """The paper's architecture ablation in miniature: velocity MSE and SI-SNRi of ẑ at δ = π/4."""
     _, _, dpd, conv = ablation
     numbers = f"DPD {dpd}, conv {conv}"
+    print(numbers)
+    # Seen (300 steps): velocity MSE 0.139 vs 0.167 (ratio 0.83), SI-SNRi 10.39 vs 9.17 dB (+1.22).
     assert abs(conv["params"] / dpd["params"] - 1) < 0.25, numbers
     assert dpd["velocity_mse_quarter_pi"] < 0.93 * conv["velocity_mse_quarter_pi"], numbers
     assert dpd["si_snri_db_quarter_pi"] > conv["si_snri_db_quarter_pi"] + 0.5, numbers
@@ -160,4 +163,7 @@ def test_sampling_follows_the_tokens_and_cfg(ablation):
     own = token_content(patterns, np.asarray(tokens), config.data.latent_length)
     other = token_content(patterns, np.asarray(jnp.roll(tokens, 1, axis=0)), config.data.latent_length)
     corr = lambda a, b: float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])  # noqa: E731
+    print(f"CFG change {float(jnp.abs(guided - plain).mean()):.4f}; correlation with the tokens' patterns "
+          f"{corr(guided, own):.3f}, with other tokens' {corr(guided, other):.3f}")
+    # Seen (300 steps): CFG change 0.48; correlation 0.44 with the tokens' patterns, 0.02 with other tokens'.
     assert corr(guided, own) > 0.3 and abs(corr(guided, other)) < 0.1, (corr(guided, own), corr(guided, other))
