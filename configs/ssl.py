@@ -61,6 +61,7 @@ def get_config(arg: str | None = None):
     m.gumbel_end = 0.5
     m.gumbel_anneal_steps = 200 if tiny else 20000 if preset == "small" else 277000
     m.normalize_audio = True
+    m.conv_norm = "layer"  # "layer": LayerNorm per frame after every feature conv; "group": first conv, per clip
     m.dtype = "float32" if preset in ("tiny", "small") else "bfloat16"
     m.remat = preset == "paper"
     m.scan_layers = False  # True: the Conformer blocks as one nn.scan (other param names)
