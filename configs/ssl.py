@@ -1,7 +1,8 @@
 """Conformer SSL pre-training (DESIGN §4.2): the semantic tokenizer's encoder, before k-means.
 
 `model.objective`: "wav2vec2" (the paper's: contrastive over a Gumbel codebook; every preset: at tiny scale
-it measured better than HuBERT's first iteration, README "What semantic tokens carry") or "hubert" (masked
+HuBERT, with `conv_norm="group"`, reads the key better but lead and drums worse, README "What semantic tokens
+carry") or "hubert" (masked
 prediction of `num_targets` k-means clusters of `target_features` frames, fitted on the first
 `target_batches` batches).
 HuBERT's second iteration: `upstream.ssl=DIR` clusters that trained SSL model's block `target_layer`
@@ -61,6 +62,7 @@ def get_config(arg: str | None = None):
     m.gumbel_end = 0.5
     m.gumbel_anneal_steps = 200 if tiny else 20000 if preset == "small" else 277000
     m.normalize_audio = True
+    m.conv_norm = "layer"  # "layer": LayerNorm per frame after every feature conv; "group": first conv, per clip
     m.dtype = "float32" if preset in ("tiny", "small") else "bfloat16"
     m.remat = preset == "paper"
     m.scan_layers = False  # True: the Conformer blocks as one nn.scan (other param names)

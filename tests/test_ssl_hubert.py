@@ -79,6 +79,8 @@ def test_config_errors_are_one_line():
         SSLTask(stage_config("ssl", {"data.path": "x", **HUBERT, "model.target_features": ["cqt"]})).validate()
     with pytest.raises(ConfigError, match="upstream.ssl"):
         SSLTask(stage_config("ssl", {"data.path": "x", "model.objective": "wav2vec2", "upstream.ssl": "y"})).validate()
+    with pytest.raises(ConfigError, match="conv_norm"):
+        SSLTask(stage_config("ssl", {"data.path": "x", "model.conv_norm": "batch"})).validate()
 
 
 @pytest.mark.slow

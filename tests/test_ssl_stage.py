@@ -15,10 +15,13 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import NearestCentroid
 
 from data_pipeline.builder import read_clips
+from data_pipeline.captions import tempo_band
+from melody_jax.audio.frame_features import frame_features
 from melody_jax.tasks.kmeans import KMeansTask
 from melody_jax.tasks.ssl import SSLTask
-from melody_jax.nn.kmeans import fit_kmeans, shard_rows
-from melody_jax.frozen.semantic import SemanticTokenizer, hidden_states, tokenize
+from melody_jax.nn.kmeans import assign, fit_kmeans, shard_rows
+from melody_jax.frozen.loader import load_stage
+from melody_jax.frozen.semantic import SemanticTokenizer, hidden_states
 from melody_jax.training.errors import ConfigError
 from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
@@ -30,6 +33,8 @@ NUM_CLIPS, CLIP_SECONDS = 96, 3.2
 SSL_STEPS = 200
 PROBE_CLUSTERS = 32
 PROBE_CLIPS = 240
+# HuBERT's objective at tiny scale: the per-clip group norm front end learns its targets in 200 steps
+HUBERT = {"model.objective": "hubert", "model.conv_norm": "group", "model.feature_penalty_weight": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +105,21 @@ def test_kmeans_config_errors_are_one_line():
         KMeansTask(stage_config("kmeans", {"upstream.ssl": "x", "model.mode": "lloyd"})).validate()
 
 
-def probe_tokens(task: SSLTask, params, audio: np.ndarray, key: jax.Array) -> np.ndarray:
-    """int32 [clips, T] from the middle layer, k-means (K = PROBE_CLUSTERS) fitted on these clips' frames."""
+def cluster_frames(frames: jax.Array, key: jax.Array) -> np.ndarray:
+    """int32 [clips, T]: k-means (K = PROBE_CLUSTERS) fitted on these frames [clips, T, D], then assigned."""
     mesh = make_mesh({"data": -1})
     with activate(mesh, DEFAULT_RULES):
-        h = jax.jit(lambda p, a: hidden_states(task.model, 1, p, a))(params, jnp.asarray(audio))
-        x = np.asarray(h, np.float32).reshape(4, -1, h.shape[-1])
+        x = np.asarray(frames, np.float32).reshape(4, -1, frames.shape[-1])
         fit = fit_kmeans(*shard_rows(x, np.ones(x.shape[:2], np.float32), mesh), PROBE_CLUSTERS, key, iters=30,
                          progress=False)
-        return np.asarray(tokenize(task.model, 1, params, fit.centroids, jnp.asarray(audio)))
+        return np.asarray(assign(jnp.asarray(frames, jnp.float32), fit.centroids))
+
+
+def probe_tokens(task: SSLTask, params, audio: np.ndarray, key: jax.Array, layer: int = 1) -> np.ndarray:
+    """int32 [clips, T]: `cluster_frames` of block `layer`'s output (1 = the middle of the tiny model's 2)."""
+    with activate(make_mesh({"data": -1}), DEFAULT_RULES):
+        h = jax.jit(lambda p, a: hidden_states(task.model, layer, p, a))(params, jnp.asarray(audio))
+    return cluster_frames(h, key)
 
 
 def histograms(tokens: np.ndarray) -> np.ndarray:
@@ -162,3 +173,47 @@ def test_tokens_carry_the_key_and_identify_the_music_better_after_training(stage
     # Measured (chance 119.5): trained 74.0, untrained 111.4. Asserted: trained below 0.75 × chance and
     # 20 % below untrained.
     assert rank_trained < 0.75 * chance and rank_trained < 0.8 * rank_untrained, (rank_trained, rank_untrained)
+
+
+@pytest.mark.learning
+def test_hubert_tokens_carry_the_key_better_than_untrained_and_raw_log_mel(stages, tmp_path):
+    """Issue 22: the probe above (240 held-out clips, seed 1; 32-centroid k-means of block 1; nearest centroid,
+    4-fold CV) on the tiny SSL trained with HuBERT's objective (`HUBERT`: the tiny preset's 24 k-means targets
+    of MFCC + chroma frames fitted on 8 batches, unmasked-frame weight 1, with the per-clip group norm front
+    end and no feature penalty; 200 steps of 16 × 1.6-s crops of the 96 training clips, as the wav2vec 2.0
+    run), on the same encoder untrained, and on k-means (32) of the probe clips' raw 64-band log-mel frames.
+
+    Measured (chance 1/12, 1/6, 1/3, 1/2; majority 0.10, 0.20, 0.40, 0.60):
+    | tokens    | key   | lead  | tempo band | drums | half-clip rank (chance 119.5) |
+    | HuBERT    | 0.425 | 0.237 | 0.367      | 0.500 | 38.6 |
+    | untrained | 0.200 | 0.237 | 0.358      | 0.700 | 104.2 |
+    | log-mel   | 0.229 | 0.296 | 0.579      | 0.996 | 15.1 |
+    Not run here (README): iteration 2 (24 clusters of this model's block 1, 200 more steps) 0.508 / 0.212 /
+    0.392 / 0.529; wav2vec 2.0 (the test above, `layer` norm) 0.458 / 0.233 / 0.35 / 0.60.
+    Masked-frame accuracy 0.43 over the last 10 steps against 0.15 for always guessing the batch's commonest
+    target. Issue 22's acceptance asks for more than holds: the tokens tie the untrained encoder on lead
+    instrument, lose on drums and stay behind raw log-mel on lead instrument; only the key is asserted.
+    """
+    c = stage_config("ssl", {"data.path": stages["data"], "data.eval_split": "", "train.num_steps": SSL_STEPS,
+                             "train.checkpoint_every": SSL_STEPS, **HUBERT})
+    workdir = str(tmp_path / "hubert")
+    task = get_task(c)
+    assert train(task, workdir)["status"] == "done"
+    last = metrics(workdir)[-10:]
+    accuracy, majority = (np.mean([x[k] for x in last]) for k in ("accuracy", "majority"))
+    assert accuracy > 2 * majority, (accuracy, majority)
+
+    clips = read_clips(stages["probe"])
+    audio = np.stack([x["audio"][: int(CLIP_SECONDS * SR)] for x in clips])
+    labels = {"key": [x["attributes"]["tonic"] for x in clips], "lead": [x["attributes"]["lead"] for x in clips],
+              "tempo": [tempo_band(x["attributes"]["tempo_bpm"]) for x in clips],
+              "drums": [x["attributes"]["drums"] for x in clips]}
+    trained = load_stage(workdir, "ssl", make_mesh({"data": -1}), DEFAULT_RULES, field="workdir").params
+    untrained = jax.device_get(nn.meta.unbox(jax.jit(task.init_params)(jax.random.key(0))))
+    key = jax.random.key(7)
+    tokens = {"hubert": probe_tokens(task, trained, audio, key), "untrained": probe_tokens(task, untrained, audio, key),
+              "log-mel": cluster_frames(frame_features(jnp.asarray(audio), SR, task.model.hop, ("logmel",)), key)}
+    scores = {name: {a: probe_accuracy(t, np.array(y)) for a, y in labels.items()} for name, t in tokens.items()}
+    print("probe accuracy:", scores, "half-clip mean rank:", {n: half_clip_mean_rank(t) for n, t in tokens.items()})
+    hubert, untrained, logmel = scores["hubert"], scores["untrained"], scores["log-mel"]
+    assert hubert["key"] > 0.3 and hubert["key"] > max(untrained["key"], logmel["key"]) + 0.1, scores

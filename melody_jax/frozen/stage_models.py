@@ -73,7 +73,7 @@ def ssl_model(m) -> Wav2Vec2Conformer:
         num_groups=m.num_groups, num_vars=m.num_vars, codevector_dim=m.codevector_dim, final_dim=m.final_dim,
         dropout=m.dropout, mask_prob=m.mask_prob, mask_length=m.mask_length, normalize_audio=m.normalize_audio,
         dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.get("scan_layers", False),
-        num_targets=m.num_targets if m.objective == "hubert" else 0)
+        num_targets=m.num_targets if m.objective == "hubert" else 0, conv_norm=m.get("conv_norm", "layer"))
 
 
 def hubert_model(config) -> Hubert:

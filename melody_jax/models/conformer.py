@@ -51,11 +51,16 @@ def conv1d(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, int
 
 
 class FeatureEncoder(nn.Module):
-    """Strided convs, each → LayerNorm → GELU; kernel k = 2·stride padded so N samples give ⌊N / Π strides⌋ frames."""
+    """Strided convs, each → norm → GELU; kernel k = 2·stride padded so N samples give ⌊N / Π strides⌋ frames.
+
+    `norm` "layer": LayerNorm over the channels of every frame after every conv (fairseq's "layer_norm"
+    extractor); "group": after the first conv only, each channel normalised over the whole clip (fairseq's
+    "default" extractor, wav2vec 2.0 / HuBERT base), which keeps how loud one frame is against another."""
 
     channels: Sequence[int]
     strides: Sequence[int]
     dtype: jnp.dtype = jnp.float32
+    norm: str = "layer"
 
     @nn.compact
     def __call__(self, audio: jax.Array) -> jax.Array:
@@ -69,7 +74,18 @@ class FeatureEncoder(nn.Module):
             b = self.param(f"bias_{i}", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), (c,))
             x = conv1d(x, w, s, ((k - s) // 2, k - s - (k - s) // 2)) + b.astype(self.dtype)
             x = nn.with_logical_constraint(x, ("batch", "length", "conv_out"))
-            x = nn.gelu(LayerNorm(dtype=self.dtype, axis_name="conv_out", name=f"norm_{i}")(x), approximate=False)
+            if self.norm == "layer":
+                x = LayerNorm(dtype=self.dtype, axis_name="conv_out", name=f"norm_{i}")(x)
+            elif i == 0:
+                scale = self.param("group_norm_scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                                                   ("conv_out",)), (c,))
+                shift = self.param("group_norm_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                                  ("conv_out",)), (c,))
+                x32 = x.astype(jnp.float32)
+                mean = x32.mean(1, keepdims=True)
+                var = jnp.square(x32 - mean).mean(1, keepdims=True)
+                x = ((x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale + shift).astype(self.dtype)
+            x = nn.gelu(x, approximate=False)
         return x
 
 
@@ -237,9 +253,11 @@ class Wav2Vec2Conformer(nn.Module):
     remat: bool = False
     scan_layers: bool = False  # the blocks as one nn.scan (ScannedBlocks): other parameter names
     num_targets: int = 0  # > 0: the HuBERT objective's head over that many targets, no quantizer
+    conv_norm: str = "layer"  # FeatureEncoder.norm: "layer" (every conv, per frame) or "group" (first, per clip)
 
     def setup(self):
-        self.feature_encoder = FeatureEncoder(tuple(self.conv_channels), tuple(self.conv_strides), self.dtype)
+        self.feature_encoder = FeatureEncoder(tuple(self.conv_channels), tuple(self.conv_strides), self.dtype,
+                                              self.conv_norm)
         self.feature_norm = LayerNorm(dtype=self.dtype, axis_name="conv_out")
         self.feature_proj = dense(self.embed_dim, ("conv_out", "embed"), self.dtype, use_bias=True)
         self.mask_embedding = self.param("mask_embedding", nn.with_logical_partitioning(

@@ -58,6 +58,7 @@ class SSLTask(SourcedTask):
                  "model.gumbel_anneal_steps", "data.sample_rate", "data.crop_seconds")
         self.check_data()
         one_of(c, "model.objective", ("wav2vec2", "hubert"))
+        one_of(c, "model.conv_norm", ("layer", "group"))
         if m.objective == "hubert":
             positive(c, "model.num_targets", "model.target_batches")
             non_negative(c, "model.unmasked_weight")
