@@ -15,9 +15,16 @@ import tempfile
 # expensive passes and backend optimisation are off (test_vae_gan.py alone: 264 → 179 CPU-seconds; the
 # suite: 2370 → 2012). Floats can differ from a default build in the last bit (seen in a grad norm), so
 # every process a test compares against gets the same flags (`tests.helpers.cli_env`).
+# XLA:CPU aborts the process when one of the 8 devices reaches a collective 40 s after the others (20 s
+# to its warning): on a loaded 2-core machine, eight device threads and other processes share two cores,
+# and a k-means pass over the SSL's frames was aborted that way (twice in the SSL → k-means fixture, and as
+# three errors in a fresh-clone run at load 20). Like the tests' timeouts, it is a hang guard, not a benchmark:
+# here it waits 20 minutes, and pytest-timeout catches a real hang.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     " --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
+    " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -28,7 +28,8 @@ from melody_jax.tasks.ssl import SSLTask
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.loop import train
 from tests.helpers import run_cli, stage_config
-from tests.test_ssl_stage import PROBE_CLUSTERS, probe_accuracy
+from melody_jax.evaluation.token_probe import probe_accuracy
+from tests.test_ssl_stage import PROBE_CLUSTERS
 
 FIXTURES = "tests/fixtures/hf"
 SR = 24000
@@ -144,6 +145,6 @@ def test_token_probe_runs_end_to_end_on_the_converted_hubert(prepared_data, tmp_
     labels = {"key": [x["attributes"]["tonic"] for x in clips], "lead": [x["attributes"]["lead"] for x in clips],
               "tempo band": [tempo_band(x["attributes"]["tempo_bpm"]) for x in clips],
               "drums": [x["attributes"]["drums"] for x in clips]}
-    scores = {name: probe_accuracy(tokens, np.array(y)) for name, y in labels.items()}
+    scores = {name: probe_accuracy(tokens, y, PROBE_CLUSTERS) for name, y in labels.items()}
     print("probe accuracy on the random-weight tiny HuBERT's tokens:", scores)
     assert all(0.0 <= s <= 1.0 for s in scores.values()), scores

@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neighbors import NearestCentroid
 
 from data_pipeline.builder import read_clips
 from data_pipeline.captions import tempo_band
 from melody_jax.audio.frame_features import frame_features
+from melody_jax.evaluation.token_probe import histograms, probe_accuracy
 from melody_jax.tasks.kmeans import KMeansTask
 from melody_jax.tasks.ssl import SSLTask
 from melody_jax.nn.kmeans import assign, fit_kmeans, shard_rows
@@ -122,23 +121,11 @@ def probe_tokens(task: SSLTask, params, audio: np.ndarray, key: jax.Array, layer
     return cluster_frames(h, key)
 
 
-def histograms(tokens: np.ndarray) -> np.ndarray:
-    """Hellinger features: square roots of each row's normalised token histogram."""
-    hist = np.stack([np.bincount(t, minlength=PROBE_CLUSTERS) for t in tokens]).astype(np.float64)
-    return np.sqrt(hist / hist.sum(1, keepdims=True))
-
-
-def probe_accuracy(tokens: np.ndarray, labels: np.ndarray) -> float:
-    """Nearest-centroid on token histograms, 4-fold stratified cross-validation."""
-    folds = StratifiedKFold(4, shuffle=True, random_state=0)
-    return float(cross_val_score(NearestCentroid(), histograms(tokens), labels, cv=folds).mean())
-
-
 def half_clip_mean_rank(tokens: np.ndarray) -> float:
     """Each clip's first-half histogram ranks every clip's second half by distance (nearest-neighbour
     retrieval); the mean rank of its own second half (0 = first; chance = (N − 1) / 2)."""
     half = tokens.shape[1] // 2
-    a, b = histograms(tokens[:, :half]), histograms(tokens[:, half:])
+    a, b = histograms(tokens[:, :half], PROBE_CLUSTERS), histograms(tokens[:, half:], PROBE_CLUSTERS)
     d = np.linalg.norm(a[:, None] - b[None], axis=-1)
     return float(np.mean([(d[i] < d[i, i]).sum() for i in range(len(a))]))
 
@@ -163,7 +150,7 @@ def test_tokens_carry_the_key_and_identify_the_music_better_after_training(stage
     key = jax.random.key(7)
     trained_tokens, untrained_tokens = (probe_tokens(task, p, audio, key) for p in (tok.ssl_params, untrained))
 
-    key_trained, key_untrained = probe_accuracy(trained_tokens, tonic), probe_accuracy(untrained_tokens, tonic)
+    key_trained, key_untrained = (probe_accuracy(t, tonic, PROBE_CLUSTERS) for t in (trained_tokens, untrained_tokens))
     majority = np.bincount(tonic).max() / len(tonic)
     # Measured (240 clips; chance 1/12, majority 0.104): trained 0.458, untrained 0.167.
     assert key_trained > 0.3 and key_trained > key_untrained + 0.15, (key_trained, key_untrained, majority)
@@ -213,7 +200,8 @@ def test_hubert_tokens_carry_the_key_better_than_untrained_and_raw_log_mel(stage
     key = jax.random.key(7)
     tokens = {"hubert": probe_tokens(task, trained, audio, key), "untrained": probe_tokens(task, untrained, audio, key),
               "log-mel": cluster_frames(frame_features(jnp.asarray(audio), SR, task.model.hop, ("logmel",)), key)}
-    scores = {name: {a: probe_accuracy(t, np.array(y)) for a, y in labels.items()} for name, t in tokens.items()}
+    scores = {name: {a: probe_accuracy(t, y, PROBE_CLUSTERS) for a, y in labels.items()}
+              for name, t in tokens.items()}
     print("probe accuracy:", scores, "half-clip mean rank:", {n: half_clip_mean_rank(t) for n, t in tokens.items()})
     hubert, untrained, logmel = scores["hubert"], scores["untrained"], scores["log-mel"]
     assert hubert["key"] > 0.3 and hubert["key"] > max(untrained["key"], logmel["key"]) + 0.1, scores
