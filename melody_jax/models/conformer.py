@@ -38,10 +38,25 @@ class LayerNorm(nn.Module):
         names = (self.axis_name,)
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, names), (x.shape[-1],))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, names), (x.shape[-1],))
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
+        return normalize(x, -1, scale, bias, self.epsilon, self.dtype)
+
+
+def normalize(x: jax.Array, axis: int, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: jnp.dtype
+              ) -> jax.Array:
+    """(x − mean) / std over `axis`, in float32, then scale and bias per channel (the last axis)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axis, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias).astype(dtype)
+
+
+def clip_norm(module: nn.Module, x: jax.Array, epsilon: float, dtype: jnp.dtype) -> jax.Array:
+    """GroupNorm with one group per channel: each channel of x [B, T, C] over the clip's frames, with
+    `module`'s `group_norm_scale` / `group_norm_bias` (the first conv of fairseq's "default" extractor)."""
+    names = ("conv_out",)
+    scale = module.param("group_norm_scale", nn.with_logical_partitioning(nn.initializers.ones, names), (x.shape[-1],))
+    bias = module.param("group_norm_bias", nn.with_logical_partitioning(nn.initializers.zeros, names), (x.shape[-1],))
+    return normalize(x, 1, scale, bias, epsilon, dtype)
 
 
 def conv1d(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[int, int], groups: int = 1) -> jax.Array:
@@ -77,14 +92,7 @@ class FeatureEncoder(nn.Module):
             if self.norm == "layer":
                 x = LayerNorm(dtype=self.dtype, axis_name="conv_out", name=f"norm_{i}")(x)
             elif i == 0:
-                scale = self.param("group_norm_scale", nn.with_logical_partitioning(nn.initializers.ones,
-                                                                                   ("conv_out",)), (c,))
-                shift = self.param("group_norm_bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                                  ("conv_out",)), (c,))
-                x32 = x.astype(jnp.float32)
-                mean = x32.mean(1, keepdims=True)
-                var = jnp.square(x32 - mean).mean(1, keepdims=True)
-                x = ((x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale + shift).astype(self.dtype)
+                x = clip_norm(self, x, 1e-5, self.dtype)
             x = nn.gelu(x, approximate=False)
         return x
 

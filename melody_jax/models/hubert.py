@@ -25,7 +25,7 @@ import numpy as np
 from flax import linen as nn
 
 from melody_jax.audio.resample import resample
-from melody_jax.models.conformer import LayerNorm, conv1d
+from melody_jax.models.conformer import LayerNorm, clip_norm, conv1d
 from melody_jax.nn.attention import Attention, padding_mask
 from melody_jax.nn.init import dense
 
@@ -57,13 +57,8 @@ class FeatureEncoder(nn.Module):
             x = nn.with_logical_constraint(x, ("batch", "length", "conv_out"))
             if self.norm == "layer":
                 x = LayerNorm(self.epsilon, self.dtype, "conv_out", name=f"norm_{i}")(x)
-            elif i == 0:  # GroupNorm(C groups of 1 channel): each channel over the clip's frames
-                scale = _param(self, "group_norm_scale", (c,), ("conv_out",), nn.initializers.ones)
-                shift = _param(self, "group_norm_bias", (c,), ("conv_out",), nn.initializers.zeros)
-                x32 = x.astype(jnp.float32)
-                mean = x32.mean(1, keepdims=True)
-                var = jnp.square(x32 - mean).mean(1, keepdims=True)
-                x = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + shift).astype(self.dtype)
+            elif i == 0:
+                x = clip_norm(self, x, self.epsilon, self.dtype)
             x = nn.gelu(x, approximate=False)
         return x
 
