@@ -3,8 +3,8 @@
 // Why: a decode step multiplies 1-8 rows by every weight of the model, so it is bound by reading W.
 // XLA:CPU's dot reads a [K, N] weight at a fraction of memory bandwidth when M is 2-8; this reads W
 // once for all M rows, front to back: each part takes a run of W's rows (contiguous memory, which the
-// hardware prefetchers stream), adds kRows rows at a time into a partial y of its own (small enough
-// for L1/L2, updated once per kRows rows), and the partials are summed at the end.
+// hardware prefetchers stream) and adds them kRows at a time into a partial y of its own (small enough
+// for L1/L2; register tiles over the kRows rows, so y is updated once per pass); partials are summed last.
 // Parts run on XLA's intra-op thread pool; the calling thread claims parts too and only waits for
 // parts another thread has already claimed, so it never waits on a task that has not started.
 #include <algorithm>
@@ -28,20 +28,42 @@ constexpr int64_t kRows = 8;  // rows of W per pass over a column panel
 
 #if defined(__AVX512F__)
 
-// y[:, p0:p1] += x[:, k:k+R] @ W[k:k+R, p0:p1], 16 columns per vector, the last one masked.
-template <int M, int R>
-void Rows(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k, int64_t p0, int64_t p1) {
-  const float* row = w + k * N;
-  for (int64_t n = p0; n < p1; n += 16) {
-    const __mmask16 mask = p1 - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p1 - n)) - 1);
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, row + r * N + n);
+// y[:, n:n+16V] += x[:, k:k+R] @ W[k:k+R, n:n+16V]: M x V accumulators in registers over the R rows,
+// then one update of y; the last vector is masked by `tail`.
+template <int M, int V, int R>
+void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k, int64_t n, __mmask16 tail) {
+  __m512 acc[M][V];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < V; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    const float* row = w + (k + r) * N + n;
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = _mm512_maskz_loadu_ps(v + 1 < V ? 0xFFFF : tail, row + 16 * v);
     for (int m = 0; m < M; ++m) {
-      __m512 acc = _mm512_maskz_loadu_ps(mask, y + m * N + n);
-      for (int r = 0; r < R; ++r) acc = _mm512_fmadd_ps(_mm512_set1_ps(x[m * K + k + r]), wv[r], acc);
-      _mm512_mask_storeu_ps(y + m * N + n, mask, acc);
+      const __m512 xb = _mm512_set1_ps(x[m * K + k + r]);
+      for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(xb, wv[v], acc[m][v]);
     }
   }
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < V; ++v) {
+      float* out = y + m * N + n + 16 * v;
+      const __mmask16 mask = v + 1 < V ? 0xFFFF : tail;
+      _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[m][v]));
+    }
+}
+
+// Accumulator vectors per row: M x V stays within 16 of the 32 vector registers.
+template <int M>
+constexpr int Vectors() { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
+
+// y[:, p0:p1] += x[:, k:k+R] @ W[k:k+R, p0:p1].
+template <int M, int R>
+void Rows(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k, int64_t p0, int64_t p1) {
+  constexpr int V = Vectors<M>();
+  int64_t n = p0;
+  for (; n + 16 * V <= p1; n += 16 * V) Tile<M, V, R>(x, w, y, K, N, k, n, 0xFFFF);
+  for (; n < p1; n += 16)
+    Tile<M, 1, R>(x, w, y, K, N, k, n, p1 - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p1 - n)) - 1));
 }
 
 #else  // portable: the same loop order in plain code, left to the compiler's vectoriser
