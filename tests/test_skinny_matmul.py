@@ -94,3 +94,10 @@ def test_greedy_decode_with_the_kernel_is_the_decode_without(highest_precision, 
     jax.clear_caches()
     np.testing.assert_array_equal(with_kernel, without)
     np.testing.assert_array_equal(with_kernel, golden["greedy_codes"])
+
+
+def test_without_a_compiler_one_line_says_so_and_xla_is_used(monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert not skinny.available.__wrapped__()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: no C++ compiler") and "XLA's dot is used" in err[0]

@@ -5,7 +5,7 @@ decode step is nothing but such products. Inside `routing()` (MusicGen's decode 
 a float32 product of at most `MAX_ROWS` rows to this kernel when no mesh of more than one device is
 active; `lax.platform_dependent` keeps XLA's dot on every other platform. The library is compiled on
 first use with the host's C++ compiler (`-O3 -march=native`: AVX-512 where the CPU has it, portable
-loops otherwise) into a cache keyed by the source, flags, compiler and jaxlib; without a compiler one
+loops otherwise) into a cache keyed by the source, flags, compiler, CPU and jaxlib; without a compiler one
 line says so and XLA's dot is used.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import sys
@@ -50,10 +51,18 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "melody-jax" / "kernels"
 
 
+def _cpu() -> str:
+    """The CPU's feature flags (Linux), since `-march=native` builds for them: a shared cache must not mix CPUs."""
+    try:
+        return next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
 def _compile(compiler: str) -> pathlib.Path:
-    """The shared library for this source, flags, compiler and jaxlib, built once into `cache_dir()`."""
+    """The shared library for this source, flags, compiler, CPU and jaxlib, built once into `cache_dir()`."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, jax.__version__]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu(), jax.__version__]).encode()).hexdigest()
     out = cache_dir() / f"skinny_matmul-{key[:16]}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
