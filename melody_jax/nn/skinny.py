@@ -85,8 +85,8 @@ def available() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or str(error)
-        print(f"warning: the skinny-matmul kernel did not build ({detail.strip().splitlines()[-1:]}): "
+        detail = (getattr(error, "stderr", "") or str(error)).strip().splitlines()
+        print(f"warning: the skinny-matmul kernel did not build ({detail[-1] if detail else error}): "
               f"XLA's dot is used", file=sys.stderr)
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MelodySkinnyMatmul), platform="cpu")
