@@ -18,7 +18,8 @@ projections (applied once, then cached) — over the memory bandwidth measured i
 keys/values, `rtf` = seconds of audio per second end to end (LM + codec decoding),
 `per_generated_s_x` = transformers' seconds per generated second over ours (LM + codec), and each
 side's peak RSS (the peer: build/load + generate; ours: conversion + generate, one process for all
-rows). On CPU both sides run float32.
+rows). On CPU both sides run float32; `cpu_kernel` says whether our decode steps used the few-row
+CPU kernel (melody_jax/nn/skinny.py) rather than XLA's dot.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def measure_ours(checkpoint: str, batches: list[int], frames: int, bandwidth: fl
     from melody_jax.convert.checkpoint_dir import read_checkpoint
     from melody_jax.convert.hf_musicgen import musicgen_from_hf
     from melody_jax.models import codec
+    from melody_jax.nn import skinny
     from melody_jax.pipelines.musicgen_sampling import generate
     from melody_jax.tasks.musicgen import MusicGenTask
 
@@ -105,7 +107,7 @@ def measure_ours(checkpoint: str, batches: list[int], frames: int, bandwidth: fl
                      "read_floor_ms": with_cache / bandwidth * 1e3, "x_read_floor": per_step * bandwidth / with_cache,
                      "rtf": frames / 50 / (seconds + codec_s),
                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                     "loadavg_1m": os.getloadavg()[0]})
+                     "loadavg_1m": os.getloadavg()[0], "cpu_kernel": skinny.available()})
     return rows
 
 

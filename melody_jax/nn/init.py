@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from melody_jax.nn import lora
+from melody_jax.nn import lora, skinny
 
 
 class Dense(nn.Module):
     """Contracts x's `axis` dims with the kernel's leading dims; kernel axes are named `names`.
 
-    Inside `lora.adapting(spec)` a kernel matched by the spec gets its low-rank adapter (`melody_jax/nn/lora.py`)."""
+    Inside `lora.adapting(spec)` a kernel matched by the spec gets its low-rank adapter (`melody_jax/nn/lora.py`);
+    inside `skinny.routing()` a product of a few float32 rows runs on the CPU kernel (`melody_jax/nn/skinny.py`)."""
 
     features: int | tuple[int, ...]
     names: tuple[str | None, ...]
@@ -39,8 +40,11 @@ class Dense(nn.Module):
             out_axis=tuple(range(n_in, n_in + n_out)))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names),
                             tuple(x.shape[a] for a in axis) + features, jnp.float32)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                ((axis, tuple(range(n_in))), ((), ())))
+        if skinny.applies(x, kernel, axis, self.dtype):
+            y = skinny.contract(x, kernel, n_in)
+        else:
+            y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                    ((axis, tuple(range(n_in))), ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[n_in:]),
                               features, jnp.float32)

@@ -29,6 +29,7 @@ import numpy as np
 
 from melody_jax.diffusion.guidance import guide
 from melody_jax.models.musicgen_lm import MusicGenLM, shift_right
+from melody_jax.nn import skinny
 from melody_jax.pipelines.lm_sampling import _active_rules, _compute_dtype_params, sample_from_logits
 from melody_jax.models.codebook_patterns import Pattern
 
@@ -123,7 +124,8 @@ def _decode(model: MusicGenLM, params, conds, known: jax.Array, fixed: np.ndarra
 
     def step(carry, s):
         caches, token = carry
-        caches, logits = forward(caches, token[:, :, None], False)
+        with skinny.routing():  # a step's products have a few rows: the CPU kernel reads each weight once
+            caches, logits = forward(caches, token[:, :, None], False)
         token = pick(logits, s)
         return (caches, token), (token, logits if keep_logits else None)
 

@@ -1,0 +1,156 @@
+// y[M, N] = x[M, K] @ W[K, N] in float32 for a few rows (M <= 8), as an XLA FFI custom call on CPU.
+//
+// Why: a decode step multiplies 1-8 rows by every weight of the model, so it is bound by reading W.
+// XLA:CPU's dot reads a [K, N] weight at a fraction of memory bandwidth when M is 2-8; this reads W
+// once for all M rows, front to back: each part takes a run of W's rows (contiguous memory, which the
+// hardware prefetchers stream) and adds them kRows at a time into a partial y of its own (small enough
+// for L1/L2; register tiles over the kRows rows, so y is updated once per pass); partials are summed last.
+// Parts run on XLA's intra-op thread pool; the calling thread claims parts too and only waits for
+// parts another thread has already claimed, so it never waits on a task that has not started.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRows = 8;  // rows of W per pass over a column panel
+
+#if defined(__AVX512F__)
+
+// y[:, n:n+16V] += x[:, k:k+R] @ W[k:k+R, n:n+16V]: M x V accumulators in registers over the R rows,
+// then one update of y; the last vector is masked by `tail`.
+template <int M, int V, int R>
+void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k, int64_t n, __mmask16 tail) {
+  __m512 acc[M][V];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < V; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    const float* row = w + (k + r) * N + n;
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = _mm512_maskz_loadu_ps(v + 1 < V ? 0xFFFF : tail, row + 16 * v);
+    for (int m = 0; m < M; ++m) {
+      const __m512 xb = _mm512_set1_ps(x[m * K + k + r]);
+      for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(xb, wv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < V; ++v) {
+      float* out = y + m * N + n + 16 * v;
+      const __mmask16 mask = v + 1 < V ? 0xFFFF : tail;
+      _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), acc[m][v]));
+    }
+}
+
+// Accumulator vectors per row: M x V stays within 16 of the 32 vector registers.
+template <int M>
+constexpr int Vectors() { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
+
+// y[:, p0:p1] += x[:, k:k+R] @ W[k:k+R, p0:p1].
+template <int M, int R>
+void Rows(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k, int64_t p0, int64_t p1) {
+  constexpr int V = Vectors<M>();
+  int64_t n = p0;
+  for (; n + 16 * V <= p1; n += 16 * V) Tile<M, V, R>(x, w, y, K, N, k, n, 0xFFFF);
+  for (; n < p1; n += 16)
+    Tile<M, 1, R>(x, w, y, K, N, k, n, p1 - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p1 - n)) - 1));
+}
+
+#else  // portable: the same loop order in plain code, left to the compiler's vectoriser
+
+template <int M, int R>
+void Rows(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k, int64_t p0, int64_t p1) {
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) {
+      const float xm = x[m * K + k + r];
+      const float* row = w + (k + r) * N;
+      float* out = y + m * N;
+      for (int64_t n = p0; n < p1; ++n) out[n] += xm * row[n];
+    }
+}
+
+#endif
+
+// y = x[:, k0:k1] @ W[k0:k1, :], one column panel at a time so that y's panel stays in cache.
+template <int M>
+void Part(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+  std::fill(y, y + M * N, 0.0f);
+  const int64_t panel = std::max<int64_t>(1024, 8192 / M);
+  for (int64_t p0 = 0; p0 < N; p0 += panel) {
+    const int64_t p1 = std::min(N, p0 + panel);
+    int64_t k = k0;
+    for (; k + kRows <= k1; k += kRows) Rows<M, kRows>(x, w, y, K, N, k, p0, p1);
+    for (; k < k1; ++k) Rows<M, 1>(x, w, y, K, N, k, p0, p1);
+  }
+}
+
+using PartFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+constexpr PartFn kParts[] = {Part<1>, Part<2>, Part<3>, Part<4>, Part<5>, Part<6>, Part<7>, Part<8>};
+
+// Work shared by the calling thread and the pool's tasks; a task may start after the call returned,
+// so the state lives as long as its last owner. Part 0 writes y, part p > 0 its own partial.
+struct Work {
+  PartFn fn;
+  const float *x, *w;
+  float* y;
+  int64_t M, K, N, parts;
+  std::vector<float> partials;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Drain() {
+    for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
+      const int64_t k0 = p * K / parts / kRows * kRows, k1 = p + 1 == parts ? K : (p + 1) * K / parts / kRows * kRows;
+      fn(x, w, p == 0 ? y : partials.data() + (p - 1) * M * N, K, N, k0, k1);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
+    return ffi::Error::InvalidArgument("skinny_matmul: x [M, K] and w [K, N] expected");
+  const int64_t M = xd[0], K = xd[1], N = wd[1];
+  if (M < 1 || M > 8) return ffi::Error::InvalidArgument("skinny_matmul: 1 <= M <= 8 rows expected");
+  auto work = std::make_shared<Work>();
+  work->fn = kParts[M - 1];
+  work->x = x.typed_data();
+  work->w = w.typed_data();
+  work->y = y->typed_data();
+  work->M = M;
+  work->K = K;
+  work->N = N;
+  // One part per thread, none thinner than a few passes of kRows rows.
+  work->parts = std::clamp<int64_t>(std::min<int64_t>(pool.num_threads(), K / (4 * kRows)), 1, 64);
+  work->partials.resize((work->parts - 1) * M * N);
+  for (int64_t t = 1; t < work->parts; ++t) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  for (int spins = 0; work->done.load(std::memory_order_acquire) < work->parts; ++spins)
+    if (spins > 64) std::this_thread::yield();
+  float* out = work->y;
+  for (int64_t p = 1; p < work->parts; ++p) {
+    const float* partial = work->partials.data() + (p - 1) * M * N;
+    for (int64_t i = 0; i < M * N; ++i) out[i] += partial[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MelodySkinnyMatmul, SkinnyMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
