@@ -97,8 +97,8 @@ def tokenize(root: str, data: str) -> None:
     tokenize_dataset(data, [TRAIN], out, stages, CropSpec(TOKEN_CROP_SECONDS), 16)
 
 
-def write_report(path: str, log: dict, outputs: list[dict], evaluation: str, stages: str) -> None:
-    lines = ["# melody-jax demo", "", "## Stages (tiny presets)", "",
+def write_report(path: str, recipe: str, log: dict, outputs: list[dict], evaluation: str, stages: str) -> None:
+    lines = ["# melody-jax demo", "", f"## Stages (tiny presets; {recipe})", "",
              "| stage | steps | final loss | seconds |", "|---|---|---|---|"]
     for name, s in log.items():
         loss = s.get("loss")
@@ -175,7 +175,8 @@ def main(argv: list[str]) -> None:
                 progress=False)
         stages = stage_quality.stage_quality(melody, read_clips(heldout, "train", melody.sample_rate))
         write_json_atomic(os.path.join(root, "eval.json"), {**report, "stage_quality": stages}, sort_keys=False)
-        write_report(os.path.join(root, "report.md"), log, outputs, markdown(report), stage_quality.markdown(stages))
+        write_report(os.path.join(root, "report.md"), f"recipe {_RECIPE.value}, steps × {recipe.steps_scale:g}", log,
+                     outputs, markdown(report), stage_quality.markdown(stages))
         print(open(os.path.join(root, "report.md")).read())
 
     run_user_errors(run)
