@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import ml_collections
 
@@ -28,6 +29,22 @@ TOKENS = "tokens"  # the demo's cache folder of records (its training split only
 TOKEN_CROP_SECONDS = 0.64  # the tiny DPD's window: 160 latent frames, 16 semantic tokens
 # The demo's steps per stage at steps_scale 1 (k-means and RVQ fit: their steps are iterations/levels).
 DEMO_STEPS = {"vae_gan": 500, "ssl": 400, "mulan": 500, "semantic_lm": 1000, "dpd": 1200}
+
+
+class Recipe(NamedTuple):
+    """A named budget of `launch.demo --recipe`: synthetic clips prepared, the multiplier of DEMO_STEPS and
+    the synthetic prompts the evaluation generates (never trained on: another seed than the data)."""
+
+    clips: int
+    steps_scale: float
+    eval_prompts: int
+
+
+# "demo" is `make demo` (≤ 20 min on 2 cores; 7 min 20 s on idle ones). "2h" is the ≤ 2-hour recipe of issue
+# 23 [choice]: stage steps × 8, 4× the clips (the longer LM and DPD runs see new crops) and the issue's 32
+# evaluation prompts; the tokenize and evaluation passes grow with clips and prompts, not steps.
+RECIPES = {"demo": Recipe(clips=96, steps_scale=1.0, eval_prompts=8),
+           "2h": Recipe(clips=384, steps_scale=8.0, eval_prompts=32)}
 
 
 def upstream_field(stage: str, upstream: str) -> str:

@@ -1,7 +1,8 @@
 """`make demo`: MeLoDy from nothing on a laptop-class CPU — data, every stage, a bundle, music.
 
 1. prepares a synthetic captioned dataset at 24 kHz (`data_pipeline.synthetic`, no downloads);
-2. trains the seven stages at their `tiny` presets for a bounded number of steps, in dependency
+2. trains the seven stages at their `tiny` presets for a bounded number of steps (`--recipe`: "demo",
+   the default, within 20 minutes on 2 cores; "2h", the ≤ 2-hour recipe; configs/melody.py), in dependency
    order (VAE-GAN, SSL → k-means, MuLan → RVQ), then caches their latents and tokens over the data
    (`launch.tokenize`) and trains the semantic LM and the DPD on them;
 3. assembles a bundle and generates three prompts (one 30 s long, by continuation windows);
@@ -13,7 +14,8 @@
 5. writes WAVs, spectrogram PNGs and WORKDIR/report.md (losses, time per stage, real-time factor,
    the evaluation, the stage table) and WORKDIR/eval.json.
 
-Every stage resumes when the demo is run again; finished stages are skipped. Tiny models on a few
+Every stage resumes when the demo is run again; finished stages are skipped. WORKDIR/recipe.json keeps
+the recipe and steps scale a workdir was started with: another one there is refused, not mixed in. Tiny models on a few
 minutes of CPU make recognisably structured noise, not music — the demo proves the whole path.
 """
 from __future__ import annotations
@@ -24,16 +26,39 @@ import time
 
 from absl import flags
 
+from configs.melody import RECIPES, Recipe
 from launch.common import quiet_library_logs, run_app, run_user_errors
+from melody_jax.training.errors import ConfigError, WorkdirError
 from melody_jax.training.metrics import write_json_atomic
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the demo writes its runs, bundle and audio.")
-_STEPS = flags.DEFINE_float("steps_scale", 1.0, "Multiplies every stage's step count (0.1 for a smoke run).")
+_RECIPE = flags.DEFINE_enum("recipe", "demo", list(RECIPES),
+                            "The budget (configs/melody.py): demo (≤ 20 min on 2 cores) or 2h (≤ 2 h).")
+_STEPS = flags.DEFINE_float("steps_scale", 1.0, "Multiplies the recipe's step counts (0.1 for a smoke run).")
 
 PROMPTS = [("solo piano, slow, calm, in C major", 10.0), ("drums and bass, fast, energetic", 10.0),
            ("strings and flute, happy, in G major", 30.0)]
-EVAL_PROMPTS = 8
 STAGE_CLIPS = 64  # held-out clips of the stage table (another seed than the training data): 16 per probe fold
+
+
+def workdir_recipe(root: str, name: str, steps_scale: float) -> Recipe:
+    """The recipe `name` with its steps scaled, recorded in root/recipe.json on the first run; a workdir
+    started with another recipe or scale raises WorkdirError (its finished stages would be skipped as trained)."""
+    if steps_scale <= 0:
+        raise ConfigError(f"--steps_scale={steps_scale:g} must be positive")
+    wanted = {"recipe": name, "steps_scale": steps_scale}
+    path = os.path.join(root, "recipe.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            started = json.load(f)
+        if started != wanted:
+            raise WorkdirError(f"{root} was started with --recipe={started['recipe']} --steps_scale="
+                            f"{started['steps_scale']:g}; resume with those or use another --workdir")
+    else:
+        os.makedirs(root, exist_ok=True)
+        write_json_atomic(path, wanted)
+    recipe = RECIPES[name]
+    return recipe._replace(steps_scale=recipe.steps_scale * steps_scale)
 
 
 def train_stage(name: str, config, workdir: str, log: dict) -> None:
@@ -72,8 +97,8 @@ def tokenize(root: str, data: str) -> None:
     tokenize_dataset(data, [TRAIN], out, stages, CropSpec(TOKEN_CROP_SECONDS), 16)
 
 
-def write_report(path: str, log: dict, outputs: list[dict], evaluation: str, stages: str) -> None:
-    lines = ["# melody-jax demo", "", "## Stages (tiny presets)", "",
+def write_report(path: str, recipe: str, log: dict, outputs: list[dict], evaluation: str, stages: str) -> None:
+    lines = ["# melody-jax demo", "", f"## Stages (tiny presets; {recipe})", "",
              "| stage | steps | final loss | seconds |", "|---|---|---|---|"]
     for name, s in log.items():
         loss = s.get("loss")
@@ -109,12 +134,12 @@ def main(argv: list[str]) -> None:
         from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
         root = _WORKDIR.value
-        os.makedirs(root, exist_ok=True)
+        recipe = workdir_recipe(root, _RECIPE.value, _STEPS.value)
         data = os.path.join(root, "data")
-        print("[demo] preparing the synthetic dataset", flush=True)
-        prepare(PrepareSettings(source="synthetic", num_clips=96, clip_seconds=4.0, val_fraction=0.15), data,
-                progress=False)
-        configs = demo_configs(data, root, _STEPS.value)
+        print(f"[demo] preparing the synthetic dataset ({recipe.clips} clips)", flush=True)
+        prepare(PrepareSettings(source="synthetic", num_clips=recipe.clips, clip_seconds=4.0, val_fraction=0.15),
+                data, progress=False)
+        configs = demo_configs(data, root, recipe.steps_scale)
         log: dict = {}
         for name in STAGES:
             if configs[name].data.source == "cached":
@@ -136,11 +161,11 @@ def main(argv: list[str]) -> None:
             spectrogram_png(result.audio[0], result.sample_rate, png, prompt)
             outputs.append({"prompt": prompt, "duration": seconds, "seconds": result.seconds,
                             "rtf": result.real_time_factor, "wav": wav, "png": png})
-        print(f"[demo] evaluating on {EVAL_PROMPTS} synthetic prompts against the held-out clips", flush=True)
+        print(f"[demo] evaluating on {recipe.eval_prompts} synthetic prompts against the held-out clips", flush=True)
         from data_pipeline.builder import read_clips
         from melody_jax.evaluation.generation import evaluate, markdown, read_prompts
 
-        report = evaluate(melody, read_prompts(f"synthetic:{EVAL_PROMPTS}"),
+        report = evaluate(melody, read_prompts(f"synthetic:{recipe.eval_prompts}"),
                           read_clips(data, "validation", melody.sample_rate), duration_s=10.0)
         print(f"[demo] measuring each stage on {STAGE_CLIPS} held-out clips", flush=True)
         from melody_jax.evaluation import stage_quality
@@ -150,7 +175,8 @@ def main(argv: list[str]) -> None:
                 progress=False)
         stages = stage_quality.stage_quality(melody, read_clips(heldout, "train", melody.sample_rate))
         write_json_atomic(os.path.join(root, "eval.json"), {**report, "stage_quality": stages}, sort_keys=False)
-        write_report(os.path.join(root, "report.md"), log, outputs, markdown(report), stage_quality.markdown(stages))
+        write_report(os.path.join(root, "report.md"), f"recipe {_RECIPE.value}, steps × {recipe.steps_scale:g}", log,
+                     outputs, markdown(report), stage_quality.markdown(stages))
         print(open(os.path.join(root, "report.md")).read())
 
     run_user_errors(run)

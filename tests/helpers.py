@@ -46,6 +46,15 @@ def run_cli(module: str, *args: str, timeout: float = 300, devices: int = 8) -> 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def error_line(proc) -> str:
+    """The CLI's one `error:` line, after asserting exit 2 and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
 def stage_layout(config: ml_collections.ConfigDict):
     """(task, mesh, rules, abstract train state with shardings, sharding tree) for the config's mesh."""
     import jax
@@ -78,6 +87,29 @@ def train_and_restore(config: ml_collections.ConfigDict, workdir: str):
         state, _ = ckpt.restore(config.train.num_steps, abstract)
     ckpt.close()
     return summary, read_metrics(workdir), task, jax.device_get(state.params)
+
+
+def one_device_mesh():
+    """A (data, fsdp, tensor) mesh of one device: the fastest for tiny fits in a test."""
+    import jax
+
+    from melody_jax.training.sharding import MESH_AXES
+
+    return jax.make_mesh((1, 1, 1), MESH_AXES, devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def fit(task, mesh) -> Any:
+    """The task's params after `config.train.num_steps` steps on its training batches, without the loop's
+    checkpoints and logs (call inside `activate(mesh, ...)`)."""
+    import jax
+    from flax import linen as nn
+
+    state = jax.jit(lambda r: nn.meta.unbox(task.init_state(r)))(jax.random.key(0))
+    step = jax.jit(task.train_step, donate_argnums=0)
+    batches = task.train_iterator(mesh)
+    for i in range(task.config.train.num_steps):
+        state, _ = step(state, next(batches), jax.random.key(i))
+    return state.params
 
 
 class PoisonedToyLM(ToyLMTask):

@@ -1,9 +1,14 @@
 """`launch.demo` stops at a stage that did not finish (a SIGTERM or Ctrl-C preempts the training loop,
-which saves and returns): the next stage must not start on a half-trained upstream."""
+which saves and returns): the next stage must not start on a half-trained upstream. Its recipes scale the
+stages' steps, and a workdir resumes only with the recipe it was started with."""
+import json
+
 import pytest
 
+from configs.melody import DEMO_STEPS, demo_configs
 from launch import demo
-from tests.helpers import stage_config
+from melody_jax.training.errors import ConfigError, WorkdirError
+from tests.helpers import error_line, run_cli, stage_config
 
 
 def test_a_preempted_stage_stops_the_demo_with_one_line(tmp_path, monkeypatch):
@@ -21,3 +26,21 @@ def test_a_finished_stage_is_logged(tmp_path, monkeypatch):
     log = {}
     demo.train_stage("kmeans", stage_config("kmeans"), str(tmp_path / "kmeans"), log)
     assert log["kmeans"]["status"] == "done" and log["kmeans"]["step"] == 5
+
+
+def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
+    root = str(tmp_path / "run")
+    recipe = demo.workdir_recipe(root, "2h", 0.5)
+    assert (recipe.clips, recipe.steps_scale, recipe.eval_prompts) == (384, 4.0, 32)
+    configs = demo_configs(str(tmp_path / "data"), root, recipe.steps_scale)
+    assert {s: configs[s].train.num_steps for s in DEMO_STEPS} == {s: 4 * n for s, n in DEMO_STEPS.items()}
+    assert json.load(open(tmp_path / "run" / "recipe.json")) == {"recipe": "2h", "steps_scale": 0.5}
+    assert demo.workdir_recipe(root, "2h", 0.5) == recipe  # resuming with the same recipe
+    with pytest.raises(WorkdirError, match="started with --recipe=2h --steps_scale=0.5"):
+        demo.workdir_recipe(root, "demo", 0.5)
+    with pytest.raises(ConfigError, match="must be positive"):
+        demo.workdir_recipe(str(tmp_path / "other"), "demo", 0.0)
+    # one error line, exit 2, before any data is prepared
+    assert "started with --recipe=2h" in error_line(run_cli("launch.demo", f"--workdir={root}", "--recipe=demo"))
+    assert "--recipe" in error_line(run_cli("launch.demo", f"--workdir={root}", "--recipe=5h"))
+    assert not (tmp_path / "run" / "data").exists()

@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from melody_jax.diffusion.samplers import generate
 from melody_jax.models.conv_baseline import ConvBaseline
@@ -15,8 +14,8 @@ from melody_jax.training.errors import ConfigError
 from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train, validate
 from melody_jax.training.metrics import read_metrics
-from melody_jax.training.sharding import MESH_AXES, activate, make_mesh, rules_from_config
-from tests.helpers import stage_config
+from melody_jax.training.sharding import activate, make_mesh, rules_from_config
+from tests.helpers import fit, one_device_mesh, stage_config
 
 STAGE_STEPS = 30  # the loop run (a); the mesh runs (c) stop at step MESH_STEPS of the same schedule
 MESH_STEPS = 5
@@ -103,19 +102,14 @@ class ConvBaselineTask(DPDTask):
 
 def fit_and_evaluate(task, eval_batches=8):
     """Trains on one device for the config's steps; returns (params, fixed-angle metrics on held-out data)."""
-    mesh = jax.make_mesh((1, 1, 1), MESH_AXES, devices=jax.devices()[:1],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = one_device_mesh()
     with activate(mesh, rules_from_config(task.config.sharding_rules)):
-        state = jax.jit(lambda r: nn.meta.unbox(task.init_state(r)))(jax.random.key(0))
-        step = jax.jit(task.train_step, donate_argnums=0)
-        batches = task.train_iterator(mesh)
-        for i in range(task.config.train.num_steps):
-            state, _ = step(state, next(batches), jax.random.key(i))
+        params = fit(task, mesh)
         evaluate = jax.jit(lambda p, b, r: task.fixed_angle_metrics(p, b, r, EVAL_ANGLE))
         held_out = task.eval_iterator(mesh)
-        values = [evaluate(state.params, next(held_out), jax.random.key(10_000 + i)) for i in range(eval_batches)]
-    count = sum(x.size for x in jax.tree.leaves(state.params))
-    return state.params, {k: float(np.mean([v[k] for v in values])) for k in values[0]} | {"params": count}
+        values = [evaluate(params, next(held_out), jax.random.key(10_000 + i)) for i in range(eval_batches)]
+    count = sum(x.size for x in jax.tree.leaves(params))
+    return params, {k: float(np.mean([v[k] for v in values])) for k in values[0]} | {"params": count}
 
 
 @pytest.fixture(scope="module")

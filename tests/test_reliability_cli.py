@@ -15,18 +15,9 @@ import soundfile as sf
 from melody_jax.pipelines.validation import (DurationError, SamplingError, check_duration, check_min_duration,
                                               check_output_path, check_sampling)
 from melody_jax.training.errors import ConfigError, one_line
-from tests.helpers import run_cli
+from tests.helpers import error_line, run_cli
 
 pytestmark = pytest.mark.slow  # many CLI starts
-
-
-def error_line(proc) -> str:
-    """The CLI's one `error:` line, after asserting exit 2 and no traceback."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    return lines[0]
 
 
 GOOD = dict(seed=0, count=1, temperature=1.0, top_k=0, top_p=1.0, cfg=2.5, steps=10)
