@@ -62,8 +62,10 @@ class SSLTask(SourcedTask):
         if m.objective == "hubert":
             positive(c, "model.num_targets", "model.target_batches")
             non_negative(c, "model.unmasked_weight")
-            require(bool(c.upstream.ssl) or (len(m.target_features) > 0 and set(m.target_features) <= set(FEATURES)),
-                    f"config.model.target_features={list(m.target_features)} must name some of {FEATURES}")
+            require(bool(c.upstream.ssl) or (len(m.target_features) > 0 and all(
+                set(entry.split("+")) <= set(FEATURES) for entry in m.target_features)),
+                    f"config.model.target_features={list(m.target_features)}: each entry (one codebook) must join "
+                    f"some of {FEATURES} with '+'")
             require(m.target_layer >= -1, f"config.model.target_layer={m.target_layer} must be -1 (middle) or a block")
         require(m.objective == "hubert" or not c.upstream.ssl,
                 "config.upstream.ssl (targets from a trained SSL model) needs model.objective='hubert'")
