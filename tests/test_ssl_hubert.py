@@ -57,16 +57,18 @@ def test_flux_marks_clicks_not_held_notes():
 
 
 def test_hubert_loss_against_numpy():
-    """Two codebooks: cross-entropies add up over codebooks, accuracy and majority average over them."""
+    """Two codebooks: cross-entropies add up over codebooks with their weights, accuracy and majority average
+    over them."""
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 6, 2, 5)).astype(np.float32)
     targets = rng.integers(0, 5, (2, 6, 2)).astype(np.int32)
     targets[..., 1] = np.minimum(targets[..., 1], 2)  # the second codebook uses 3 targets
     mask = rng.random((2, 6)) < 0.5
     out = {"logits": jnp.asarray(logits), "mask": jnp.asarray(mask), "feature_penalty": jnp.asarray(0.5)}
-    loss, m = hubert_loss(out, jnp.asarray(targets), unmasked_weight=0.25, feature_penalty_weight=2.0)
+    loss, m = hubert_loss(out, jnp.asarray(targets), codebook_weights=[1.0, 0.5], unmasked_weight=0.25,
+                          feature_penalty_weight=2.0)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0].sum(-1)
+    ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0] @ np.array([1.0, 0.5])
     np.testing.assert_allclose(float(loss), ce[mask].mean() + 0.25 * ce[~mask].mean() + 1.0, rtol=1e-5)
     np.testing.assert_allclose(float(m["accuracy"]), (logits.argmax(-1) == targets)[mask].mean(), rtol=1e-6)
     majority = [np.bincount(targets[..., i].ravel()).max() / targets[..., i].size for i in range(2)]
@@ -75,8 +77,8 @@ def test_hubert_loss_against_numpy():
     # frames of padding (valid = 0) are scored neither masked nor unmasked
     valid = np.ones((2, 6), np.float32)
     valid[:, 4:] = 0
-    loss, m = hubert_loss(out, jnp.asarray(targets), unmasked_weight=0.25, feature_penalty_weight=2.0,
-                          valid=jnp.asarray(valid))
+    loss, m = hubert_loss(out, jnp.asarray(targets), codebook_weights=[1.0, 0.5], unmasked_weight=0.25,
+                          feature_penalty_weight=2.0, valid=jnp.asarray(valid))
     real = valid > 0
     np.testing.assert_allclose(float(loss), ce[mask & real].mean() + 0.25 * ce[~mask & real].mean() + 1.0, rtol=1e-5)
 
@@ -99,6 +101,10 @@ def test_config_errors_are_one_line():
         SSLTask(stage_config("ssl", {"data.path": "x", **HUBERT, "model.target_features": ["cqt"]})).validate()
     with pytest.raises(ConfigError, match="upstream.ssl"):
         SSLTask(stage_config("ssl", {"data.path": "x", "model.objective": "wav2vec2", "upstream.ssl": "y"})).validate()
+    with pytest.raises(ConfigError, match="target_weights"):
+        c = stage_config("ssl", {"data.path": "x", **HUBERT})
+        c.model.target_weights = [1.0]  # two codebooks (mfcc, chroma)
+        SSLTask(c).validate()
     with pytest.raises(ConfigError, match="conv_norm"):
         SSLTask(stage_config("ssl", {"data.path": "x", "model.conv_norm": "batch"})).validate()
 

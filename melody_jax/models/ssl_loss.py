@@ -8,6 +8,8 @@ itself and is dropped (−inf), as in fairseq. Similarities are cosines / κ com
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -72,16 +74,17 @@ def wav2vec2_loss(out: dict[str, jax.Array], rng: jax.Array, *, num_negatives: i
                   "feature_penalty": out["feature_penalty"], "mask_fraction": jnp.mean(mask.astype(jnp.float32))}
 
 
-def hubert_loss(out: dict[str, jax.Array], targets: jax.Array, *, unmasked_weight: float,
-                feature_penalty_weight: float, valid: jax.Array | None = None
+def hubert_loss(out: dict[str, jax.Array], targets: jax.Array, *, codebook_weights: Sequence[float],
+                unmasked_weight: float, feature_penalty_weight: float, valid: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss, metrics): cross-entropy of the int32 [B, T, C] targets (C codebooks, logits [B, T, C, K]),
-    summed over codebooks (HuBERT's cluster ensembles), averaged over masked frames, plus `unmasked_weight` ×
-    the same at unmasked frames (HuBERT's α = 1 / 1 − α weighting, α = 1 by default); `valid [B, T]`
-    (optional): frames of real audio, the only ones scored. Accuracy and `majority` average over codebooks,
-    the targets and predictions in use add up over them."""
+    summed over codebooks with `codebook_weights` (HuBERT's cluster ensembles), averaged over masked frames,
+    plus `unmasked_weight` × the same at unmasked frames (HuBERT's α = 1 / 1 − α weighting, α = 1 by default);
+    `valid [B, T]` (optional): frames of real audio, the only ones scored. Accuracy and `majority` average over
+    codebooks, the targets and predictions in use add up over them."""
     logits, mask = out["logits"], out["mask"]
-    ce = jnp.sum(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0], -1)
+    ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    ce = ce @ jnp.asarray(codebook_weights, jnp.float32)
     real = jnp.ones(mask.shape, jnp.float32) if valid is None else (valid > 0).astype(jnp.float32)
     masked, unmasked = mask.astype(jnp.float32) * real, (~mask).astype(jnp.float32) * real
     ce_masked = jnp.sum(ce * masked) / jnp.maximum(masked.sum(), 1.0)

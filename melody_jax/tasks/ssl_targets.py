@@ -3,11 +3,12 @@ assigned inside the jitted step.
 
 Iteration 1 clusters acoustic features (melody_jax.audio.frame_features): each entry of `model.target_features`
 is one codebook, of the "+"-joined features side by side ("mfcc+chroma"), and the model predicts every
-codebook's target with its own head (HuBERT's cluster ensembles; MERT's acoustic and musical teachers), so
-no one feature's clusters crowd out another's. Iteration 2 (`upstream.ssl` set) clusters block
-`model.target_layer` of that trained SSL model, one codebook. Each codebook's frames are standardised with the
-fitting frames' mean and deviation, then k-means (k-means++, full Lloyd) finds `model.num_targets` centres. Fitting is deterministic (config seed, the training
-stream's first `model.target_batches` batches), so a resumed run recomputes the same targets.
+codebook's target with its own head (HuBERT's cluster ensembles; MERT's acoustic and musical teachers): each
+feature gets clusters of its own instead of the widest one deciding a joint clustering (64 log-mel bands beside
+12 chroma bins). Iteration 2 (`upstream.ssl` set) clusters block `model.target_layer` of that trained SSL
+model, one codebook. Each codebook's frames are standardised with the fitting frames' mean and deviation, then
+k-means (k-means++, full Lloyd) finds `model.num_targets` centres. Fitting is deterministic (config seed, the
+training stream's first `model.target_batches` batches), so a resumed run recomputes the same targets.
 """
 from __future__ import annotations
 
