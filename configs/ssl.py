@@ -1,7 +1,8 @@
 """Conformer SSL pre-training (DESIGN §4.2): the semantic tokenizer's encoder, before k-means.
 
 `model.objective`: "wav2vec2" (the paper's: contrastive over a Gumbel codebook; every preset: at tiny scale
-HuBERT, with `conv_norm="group"`, reads the key better but lead and drums worse, README "What semantic tokens
+HuBERT, with `conv_norm="group"`, beats the untrained encoder on every probed attribute only with weighted
+MFCC / chroma / log-mel codebooks, by small margins, and reads the key worse, README "What semantic tokens
 carry") or "hubert" (masked prediction of `num_targets` k-means clusters of `target_features` frames, one
 codebook and head per entry, fitted on the first `target_batches` batches).
 HuBERT's second iteration: `upstream.ssl=DIR` clusters that trained SSL model's block `target_layer`
