@@ -1,10 +1,10 @@
 """Conformer SSL pre-training (DESIGN §4.2): the semantic tokenizer's encoder, before k-means.
 
 `model.objective`: "wav2vec2" (the paper's: contrastive over a Gumbel codebook; every preset: at tiny scale
-HuBERT, with `conv_norm="group"`, reads the key better but lead and drums worse, README "What semantic tokens
-carry") or "hubert" (masked
-prediction of `num_targets` k-means clusters of `target_features` frames, fitted on the first
-`target_batches` batches).
+HuBERT, with `conv_norm="group"`, beats the untrained encoder on every probed attribute only with weighted
+MFCC / chroma / log-mel codebooks, by small margins, and reads the key worse, README "What semantic tokens
+carry") or "hubert" (masked prediction of `num_targets` k-means clusters of `target_features` frames, one
+codebook and head per entry, fitted on the first `target_batches` batches).
 HuBERT's second iteration: `upstream.ssl=DIR` clusters that trained SSL model's block `target_layer`
 (-1 = middle) instead of the acoustic features.
 
@@ -46,7 +46,8 @@ def get_config(arg: str | None = None):
     m.conv_strides = [5, 4, 4, 4, 3]  # total 960: 25 Hz at 24 kHz
     m.objective = "wav2vec2"
     m.num_targets = 24 if tiny else 100  # HuBERT's first iteration: 100 MFCC clusters; tiny: measured best
-    m.target_features = ["mfcc", "chroma"]  # timbre + pitch class (MERT adds a constant-Q view for music)
+    m.target_features = ["mfcc", "chroma"]  # two codebooks, timbre and pitch class (MERT's acoustic + musical)
+    m.target_weights = []  # one loss weight per target_features codebook; [] = 1 each
     m.target_layer = -1  # with upstream.ssl: the block clustered for iteration 2 (-1 = middle)
     m.unmasked_weight = 1.0 if tiny else 0.0  # HuBERT: α = 1, masked frames only; tiny: measured best
     m.target_batches = 8 if tiny else 32

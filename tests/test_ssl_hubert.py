@@ -39,24 +39,46 @@ def test_frame_features_match_librosa_and_scipy():
     np.testing.assert_allclose(chroma[0, 1:], want[1:], atol=1e-3)  # librosa pads with zeros, we reflect
 
 
+def test_flux_marks_clicks_not_held_notes():
+    """"flux" is the half-wave rectified frame difference of log-mel: broadband and large where a click starts,
+    zero on a held tone once its first frames have passed."""
+    t = np.arange(int(1.0 * SR)) / SR
+    tone = 0.3 * np.sin(2 * np.pi * 440.0 * t)
+    clicks = tone.copy()
+    for start in (8, 16):  # a 5-ms noise burst at the start of frames 8 and 16
+        clicks[start * HOP: start * HOP + 120] += np.random.default_rng(start).standard_normal(120)
+    audio = jnp.asarray(np.stack([tone, clicks]).astype(np.float32))
+    logmel, flux = np.split(np.asarray(frame_features(audio, SR, HOP, ("logmel", "flux"))), [NUM_MELS], -1)
+    want = np.maximum(np.diff(logmel, axis=1, prepend=logmel[:, :1]), 0)
+    np.testing.assert_allclose(flux, want, atol=1e-5)
+    onset = flux.mean(-1)  # librosa's onset strength: the band mean
+    assert onset[0, 3:].max() < 0.05 and onset[1, 8] > 1.0 and onset[1, 16] > 1.0, (onset[0], onset[1])
+    assert (flux[1, 8] > 0.5).mean() > 0.8  # broadband: most bands rise
+
+
 def test_hubert_loss_against_numpy():
+    """Two codebooks: cross-entropies add up over codebooks with their weights, accuracy and majority average
+    over them."""
     rng = np.random.default_rng(0)
-    logits = rng.standard_normal((2, 6, 5)).astype(np.float32)
-    targets = rng.integers(0, 5, (2, 6)).astype(np.int32)
+    logits = rng.standard_normal((2, 6, 2, 5)).astype(np.float32)
+    targets = rng.integers(0, 5, (2, 6, 2)).astype(np.int32)
+    targets[..., 1] = np.minimum(targets[..., 1], 2)  # the second codebook uses 3 targets
     mask = rng.random((2, 6)) < 0.5
     out = {"logits": jnp.asarray(logits), "mask": jnp.asarray(mask), "feature_penalty": jnp.asarray(0.5)}
-    loss, m = hubert_loss(out, jnp.asarray(targets), unmasked_weight=0.25, feature_penalty_weight=2.0)
+    loss, m = hubert_loss(out, jnp.asarray(targets), codebook_weights=[1.0, 0.5], unmasked_weight=0.25,
+                          feature_penalty_weight=2.0)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0] @ np.array([1.0, 0.5])
     np.testing.assert_allclose(float(loss), ce[mask].mean() + 0.25 * ce[~mask].mean() + 1.0, rtol=1e-5)
     np.testing.assert_allclose(float(m["accuracy"]), (logits.argmax(-1) == targets)[mask].mean(), rtol=1e-6)
-    assert float(m["majority"]) == pytest.approx(np.bincount(targets.ravel()).max() / targets.size)
-    assert float(m["targets_in_use"]) == len(np.unique(targets))
+    majority = [np.bincount(targets[..., i].ravel()).max() / targets[..., i].size for i in range(2)]
+    assert float(m["majority"]) == pytest.approx(np.mean(majority))
+    assert float(m["targets_in_use"]) == len(np.unique(targets[..., 0])) + 3
     # frames of padding (valid = 0) are scored neither masked nor unmasked
     valid = np.ones((2, 6), np.float32)
     valid[:, 4:] = 0
-    loss, m = hubert_loss(out, jnp.asarray(targets), unmasked_weight=0.25, feature_penalty_weight=2.0,
-                          valid=jnp.asarray(valid))
+    loss, m = hubert_loss(out, jnp.asarray(targets), codebook_weights=[1.0, 0.5], unmasked_weight=0.25,
+                          feature_penalty_weight=2.0, valid=jnp.asarray(valid))
     real = valid > 0
     np.testing.assert_allclose(float(loss), ce[mask & real].mean() + 0.25 * ce[~mask & real].mean() + 1.0, rtol=1e-5)
 
@@ -79,6 +101,10 @@ def test_config_errors_are_one_line():
         SSLTask(stage_config("ssl", {"data.path": "x", **HUBERT, "model.target_features": ["cqt"]})).validate()
     with pytest.raises(ConfigError, match="upstream.ssl"):
         SSLTask(stage_config("ssl", {"data.path": "x", "model.objective": "wav2vec2", "upstream.ssl": "y"})).validate()
+    with pytest.raises(ConfigError, match="target_weights"):
+        c = stage_config("ssl", {"data.path": "x", **HUBERT})
+        c.model.target_weights = [1.0]  # two codebooks (mfcc, chroma)
+        SSLTask(c).validate()
     with pytest.raises(ConfigError, match="conv_norm"):
         SSLTask(stage_config("ssl", {"data.path": "x", "model.conv_norm": "batch"})).validate()
 
@@ -91,12 +117,12 @@ def test_hubert_iterations_train_through_the_loop(tmp_path, prepared_data):
     first, second = str(tmp_path / "it1"), str(tmp_path / "it2")
     task = get_task(stage_config("ssl", {"data.path": data, "train.num_steps": 3, **HUBERT}))
     assert train(task, first)["status"] == "done"
-    assert set(task.targets) == {"mean", "std", "centroids"} and task.targets["centroids"].shape == (8, 32)  # 20+12
+    assert [cb["centroids"].shape for cb in task.targets["codebooks"]] == [(8, 20), (8, 12)]  # mfcc, chroma
     task2 = get_task(stage_config("ssl", {"data.path": data, "train.num_steps": 3, "upstream.ssl": first,
                                           "model.target_layer": 1, **HUBERT}))
     assert train(task2, second)["status"] == "done"
-    assert task2.targets["centroids"].shape == (8, 64)  # the tiny model's width
-    for w in (first, second):
+    assert [cb["centroids"].shape for cb in task2.targets["codebooks"]] == [(8, 64)]  # the tiny model's width
+    for t, w in ((task, first), (task2, second)):
         line = [json.loads(x) for x in open(f"{w}/metrics.jsonl")][-1]
         assert {"masked_loss", "accuracy", "majority", "targets_in_use", "predictions_in_use"} <= set(line)
-        assert 1 <= line["targets_in_use"] <= 8 and line["masked_loss"] > 0
+        assert 1 <= line["targets_in_use"] <= 8 * len(t.targets["codebooks"]) and line["masked_loss"] > 0

@@ -3,7 +3,9 @@ pre-training (HuBERT's first iteration clusters MFCCs; MERT adds a constant-Q vi
 
 Frame t of a `hop`-sample frame rate is the STFT frame centred on sample t·hop (window 2·hop), so a clip
 of N samples gives N // hop frames, the count the SSL model's conv encoder gives. "chroma" folds the STFT
-power onto the 12 pitch classes with librosa's chroma filters (the STFT form of a constant-Q chroma).
+power onto the 12 pitch classes with librosa's chroma filters (the STFT form of a constant-Q chroma). "flux" is
+each mel band's rise in log power since the previous frame (the half-wave rectified difference that librosa's
+onset strength averages over bands): a drum hit is a broadband rise, a held note none.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from melody_jax.audio.chroma import NUM_CHROMA
 from melody_jax.audio.mel import mel_filterbank
 from melody_jax.audio.stft import magnitude, stft
 
-FEATURES = ("logmel", "mfcc", "chroma")
+FEATURES = ("logmel", "mfcc", "chroma", "flux")
 NUM_MELS, NUM_MFCC = 64, 20
 
 
@@ -48,7 +50,8 @@ def frame_features(audio: jax.Array, sample_rate: int, hop: int, names: tuple[st
     logmel = jnp.log(jnp.maximum(power @ mel_filterbank(sample_rate, n_fft, NUM_MELS), 1e-8))
     chroma = power @ chroma_filters(sample_rate, n_fft)
     parts = {"logmel": logmel, "mfcc": logmel @ dct_matrix(NUM_MELS, NUM_MFCC),
-             "chroma": chroma / jnp.maximum(chroma.max(-1, keepdims=True), 1e-8)}  # max-normalised, as librosa
+             "chroma": chroma / jnp.maximum(chroma.max(-1, keepdims=True), 1e-8),  # max-normalised, as librosa
+             "flux": jnp.maximum(jnp.diff(logmel, axis=-2, prepend=logmel[..., :1, :]), 0.0)}
     for name in names:
         if name not in parts:
             raise ValueError(f"frame feature {name!r} must be one of {FEATURES}")

@@ -66,14 +66,19 @@ def _codec(config) -> StageModel:
     return _gan(config, codec.build(config.model), (VQ_COLLECTION,))
 
 
-def ssl_model(m) -> Wav2Vec2Conformer:
+def ssl_model(config) -> Wav2Vec2Conformer:
+    """HuBERT's target codebooks: one per `model.target_features` entry (iteration 1), one of the upstream's
+    layer (iteration 2)."""
+    m = config.model
+    hubert = m.objective == "hubert"
     return Wav2Vec2Conformer(
         conv_channels=tuple(m.conv_channels), conv_strides=tuple(m.conv_strides), embed_dim=m.embed_dim,
         num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim, conv_kernel=m.conv_kernel,
         num_groups=m.num_groups, num_vars=m.num_vars, codevector_dim=m.codevector_dim, final_dim=m.final_dim,
         dropout=m.dropout, mask_prob=m.mask_prob, mask_length=m.mask_length, normalize_audio=m.normalize_audio,
         dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.get("scan_layers", False),
-        num_targets=m.num_targets if m.objective == "hubert" else 0, conv_norm=m.get("conv_norm", "layer"))
+        num_targets=m.num_targets if hubert else 0, conv_norm=m.get("conv_norm", "layer"),
+        num_codebooks=(1 if config.upstream.ssl else len(m.target_features)) if hubert else 1)
 
 
 def hubert_model(config) -> Hubert:
@@ -90,14 +95,14 @@ def hubert_model(config) -> Hubert:
 
 def ssl_tower(config) -> Wav2Vec2Conformer | Hubert:
     """The ssl stage's network: our Conformer, or a converted HuBERT-family tower (frozen only)."""
-    return hubert_model(config) if config.model.get("arch") == "hubert" else ssl_model(config.model)
+    return hubert_model(config) if config.model.get("arch") == "hubert" else ssl_model(config)
 
 
 def _ssl(config) -> StageModel:
     if config.model.get("arch") == "hubert":
         tower = hubert_model(config)
         return StageModel(tower, lambda rng: tower.init(rng, jnp.zeros((1, tower.model_rate)))["params"])
-    model, audio = ssl_model(config.model), jnp.zeros((1, crop_samples(config)))
+    model, audio = ssl_model(config), jnp.zeros((1, crop_samples(config)))
 
     def init(rng):
         k1, k2, k3 = jax.random.split(rng, 3)

@@ -261,6 +261,7 @@ class Wav2Vec2Conformer(nn.Module):
     remat: bool = False
     scan_layers: bool = False  # the blocks as one nn.scan (ScannedBlocks): other parameter names
     num_targets: int = 0  # > 0: the HuBERT objective's head over that many targets, no quantizer
+    num_codebooks: int = 1  # HuBERT: target codebooks, each with num_targets logits
     conv_norm: str = "layer"  # FeatureEncoder.norm: "layer" (every conv, per frame) or "group" (first, per clip)
 
     def setup(self):
@@ -278,7 +279,8 @@ class Wav2Vec2Conformer(nn.Module):
             self.blocks = [block(self.num_heads, self.mlp_dim, self.conv_kernel, self.dropout, self.dtype)
                            for _ in range(self.num_layers)]
         if self.num_targets:
-            self.target_head = dense(self.num_targets, ("embed", "vocab"), jnp.float32, use_bias=True)
+            self.target_head = dense(self.num_codebooks * self.num_targets, ("embed", "vocab"), jnp.float32,
+                                     use_bias=True)
         else:
             self.quantizer = GumbelQuantizer(self.num_groups, self.num_vars, self.codevector_dim, self.dtype)
             self.project_q = dense(self.final_dim, ("embed", "latent"), jnp.float32, use_bias=True)
@@ -315,7 +317,8 @@ class Wav2Vec2Conformer(nn.Module):
     def __call__(self, audio: jax.Array, *, temperature: jax.Array | float = 1.0, train: bool = True,
                  mask: jax.Array | None = None) -> dict[str, jax.Array]:
         """Masked forward. `mask` bool [B, T] overrides the random spans (rng stream "mask"). HuBERT: returns
-        {"logits" [B, T, num_targets], "mask", "feature_penalty"}; wav2vec 2.0: context, targets and codes."""
+        {"logits" [B, T, num_codebooks, num_targets], "mask", "feature_penalty"}; wav2vec 2.0: context, targets
+        and codes."""
         raw, feats, x = self.features(audio)
         penalty = jnp.mean(jnp.square(raw.astype(jnp.float32)))  # wav2vec 2.0's feature L2 penalty
         if mask is None:
@@ -328,7 +331,8 @@ class Wav2Vec2Conformer(nn.Module):
             for blk in self.blocks:
                 x = blk(x, not train)
         if self.num_targets:
-            return {"logits": self.target_head(x.astype(jnp.float32)), "mask": mask, "feature_penalty": penalty}
+            logits = self.target_head(x.astype(jnp.float32)).reshape(*x.shape[:2], self.num_codebooks, -1)
+            return {"logits": logits, "mask": mask, "feature_penalty": penalty}
         q, codes, prob_ppl, code_ppl = self.quantizer(feats, temperature, train)
         return {"context": self.final_proj(x.astype(jnp.float32)), "targets": self.project_q(q.astype(jnp.float32)),
                 "codes": codes, "mask": mask, "prob_perplexity": prob_ppl, "code_perplexity": code_ppl,

@@ -8,6 +8,8 @@ itself and is dropped (−inf), as in fairseq. Similarities are cosines / κ com
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
@@ -72,27 +74,30 @@ def wav2vec2_loss(out: dict[str, jax.Array], rng: jax.Array, *, num_negatives: i
                   "feature_penalty": out["feature_penalty"], "mask_fraction": jnp.mean(mask.astype(jnp.float32))}
 
 
-def hubert_loss(out: dict[str, jax.Array], targets: jax.Array, *, unmasked_weight: float,
-                feature_penalty_weight: float, valid: jax.Array | None = None
+def hubert_loss(out: dict[str, jax.Array], targets: jax.Array, *, codebook_weights: Sequence[float],
+                unmasked_weight: float, feature_penalty_weight: float, valid: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(total loss, metrics): mean cross-entropy of the int32 [B, T] targets at masked frames, plus
-    `unmasked_weight` × the same at unmasked frames (HuBERT's α = 1 / 1 − α weighting, α = 1 by default);
-    `valid [B, T]` (optional): frames of real audio, the only ones scored."""
+    """(total loss, metrics): cross-entropy of the int32 [B, T, C] targets (C codebooks, logits [B, T, C, K]),
+    summed over codebooks with `codebook_weights` (HuBERT's cluster ensembles), averaged over masked frames,
+    plus `unmasked_weight` × the same at unmasked frames (HuBERT's α = 1 / 1 − α weighting, α = 1 by default);
+    `valid [B, T]` (optional): frames of real audio, the only ones scored. Accuracy and `majority` average over
+    codebooks, the targets and predictions in use add up over them."""
     logits, mask = out["logits"], out["mask"]
     ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    ce = ce @ jnp.asarray(codebook_weights, jnp.float32)
     real = jnp.ones(mask.shape, jnp.float32) if valid is None else (valid > 0).astype(jnp.float32)
     masked, unmasked = mask.astype(jnp.float32) * real, (~mask).astype(jnp.float32) * real
     ce_masked = jnp.sum(ce * masked) / jnp.maximum(masked.sum(), 1.0)
     ce_unmasked = jnp.sum(ce * unmasked) / jnp.maximum(unmasked.sum(), 1.0)
-    right = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    k = logits.shape[-1]
-    target_counts = jax.nn.one_hot(targets, k).reshape(-1, k).sum(0)
+    right = jnp.mean((jnp.argmax(logits, -1) == targets).astype(jnp.float32), -1)
+    c, k = logits.shape[-2:]
+    target_counts = jax.nn.one_hot(targets, k).reshape(-1, c, k).sum(0)  # [C, K]
+    predicted = jnp.any(jax.nn.one_hot(jnp.argmax(logits, -1), k, dtype=jnp.bool_), axis=(0, 1))
     loss = ce_masked + unmasked_weight * ce_unmasked + feature_penalty_weight * out["feature_penalty"]
     return loss, {"masked_loss": ce_masked, "unmasked_loss": ce_unmasked,
                   "accuracy": jnp.sum(right * masked) / jnp.maximum(masked.sum(), 1.0),
                   "unmasked_accuracy": jnp.sum(right * unmasked) / jnp.maximum(unmasked.sum(), 1.0),
-                  "majority": target_counts.max() / jnp.maximum(target_counts.sum(), 1.0),
+                  "majority": jnp.mean(target_counts.max(-1) / jnp.maximum(target_counts.sum(-1), 1.0)),
                   "targets_in_use": jnp.sum(target_counts > 0).astype(jnp.float32),
-                  "predictions_in_use": jnp.sum(jnp.any(jax.nn.one_hot(jnp.argmax(logits, -1), k, dtype=jnp.bool_),
-                                                        axis=(0, 1))).astype(jnp.float32),
+                  "predictions_in_use": jnp.sum(predicted).astype(jnp.float32),
                   "feature_penalty": out["feature_penalty"], "mask_fraction": jnp.mean(masked)}

@@ -62,8 +62,13 @@ class SSLTask(SourcedTask):
         if m.objective == "hubert":
             positive(c, "model.num_targets", "model.target_batches")
             non_negative(c, "model.unmasked_weight")
-            require(bool(c.upstream.ssl) or (len(m.target_features) > 0 and set(m.target_features) <= set(FEATURES)),
-                    f"config.model.target_features={list(m.target_features)} must name some of {FEATURES}")
+            require(bool(c.upstream.ssl) or (len(m.target_features) > 0 and all(
+                set(entry.split("+")) <= set(FEATURES) for entry in m.target_features)),
+                    f"config.model.target_features={list(m.target_features)}: each entry (one codebook) must join "
+                    f"some of {FEATURES} with '+'")
+            require(len(m.target_weights) in (0, len(m.target_features)) and min(m.target_weights, default=0) >= 0,
+                    f"config.model.target_weights={list(m.target_weights)}: one non-negative weight per "
+                    f"target_features entry ({len(m.target_features)}), or [] for 1 each")
             require(m.target_layer >= -1, f"config.model.target_layer={m.target_layer} must be -1 (middle) or a block")
         require(m.objective == "hubert" or not c.upstream.ssl,
                 "config.upstream.ssl (targets from a trained SSL model) needs model.objective='hubert'")
@@ -113,13 +118,16 @@ class SSLTask(SourcedTask):
         return build_model(self.config).init(rng)
 
     def objective(self, params, batch: Batch, rng: jax.Array, train: bool, temperature: jax.Array):
-        m = self.config.model
+        c = self.config
+        m = c.model
         mask_rng, gumbel_rng, drop_rng, neg_rng = jax.random.split(rng, 4)
         out = self.model.apply({"params": params}, batch["audio"], temperature=temperature, train=train,
                                rngs={"mask": mask_rng, "gumbel": gumbel_rng, "dropout": drop_rng})
         valid = frame_mask(batch["mask"], self.model.hop, out["mask"].shape[1]) if "mask" in batch else None
         if m.objective == "hubert":
+            weights = [1.0] * len(self.frames) if c.upstream.ssl or not m.target_weights else list(m.target_weights)
             return hubert_loss(out, labels(self.frames, batch["frozen"], batch["audio"]), valid=valid,
+                               codebook_weights=weights,
                                unmasked_weight=m.unmasked_weight, feature_penalty_weight=m.feature_penalty_weight)
         loss, metrics = wav2vec2_loss(out, neg_rng, num_negatives=m.num_negatives,
                                       logit_temperature=m.logit_temperature, num_codes=m.num_groups * m.num_vars,
