@@ -3,7 +3,8 @@ stages train in, the trained stages each one reads, and the per-stage changes of
 
 `launch.demo`, `launch.bundle`, `launch.tokenize` and the test fixtures read the graph from here.
 The tiny presets compose as they are (sample rates, vocabularies, MuLan/RVQ sizes, latent sizes:
-what `pipelines.bundle.check_fit` checks), so a recipe changes only data, upstream stages and steps.
+what `pipelines.bundle.check_fit` checks), so a recipe changes only data, upstream stages, steps and the SSL
+objective (`DEMO_CHANGES`).
 """
 from __future__ import annotations
 
@@ -67,9 +68,9 @@ def upstream_overrides(stage: str, workdirs: Mapping[str, str]) -> dict[str, str
 
 
 def demo_configs(data: str, root: str, steps_scale: float = 1.0) -> dict[str, ml_collections.ConfigDict]:
-    """The demo's seven configs: tiny presets on the prepared dataset `data`, k-means and RVQ reading
-    the SSL and MuLan runs under `root`, the LM and the DPD reading the records cached there (no
-    held-out records: the demo evaluates the bundle, not these two stages)."""
+    """The demo's seven configs: tiny presets with `DEMO_CHANGES` on the prepared dataset `data`, k-means
+    and RVQ reading the SSL and MuLan runs under `root`, the LM and the DPD reading the records cached there
+    (no held-out records: the demo evaluates the bundle, not these two stages)."""
     workdirs = {s: os.path.join(root, s) for s in STAGES}
     audio = {"data.path": data}
     cached = {"data.source": "cached", "data.path": os.path.join(root, TOKENS), "data.eval_split": ""}
