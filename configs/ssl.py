@@ -4,7 +4,8 @@
 HuBERT, with `conv_norm="group"`, beats the untrained encoder on every probed attribute only with weighted
 MFCC / chroma / log-mel codebooks, by small margins, and reads the key worse, README "What semantic tokens
 carry") or "hubert" (masked prediction of `num_targets` k-means clusters of `target_features` frames, one
-codebook and head per entry, fitted on the first `target_batches` batches).
+codebook and head per entry, fitted on the first `target_batches` batches; the demo's choice, with log-mel and
+chroma codebooks: configs/melody.py DEMO_CHANGES).
 HuBERT's second iteration: `upstream.ssl=DIR` clusters that trained SSL model's block `target_layer`
 (-1 = middle) instead of the acoustic features.
 

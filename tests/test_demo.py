@@ -7,6 +7,7 @@ import pytest
 
 from configs.melody import DEMO_STEPS, demo_configs
 from launch import demo
+from melody_jax.tasks.registry import get_task
 from melody_jax.training.errors import ConfigError, WorkdirError
 from tests.helpers import error_line, run_cli, stage_config
 
@@ -34,6 +35,8 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     assert (recipe.clips, recipe.steps_scale, recipe.eval_prompts) == (384, 4.0, 32)
     configs = demo_configs(str(tmp_path / "data"), root, recipe.steps_scale)
     assert {s: configs[s].train.num_steps for s in DEMO_STEPS} == {s: 4 * n for s, n in DEMO_STEPS.items()}
+    get_task(configs["ssl"]).validate()  # the demo's HuBERT changes make a config the SSL task accepts
+    assert configs["ssl"].model.objective == "hubert"
     assert json.load(open(tmp_path / "run" / "recipe.json")) == {"recipe": "2h", "steps_scale": 0.5}
     assert demo.workdir_recipe(root, "2h", 0.5) == recipe  # resuming with the same recipe
     with pytest.raises(WorkdirError, match="started with --recipe=2h --steps_scale=0.5"):
