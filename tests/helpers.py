@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,10 +35,15 @@ def cli_env(devices: int = 8) -> dict[str, str]:
 
     env = process_env(devices)
     # numba's cached gufuncs (librosa's) break when processes that compiled them in different orders share
-    # the cache files (numba#10128: later calls segfault): each CLI compiles into a directory of its own
-    parent = os.environ.get("NUMBA_CACHE_DIR") or tempfile.gettempdir()
+    # the cache files (numba#10128: later calls segfault): each CLI gets a directory of its own, started as a
+    # copy of this process's cache (written by it alone, so its pairs of files match). librosa compiles its
+    # gufuncs when its submodules load: ~20 CPU-s in every CLI that starts from an empty cache.
+    own = os.environ.get("NUMBA_CACHE_DIR")  # tests/conftest.py sets one per worker
+    parent = own or tempfile.gettempdir()
     os.makedirs(parent, exist_ok=True)
     env["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="numba-cli-", dir=parent)
+    if own:
+        shutil.copytree(own, env["NUMBA_CACHE_DIR"], ignore=shutil.ignore_patterns("numba-cli-*"), dirs_exist_ok=True)
     return env
 
 

@@ -301,9 +301,12 @@ def test_musicgen_path_makes_the_same_durations_from_the_same_prompts(melody, mu
 
 
 def test_musicgen_sample_cli_and_bundle_checks(musicgen_bundle, tmp_path):
+    import json
+
     import soundfile as sf
 
-    from tests.bundle_fixture import build_musicgen_bundle
+    from melody_jax.pipelines.bundle import MUSICGEN_STAGES, assemble
+    from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
     melody_wav = str(tmp_path / "melody.wav")
     sf.write(melody_wav, 0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000), 16000)
@@ -313,8 +316,19 @@ def test_musicgen_sample_cli_and_bundle_checks(musicgen_bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     audio, rate = sf.read(str(tmp_path / "mg.wav"))
     assert rate == 32000 and audio.shape == (16000,) and "musicgen_lm" in proc.stdout
+    # the fixture's codec workdir beside an LM workdir whose config.json asks for 128 codes: refused from the
+    # configs, before anything is written (building such a bundle would initialise both stages: ~20 CPU-s)
+    stages = os.path.dirname(musicgen_bundle)
+    with open(os.path.join(stages, "musicgen", "config.json")) as f:
+        config = json.load(f)
+    config["model"]["codebook_size"] = 128
+    (tmp_path / "musicgen").mkdir()
+    (tmp_path / "musicgen" / "config.json").write_text(json.dumps(config))
+    sources = {"codec": os.path.join(stages, "codec"), "musicgen": str(tmp_path / "musicgen")}
     with pytest.raises(BundleError, match="codec has 4 codebooks of 64 codes, musicgen models 4 of 128"):
-        build_musicgen_bundle(str(tmp_path / "bad"), {"model.codebook_size": 128})
+        assemble(str(tmp_path / "bad"), sources, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES,
+                 MUSICGEN_STAGES)
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_sampling_benchmark_rows(melody, musicgen_bundle):
