@@ -4,13 +4,19 @@
 // XLA:CPU's dot reads a [K, N] weight at a fraction of memory bandwidth when M is 2-8; this reads W
 // once for all M rows, front to back: each part takes a run of W's rows (contiguous memory, which the
 // hardware prefetchers stream) and adds them kRows at a time into a partial y of its own (small enough
-// for L1/L2; register tiles over the kRows rows, so y is updated once per pass); partials are summed last.
-// Parts run on XLA's intra-op thread pool; the calling thread claims parts too and only waits for
-// parts another thread has already claimed, so it never waits on a task that has not started.
+// for L1/L2; register tiles over the kRows rows, so y is updated once per pass); partials are summed last,
+// in a fixed order, so y does not depend on which thread ran which part.
+// Parts run on the calling thread and on helper threads of this library (as many as XLA's intra-op pool
+// has threads, less one) that spin between calls: a decode step is ~170 calls of ~0.1 ms, and a pool
+// thread woken per call arrives after the caller has done all the work itself. The caller claims parts
+// too and only waits for parts a helper has already claimed.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -97,7 +103,7 @@ void Part(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_
 using PartFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 constexpr PartFn kParts[] = {Part<1>, Part<2>, Part<3>, Part<4>, Part<5>, Part<6>, Part<7>, Part<8>};
 
-// Work shared by the calling thread and the pool's tasks; a task may start after the call returned,
+// Work shared by the calling thread and the helpers; a helper may look at it after the call returned,
 // so the state lives as long as its last owner. Part 0 writes y, part p > 0 its own partial.
 struct Work {
   PartFn fn;
@@ -116,6 +122,48 @@ struct Work {
   }
 };
 
+// Helper threads, started once and never stopped: after a call they spin for kSpin, then sleep until
+// the next call's `Run`. They are leaked on purpose (no destructor races with exit).
+class Helpers {
+ public:
+  static constexpr auto kSpin = std::chrono::milliseconds(2);
+
+  explicit Helpers(int64_t n) {
+    for (int64_t i = 0; i < n; ++i) std::thread([this] { Loop(); }).detach();
+  }
+
+  void Run(std::shared_ptr<Work> work) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      work_ = std::move(work);
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+  }
+
+ private:
+  void Loop() {
+    for (uint64_t seen = 0;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      while (epoch_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < until)
+        std::this_thread::yield();
+      std::shared_ptr<Work> work;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return epoch_.load(std::memory_order_relaxed) != seen; });
+        seen = epoch_.load(std::memory_order_relaxed);
+        work = work_;
+      }
+      work->Drain();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> epoch_{0};
+  std::shared_ptr<Work> work_;
+};
+
 ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
@@ -123,6 +171,7 @@ ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("skinny_matmul: x [M, K] and w [K, N] expected");
   const int64_t M = xd[0], K = xd[1], N = wd[1];
   if (M < 1 || M > 8) return ffi::Error::InvalidArgument("skinny_matmul: 1 <= M <= 8 rows expected");
+  static Helpers* helpers = new Helpers(std::max<int64_t>(pool.num_threads(), 1) - 1);
   auto work = std::make_shared<Work>();
   work->fn = kParts[M - 1];
   work->x = x.typed_data();
@@ -131,10 +180,10 @@ ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   work->M = M;
   work->K = K;
   work->N = N;
-  // One part per thread, none thinner than a few passes of kRows rows.
-  work->parts = std::clamp<int64_t>(std::min<int64_t>(pool.num_threads(), K / (4 * kRows)), 1, 64);
+  // Two parts per thread (a thread that is preempted holds up less), none thinner than a few passes.
+  work->parts = std::clamp<int64_t>(std::min<int64_t>(2 * pool.num_threads(), K / (4 * kRows)), 1, 64);
   work->partials.resize((work->parts - 1) * M * N);
-  for (int64_t t = 1; t < work->parts; ++t) pool.Schedule([work] { work->Drain(); });
+  if (work->parts > 1) helpers->Run(work);
   work->Drain();
   for (int spins = 0; work->done.load(std::memory_order_acquire) < work->parts; ++spins)
     if (spins > 64) std::this_thread::yield();
