@@ -1,4 +1,5 @@
-// y[M, N] = x[M, K] @ W[K, N] in float32 for a few rows (M <= 8), as an XLA FFI custom call on CPU.
+// A decode step's work on CPU as XLA FFI custom calls, float32: y[M, N] = x[M, K] @ W[K, N] for a few
+// rows (M <= 8), and one query per head against a KV cache read only up to its length.
 //
 // Why: a decode step multiplies 1-8 rows by every weight of the model, so it is bound by reading W.
 // XLA:CPU's dot reads a [K, N] weight at a fraction of memory bandwidth when M is 2-8; this reads W
@@ -6,15 +7,19 @@
 // hardware prefetchers stream) and adds them kRows at a time into a partial y of its own (small enough
 // for L1/L2; register tiles over the kRows rows, so y is updated once per pass); partials are summed last,
 // in a fixed order, so y does not depend on which thread ran which part.
+// XLA attends over the whole preallocated cache, masked; the attention call reads only the filled part.
 // Parts run on the calling thread and on helper threads of this library (as many as XLA's intra-op pool
-// has threads, less one) that spin between calls: a decode step is ~170 calls of ~0.1 ms, and a pool
+// has threads, less one) that spin between calls: a decode step is ~200 calls of ~0.1 ms, and a pool
 // thread woken per call arrives after the caller has done all the work itself. The caller claims parts
 // too and only waits for parts a helper has already claimed.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -103,20 +108,16 @@ void Part(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_
 using PartFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
 constexpr PartFn kParts[] = {Part<1>, Part<2>, Part<3>, Part<4>, Part<5>, Part<6>, Part<7>, Part<8>};
 
-// Work shared by the calling thread and the helpers; a helper may look at it after the call returned,
-// so the state lives as long as its last owner. Part 0 writes y, part p > 0 its own partial.
+// Parts shared by the calling thread and the helpers; a helper may look at them after the call returned,
+// so the state lives as long as its last owner (`part` itself only runs before).
 struct Work {
-  PartFn fn;
-  const float *x, *w;
-  float* y;
-  int64_t M, K, N, parts;
-  std::vector<float> partials;
+  std::function<void(int64_t)> part;
+  int64_t parts;
   std::atomic<int64_t> next{0}, done{0};
 
   void Drain() {
     for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
-      const int64_t k0 = p * K / parts / kRows * kRows, k1 = p + 1 == parts ? K : (p + 1) * K / parts / kRows * kRows;
-      fn(x, w, p == 0 ? y : partials.data() + (p - 1) * M * N, K, N, k0, k1);
+      part(p);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -164,6 +165,19 @@ class Helpers {
   std::shared_ptr<Work> work_;
 };
 
+// Runs part(0), ..., part(parts - 1) on the calling thread and the helpers (`threads` in all, XLA's
+// intra-op count); returns when all have run.
+void Parallel(int64_t threads, int64_t parts, std::function<void(int64_t)> part) {
+  static Helpers* helpers = new Helpers(std::max<int64_t>(threads, 1) - 1);
+  auto work = std::make_shared<Work>();
+  work->part = std::move(part);
+  work->parts = parts;
+  if (parts > 1) helpers->Run(work);
+  work->Drain();
+  for (int spins = 0; work->done.load(std::memory_order_acquire) < parts; ++spins)
+    if (spins > 64) std::this_thread::yield();
+}
+
 ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
@@ -171,27 +185,67 @@ ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("skinny_matmul: x [M, K] and w [K, N] expected");
   const int64_t M = xd[0], K = xd[1], N = wd[1];
   if (M < 1 || M > 8) return ffi::Error::InvalidArgument("skinny_matmul: 1 <= M <= 8 rows expected");
-  static Helpers* helpers = new Helpers(std::max<int64_t>(pool.num_threads(), 1) - 1);
-  auto work = std::make_shared<Work>();
-  work->fn = kParts[M - 1];
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->y = y->typed_data();
-  work->M = M;
-  work->K = K;
-  work->N = N;
-  // Two parts per thread (a thread that is preempted holds up less), none thinner than a few passes.
-  work->parts = std::clamp<int64_t>(std::min<int64_t>(2 * pool.num_threads(), K / (4 * kRows)), 1, 64);
-  work->partials.resize((work->parts - 1) * M * N);
-  if (work->parts > 1) helpers->Run(work);
-  work->Drain();
-  for (int spins = 0; work->done.load(std::memory_order_acquire) < work->parts; ++spins)
-    if (spins > 64) std::this_thread::yield();
-  float* out = work->y;
-  for (int64_t p = 1; p < work->parts; ++p) {
-    const float* partial = work->partials.data() + (p - 1) * M * N;
+  // Two parts per thread (a thread that is preempted holds up less), none thinner than a few passes;
+  // part 0 writes y, part p > 0 its own partial, summed in order at the end.
+  const int64_t parts = std::clamp<int64_t>(std::min<int64_t>(2 * pool.num_threads(), K / (4 * kRows)), 1, 64);
+  std::vector<float> partials((parts - 1) * M * N);
+  float* out = y->typed_data();
+  Parallel(pool.num_threads(), parts, [&](int64_t p) {
+    const int64_t k0 = p * K / parts / kRows * kRows, k1 = p + 1 == parts ? K : (p + 1) * K / parts / kRows * kRows;
+    kParts[M - 1](x.typed_data(), w.typed_data(), p == 0 ? out : partials.data() + (p - 1) * M * N, K, N, k0, k1);
+  });
+  for (int64_t p = 1; p < parts; ++p) {
+    const float* partial = partials.data() + (p - 1) * M * N;
     for (int64_t i = 0; i < M * N; ++i) out[i] += partial[i];
   }
+  return ffi::Error::Success();
+}
+
+// out[D] = softmax(scale · K[:L] q) @ V[:L] for one head, K and V [S, D] row-major, only L rows read.
+void AttendHead(const float* q, const float* k, const float* v, float* out, int64_t D, int64_t L, float scale,
+                float* scores) {
+  constexpr int kLanes = 16;  // independent partial sums, which the compiler keeps in one vector
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    const float* row = k + j * D;
+    float lanes[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes)
+      for (int i = 0; i < kLanes; ++i) lanes[i] += q[d + i] * row[d + i];
+    for (; d < D; ++d) lanes[0] += q[d] * row[d];
+    float dot = 0.0f;
+    for (int i = 0; i < kLanes; ++i) dot += lanes[i];
+    scores[j] = dot * scale;
+    best = std::max(best, scores[j]);
+  }
+  std::fill(out, out + D, 0.0f);
+  float total = 0.0f;
+  for (int64_t j = 0; j < L; ++j) {
+    const float p = std::exp(scores[j] - best);
+    total += p;
+    const float* row = v + j * D;
+    for (int64_t d = 0; d < D; ++d) out[d] += p * row[d];
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] /= total;
+}
+
+ffi::Error CacheAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> length, ffi::ResultBuffer<ffi::F32> out,
+                          float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || kd[0] != qd[0] || kd[1] != qd[1] || kd[3] != qd[2] ||
+      !std::equal(kd.begin(), kd.end(), v.dimensions().begin(), v.dimensions().end()) ||
+      length.element_count() != 1)
+    return ffi::Error::InvalidArgument("cache_attention: q [B, H, D], k and v [B, H, S, D], a length expected");
+  const int64_t heads = qd[0] * qd[1], S = kd[2], D = kd[3];
+  const int64_t L = std::clamp<int64_t>(length.typed_data()[0], 1, S);
+  const int64_t parts = std::min<int64_t>(heads, 2 * pool.num_threads());
+  Parallel(pool.num_threads(), parts, [&](int64_t p) {
+    std::vector<float> scores(L);
+    for (int64_t i = p * heads / parts; i < (p + 1) * heads / parts; ++i)
+      AttendHead(q.typed_data() + i * D, k.typed_data() + i * S * D, v.typed_data() + i * S * D,
+                 out->typed_data() + i * D, D, L, scale, scores.data());
+  });
   return ffi::Error::Success();
 }
 
@@ -203,3 +257,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MelodySkinnyMatmul, SkinnyMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MelodyCacheAttention, CacheAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
