@@ -63,9 +63,9 @@ void Tile(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_
     }
 }
 
-// Accumulator vectors per row: M x V stays within 16 of the 32 vector registers.
+// Accumulator vectors per row: M x V stays within 24 of the 32 vector registers (W and x take 4 more).
 template <int M>
-constexpr int Vectors() { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
+constexpr int Vectors() { return std::min(8, 24 / M); }
 
 // y[:, p0:p1] += x[:, k:k+R] @ W[k:k+R, p0:p1].
 template <int M, int R>
