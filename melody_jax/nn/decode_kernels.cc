@@ -123,11 +123,12 @@ struct Work {
   }
 };
 
-// Helper threads, started once and never stopped: after a call they spin for kSpin, then sleep until
-// the next call's `Run`. They are leaked on purpose (no destructor races with exit).
+// Helper threads, started once and never stopped: after a call they spin for kSpin (longer than the
+// gaps between a decode step's calls, shorter than a busy machine should lend to spinning), then sleep
+// until the next call's `Run`. They are leaked on purpose (no destructor races with exit).
 class Helpers {
  public:
-  static constexpr auto kSpin = std::chrono::milliseconds(2);
+  static constexpr auto kSpin = std::chrono::microseconds(100);
 
   explicit Helpers(int64_t n) {
     for (int64_t i = 0; i < n; ++i) std::thread([this] { Loop(); }).detach();
