@@ -1,7 +1,9 @@
-"""The CPU skinny-matmul kernel (melody_jax/nn/skinny.py): XLA's products to float32 rounding, and where it runs.
+"""The CPU decode kernels (melody_jax/nn/skinny.py): XLA's products and cached attention to float32 rounding,
+and where they run.
 
 Shapes are odd on purpose: K not a multiple of the kernel's 8-row passes, N not a multiple of its
-16-lane vectors or 1024-column panels, K long enough to be split between threads.
+16-lane vectors or 1024-column panels, K long enough to be split between threads; a head size that is
+not a multiple of 16 lanes.
 """
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from melody_jax.nn import skinny
+from melody_jax.nn.attention import cached_attention
 from melody_jax.nn.init import dense
 from melody_jax.pipelines.musicgen_sampling import generate
 from tests.test_hf_musicgen import converted
@@ -32,6 +35,19 @@ def test_kernel_is_xla_dot_for_one_to_eight_rows(k, n):
     for x, y in zip(xs, got):
         assert y.shape == (x.shape[0], n)
         assert _relative(y, jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)) < 1e-5
+
+
+@pytest.mark.parametrize("length", [1, 7, 10])
+def test_cache_attention_is_the_masked_attention_and_reads_only_the_filled_cache(length):
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((2, 1, 3, 20)), jnp.float32)
+    k, v = (rng.standard_normal((2, 3, 10, 20)).astype(np.float32) for _ in range(2))
+    filled = np.arange(10) < length
+    mask = jnp.asarray(filled)[None, None, None]
+    want = cached_attention(q, jnp.asarray(k), jnp.asarray(v), mask, 0.3)
+    k[:, :, ~filled], v[:, :, ~filled] = np.nan, np.nan  # never read
+    got = jax.jit(lambda q, k, v, n: skinny.cache_attention(q, k, v, n, 0.3, None))(q, k, v, jnp.int32(length))
+    assert got.shape == want.shape and _relative(got, want) < 1e-5
 
 
 def _dense_pair(features, names, axis, x):
@@ -85,11 +101,13 @@ def test_greedy_decode_with_the_kernel_is_the_decode_without(highest_precision, 
                                    cfg_scale=3.0, temperature=0.0).codes)
 
     calls = []
-    contract = skinny.contract
-    monkeypatch.setattr(skinny, "contract", lambda *a: calls.append(a[1].shape) or contract(*a))
+    for name in ("contract", "cache_attention"):
+        traced = getattr(skinny, name)
+        monkeypatch.setattr(skinny, name, lambda *a, traced=traced, name=name: calls.append(name) or traced(*a))
     with_kernel = codes()
-    assert len(calls) >= 4  # a decoder layer's projections, FFN and the heads traced through the kernel
-    monkeypatch.setattr(skinny, "MAX_ROWS", 0)
+    # a decoder layer's projections, FFN and the heads, and its self-attention, traced through the kernels
+    assert calls.count("contract") >= 4 and calls.count("cache_attention") >= 1
+    monkeypatch.setattr(skinny, "available", lambda: False)
     without = codes()
     jax.clear_caches()
     np.testing.assert_array_equal(with_kernel, without)
@@ -100,4 +118,4 @@ def test_without_a_compiler_one_line_says_so_and_xla_is_used(monkeypatch, capsys
     monkeypatch.setenv("CXX", "no-such-compiler")
     assert not skinny.available.__wrapped__()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("warning: no C++ compiler") and "XLA's dot is used" in err[0]
+    assert len(err) == 1 and err[0].startswith("warning: no C++ compiler") and "XLA's ops are used" in err[0]

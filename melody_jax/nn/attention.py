@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from melody_jax.nn import skinny
 from melody_jax.nn.init import dense
 from melody_jax.nn.rotary import apply_rotary
 
@@ -100,8 +101,16 @@ class Attention(nn.Module):
             if self.use_rotary:
                 q, k = apply_rotary(q, q_pos, self.rotary_base), apply_rotary(k, q_pos, self.rotary_base)
             k, v = self._update_cache(k, v, index)
-            mask = combine_masks(mask, causal_mask(q_pos, jnp.arange(k.shape[2])))
-            out = cached_attention(q, k, v, mask, head_dim**-0.5)
+            scale = head_dim**-0.5
+
+            def masked(q, k, v, length):  # the whole cache, later positions masked
+                return cached_attention(q, k, v, combine_masks(mask, causal_mask(q_pos, jnp.arange(k.shape[2]))),
+                                        scale)
+
+            if mask is None and skinny.attends(q, k, v):  # one query: the CPU kernel reads the filled cache only
+                out = skinny.cache_attention(q, k, v, q_pos[-1] + 1, scale, masked)
+            else:
+                out = masked(q, k, v, None)
         else:
             if is_self and self.use_rotary:
                 pos = jnp.arange(t) if positions is None else positions
