@@ -243,15 +243,6 @@ class AudioBatchIterator:
         return out
 
 
-def frame_mask(mask: jax.Array, hop: int, frames: int) -> jax.Array:
-    """[B, frames]: 1 where all `hop` samples of a frame are real in `mask [B, samples]` (0 past its end), so
-    a model's frames that are partly or wholly padding never count in a loss."""
-    need = frames * hop
-    mask = jnp.asarray(mask, jnp.float32)[:, :need]
-    mask = jnp.pad(mask, ((0, 0), (0, need - mask.shape[1])))
-    return mask.reshape(mask.shape[0], frames, hop).min(-1)
-
-
 def make_train_iterator(data_config: Mapping[str, Any], *, global_batch_size: int, mesh: jax.sharding.Mesh,
                         seed: int, split: str = "train", with_text: bool = True, process_index: int | None = None,
                         process_count: int | None = None, other_segment: bool = False) -> AudioBatchIterator:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipeline.input import frame_mask
+from melody_jax.audio.padding import frame_mask
 from melody_jax.frozen.mulan import FrozenMuLan
 from melody_jax.models.mulan import MuLan
 from melody_jax.models.ssl_loss import wav2vec2_loss

@@ -103,14 +103,14 @@ class Attention(nn.Module):
             k, v = self._update_cache(k, v, index)
             scale = head_dim**-0.5
 
-            def masked(q, k, v, length):  # the whole cache, later positions masked
+            def masked(q, k, v, _length=None):  # the whole cache, later positions masked
                 return cached_attention(q, k, v, combine_masks(mask, causal_mask(q_pos, jnp.arange(k.shape[2]))),
                                         scale)
 
             if mask is None and skinny.attends(q, k, v):  # one query: the CPU kernel reads the filled cache only
                 out = skinny.cache_attention(q, k, v, q_pos[-1] + 1, scale, masked)
             else:
-                out = masked(q, k, v, None)
+                out = masked(q, k, v)
         else:
             if is_self and self.use_rotary:
                 pos = jnp.arange(t) if positions is None else positions

@@ -8,7 +8,7 @@ which reads the cache only up to the decode index, when no mesh of more than one
 `lax.platform_dependent` keeps XLA's ops on every other platform. The library is compiled on
 first use with the host's C++ compiler (`-O3 -march=native`: AVX-512 where the CPU has it, portable
 loops otherwise) into a cache keyed by the source, flags, compiler, CPU and jaxlib; without a compiler one
-line says so and XLA's dot is used.
+line says so and XLA's ops are used.
 """
 from __future__ import annotations
 

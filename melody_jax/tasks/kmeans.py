@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from data_pipeline.input import frame_mask, make_train_iterator
+from data_pipeline.input import make_train_iterator
+from melody_jax.audio.padding import frame_mask
 from melody_jax.nn.kmeans import init_from_sample, stream_pass
 from melody_jax.nn.quantizers import perplexity
 from melody_jax.frozen.checks import require_upstream

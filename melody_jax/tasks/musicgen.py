@@ -41,6 +41,7 @@ import optax
 
 from data_pipeline.indexed import IndexedBatches
 from melody_jax.audio.chroma import NUM_CHROMA, SEPARATIONS, melody_rows
+from melody_jax.audio.padding import frame_mask
 from melody_jax.models.musicgen_lm import MELODY_MODES, NORMS, POSITIONS, TEXT_ENCODERS, MusicGenLM
 from melody_jax.tasks.musicgen_conditions import DROPOUT_SCOPES, augment_texts, condition_dropout, empty_text
 from melody_jax.frozen.checks import require_upstream
@@ -220,9 +221,6 @@ class MusicGenTask(SourcedTask):
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         model, c = self.model, self.config
         if "frozen" in batch:  # data.source="codec": the crops' codes, from the frozen codec
-            # imported here: data_pipeline.input imports TensorFlow (~6 CPU-s), which sampling never needs
-            from data_pipeline.input import frame_mask
-
             codes = self.codec.encode_fn(batch["frozen"], batch["audio"])[:, :, : c.data.frames]
             valid_frames = frame_mask(batch["mask"], self.codec.hop, codes.shape[2])
         else:

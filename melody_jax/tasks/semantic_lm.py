@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from data_pipeline.indexed import IndexedBatches
-from data_pipeline.input import frame_mask
+from melody_jax.audio.padding import frame_mask
 from melody_jax.frozen.checks import need, require_upstream
 from melody_jax.frozen.inputs import FrozenInputs
 from melody_jax.frozen.mulan import FrozenMuLan

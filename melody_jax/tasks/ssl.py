@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from data_pipeline.input import frame_mask
 from melody_jax.audio.frame_features import FEATURES
+from melody_jax.audio.padding import frame_mask
 from melody_jax.frozen.inputs import FrozenInputs
 from melody_jax.frozen.loader import load_stage
 from melody_jax.frozen.stage_models import build_model
