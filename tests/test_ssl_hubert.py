@@ -112,14 +112,14 @@ def test_config_errors_are_one_line():
 @pytest.mark.slow
 def test_hubert_iterations_train_through_the_loop(tmp_path, prepared_data):
     """Iteration 1 (acoustic targets) and 2 (block 1 of iteration 1's model) run through the loop, each with
-    targets of the width of what it clusters."""
+    targets of the width of what it clusters. One device: 8-device HuBERT training is test_ssl_stage.py's."""
     data = prepared_data(source="synthetic", num_clips=16, seed=0, clip_seconds=1.0, sample_rate=SR, val_fraction=0.0)
     first, second = str(tmp_path / "it1"), str(tmp_path / "it2")
-    task = get_task(stage_config("ssl", {"data.path": data, "train.num_steps": 3, **HUBERT}))
+    task = get_task(stage_config("ssl", {"data.path": data, "train.num_steps": 3, "mesh_devices": 1, **HUBERT}))
     assert train(task, first)["status"] == "done"
     assert [cb["centroids"].shape for cb in task.targets["codebooks"]] == [(8, 20), (8, 12)]  # mfcc, chroma
-    task2 = get_task(stage_config("ssl", {"data.path": data, "train.num_steps": 3, "upstream.ssl": first,
-                                          "model.target_layer": 1, **HUBERT}))
+    task2 = get_task(stage_config("ssl", {"data.path": data, "train.num_steps": 3, "mesh_devices": 1,
+                                          "upstream.ssl": first, "model.target_layer": 1, **HUBERT}))
     assert train(task2, second)["status"] == "done"
     assert [cb["centroids"].shape for cb in task2.targets["codebooks"]] == [(8, 64)]  # the tiny model's width
     for t, w in ((task, first), (task2, second)):
