@@ -67,7 +67,8 @@ def trained(tmp_path_factory, prepared_data):
     with activate(mesh, DEFAULT_RULES):
         state = jax.jit(lambda r: nn.meta.unbox(task.init_state(r)))(jax.random.key(0))
         it = task.eval_iterator(mesh)
-        before = [jax.jit(task.eval_step)(state.params, next(it), jax.random.key(0)) for _ in range(2)]
+        evaluate = jax.jit(task.eval_step)  # one compile for both batches
+        before = [evaluate(state.params, next(it), jax.random.key(0)) for _ in range(2)]
     summary = train(get_task(config), str(root / "run"))
     return {"summary": summary, "records": read_metrics(str(root / "run")), "data": data, "workdir": str(root / "run"),
             "before": {k: float(np.mean([b[k] for b in before])) for k in before[0]}}
