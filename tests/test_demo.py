@@ -37,6 +37,8 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     assert {s: configs[s].train.num_steps for s in DEMO_STEPS} == {s: 4 * n for s, n in DEMO_STEPS.items()}
     get_task(configs["ssl"]).validate()  # the demo's HuBERT changes make a config the SSL task accepts
     assert configs["ssl"].model.objective == "hubert"
+    get_task(configs["dpd"]).validate()  # and its DPD changes one the DPD task accepts
+    assert configs["dpd"].model.continuation_share == 0.5
     assert json.load(open(tmp_path / "run" / "recipe.json")) == {"recipe": "2h", "steps_scale": 0.5}
     assert demo.workdir_recipe(root, "2h", 0.5) == recipe  # resuming with the same recipe
     with pytest.raises(WorkdirError, match="started with --recipe=2h --steps_scale=0.5"):

@@ -90,6 +90,20 @@ def test_multi_chunk_angles_constant_per_chunk_independent_across():
     assert abs(firsts.mean() - math.pi / 4) < 0.15  # U[0, π/2] has mean π/4; 192 draws, 4.5 σ
 
 
+def test_continuation_share_gives_some_examples_a_continuation_steps_angles():
+    """Algorithm 2 denoises the last chunk with the others clean: that share of examples trains on
+    exactly that vector; the rest keep the independent draws they would have had without it."""
+    key, batch, length, chunks = jax.random.key(5), 2000, 12, 4
+    plain = np.asarray(angles.multi_chunk_angles(key, batch, length, chunks))
+    mixed = np.asarray(angles.multi_chunk_angles(key, batch, length, chunks, continuation_share=0.3))
+    last = angles.chunk_boundaries(length, chunks)[-2]
+    np.testing.assert_array_equal(mixed[:, last:], plain[:, last:])
+    steps = (mixed[:, :last] == 0).all(1)
+    np.testing.assert_array_equal(mixed[~steps], plain[~steps])
+    assert abs(steps.mean() - 0.3) < 0.045  # binomial σ ≈ 0.010: 4.4 σ
+    assert (plain[:, :last] > 0).all()  # the zeros come from the share, not the draws
+
+
 def test_multi_chunk_noising_targets():
     z = jax.random.uniform(jax.random.key(2), (3, 12, 4), minval=-1, maxval=1)
     batch = angles.multi_chunk_noising(jax.random.key(3), z, num_chunks=4)

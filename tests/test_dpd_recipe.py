@@ -48,6 +48,8 @@ def test_chunked_angles_follow_the_edges():
 def test_chunk_edges_config_is_checked():
     with pytest.raises(ConfigError, match="chunk_edges"):
         DPDTask(stage_config("dpd", {"model.chunk_edges": "halves"})).validate()
+    with pytest.raises(ConfigError, match="continuation_share"):
+        DPDTask(stage_config("dpd", {"model.continuation_share": 1.0})).validate()
     with pytest.raises(ConfigError, match="chunk_edges"):  # 4 chunks of 4 tokens (40 frames) leave none of 160
         DPDTask(stage_config("dpd", {"model.chunk_edges": "tokens", "model.num_chunks": 5})).validate()
     with pytest.raises(ConfigError, match="sample.schedule"):

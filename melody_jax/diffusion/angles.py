@@ -75,9 +75,14 @@ def chunk_index(length: int, num_chunks: int, chunk_length: int | None = None) -
 
 
 def multi_chunk_angles(key: jax.Array, batch: int, length: int, num_chunks: int,
-                       chunk_length: int | None = None) -> jax.Array:
-    """Per-frame angles [B, L]: δ_m ~ U[0, π/2] drawn independently per chunk and example."""
+                       chunk_length: int | None = None, continuation_share: float = 0.0) -> jax.Array:
+    """Per-frame angles [B, L]: δ_m ~ U[0, π/2] drawn independently per chunk and example; a
+    `continuation_share` of the examples instead get a continuation step's vector (Algorithm 2): the
+    first M − 1 chunks clean (δ = 0), the last one at its drawn angle."""
     per_chunk = jax.random.uniform(key, (batch, num_chunks), jnp.float32, 0.0, HALF_PI)
+    if continuation_share > 0:
+        steps = jax.random.bernoulli(jax.random.fold_in(key, 1), continuation_share, (batch, 1))
+        per_chunk = jnp.where(steps & (jnp.arange(num_chunks) < num_chunks - 1), 0.0, per_chunk)
     return per_chunk[:, chunk_index(length, num_chunks, chunk_length)]
 
 
@@ -89,12 +94,13 @@ class NoisyBatch(NamedTuple):
     target: jax.Array  # [B, L, D]
 
 
-def multi_chunk_noising(key: jax.Array, z: jax.Array, num_chunks: int, chunk_length: int | None = None
-                        ) -> NoisyBatch:
-    """Noises each chunk of clean latents z [B, L, D] at its own random angle (multi-chunk training)."""
+def multi_chunk_noising(key: jax.Array, z: jax.Array, num_chunks: int, chunk_length: int | None = None,
+                        continuation_share: float = 0.0) -> NoisyBatch:
+    """Noises each chunk of clean latents z [B, L, D] at its own random angle (multi-chunk training;
+    `continuation_share` as in `multi_chunk_angles`)."""
     angle_key, noise_key = jax.random.split(key)
     batch, length = z.shape[:2]
-    delta = multi_chunk_angles(angle_key, batch, length, num_chunks, chunk_length)
+    delta = multi_chunk_angles(angle_key, batch, length, num_chunks, chunk_length, continuation_share)
     eps = jax.random.normal(noise_key, z.shape, z.dtype)
     return NoisyBatch(add_noise(z, eps, delta), delta, velocity(z, eps, delta))
 

@@ -127,6 +127,8 @@ class DPDTask(SourcedTask):
         positive(self.config, "sample.steps", "sample.duration", "sample.inpaint_candidates")
         non_negative(self.config, "sample.cfg", "sample.temperature", "sample.top_k")
         require(0 < self.config.sample.top_p <= 1, f"config.sample.top_p={self.config.sample.top_p} must lie in (0, 1]")
+        require(0 <= m.continuation_share < 1,
+                f"config.model.continuation_share={m.continuation_share} must lie in [0, 1)")
         require(0 <= m.cfg_dropout < 1, f"config.model.cfg_dropout={m.cfg_dropout} must lie in [0, 1)")
         require(m.dtype in ("float32", "bfloat16"), f"config.model.dtype={m.dtype!r} must be float32 or bfloat16")
         try:
@@ -144,7 +146,8 @@ class DPDTask(SourcedTask):
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:
         noise_key, drop_key = jax.random.split(rng)
         m = self.config.model
-        noisy = multi_chunk_noising(noise_key, batch["latents"], m.num_chunks, training_chunk_length(self.config))
+        noisy = multi_chunk_noising(noise_key, batch["latents"], m.num_chunks, training_chunk_length(self.config),
+                                    m.continuation_share if train else 0.0)
         uncond = None
         if train and m.cfg_dropout > 0:
             uncond = jax.random.bernoulli(drop_key, m.cfg_dropout, (batch["semantic_tokens"].shape[0],))
