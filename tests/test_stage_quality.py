@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from melody_jax.evaluation.stage_quality import dpd_quality, retrieval_recall, stream_statistics
-from melody_jax.evaluation.token_probe import probe
+from melody_jax.evaluation.token_probe import beat_r2, probe
 from melody_jax.tasks.dpd import DPDTask, synthetic_batch, token_patterns
 from melody_jax.tasks.sources import split_index
 from melody_jax.training.sharding import activate, rules_from_config
@@ -49,6 +49,18 @@ def test_probe_reads_labels_tokens_carry_and_not_those_they_do_not():
     few = np.array([0] * 6 + [1] * 5 + [2] * 3)  # class 2 has fewer than 4 members: left out
     assert probe(rng.integers(0, 32, (14, 40)), few, 32)["clips"] == 11
     assert probe(rng.integers(0, 32, (14, 40)), np.array([0] * 11 + [1] * 3), 32) is None
+
+
+def test_beat_r2_reads_tokens_that_mark_onsets_and_not_tokens_that_do_not():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 16, (24, 50))
+    strength = rng.uniform(0, 4, 16)  # each token's onset strength
+    noise = rng.normal(0, 0.1, (24, 50))
+    assert beat_r2(tokens, strength[tokens] + noise, 16) > 0.95
+    late = np.pad(strength[tokens], ((0, 0), (1, 0)))[:, :50] + noise  # the onset a token after its mark
+    assert beat_r2(tokens, late, 16) > 0.9
+    # Measured: -0.13 on an envelope independent of the tokens (more features than the signal holds).
+    assert beat_r2(tokens, rng.uniform(0, 4, (24, 50)), 16) < 0.02
 
 
 def test_dpd_row_reads_a_dpd_that_uses_tokens_which_determine_its_latents():

@@ -19,11 +19,15 @@ TEMPO_TOLERANCE = 0.05  # relative; the synthetic data's own check (tests/test_d
 CHECKS = ("tempo", "key", "drums", "instrument")
 
 
+def tempo_hit(audio: np.ndarray, sample_rate: int, bpm: float) -> bool:
+    """Whether the tempo recovered from `audio` lies within TEMPO_TOLERANCE of `bpm`."""
+    return abs(recover.estimate_tempo(audio, sample_rate) / float(bpm) - 1.0) <= TEMPO_TOLERANCE
+
+
 def recovered_hits(audio: np.ndarray, sample_rate: int, asked: Mapping[str, Any]) -> dict[str, bool]:
     """Which of tempo (within TEMPO_TOLERANCE), key + mode (exact) and drums (yes/no) match `asked`."""
-    tempo = recover.estimate_tempo(audio, sample_rate)
     tonic, mode = recover.estimate_key(audio, sample_rate)
-    return {"tempo": abs(tempo / float(asked["tempo_bpm"]) - 1.0) <= TEMPO_TOLERANCE,
+    return {"tempo": tempo_hit(audio, sample_rate, asked["tempo_bpm"]),
             "key": (tonic, mode) == (int(asked["tonic"]) % 12, asked["mode"]),
             "drums": recover.has_drums(audio) == bool(asked["drums"])}
 

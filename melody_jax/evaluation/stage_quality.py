@@ -4,7 +4,11 @@ does not follow its prompts, this table says which stage holds it back.
 - VAE-GAN: decode(encode(x)) against x — MR-STFT distance (the stage's own STFT resolutions), log-mel
   L1, SI-SNR (`audio.metrics`);
 - semantic tokens: nearest-centroid probes of key, lead, drums and tempo band on the clips' token
-  histograms (`token_probe`), beside the majority share;
+  histograms (`token_probe`), beside the majority share, and how much of the onset envelope (the beat) the
+  tokens mark (`token_probe.beat_r2`);
+- tempo down the chain: the share of clips whose tempo (±5 %) is recovered from the clips themselves, their
+  VAE-GAN reconstructions and the DPD's rendering of their own tokens (`MeLoDy.generate_from_tokens`), so a
+  tempo the generated music lacks is traced to the stage that drops it;
 - MuLan: text → audio retrieval recall@1 and @5 over the clips' captions, beside chance k / N;
 - semantic LM: held-out cross-entropy (nats per token) on crops cut like its training records (MuLan
   tokens of the crop, then its semantic tokens), beside the unigram entropy of that held-out token
@@ -26,7 +30,8 @@ import numpy as np
 from data_pipeline.captions import tempo_band
 from melody_jax.audio.losses import resolutions
 from melody_jax.audio.metrics import reconstruction_metrics
-from melody_jax.evaluation.token_probe import probe
+from melody_jax.evaluation.attributes import tempo_hit
+from melody_jax.evaluation.token_probe import BEAT_CONTEXT, beat_r2, onset_envelopes, probe
 from melody_jax.pipelines.melody import MeLoDy
 from melody_jax.tasks.dpd import EVAL_ANGLE, DPDTask
 from melody_jax.tasks.semantic_lm import SemanticLMTask
@@ -118,6 +123,19 @@ def dpd_quality(task: DPDTask, params: Any, latents: np.ndarray, tokens: np.ndar
             for name, t in (("true", tokens), ("shuffled", shuffled))}
 
 
+def tempo_chain(melody: MeLoDy, audio: np.ndarray, tokens: np.ndarray, bpm: Sequence[float], seed: int = 0,
+                batch_size: int = 8) -> dict[str, float]:
+    """Tempo accuracy (±5 %) of the clips audio [N, T], of their VAE-GAN reconstructions and of their tokens
+    [N, T'] rendered by the DPD (`generate_from_tokens`, the bundle's sampling settings; the clips trimmed to
+    what it renders)."""
+    rendered = _rows(lambda t: melody.generate_from_tokens(t, seed=seed).audio, tokens, batch_size)
+    audio = audio[:, : rendered.shape[1]]
+    recon = _rows(lambda x: melody.vae.decode(melody.vae.encode(x)), audio, batch_size)
+    rate = melody.sample_rate
+    return {name: float(np.mean([tempo_hit(a, rate, b) for a, b in zip(x, bpm)]))
+            for name, x in (("clips", audio), ("vae_gan", recon), ("dpd", rendered))}
+
+
 def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int = 0,
                   batch_size: int = 8) -> dict[str, Any]:
     """The table's figures for `clips` (dicts of `audio` at the bundle's rate, `caption` and, for the
@@ -142,6 +160,9 @@ def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int 
             "vae_gan": vae_quality(melody.vae, audio, batch_size),
             "tokens": {name: probe(tokens, [label(c["attributes"]) for c in clips], vocab) if labelled else None
                        for name, label in PROBES.items()},
+            "beat_r2": beat_r2(tokens, onset_envelopes(audio, melody.sample_rate, hop, tokens.shape[1]), vocab),
+            "tempo": tempo_chain(melody, audio, tokens, [c["attributes"]["tempo_bpm"] for c in clips], seed,
+                                 batch_size) if labelled else None,
             "mulan": {f"recall@{k}": r for k, r in retrieval_recall(
                 text, _rows(melody.mulan.audio_embeddings, audio, batch_size)).items()},
             "semantic_lm": {"crops": len(lm_crops), **stream_statistics(lm_semantic, vocab),
@@ -168,6 +189,14 @@ def markdown(table: Mapping[str, Any]) -> str:
         against = ("no attributes, or < 2 classes of ≥ 4 clips" if p is None else
                    f"majority {f(p['majority'])} ({p['clips']} clips, {p['classes']} classes)")
         lines.append(f"| tokens | {name} probe accuracy | {f(p and p['accuracy'])} | {against} |")
+    lines.append(f"| tokens | onset envelope R² (the beat; ridge on tokens t ± {BEAT_CONTEXT}) | "
+                 f"{f(table['beat_r2'])} | 1 = every onset marked, ≤ 0 = none |")
+    t = table["tempo"]
+    if t is not None:
+        lines += [f"| VAE-GAN | tempo accuracy (±5 %) of reconstructions | {f(t['vae_gan'])} | the clips "
+                  f"{f(t['clips'])} |",
+                  f"| DPD | tempo accuracy (±5 %) of the clips' tokens rendered | {f(t['dpd'])} | VAE-GAN "
+                  f"reconstructions {f(t['vae_gan'])} |"]
     for key, r in table["mulan"].items():
         k = int(key.split("@")[1])
         lines.append(f"| MuLan | text → audio {key} | {f(r)} | chance {f(min(1.0, k / n))} |")

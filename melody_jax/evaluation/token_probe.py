@@ -4,17 +4,24 @@ Each clip becomes the Hellinger features of its token histogram (square roots of
 counts), and a nearest-centroid classifier is scored by stratified k-fold cross-validation: a token
 stream that carries the key, lead, drums or tempo band lets clips of one class share a histogram
 shape, so the probe beats the majority class.
+
+A histogram has no time, so the beat gets its own probe (`beat_r2`): how much of the clip's onset strength
+at each token frame a ridge regression reads from the tokens around that frame. Tempo lives in where the
+onsets fall; tokens that do not mark them leave the semantic LM and the DPD nothing to keep a tempo with.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import librosa
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_score
 from sklearn.neighbors import NearestCentroid
 
 FOLDS = 4
+BEAT_CONTEXT = 3  # tokens each side of a frame (± 0.12 s at 25 Hz): an onset marked a token early or late counts
 
 
 def histograms(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -42,3 +49,28 @@ def probe(tokens: np.ndarray, labels: Sequence[Any], vocab_size: int, folds: int
     return {"accuracy": probe_accuracy(np.asarray(tokens)[kept], labels[kept], vocab_size, folds),
             "majority": float(counts[counts >= folds].max() / kept.sum()), "clips": int(kept.sum()),
             "classes": int((counts >= folds).sum())}
+
+
+def onset_envelopes(audio: np.ndarray, sample_rate: int, hop: int, frames: int) -> np.ndarray:
+    """float [clips, frames]: librosa's onset strength of each clip [clips, samples] at one frame per `hop`
+    samples (the token rate; the envelope `data_pipeline.recover.estimate_tempo` tracks beats in)."""
+    return np.stack([librosa.onset.onset_strength(y=np.asarray(a, np.float32), sr=sample_rate,
+                                                  hop_length=hop)[:frames] for a in audio])
+
+
+def beat_r2(tokens: np.ndarray, envelopes: np.ndarray, vocab_size: int, folds: int = FOLDS,
+            context: int = BEAT_CONTEXT) -> float:
+    """Cross-validated R² of a ridge regression from the one-hot tokens t − context … t + context to
+    envelopes[:, t], over the frames t with that whole neighbourhood inside the clip (edges would tell where a
+    clip starts, not where its onsets are); folds split clips, not frames. 1: the tokens mark every onset;
+    ≤ 0: they tell nothing of where onsets fall."""
+    tokens = np.asarray(tokens)
+    clips, frames = tokens.shape
+    inner = frames - 2 * context
+    if inner < 1:
+        raise ValueError(f"need clips longer than {2 * context} tokens, got {frames}")
+    onehot = np.eye(vocab_size)[tokens]
+    x = np.concatenate([onehot[:, i:i + inner] for i in range(2 * context + 1)], -1).reshape(clips * inner, -1)
+    y = np.asarray(envelopes, np.float64)[:, context:context + inner].reshape(-1)
+    groups = np.repeat(np.arange(clips), inner)
+    return float(cross_val_score(Ridge(alpha=1.0), x, y, groups=groups, cv=GroupKFold(folds), scoring="r2").mean())

@@ -125,6 +125,23 @@ class MeLoDy(Generator):
         total = audio.shape[1] / self.sample_rate + extra
         return self._run(prefix, len(audio), self.vae.encode(audio), self.tokenizer(audio), total, seed, s)
 
+    def generate_from_tokens(self, tokens: np.ndarray, seed: int | Sequence[int] = 0, **sampling) -> Result:
+        """Semantic tokens int [B, T] → audio, with no MuLan or LM: the DPD (one window, then continuation
+        chunks; tokens past the last whole chunk are dropped) and the decoder. Resynthesis: what the DPD makes of
+        given tokens — the same seed renders a `generate` result's tokens into its audio."""
+        s = self.settings(None, **sampling)
+        tokens = np.asarray(tokens)
+        vocab = self.tokenizer.vocab_size
+        if (tokens.ndim != 2 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer)
+                or tokens.min() < 0 or tokens.max() >= vocab):
+            raise AudioInputError(f"need semantic tokens int [batch, time] in [0, {vocab}), got {tokens.dtype} "
+                                  f"{list(tokens.shape)}")
+        n = self._token_plan(0, tokens.shape[1])
+        n = n if n <= tokens.shape[1] else n - self.chunk_tokens  # whole chunks only
+        duration = check_duration(n / self.token_rate, MAX_SECONDS)
+        empty = lambda: jnp.zeros((len(tokens), 0), jnp.int32)  # noqa: E731 - no MuLan tokens: the LM is not run
+        return self._run(empty, len(tokens), None, tokens[:, :n].astype(np.int32), duration, seed, s)
+
     def inpaint(self, audio: np.ndarray, start_s: float, end_s: float, prompts: Sequence[str] | None = None,
                 seed: int | Sequence[int] = 0, **sampling) -> Result:
         """Regenerates [start_s, end_s) of `audio` [B, T] (widened to whole tokens); the latents outside
@@ -222,7 +239,8 @@ class MeLoDy(Generator):
             stages.update(1)
         stages.close()
         samples = int(round(duration * self.sample_rate))
-        windows = max(0, total - max(known, self.window_tokens)) // self.chunk_tokens
+        rendered = 0 if z0 is None else z0.shape[1] // self.frames_per_token  # tokens whose latents are given
+        windows = max(0, total - max(rendered, self.window_tokens)) // self.chunk_tokens
         # CFG runs both branches as one batched call per step
         passes = {"mulan": 1, "semantic_lm": total - known, "dpd": s["steps"] * (1 + windows), "vae_decode": 1}
         return Result(np.asarray(audio)[:, :samples], self.sample_rate, seconds, passes, np.asarray(z), tokens,
