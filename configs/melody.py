@@ -31,12 +31,13 @@ TOKEN_CROP_SECONDS = 0.64  # the tiny DPD's window: 160 latent frames, 16 semant
 # The demo's steps per stage at steps_scale 1 (k-means and RVQ fit: their steps are iterations/levels).
 DEMO_STEPS = {"vae_gan": 500, "ssl": 400, "mulan": 500, "semantic_lm": 1000, "dpd": 2400}
 # The demo's changes to the tiny presets beyond data and steps (README "Evaluation", measured on the demo's
-# stage table): HuBERT on log-mel + chroma targets (group-norm front end, no feature penalty), whose tokens
-# carry drums (probe 0.95 against wav2vec 2.0's 0.58) and which the DPD uses (true vs shuffled 0.114 / 0.119
-# against 0.118 / 0.118); the evaluation's own table reads the same within one prompt of 8.
+# stage table): HuBERT (group-norm front end, no feature penalty) on log-mel, chroma and flux target codebooks.
+# Log-mel + chroma tokens carry drums (probe 0.95 against wav2vec 2.0's 0.58) but not the beat (onset
+# envelope R² 0.07, so the DPD rendering their own tokens keeps tempo 0.11); the flux codebook makes them mark
+# onsets (R² 0.67, drums 1.00, rendered tempo 0.50) at the cost of the key probe (0.34 → 0.13).
 DEMO_CHANGES: dict[str, dict] = {
     "ssl": {"model.objective": "hubert", "model.conv_norm": "group", "model.feature_penalty_weight": 0.0,
-            "model.target_features": '["logmel", "chroma"]'},
+            "model.target_features": '["logmel", "chroma", "flux"]'},
     # Half the DPD's examples train on a continuation step's angles (first chunks clean): 10-s outputs are
     # continuation windows, and without it their later windows drift into noise (README "Evaluation").
     "dpd": {"model.continuation_share": 0.5, "train.ema_decay": 0.999},
@@ -53,9 +54,9 @@ class Recipe(NamedTuple):
 
 
 # "demo" is `make demo` (≤ 20 min on 2 cores). "2h" is the ≤ 2-hour recipe of issue 23 [choice]: stage steps
-# × 8, 384 clips (the longer LM and DPD runs see new crops) and the issue's 32 evaluation prompts; the
+# × 8 and 384 clips (the longer LM and DPD runs see new crops). Both evaluate the issue's 32 prompts; the
 # tokenize and evaluation passes grow with clips and prompts, not steps.
-RECIPES = {"demo": Recipe(clips=96, steps_scale=1.0, eval_prompts=8),
+RECIPES = {"demo": Recipe(clips=96, steps_scale=1.0, eval_prompts=32),
            "2h": Recipe(clips=384, steps_scale=8.0, eval_prompts=32)}
 
 

@@ -9,8 +9,9 @@
 4. evaluates the bundle on synthetic prompts against the held-out clips (`launch.evaluate`: FAD on
    MuLan and musicnn embeddings, MuLan cycle consistency, tempo / key / drums / instrument accuracy),
    and each stage on its own on STAGE_CLIPS further synthetic clips no stage trained on
-   (`melody_jax.evaluation.stage_quality`: VAE-GAN reconstruction, token probes, MuLan retrieval, LM
-   loss against the token stream's entropy, DPD with true vs shuffled tokens);
+   (`melody_jax.evaluation.stage_quality`: VAE-GAN reconstruction, token probes and the beat they mark,
+   MuLan retrieval, LM loss against the token stream's entropy, DPD with true vs shuffled tokens, tempo
+   down the chain);
 5. writes WAVs, spectrogram PNGs and WORKDIR/report.md (losses, time per stage, real-time factor,
    the evaluation, the stage table) and WORKDIR/eval.json.
 

@@ -37,6 +37,8 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     assert {s: configs[s].train.num_steps for s in DEMO_STEPS} == {s: 4 * n for s, n in DEMO_STEPS.items()}
     get_task(configs["ssl"]).validate()  # the demo's HuBERT changes make a config the SSL task accepts
     assert configs["ssl"].model.objective == "hubert"
+    assert list(configs["ssl"].model.target_features) == ["logmel", "chroma", "flux"]  # flux: tokens mark onsets
+    assert demo.workdir_recipe(str(tmp_path / "small"), "demo", 1.0).eval_prompts == 32  # the 32 prompts
     get_task(configs["dpd"]).validate()  # and its DPD changes one the DPD task accepts
     assert configs["dpd"].model.continuation_share == 0.5
     assert json.load(open(tmp_path / "run" / "recipe.json")) == {"recipe": "2h", "steps_scale": 0.5}
