@@ -136,8 +136,8 @@ class MeLoDy(Generator):
                 or tokens.min() < 0 or tokens.max() >= vocab):
             raise AudioInputError(f"need semantic tokens int [batch, time] in [0, {vocab}), got {tokens.dtype} "
                                   f"{list(tokens.shape)}")
-        n = self._token_plan(0, tokens.shape[1])
-        n = n if n <= tokens.shape[1] else n - self.chunk_tokens  # whole chunks only
+        n, window = tokens.shape[1], self.window_tokens
+        n = n if n <= window else window + (n - window) // self.chunk_tokens * self.chunk_tokens  # whole chunks
         duration = check_duration(n / self.token_rate, MAX_SECONDS)
         empty = lambda: jnp.zeros((len(tokens), 0), jnp.int32)  # noqa: E731 - no MuLan tokens: the LM is not run
         return self._run(empty, len(tokens), None, tokens[:, :n].astype(np.int32), duration, seed, s)
