@@ -86,7 +86,7 @@ def throughput(data: str, stage_dirs: dict[str, str], out: str) -> float:
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
     stages = FrozenStages(stage_dirs, make_mesh({"data": -1}), DEFAULT_RULES)
-    stages(np.zeros((8, int(CROP_SECONDS * stages.vae.sample_rate)), np.float32))  # compiled before the clock
+    stages(np.zeros((8, int(CROP_SECONDS * stages.vae.sample_rate)), np.float32), [""] * 8)  # compiled before the clock
     start = time.perf_counter()
     written = tokenize_dataset(data, ["train"], out, stages, CropSpec(CROP_SECONDS, "random", per_clip=1), 8)
     return written["train"]["records"] / (time.perf_counter() - start)

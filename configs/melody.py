@@ -8,6 +8,7 @@ objective and the DPD's training angles (`DEMO_CHANGES`).
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -26,10 +27,31 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
 }
 # What `launch.tokenize` runs over a prepared dataset: the stages the cached records come from.
 TOKENIZE_STAGES = tuple(s for s in STAGES if s in UPSTREAM["semantic_lm"] + UPSTREAM["dpd"])
-TOKENS = "tokens"  # the demo's cache folder of records (its training split only), under its root
-TOKEN_CROP_SECONDS = 0.64  # the tiny DPD's window: 160 latent frames, 16 semantic tokens
+
+
+class Cache(NamedTuple):
+    """A cache of records `launch.tokenize` writes for a stage (its training split only), under the demo's
+    root: crops of `seconds`, one every `hop_seconds`, of the clips of `dataset` (see DATASETS)."""
+
+    folder: str
+    seconds: float
+    hop_seconds: float
+    dataset: str
+
+
+# The tiny DPD's window: 0.64 s (160 latent frames, 16 semantic tokens), whole crops. The LM's crops are
+# three of those (48 tokens, one every 0.32 s): 12 tokens of context (0.48 s) cannot carry a beat slower than
+# 125 BPM from one LM step to the next, 44 carry one down to 34 BPM; MuLan's audio tower (2-s windows) also
+# hears more of each crop.
+CACHES = {"dpd": Cache("tokens", 0.64, 0.64, "audio"), "semantic_lm": Cache("lm_tokens", 1.92, 0.32, "captions")}
+# The demo's two synthetic datasets (`Recipe`) and the stages reading each directly (the rest read caches, or
+# fit on their upstream stage's dataset). MuLan, its RVQ and the semantic LM learn what captions say, which takes
+# many captions; the VAE-GAN, SSL and DPD do better at the demo's steps on fewer clips (README "Evaluation").
+DATASETS = {"audio": ("vae_gan", "ssl"), "captions": ("mulan",)}
 # The demo's steps per stage at steps_scale 1 (k-means and RVQ fit: their steps are iterations/levels).
-DEMO_STEPS = {"vae_gan": 500, "ssl": 400, "mulan": 500, "semantic_lm": 1000, "dpd": 2400}
+DEMO_STEPS = {"vae_gan": 500, "ssl": 400, "mulan": 1500, "semantic_lm": 3000, "dpd": 2400}
+# Steps no recipe exceeds: MuLan's (0.18 s a step on 2 cores) would take 37 minutes of the 2-hour recipe at × 8.
+STEP_CAPS = {"mulan": 6000}
 # The demo's changes to the tiny presets beyond data and steps (README "Evaluation", measured on the demo's
 # stage table): HuBERT (group-norm front end, no feature penalty) on log-mel, chroma and flux target codebooks.
 # Log-mel + chroma tokens carry drums (probe 0.95 against wav2vec 2.0's 0.58) but not the beat (onset
@@ -41,23 +63,28 @@ DEMO_CHANGES: dict[str, dict] = {
     # Half the DPD's examples train on a continuation step's angles (first chunks clean): 10-s outputs are
     # continuation windows, and without it their later windows drift into noise (README "Evaluation").
     "dpd": {"model.continuation_share": 0.5, "train.ema_decay": 0.999},
+    # Half the LM's rows are conditioned on their clip caption's MuLan text tokens, the prefix sampling gives it
+    # (the crops' own audio tokens come from 0.64 s, too short for the MuLan audio tower to hear a tempo).
+    "semantic_lm": {"data.text_token_share": 0.5},
 }
 
 
 class Recipe(NamedTuple):
-    """A named budget of `launch.demo --recipe`: synthetic clips prepared, the multiplier of DEMO_STEPS and
-    the synthetic prompts the evaluation generates (never trained on: another seed than the data)."""
+    """A named budget of `launch.demo --recipe`: synthetic clips prepared for the audio stages and for the
+    caption stages (DATASETS), the multiplier of DEMO_STEPS and the synthetic prompts the evaluation generates
+    (never trained on: another seed than the data)."""
 
     clips: int
+    caption_clips: int
     steps_scale: float
     eval_prompts: int
 
 
 # "demo" is `make demo` (≤ 20 min on 2 cores). "2h" is the ≤ 2-hour recipe of issue 23 [choice]: stage steps
-# × 8 and 384 clips (the longer LM and DPD runs see new crops). Both evaluate the issue's 32 prompts; the
-# tokenize and evaluation passes grow with clips and prompts, not steps.
-RECIPES = {"demo": Recipe(clips=96, steps_scale=1.0, eval_prompts=32),
-           "2h": Recipe(clips=384, steps_scale=8.0, eval_prompts=32)}
+# × 8, 384 clips and 1536 captioned ones (the longer runs see new crops). Both evaluate the issue's 32 prompts;
+# the tokenize and evaluation passes grow with clips and prompts, not steps.
+RECIPES = {"demo": Recipe(clips=96, caption_clips=768, steps_scale=1.0, eval_prompts=32),
+           "2h": Recipe(clips=384, caption_clips=1536, steps_scale=8.0, eval_prompts=32)}
 
 
 def upstream_field(stage: str, upstream: str) -> str:
@@ -71,18 +98,22 @@ def upstream_overrides(stage: str, workdirs: Mapping[str, str]) -> dict[str, str
     return {upstream_field(stage, s): workdirs[s] for s in UPSTREAM[stage]}
 
 
-def demo_configs(data: str, root: str, steps_scale: float = 1.0) -> dict[str, ml_collections.ConfigDict]:
-    """The demo's seven configs: tiny presets with `DEMO_CHANGES` on the prepared dataset `data`, k-means
-    and RVQ reading the SSL and MuLan runs under `root`, the LM and the DPD reading the records cached there
-    (no held-out records: the demo evaluates the bundle, not these two stages)."""
+def demo_configs(datasets: Mapping[str, str], root: str,
+                 steps_scale: float = 1.0) -> dict[str, ml_collections.ConfigDict]:
+    """The demo's seven configs: tiny presets with `DEMO_CHANGES`, the stages of DATASETS on the prepared
+    datasets `datasets` names, k-means and RVQ reading the SSL and MuLan runs under `root`, the LM and the DPD
+    reading the records cached there (no held-out records: the demo evaluates the bundle, not these two)."""
     workdirs = {s: os.path.join(root, s) for s in STAGES}
-    audio = {"data.path": data}
-    cached = {"data.source": "cached", "data.path": os.path.join(root, TOKENS), "data.eval_split": ""}
-    changes = {"vae_gan": audio, "ssl": audio, "mulan": audio, "kmeans": upstream_overrides("kmeans", workdirs),
-               "rvq": upstream_overrides("rvq", workdirs), "semantic_lm": cached, "dpd": cached}
+    cached = {stage: {"data.source": "cached", "data.path": os.path.join(root, c.folder), "data.eval_split": ""}
+              for stage, c in CACHES.items()}
+    lm_tokens = {"data.semantic_len": round(CACHES["semantic_lm"].seconds * 25)}  # 25-Hz semantic tokens
+    changes = {"kmeans": upstream_overrides("kmeans", workdirs), "rvq": upstream_overrides("rvq", workdirs),
+               "semantic_lm": {**cached["semantic_lm"], **lm_tokens}, "dpd": cached["dpd"],
+               **{stage: {"data.path": datasets[name]} for name, stages in DATASETS.items() for stage in stages}}
     configs = {}
     for stage in STAGES:
-        steps = {"train.num_steps": max(1, int(DEMO_STEPS[stage] * steps_scale))} if stage in DEMO_STEPS else {}
+        steps = ({"train.num_steps": max(1, min(int(DEMO_STEPS[stage] * steps_scale), STEP_CAPS.get(stage, math.inf)))}
+                 if stage in DEMO_STEPS else {})
         configs[stage] = stage_config(stage, "tiny", {**changes[stage], **DEMO_CHANGES.get(stage, {}), **steps,
                                                       "train.tensorboard": False})
     return configs

@@ -46,6 +46,8 @@ def get_config(arg: str | None = None):
     c.data.synthetic_codes = min(c.model.semantic_vocab_size, c.model.mulan_codebook_size)
     c.data.num_strides = 4
     c.data.shuffle_buffer = 1024
+    # share of rows conditioned on their caption's MuLan text tokens, not their audio's (cached/frozen_models)
+    c.data.text_token_share = 0.0
     c.data.sample_rate = 24000
     c.data.eval_split = "validation"
     c.data.cycle_length = 4

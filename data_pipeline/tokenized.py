@@ -4,7 +4,8 @@ What `launch.tokenize` (and the demo) write, as one job over every host: each ho
 share of each split (`tfds.split_for_jax_process`), cuts crops of its clips (`CropSpec`), and the
 frozen VAE encoder, SSL + k-means and MuLan + RVQ run as one jitted function on the whole mesh (the
 global batch sharded over every device, each host giving its rows). Each host streams its crops'
-latents, semantic tokens and MuLan tokens into its own size-bounded shards (data_pipeline/record_shards.py:
+latents, semantic tokens, MuLan audio tokens and the MuLan text tokens of their clip's caption (the
+prefix a prompt gives at sampling time) into its own size-bounded shards (data_pipeline/record_shards.py:
 memory stays flat, a killed job resumes at its last committed shard), and process 0 lists every
 shard in the cache folder's manifest once all hosts have finished a split (`data.source=cached`,
 `data.path` the folder, `data.eval_split` a held-out split: melody_jax/tasks/sources.py).
@@ -29,10 +30,13 @@ from melody_jax.frozen.mulan import FrozenMuLan
 from melody_jax.frozen.semantic import SemanticTokenizer
 from melody_jax.frozen.vae import FrozenVAE
 from melody_jax.tasks.sources import read_manifest, split_index
+from melody_jax.text.byte_tokenizer import tokenize as text_tokenize
 from melody_jax.training.errors import ConfigError
 from melody_jax.training.sharding import BATCH_AXES, Rules, activate, batch_divisor, host_to_global
 
 CROP_MODES = ("fixed", "sliding", "random")
+# Each record's model fields (besides where its crop came from); a cache started with others is refused.
+FIELDS = ("latents", "semantic_tokens", "mulan_tokens", "mulan_text_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +73,23 @@ class CropSpec:
         return np.arange(0, length - crop + 1, hop, dtype=np.int64)
 
 
+def clip_text(example: dict[str, Any]) -> str:
+    """A prepared clip's text for MuLan: its caption, or its tags when it has none (as MuLan trains)."""
+    return example["caption"].decode("utf-8") or ", ".join(t.decode("utf-8") for t in example["tags"])
+
+
 def host_crops(data_path: str, split: str, rate: int, spec: CropSpec, position: tuple[int, int] | None
-               ) -> Iterator[tuple[tuple[int, int], int, int, np.ndarray]]:
-    """(position after it, clip id, start, audio [crop]) of each crop of this host's share of `split`
-    in order, from `position` = (clip, crop) of that share on (None: its start). One clip in memory."""
+               ) -> Iterator[tuple[tuple[int, int], int, int, np.ndarray, str]]:
+    """(position after it, clip id, start, audio [crop], clip text) of each crop of this host's share of
+    `split` in order, from `position` = (clip, crop) of that share on (None: its start). One clip in memory."""
     clip, first = position or (0, 0)
     crop = int(round(spec.seconds * rate))
     for example in host_split(data_path, split, rate).skip(clip).as_numpy_iterator():
-        audio, clip_id = from_pcm(example["audio"]), int(example["id"])
+        audio, clip_id, text = from_pcm(example["audio"]), int(example["id"]), clip_text(example)
         starts = spec.starts(len(audio), rate, split, clip_id)
         for k in range(first, len(starts)):
             after = (clip, k + 1) if k + 1 < len(starts) else (clip + 1, 0)
-            yield after, clip_id, int(starts[k]), audio[starts[k]:starts[k] + crop]
+            yield after, clip_id, int(starts[k]), audio[starts[k]:starts[k] + crop], text
         clip, first = clip + 1, 0
 
 
@@ -103,15 +112,20 @@ class FrozenStages:
                        "centroids": self.tokenizer.centroids, "mulan": self.mulan.params}
         self._step = jax.jit(self._outputs)
 
-    def _outputs(self, params: Any, audio: jax.Array) -> dict[str, jax.Array]:
+    def _outputs(self, params: Any, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        audio = inputs["audio"]
         return {"latents": self.vae.encode_fn(params["vae"], audio),
                 "semantic_tokens": self.tokenizer.fn(params["ssl"], params["centroids"], audio),
-                "mulan_tokens": self.mulan.audio_tokens_fn(params["mulan"], audio)}
+                "mulan_tokens": self.mulan.audio_tokens_fn(params["mulan"], audio),
+                "mulan_text_tokens": self.mulan.text_tokens_fn(params["mulan"], inputs["text"], inputs["text_mask"])}
 
-    def __call__(self, local_audio: np.ndarray) -> dict[str, np.ndarray]:
-        """This host's rows [b, crop] (every host b of them) → this host's rows of each output."""
+    def __call__(self, local_audio: np.ndarray, texts: list[str]) -> dict[str, np.ndarray]:
+        """This host's rows: audio [b, crop] and their clips' texts (every host b of them) → this host's rows
+        of each output."""
+        text, text_mask = text_tokenize(texts, self.mulan.max_text_length)
         with activate(self.mesh, self.rules):
-            out = self._step(self.params, host_to_global({"audio": local_audio}, self.mesh)["audio"])
+            inputs = host_to_global({"audio": local_audio, "text": text, "text_mask": text_mask}, self.mesh)
+            out = self._step(self.params, inputs)
             local = multihost_utils.global_array_to_host_local_array(out, self.mesh, PartitionSpec(BATCH_AXES))
         return {k: np.asarray(v) for k, v in local.items()}
 
@@ -130,9 +144,10 @@ def _tokenize_split(stages: FrozenStages, data_path: str, split: str, out: str, 
         if not multihost_utils.process_allgather(np.array(len(chunk))).any():  # every host has finished
             break
         audio = np.zeros((local, crop), np.float32)  # one shape: one compilation; hosts done give zeros
-        for i, (_, _, _, a) in enumerate(chunk):
-            audio[i] = a
-        outputs = stages(audio)
+        texts = [""] * local
+        for i, (_, _, _, a, text) in enumerate(chunk):
+            audio[i], texts[i] = a, text
+        outputs = stages(audio, texts)
         if chunk:
             where = {"clip_id": np.array([c[1] for c in chunk], np.int64)[:, None],
                      "crop_start": np.array([c[2] for c in chunk], np.int64)[:, None]}
@@ -157,7 +172,7 @@ def tokenize_dataset(data_path: str, splits: list[str], out: str, stages: Frozen
         raise ConfigError(f"--batch_size={batch_size} must be a positive multiple of the {devices} devices "
                           f"and {jax.process_count()} processes")
     settings = {"crops": dataclasses.asdict(spec), "processes": jax.process_count(),
-                "data": os.path.abspath(data_path), "stages": stages.dirs}
+                "data": os.path.abspath(data_path), "stages": stages.dirs, "fields": list(FIELDS)}
     for split in splits:  # before any work: a foreign cache is refused, a finished one returned
         check_settings(out, split, jax.process_index(), settings)
     finished = read_manifest(out).get("splits", {})
@@ -169,7 +184,7 @@ def tokenize_dataset(data_path: str, splits: list[str], out: str, stages: Frozen
         raise ConfigError(f"--crop_seconds={spec.seconds}: {crop} samples is not a whole number of semantic "
                           f"tokens ({hops[0]} samples) and latent frames ({hops[1]} samples)")
     fields = {"latents": [crop // hops[1], stages.vae.latent_dim], "semantic_tokens": [crop // hops[0]],
-              "mulan_tokens": [stages.mulan.num_tokens]}
+              "mulan_tokens": [stages.mulan.num_tokens], "mulan_text_tokens": [stages.mulan.num_tokens]}
     written = {}
     for split in splits:
         mine = _tokenize_split(stages, data_path, split, out, spec, batch_size, int(shard_mb * 2**20), settings)

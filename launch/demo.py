@@ -1,6 +1,7 @@
 """`make demo`: MeLoDy from nothing on a laptop-class CPU — data, every stage, a bundle, music.
 
-1. prepares a synthetic captioned dataset at 24 kHz (`data_pipeline.synthetic`, no downloads);
+1. prepares two synthetic captioned datasets at 24 kHz (`data_pipeline.synthetic`, no downloads): one for the
+   audio stages, a larger one for the stages that learn from captions (configs/melody.py DATASETS);
 2. trains the seven stages at their `tiny` presets for a bounded number of steps (`--recipe`: "demo",
    the default, within 20 minutes on 2 cores; "2h", the ≤ 2-hour recipe; configs/melody.py), in dependency
    order (VAE-GAN, SSL → k-means, MuLan → RVQ), then caches their latents and tokens over the data
@@ -40,6 +41,7 @@ _STEPS = flags.DEFINE_float("steps_scale", 1.0, "Multiplies the recipe's step co
 PROMPTS = [("solo piano, slow, calm, in C major", 10.0), ("drums and bass, fast, energetic", 10.0),
            ("strings and flute, happy, in G major", 30.0)]
 STAGE_CLIPS = 64  # held-out clips of the stage table (another seed than the training data): 16 per probe fold
+HELD_OUT_SEED, CAPTIONS_SEED = 1, 2  # the stage table's clips and the caption stages' dataset (the audio one: 0)
 
 
 def workdir_recipe(root: str, name: str, steps_scale: float) -> Recipe:
@@ -81,21 +83,25 @@ def train_stage(name: str, config, workdir: str, log: dict) -> None:
     log[name] = {**summary, "seconds": time.perf_counter() - start}
 
 
-def tokenize(root: str, data: str) -> None:
+def tokenize(root: str, datasets: dict[str, str], stage: str) -> None:
+    """`stage`'s cache of records (configs/melody.py CACHES) under `root`, unless it is finished."""
     import jax
 
-    from configs.melody import TOKEN_CROP_SECONDS, TOKENIZE_STAGES, TOKENS
+    from configs.melody import CACHES, TOKENIZE_STAGES
     from data_pipeline.tokenized import CropSpec, FrozenStages, tokenize_dataset
     from melody_jax.tasks.sources import TRAIN, read_manifest
     from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
 
-    out = os.path.join(root, TOKENS)
+    cache = CACHES[stage]
+    out = os.path.join(root, cache.folder)
     if TRAIN in read_manifest(out).get("splits", {}):
         return
-    print("[demo] caching latents and tokens", flush=True)
+    print(f"[demo] caching latents and tokens of {cache.seconds:g}-s crops for {stage}", flush=True)
     dirs = {s: os.path.join(root, s) for s in TOKENIZE_STAGES}
     stages = FrozenStages(dirs, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
-    tokenize_dataset(data, [TRAIN], out, stages, CropSpec(TOKEN_CROP_SECONDS), 16)
+    sliding = cache.hop_seconds < cache.seconds
+    spec = CropSpec(cache.seconds, "sliding" if sliding else "fixed", hop_seconds=cache.hop_seconds if sliding else 0.0)
+    tokenize_dataset(datasets[cache.dataset], [TRAIN], out, stages, spec, 16)
 
 
 def write_report(path: str, recipe: str, log: dict, outputs: list[dict], evaluation: str, stages: str) -> None:
@@ -136,15 +142,19 @@ def main(argv: list[str]) -> None:
 
         root = _WORKDIR.value
         recipe = workdir_recipe(root, _RECIPE.value, _STEPS.value)
-        data = os.path.join(root, "data")
-        print(f"[demo] preparing the synthetic dataset ({recipe.clips} clips)", flush=True)
+        data, captions = os.path.join(root, "data"), os.path.join(root, "captions")
+        print(f"[demo] preparing the synthetic datasets ({recipe.clips} clips; {recipe.caption_clips} for the "
+              "caption stages)", flush=True)
         prepare(PrepareSettings(source="synthetic", num_clips=recipe.clips, clip_seconds=4.0, val_fraction=0.15),
                 data, progress=False)
-        configs = demo_configs(data, root, recipe.steps_scale)
+        prepare(PrepareSettings(source="synthetic", num_clips=recipe.caption_clips, clip_seconds=4.0,
+                                val_fraction=0.15, seed=CAPTIONS_SEED), captions, progress=False)
+        datasets = {"audio": data, "captions": captions}
+        configs = demo_configs(datasets, root, recipe.steps_scale)
         log: dict = {}
         for name in STAGES:
             if configs[name].data.source == "cached":
-                tokenize(root, data)
+                tokenize(root, datasets, name)
             train_stage(name, configs[name], os.path.join(root, name), log)
         bundle = os.path.join(root, "bundle")
         if not os.path.exists(os.path.join(bundle, "bundle.json")):
@@ -172,8 +182,8 @@ def main(argv: list[str]) -> None:
         from melody_jax.evaluation import stage_quality
 
         heldout = os.path.join(root, "heldout")
-        prepare(PrepareSettings(source="synthetic", num_clips=STAGE_CLIPS, clip_seconds=4.0, seed=1), heldout,
-                progress=False)
+        prepare(PrepareSettings(source="synthetic", num_clips=STAGE_CLIPS, clip_seconds=4.0, seed=HELD_OUT_SEED),
+                heldout, progress=False)
         stages = stage_quality.stage_quality(melody, read_clips(heldout, "train", melody.sample_rate))
         write_json_atomic(os.path.join(root, "eval.json"), {**report, "stage_quality": stages}, sort_keys=False)
         write_report(os.path.join(root, "report.md"), f"recipe {_RECIPE.value}, steps × {recipe.steps_scale:g}", log,

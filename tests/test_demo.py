@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from configs.melody import DEMO_STEPS, demo_configs
+from configs.melody import DEMO_STEPS, STEP_CAPS, demo_configs
 from launch import demo
 from melody_jax.tasks.registry import get_task
 from melody_jax.training.errors import ConfigError, WorkdirError
@@ -32,15 +32,29 @@ def test_a_finished_stage_is_logged(tmp_path, monkeypatch):
 def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     root = str(tmp_path / "run")
     recipe = demo.workdir_recipe(root, "2h", 0.5)
-    assert (recipe.clips, recipe.steps_scale, recipe.eval_prompts) == (384, 4.0, 32)
-    configs = demo_configs(str(tmp_path / "data"), root, recipe.steps_scale)
+    assert (recipe.clips, recipe.caption_clips, recipe.steps_scale, recipe.eval_prompts) == (384, 1536, 4.0, 32)
+    configs = demo_configs({"audio": str(tmp_path / "data"), "captions": str(tmp_path / "captions")}, root,
+                           recipe.steps_scale)
     assert {s: configs[s].train.num_steps for s in DEMO_STEPS} == {s: 4 * n for s, n in DEMO_STEPS.items()}
+    full = demo_configs({"audio": "a", "captions": "c"}, root, 8.0)  # the 2-hour recipe: MuLan stops at its cap
+    assert ({s: full[s].train.num_steps for s in DEMO_STEPS}
+            == {s: STEP_CAPS.get(s, 8 * n) for s, n in DEMO_STEPS.items()})
+    assert full["mulan"].train.num_steps == 6000 < 8 * DEMO_STEPS["mulan"]
     get_task(configs["ssl"]).validate()  # the demo's HuBERT changes make a config the SSL task accepts
     assert configs["ssl"].model.objective == "hubert"
     assert list(configs["ssl"].model.target_features) == ["logmel", "chroma", "flux"]  # flux: tokens mark onsets
     assert demo.workdir_recipe(str(tmp_path / "small"), "demo", 1.0).eval_prompts == 32  # the 32 prompts
     get_task(configs["dpd"]).validate()  # and its DPD changes one the DPD task accepts
     assert configs["dpd"].model.continuation_share == 0.5
+    # the LM trains on 1.92-s crops of a cache of its own (48 tokens), half its rows on caption tokens
+    lm = configs["semantic_lm"]
+    get_task(lm).validate()
+    assert (lm.data.semantic_len, lm.data.text_token_share) == (48, 0.5)
+    assert lm.data.path.endswith("lm_tokens") and configs["dpd"].data.path.endswith("tokens")
+    assert lm.data.path != configs["dpd"].data.path
+    # MuLan learns from the captioned dataset, the audio stages from the other
+    assert configs["mulan"].data.path.endswith("captions") and configs["vae_gan"].data.path.endswith("data")
+    assert configs["ssl"].data.path == configs["vae_gan"].data.path
     assert json.load(open(tmp_path / "run" / "recipe.json")) == {"recipe": "2h", "steps_scale": 0.5}
     assert demo.workdir_recipe(root, "2h", 0.5) == recipe  # resuming with the same recipe
     with pytest.raises(WorkdirError, match="started with --recipe=2h --steps_scale=0.5"):

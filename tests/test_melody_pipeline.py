@@ -20,6 +20,7 @@ import pytest
 from melody_jax.pipelines.bundle import check_fit, read_configs
 from melody_jax.pipelines.dpd_sampling import inpaint_plan
 from melody_jax.pipelines.generation import AudioInputError
+from melody_jax.pipelines import melody as melody_module
 from melody_jax.pipelines.melody import MeLoDy, fold, row_keys
 from melody_jax.pipelines.validation import DurationError, PromptError
 from melody_jax.training.errors import BundleError, UserError
@@ -84,6 +85,33 @@ def test_uniform_schedule_is_a_choice(bundle, melody):
     assert np.abs(paper.latents - flat.latents).mean() > 1e-3
     with pytest.raises(UserError, match="schedule must be one of"):
         MeLoDy(bundle, schedule="cosine")
+
+
+def test_an_lm_window_longer_than_the_dpd_window_sets_the_lm_context(bundle, tmp_path, monkeypatch):
+    """An LM trained on longer crops than the DPD's window (the demo's: 48 tokens against 16) continues with its
+    last lm_window − M_ST tokens, not the DPD's window − M_ST: each LM step of a 4-s generation after the first
+    40 tokens sees 36 of them, while the DPD keeps its 16-token windows."""
+    from benchmarks.untrained import init_workdir
+    from melody_jax.pipelines.bundle import assemble
+    from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
+
+    stages = os.path.dirname(bundle)
+    init_workdir(tiny_configs(semantic_lm={"data.semantic_len": 40})["semantic_lm"], str(tmp_path / "semantic_lm"))
+    dirs = {s: str(tmp_path / s) if s == "semantic_lm" else os.path.join(stages, s) for s in read_configs(bundle)}
+    assemble(str(tmp_path / "bundle"), dirs, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
+    long_lm = MeLoDy(str(tmp_path / "bundle"), progress=False)
+    assert (long_lm.lm_window, long_lm.window_tokens, long_lm.chunk_tokens, long_lm.lm_context) == (40, 16, 4, 36)
+    seen = []
+    real = melody_module.continue_windows
+
+    def spy(model, params, prefix, context, *args, **kwargs):
+        seen.append((context.shape[1], args[1]))  # (context tokens, windows)
+        return real(model, params, prefix, context, *args, **kwargs)
+
+    monkeypatch.setattr(melody_module, "continue_windows", spy)
+    out = long_lm.generate(["calm piano"], 4.0, steps=2, seed=0)
+    assert out.audio.shape == (1, 4 * RATE) and out.semantic_tokens.shape == (1, 100)
+    assert seen == [(36, 15)]  # 40 tokens from scratch, then (100 − 40) / 4 steps on the last 36
 
 
 def test_continuation_keeps_the_given_latents(melody):
@@ -249,16 +277,18 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
     """The per-stage table on the untrained chain, each figure against a reference: the untrained VAE-GAN
     reconstructs far below an identity stand-in through the same measure, MuLan's recall is the retrieval
     measure's on the same embeddings, the collapsed token stream of an untrained tokenizer reads as one,
-    and the DPD's numbers move when its tokens are shuffled unless its token table is zeroed."""
+    and the DPD's and the LM's numbers move when their tokens (the LM's prefix) are shuffled unless their
+    token tables are zeroed."""
     from data_pipeline.builder import read_clips
-    from melody_jax.evaluation.stage_quality import (dpd_quality, markdown, retrieval_recall, stage_quality,
-                                                     vae_quality)
+    from melody_jax.evaluation.stage_quality import (dpd_quality, lm_quality, markdown, retrieval_recall,
+                                                     stage_quality, vae_quality)
     from melody_jax.tasks.dpd import DPDTask
+    from melody_jax.tasks.semantic_lm import SemanticLMTask
 
     data = prepared_data(source="synthetic", num_clips=8, clip_seconds=4.0, sample_rate=RATE, seed=5)
     clips = [{**c, "audio": c["audio"][: 48 * 960]} for c in read_clips(data, "train", RATE)]  # 3 crops of 16 tokens
-    table = stage_quality(melody, clips)
-    v = table["vae_gan"]
+    stages = stage_quality(melody, clips)
+    v = stages["vae_gan"]
     with activate(melody.mesh, melody.rules):
         audio = np.stack([c["audio"] for c in clips])
         perfect = vae_quality(IdentityVAE(melody.vae.config, melody.vae.hop, RATE), audio)
@@ -267,21 +297,22 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
         assert v["si_snr_db"] < 0 and v["mr_stft"] > 0.1 and v["log_mel_l1"] > 0.1, v
         text = melody.mulan.text_embeddings([c["caption"] for c in clips])
         recall = retrieval_recall(np.asarray(text), np.asarray(melody.mulan.audio_embeddings(audio)))
-    assert table["mulan"] == {"recall@1": recall[1], "recall@5": recall[5]} and recall[5] >= recall[1]
-    lm, dpd = table["semantic_lm"], table["dpd"]
+    assert stages["mulan"] == {"recall@1": recall[1], "recall@5": recall[5]} and recall[5] >= recall[1]
+    lm, dpd = stages["semantic_lm"], stages["dpd"]
     # The untrained SSL tower + k-means put every frame in one cluster: the table reads a collapsed stream
     # (one token of 32, each repeating its predecessor), the untrained LM's loss stays near log 32 = 3.47
     # (measured 3.33) far above that stream's entropy, and shuffling a constant stream changes nothing.
     assert lm["crops"] == dpd["crops"] == 24
     assert lm["entropy_nats"] == 0 and lm["distinct_fraction"] == 1 / 32 and lm["repeat_rate"] == 1, lm
     assert lm["loss"] == pytest.approx(np.log(32), abs=0.3) and lm["accuracy"] == 0, lm
+    assert np.isfinite([lm["loss_shuffled_prefix"], lm["loss_caption_prefix"]]).all(), lm
     assert dpd["true"] == dpd["shuffled"]
-    assert all(p is None for p in table["tokens"].values())  # 8 clips: no two classes of ≥ 4 (n/a, not a guess)
+    assert all(p is None for p in stages["tokens"].values())  # 8 clips: no two classes of ≥ 4 (n/a, not a guess)
     # One token for every frame marks no onset, and the untrained DPD renders no beat. Measured on these 1.92-s
     # clips: tempo from the clips 0.5, from the untrained VAE-GAN's reconstructions 0.375 (its random convs pass
     # the loudness envelope the beat tracker reads), from the rendered tokens 0.
-    t = table["tempo"]
-    assert table["beat_r2"] <= 0 and t["clips"] >= 0.5 and t["dpd"] == 0, (table["beat_r2"], t)
+    t = stages["tempo"]
+    assert stages["beat_r2"] <= 0 and t["clips"] >= 0.5 and t["dpd"] == 0, (stages["beat_r2"], t)
     assert t["vae_gan"] <= t["clips"], t
 
     task, rng = DPDTask(melody.configs["dpd"]), np.random.default_rng(0)
@@ -291,9 +322,22 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
     with activate(melody.mesh, melody.rules):
         used, ignored = (dpd_quality(task, p, latents, tokens) for p in (melody.dpd_params, blind))
     assert used["true"] != used["shuffled"] and ignored["true"] == ignored["shuffled"], (used, ignored)
-    md = markdown(table)
+    # The LM's prefix: shuffling random MuLan tokens across crops moves its loss, unless the prefix's embedding
+    # rows are zeroed; the caption prefix is read like any other.
+    lm_task, q = SemanticLMTask(melody.configs["semantic_lm"]), melody.configs["semantic_lm"].model
+    mulan, semantic = rng.integers(0, 16, (8, 12)), rng.integers(0, 32, (8, 16))
+    embedding = melody.lm_params["decoder"]["embedding"]
+    deaf = {**melody.lm_params, "decoder": {**melody.lm_params["decoder"], "embedding": embedding.at[
+        : q.num_mulan_tokens * q.mulan_codebook_size].set(0.0)}}
+    with activate(melody.mesh, melody.rules):
+        heard, unheard = (lm_quality(lm_task, p, mulan, semantic, caption_tokens=mulan[::-1])
+                          for p in (melody.lm_params, deaf))
+    assert heard["loss"] != heard["loss_shuffled_prefix"] and heard["loss"] != heard["loss_caption_prefix"], heard
+    assert unheard["loss"] == unheard["loss_shuffled_prefix"] == unheard["loss_caption_prefix"], unheard
+    md = markdown(stages)
     assert "| DPD | velocity MSE at π/4, true tokens |" in md and "| MuLan | text → audio recall@5 |" in md
     assert "| DPD | tempo accuracy (±5 %) of the clips' tokens rendered |" in md
+    assert "| semantic LM | held-out cross-entropy, prefixes shuffled across crops |" in md
 
 
 @pytest.fixture(scope="module")

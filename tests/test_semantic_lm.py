@@ -13,6 +13,7 @@ from melody_jax.models.semantic_lm import stream_ids
 from melody_jax.pipelines.lm_sampling import (continue_tokens, continue_windows, sample, sample_from_logits,
                                               teacher_forced_logits)
 from melody_jax.tasks.semantic_lm import SemanticLMTask, rule_targets, synthetic_tokens
+from melody_jax.text.byte_tokenizer import decode
 from data_pipeline.record_shards import write_cache
 from melody_jax.training.checkpoint import Checkpointer
 from melody_jax.training.errors import ConfigError
@@ -185,6 +186,46 @@ def test_cached_records_round_trip(tmp_path):
         SemanticLMTask(lm_config({"data.source": "cached", "data.path": path, "data.semantic_len": 21})).train_iterator(mesh)
 
 
+def test_a_share_of_rows_is_conditioned_on_caption_tokens(tmp_path):
+    """data.text_token_share: the records' caption tokens replace the audio's in that share of the rows
+    (drawn per row from the step's rng); share 0 reads no caption tokens; sources without captions and
+    caches without the field are refused."""
+    mulan, semantic = synthetic_tokens(0, 0, 16, 12, 20, CODES, 4)
+    text = (mulan + 7) % CODES
+    path = str(tmp_path)
+    write_cache(path, "train", {"mulan_tokens": mulan, "semantic_tokens": semantic, "mulan_text_tokens": text})
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    tasks = {share: SemanticLMTask(lm_config({"data.source": "cached", "data.path": path,
+                                              "data.text_token_share": share, "data.shuffle_buffer": 1}))
+             for share in (0.0, 0.5, 1.0)}
+    assert "mulan_text_tokens" not in next(tasks[0.0].train_iterator(mesh))
+    batch = {k: np.asarray(v) for k, v in next(tasks[1.0].train_iterator(mesh)).items()}
+    params = nn.meta.unbox(tasks[1.0].init_params(jax.random.key(0)))
+    rng = jax.random.key(3)
+
+    def loss(share, b):
+        return float(jax.jit(tasks[share].loss)(params, b, rng)[0])
+
+    as_audio = {k: batch[k] for k in ("mulan_tokens", "semantic_tokens")}
+    as_text = {**as_audio, "mulan_tokens": batch["mulan_text_tokens"]}
+    assert loss(1.0, batch) == pytest.approx(loss(0.0, as_text), rel=1e-6)
+    assert loss(0.0, batch) == pytest.approx(loss(0.0, as_audio), rel=1e-6)
+    assert abs(loss(0.0, as_text) - loss(0.0, as_audio)) > 1e-3  # the two prefixes do differ for the model
+    picked = np.asarray(jax.random.bernoulli(rng, 0.5, (16, 1)))
+    assert 4 <= picked.sum() <= 12
+    mixed = {**as_audio, "mulan_tokens": np.where(picked, batch["mulan_text_tokens"], batch["mulan_tokens"])}
+    assert loss(0.5, batch) == pytest.approx(loss(0.0, mixed), rel=1e-6)
+
+    with pytest.raises(ConfigError, match=r"text_token_share=0.5: data.source='synthetic' has no captions"):
+        SemanticLMTask(lm_config({"data.text_token_share": 0.5})).validate()
+    with pytest.raises(ConfigError, match=r"text_token_share=1.5 must be in \[0, 1\]"):
+        SemanticLMTask(lm_config({"data.source": "cached", "data.path": path, "data.text_token_share": 1.5})).validate()
+    write_cache(str(tmp_path / "old"), "train", {"mulan_tokens": mulan, "semantic_tokens": semantic})
+    with pytest.raises(ConfigError, match=r"'mulan_text_tokens': 0.*expects .*'mulan_text_tokens': 12"):
+        SemanticLMTask(lm_config({"data.source": "cached", "data.path": str(tmp_path / "old"),
+                                  "data.text_token_share": 0.5})).train_iterator(mesh)
+
+
 @pytest.mark.slow  # four frozen stages, a training and a resume
 def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
     """data.source="frozen_models": the in-step tokens are the frozen stages' own tokens (checked
@@ -200,10 +241,11 @@ def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
                          val_fraction=0.25)
     fields = {f"upstream.{s}": str(tmp_path / s) for s in ("ssl", "kmeans", "mulan", "rvq")}
     lm = configs["semantic_lm"]
-    config = stage_config("semantic_lm", {"data.source": "frozen_models", "data.path": data, "data.semantic_len": 16,
-                           "model.semantic_vocab_size": lm.model.semantic_vocab_size,
-                           "model.mulan_codebook_size": lm.model.mulan_codebook_size, "train.batch_size": 8,
-                           "train.num_steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2, "mesh_devices": 1, **fields})
+    overrides = {"data.source": "frozen_models", "data.path": data, "data.semantic_len": 16,
+                 "model.semantic_vocab_size": lm.model.semantic_vocab_size,
+                 "model.mulan_codebook_size": lm.model.mulan_codebook_size, "train.batch_size": 8,
+                 "train.num_steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2, "mesh_devices": 1, **fields}
+    config = stage_config("semantic_lm", overrides)
     with pytest.raises(ConfigError, match=r"config.upstream.ssl is empty"):
         SemanticLMTask(stage_config("semantic_lm", {"data.source": "frozen_models", "data.path": data})).validate()
     task = SemanticLMTask(config)
@@ -219,6 +261,17 @@ def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
         outside = {"mulan_tokens": mulan.audio_tokens(batch["audio"]), "semantic_tokens": tokenizer(batch["audio"])}
         assert outside["semantic_tokens"].shape == (8, 16) and outside["mulan_tokens"].shape == (8, 12)
         expected, _ = jax.jit(task.loss)(params, outside, jax.random.key(1))
+    np.testing.assert_allclose(float(in_step), float(expected), rtol=1e-5)
+    # data.text_token_share=1: every row's prefix is its caption's MuLan text tokens, made in the step
+    captioned = SemanticLMTask(stage_config("semantic_lm", {**overrides, "data.text_token_share": 1.0}))
+    with activate(mesh, DEFAULT_RULES):
+        captioned.setup(mesh)
+        batch = next(captioned.train_iterator(mesh))
+        captions = [decode(row[m]) for row, m in zip(np.asarray(batch["text_tokens"]), np.asarray(batch["text_mask"]))]
+        in_step, _ = jax.jit(captioned.loss)(params, batch, jax.random.key(1))
+        outside = {"mulan_tokens": mulan.text_tokens(captions), "semantic_tokens": tokenizer(batch["audio"])}
+        expected, _ = jax.jit(task.loss)(params, outside, jax.random.key(1))
+    assert all(captions) and len(set(captions)) > 1
     np.testing.assert_allclose(float(in_step), float(expected), rtol=1e-5)
     summary = train(get_task(config), str(tmp_path / "run"))
     assert summary["status"] == "done" and summary["step"] == 2 and np.isfinite(summary["eval_loss"])

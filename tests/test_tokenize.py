@@ -66,8 +66,8 @@ def cache_records(out: str, split: str) -> dict[tuple[int, int], dict[str, np.nd
             key = (f["clip_id"].int64_list.value[0], f["crop_start"].int64_list.value[0])
             assert key not in records, f"crop {key} written twice"
             records[key] = {"latents": np.array(f["latents"].float_list.value, np.float32),
-                            "semantic_tokens": np.array(f["semantic_tokens"].int64_list.value),
-                            "mulan_tokens": np.array(f["mulan_tokens"].int64_list.value)}
+                            **{k: np.array(f[k].int64_list.value)
+                               for k in ("semantic_tokens", "mulan_tokens", "mulan_text_tokens")}}
     return records
 
 
@@ -101,15 +101,23 @@ def test_tokenize_streams_shards_and_resumes_after_a_crash(tmp_path, frozen, dat
         expected = sum(len(SLIDING.starts(len(a), RATE, split, 0)) for a in clips[split].values())
         assert entry["records"] == expected == sum(s["records"] for s in entry["shards"])
     assert len(written["train"]["shards"]) >= 3, "0.02 MB shards: the 24 train crops fill several"
-    assert written["train"]["fields"] == {"latents": [160, 16], "semantic_tokens": [16], "mulan_tokens": [12]}
+    assert written["train"]["fields"] == {"latents": [160, 16], "semantic_tokens": [16], "mulan_tokens": [12],
+                                          "mulan_text_tokens": [12]}
     clean = cache_records(str(tmp_path / "clean"), "train")
     assert len(clean) == written["train"]["records"]
 
-    # the records are the stages' outputs for those crops (cut here from the clips)
+    # the records are the stages' outputs for those crops (cut here from the clips), and the text tokens
+    # those of the crop's clip's caption as sampling makes them from a prompt
     keys = sorted(clean)[:8]
-    expected = frozen(np.stack([clips["train"][c][s:s + int(CROP * RATE)] for c, s in keys]))
+    captions = clip_captions(data, "train")
+    expected = frozen(np.stack([clips["train"][c][s:s + int(CROP * RATE)] for c, s in keys]),
+                      [captions[c] for c, _ in keys])
+    assert set(expected) == set(clean[keys[0]])
     for field, values in expected.items():
         np.testing.assert_array_equal([clean[k][field] for k in keys], values.reshape(8, -1))
+    np.testing.assert_array_equal([clean[k]["mulan_text_tokens"] for k in keys],
+                                  frozen.mulan.text_tokens([captions[c] for c, _ in keys]))
+    assert len({captions[c] for c, _ in keys}) > 1 and all(captions[c] for c, _ in keys)
 
     # a crash in the middle of the third shard: two committed, one partial; the rerun completes it
     out = tmp_path / "crashed"
@@ -146,6 +154,11 @@ def test_tokenize_streams_shards_and_resumes_after_a_crash(tmp_path, frozen, dat
 def clip_audio(data: str, split: str) -> dict[int, np.ndarray]:
     """The split's clips by id."""
     return {int(ex["id"]): from_pcm(ex["audio"]) for ex in host_split(data, split).as_numpy_iterator()}
+
+
+def clip_captions(data: str, split: str) -> dict[int, str]:
+    """The split's captions by clip id."""
+    return {int(ex["id"]): ex["caption"].decode() for ex in host_split(data, split).as_numpy_iterator()}
 
 
 def write_shards(out: str, split: str, sizes: list[int]) -> None:

@@ -100,15 +100,25 @@ def retrieval_recall(text_emb: np.ndarray, audio_emb: np.ndarray, ks: Sequence[i
 
 
 def lm_quality(task: SemanticLMTask, params: Any, mulan_tokens: np.ndarray, semantic: np.ndarray,
-               batch_size: int = 8) -> dict[str, float]:
-    """The LM task's own held-out loss (cross-entropy, nats per token) and next-token accuracy."""
+               caption_tokens: np.ndarray | None = None, seed: int = 0, batch_size: int = 8) -> dict[str, float]:
+    """The LM task's own held-out loss (cross-entropy, nats per token) and next-token accuracy with the crops'
+    MuLan audio tokens as prefix; its loss with those prefixes permuted across the crops (no higher: the LM
+    ignores its prefix) and, given `caption_tokens` [N, Q], with the prefix sampling gives it (their clips'
+    captions' MuLan text tokens)."""
     step = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(0), train=False))
 
     def fn(_, b):
         loss, metrics = step(params, b)
         return {"loss": loss, **metrics}
 
-    return _means(fn, {"mulan_tokens": mulan_tokens, "semantic_tokens": semantic}, batch_size)
+    def loss(prefix: np.ndarray) -> float:
+        return _means(fn, {"mulan_tokens": prefix, "semantic_tokens": semantic}, batch_size)["loss"]
+
+    out = _means(fn, {"mulan_tokens": mulan_tokens, "semantic_tokens": semantic}, batch_size)
+    out["loss_shuffled_prefix"] = loss(mulan_tokens[np.random.default_rng(seed).permutation(len(mulan_tokens))])
+    if caption_tokens is not None:
+        out["loss_caption_prefix"] = loss(caption_tokens)
+    return out
 
 
 def dpd_quality(task: DPDTask, params: Any, latents: np.ndarray, tokens: np.ndarray, seed: int = 0,
@@ -150,9 +160,11 @@ def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int 
     labelled = all(c.get("attributes") for c in clips)
     with activate(melody.mesh, melody.rules):
         tokens = _rows(melody.tokenizer, audio, batch_size)
-        text = np.asarray(melody.mulan.text_embeddings([c["caption"] for c in clips]))
+        captions = [c["caption"] for c in clips]
+        text = np.asarray(melody.mulan.text_embeddings(captions))
         lm_crops = crops(audio, melody.lm_window * hop)
         mulan_tokens = _rows(melody.mulan.audio_tokens, lm_crops, batch_size)
+        caption_tokens = np.repeat(np.asarray(melody.mulan.text_tokens(captions)), len(lm_crops) // len(clips), 0)
         lm_semantic = _rows(melody.tokenizer, lm_crops, batch_size)
         dpd_crops = crops(audio, melody.window_tokens * hop)
         table = {
@@ -167,7 +179,7 @@ def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int 
                 text, _rows(melody.mulan.audio_embeddings, audio, batch_size)).items()},
             "semantic_lm": {"crops": len(lm_crops), **stream_statistics(lm_semantic, vocab),
                             **lm_quality(SemanticLMTask(lm_config), melody.lm_params, mulan_tokens, lm_semantic,
-                                         batch_size)},
+                                         caption_tokens, seed, batch_size)},
             "dpd": {"crops": len(dpd_crops), **dpd_quality(
                 DPDTask(dpd_config), melody.dpd_params, _rows(melody.vae.encode, dpd_crops, batch_size),
                 _rows(melody.tokenizer, dpd_crops, batch_size), seed, batch_size)},
@@ -202,6 +214,10 @@ def markdown(table: Mapping[str, Any]) -> str:
         lines.append(f"| MuLan | text → audio {key} | {f(r)} | chance {f(min(1.0, k / n))} |")
     lines += [f"| semantic LM | held-out cross-entropy (nats/token) | {f(lm['loss'])} | unigram entropy "
               f"{f(lm['entropy_nats'])} |",
+              f"| semantic LM | held-out cross-entropy, prefixes shuffled across crops | "
+              f"{f(lm['loss_shuffled_prefix'])} | true prefixes {f(lm['loss'])} (as low: the prefix is ignored) |",
+              f"| semantic LM | held-out cross-entropy, the captions' text tokens as prefix (as sampled) | "
+              f"{f(lm['loss_caption_prefix'])} | audio tokens' {f(lm['loss'])} |",
               f"| semantic LM | held-out next-token accuracy | {f(lm['accuracy'])} | repeat rate "
               f"{f(lm['repeat_rate'])} |",
               f"| semantic LM | share of the vocabulary in the held-out stream | {f(lm['distinct_fraction'])} | "

@@ -72,11 +72,14 @@ class FrozenMuLan:
     def text_embedding_fn(self, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         return self.model.apply({"params": params["mulan"]}, tokens, mask, method=MuLan.embed_text)
 
+    def text_tokens_fn(self, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """Byte tokens [B, L] and their mask → int32 [B, Q]: RVQ of the text embedding."""
+        return mulan_tokens(params["codebooks"], self.text_embedding_fn(params, tokens, mask))
+
     @functools.cached_property
     def _jitted(self) -> dict[str, Any]:
-        tokens = lambda params, *x: mulan_tokens(params["codebooks"], self.text_embedding_fn(params, *x))  # noqa: E731
         return {"audio_tokens": jax.jit(self.audio_tokens_fn), "audio_embeddings": jax.jit(self.audio_embedding_fn),
-                "text_tokens": jax.jit(tokens), "text_embeddings": jax.jit(self.text_embedding_fn)}
+                "text_tokens": jax.jit(self.text_tokens_fn), "text_embeddings": jax.jit(self.text_embedding_fn)}
 
     def text_tokens(self, prompts: Sequence[str]) -> jax.Array:
         return self._jitted["text_tokens"](self.params, *text_tokenize(list(prompts), self.max_text_length))

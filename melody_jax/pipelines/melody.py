@@ -93,7 +93,9 @@ class MeLoDy(Generator):
         self.lm_window = lm.config.data.semantic_len
         self.window_tokens = dpd.config.data.token_length
         self.chunk_tokens = math.ceil(self.window_tokens / dpd.config.model.num_chunks)  # M_ST
-        self.lm_context = max(0, min(self.lm_window, self.window_tokens) - self.chunk_tokens)
+        # The LM moves by M_ST tokens too, but within its own window: each step sees its last lm_window − M_ST
+        # tokens, however long the DPD's window (a longer LM window keeps a slow beat across steps).
+        self.lm_context = max(0, self.lm_window - self.chunk_tokens)
 
     # --- public API -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], duration_s: float | None = None, seed: int | Sequence[int] = 0,

@@ -12,6 +12,12 @@ Data sources (`config.data.source`, melody_jax/tasks/sources.py):
   into MuLan tokens (MuLan audio tower + RVQ) and semantic tokens (SSL Conformer + k-means) inside the
   jitted step by the frozen stages named in `upstream.{ssl,kmeans,mulan,rvq}`, loaded by `setup`
   (their parameters ride along with every batch: `frozen.inputs.FrozenInputs`).
+`data.text_token_share` of the rows (drawn per row in the step) are conditioned on the MuLan *text* tokens
+of their clip's caption instead of the crop's audio tokens ("cached": the records' `mulan_text_tokens`;
+"frozen_models": the caption run through MuLan's text tower + RVQ in the step). Sampling conditions on
+text tokens: a MuLan too small to put a caption and its audio on the same tokens (or crops too short to
+show a tempo to its audio tower) leaves an LM trained on audio tokens alone with prefixes at sampling
+time that it never saw [not in the paper, which trains on audio tokens only].
 Padding never trains: semantic tokens whose samples are not all real (the crop's `mask`; an optional
 `semantic_mask [B, T]` beside cached or synthetic tokens) are left out of the cross-entropy, and the
 MuLan tokens come from the valid samples only.
@@ -33,6 +39,7 @@ from melody_jax.frozen.mulan import FrozenMuLan
 from melody_jax.frozen.semantic import SemanticTokenizer
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.semantic_lm import SemanticLM
+from melody_jax.tasks.mulan import TextAudioIterator
 from melody_jax.tasks.sources import SourcedTask, cache_shards, prepared_audio, stream_seed
 from melody_jax.training.config import positive, require
 from melody_jax.training.sharding import config_rules
@@ -98,6 +105,11 @@ class SemanticLMTask(SourcedTask):
             require(m.num_mulan_tokens >= 2, "config.model.num_mulan_tokens must be >= 2 for the synthetic rule")
         elif d.source == "frozen_models":
             require_upstream(c, *FROZEN_STAGES)
+        require(0.0 <= d.text_token_share <= 1.0,
+                f"config.data.text_token_share={d.text_token_share} must be in [0, 1]")
+        require(d.text_token_share == 0.0 or d.source in ("cached", "frozen_models"),
+                f"config.data.text_token_share={d.text_token_share}: data.source={d.source!r} has no captions "
+                "(\"cached\" or \"frozen_models\" do)")
 
     @property
     def model(self) -> SemanticLM:
@@ -126,12 +138,19 @@ class SemanticLMTask(SourcedTask):
         self.tokenizer, self.mulan = tokenizer, mulan
 
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
-        if "frozen" in batch:  # data.source="frozen_models": tokenise the audio crops here
+        text_tokens = batch.get("mulan_text_tokens")  # data.text_token_share > 0
+        if "frozen" in batch:  # data.source="frozen_models": tokenise the audio crops (and captions) here
             mulan_tokens, semantic = self._tokens(batch["frozen"], batch["audio"], batch["mask"])
             valid = frame_mask(batch["mask"], self.tokenizer.hop, semantic.shape[1])
+            if "text_tokens" in batch:
+                text_tokens = self.mulan.text_tokens_fn(batch["frozen"]["mulan"], batch["text_tokens"],
+                                                        batch["text_mask"])
         else:
             mulan_tokens, semantic = batch["mulan_tokens"], batch["semantic_tokens"]
             valid = batch.get("semantic_mask", jnp.ones(semantic.shape, jnp.float32))
+        if text_tokens is not None:  # that share of the rows, drawn here, are conditioned on their caption
+            text = jax.random.bernoulli(rng, self.config.data.text_token_share, (semantic.shape[0], 1))
+            mulan_tokens = jnp.where(text, text_tokens, mulan_tokens)
         stream = jnp.concatenate([mulan_tokens, semantic], axis=1)
         # logits at position p predict stream[p + 1]: the last MuLan position predicts the first semantic token
         logits = self.model.apply({"params": params}, stream[:, :-1])[:, self.config.model.num_mulan_tokens - 1:]
@@ -149,15 +168,23 @@ class SemanticLMTask(SourcedTask):
         data = self.config.data.copy_and_resolve_references()
         data.crop_seconds = self.config.data.semantic_len * tokenizer.hop / data.sample_rate
         frozen = {"ssl": tokenizer.ssl_params, "centroids": tokenizer.centroids, "mulan": mulan.params}
-        audio = prepared_audio(self.config, mesh, split, with_text=False, data=data)
-        return FrozenInputs(audio, frozen, keys=("audio", "mask"))
+        if not data.text_token_share:
+            return FrozenInputs(prepared_audio(self.config, mesh, split, with_text=False, data=data), frozen,
+                                keys=("audio", "mask"))
+        c = self.config
+        audio = TextAudioIterator(prepared_audio(c, mesh, split, with_text=True, data=data), mesh,
+                                  seed=stream_seed(c.seed, split), global_batch_size=c.train.batch_size,
+                                  caption_probability=1.0, max_text_length=mulan.max_text_length)
+        return FrozenInputs(audio, frozen)
 
     def _records(self, mesh, shards: list[tuple[str, int]]):
         from data_pipeline.token_records import Field, RecordIterator  # TensorFlow: only when used
 
         c = self.config
-        fields = {"mulan_tokens": Field((c.model.num_mulan_tokens,), c.model.mulan_codebook_size),
-                  "semantic_tokens": Field((c.data.semantic_len,), c.model.semantic_vocab_size)}
+        mulan = Field((c.model.num_mulan_tokens,), c.model.mulan_codebook_size)
+        fields = {"mulan_tokens": mulan, "semantic_tokens": Field((c.data.semantic_len,), c.model.semantic_vocab_size)}
+        if c.data.text_token_share:
+            fields["mulan_text_tokens"] = mulan
         return RecordIterator(shards, fields, global_batch_size=c.train.batch_size, mesh=mesh, seed=c.seed,
                               shuffle_buffer=c.data.shuffle_buffer)
 
