@@ -63,8 +63,8 @@ DEMO_CHANGES: dict[str, dict] = {
     # Half the DPD's examples train on a continuation step's angles (first chunks clean): 10-s outputs are
     # continuation windows, and without it their later windows drift into noise (README "Evaluation").
     "dpd": {"model.continuation_share": 0.5, "train.ema_decay": 0.999},
-    # Half the LM's rows are conditioned on their clip caption's MuLan text tokens, the prefix sampling gives it
-    # (the crops' own audio tokens come from 0.64 s, too short for the MuLan audio tower to hear a tempo).
+    # Half the LM's rows are conditioned on their clip caption's MuLan text tokens, the prefix text prompts give
+    # at sampling time (an LM trained on audio tokens alone never sees one); the other half keep audio prompts.
     "semantic_lm": {"data.text_token_share": 0.5},
 }
 

@@ -29,6 +29,7 @@ from data_pipeline.token_records import serialized_rows
 from melody_jax.frozen.mulan import FrozenMuLan
 from melody_jax.frozen.semantic import SemanticTokenizer
 from melody_jax.frozen.vae import FrozenVAE
+from melody_jax.tasks.mulan import pick_texts
 from melody_jax.tasks.sources import read_manifest, split_index
 from melody_jax.text.byte_tokenizer import tokenize as text_tokenize
 from melody_jax.training.errors import ConfigError
@@ -74,8 +75,9 @@ class CropSpec:
 
 
 def clip_text(example: dict[str, Any]) -> str:
-    """A prepared clip's text for MuLan: its caption, or its tags when it has none (as MuLan trains)."""
-    return example["caption"].decode("utf-8") or ", ".join(t.decode("utf-8") for t in example["tags"])
+    """A prepared clip's text for MuLan: its caption, or its tags when it has none (MuLan's `pick_texts`)."""
+    tags = ", ".join(t.decode("utf-8") for t in example["tags"])
+    return pick_texts([example["caption"].decode("utf-8")], [tags], [True])[0]
 
 
 def host_crops(data_path: str, split: str, rate: int, spec: CropSpec, position: tuple[int, int] | None
