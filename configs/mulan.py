@@ -40,6 +40,9 @@ def get_config(arg: str | None = None):
     c.data.sample_rate = 24000  # every preset: the rate of the VAE-GAN and SSL stages it is bundled with
     c.data.shuffle_buffer = 64 if tiny else 256
     c.data.caption_probability = 0.5  # else the tag list (DESIGN §4.3: each clip paired at random)
+    # Word dropout on the training texts (audiocraft's T5 conditioner; tasks/musicgen_conditions.word_dropout):
+    # each word of a caption or tag list dropped with this probability. Off in every preset; the demo sets it.
+    c.train.word_dropout = 0.0
     c.data.eval_split = "validation"  # "" = no evaluation; needs prepare_data --val_fraction > 0
 
     set_fields(c, SIZES[preset])

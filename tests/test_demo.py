@@ -46,6 +46,10 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     assert demo.workdir_recipe(str(tmp_path / "small"), "demo", 1.0).eval_prompts == 32  # the 32 prompts
     get_task(configs["dpd"]).validate()  # and its DPD changes one the DPD task accepts
     assert configs["dpd"].model.continuation_share == 0.5
+    assert configs["dpd"].sample.temperature == 0.5  # the bundle's LM sampling, stored with the DPD's config
+    # MuLan's text tower: word dropout, and captions three times in four against tag lists
+    get_task(configs["mulan"]).validate()
+    assert (configs["mulan"].train.word_dropout, configs["mulan"].data.caption_probability) == (0.2, 0.75)
     # the LM trains on 1.92-s crops of a cache of its own (48 tokens), half its rows on caption tokens
     lm = configs["semantic_lm"]
     get_task(lm).validate()

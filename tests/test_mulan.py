@@ -157,6 +157,32 @@ def test_iterator_yields_global_arrays_with_captions_and_tags(trained):
 
 
 @pytest.mark.learning
+def test_word_dropout_thins_the_training_texts_only(trained):
+    """train.word_dropout drops words of the picked caption or tag list, the same ones every run, in training
+    batches only: each augmented text keeps a subsequence of its words, about 1 − p of them."""
+    plain = trained["task"]
+    config = plain.config.copy_and_resolve_references()
+    config.train.word_dropout = 0.5
+    thinned = MuLanTask(config)
+
+    def texts(task: MuLanTask, split: str) -> list[str]:  # the first batch's texts
+        return [decode(row) for row in np.asarray(next(task.batches(trained["mesh"], split))["text_tokens"])]
+
+    kept, total = 0, 0
+    for before, after in zip(texts(plain, "train"), texts(thinned, "train")):
+        words, left = before.split(" "), after.split(" ") if after else []
+        it = iter(words)
+        assert all(w in it for w in left), (before, after)  # a subsequence, in order
+        kept, total = kept + len(left), total + len(words)
+    assert 0.35 < kept / total < 0.65, (kept, total)  # p = 0.5 over ~16 texts of ~10 words
+    assert texts(thinned, "train") == texts(thinned, "train")
+    assert texts(thinned, "validation") == texts(plain, "validation")
+    config.train.word_dropout = 1.0
+    with pytest.raises(ConfigError, match="word_dropout"):
+        MuLanTask(config).validate()
+
+
+@pytest.mark.learning
 def test_training_fell_and_logged(trained):
     lines = [json.loads(x) for x in open(f"{trained['workdir']}/metrics.jsonl")]
     assert lines[-1]["step"] == STEPS and trained["summary"]["status"] == "done"

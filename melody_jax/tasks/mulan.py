@@ -18,7 +18,8 @@ from data_pipeline.input import AudioBatchIterator
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.mulan import MuLan, contrastive_loss
-from melody_jax.tasks.sources import SourcedTask, prepared_audio, stream_seed
+from melody_jax.tasks.musicgen_conditions import word_dropout
+from melody_jax.tasks.sources import TRAIN, SourcedTask, prepared_audio, stream_seed
 from melody_jax.text.byte_tokenizer import tokenize
 from melody_jax.training.config import positive, require
 from melody_jax.training.sharding import host_to_global, process_rows
@@ -95,6 +96,7 @@ class MuLanTask(SourcedTask):
         require(0.0 <= d.caption_probability <= 1.0,
                 f"config.data.caption_probability={d.caption_probability} must lie in [0, 1]")
         require(m.dtype in ("float32", "bfloat16"), f"config.model.dtype={m.dtype!r} must be float32 or bfloat16")
+        require(0.0 <= c.train.word_dropout < 1.0, f"config.train.word_dropout={c.train.word_dropout} must lie in [0, 1)")
 
     @property
     def crop_samples(self) -> int:
@@ -117,7 +119,11 @@ class MuLanTask(SourcedTask):
 
     def batches(self, mesh, split: str) -> TextAudioIterator:
         c = self.config
+
+        def augment(texts, captions, tags, rng):
+            return [word_dropout(t, c.train.word_dropout, rng) for t in texts]
+
         return TextAudioIterator(prepared_audio(c, mesh, split, with_text=True), mesh,
                                  seed=stream_seed(c.seed, split), global_batch_size=c.train.batch_size,
                                  caption_probability=c.data.caption_probability,
-                                 max_text_length=c.model.max_text_length)
+                                 max_text_length=c.model.max_text_length, augment=augment if split == TRAIN else None)
