@@ -111,13 +111,14 @@ def lm_quality(task: SemanticLMTask, params: Any, mulan_tokens: np.ndarray, sema
         loss, metrics = step(params, b)
         return {"loss": loss, **metrics}
 
-    def loss(prefix: np.ndarray) -> float:
-        return _means(fn, {"mulan_tokens": prefix, "semantic_tokens": semantic}, batch_size)["loss"]
+    def means(prefix: np.ndarray) -> dict[str, float]:
+        return _means(fn, {"mulan_tokens": prefix, "semantic_tokens": semantic}, batch_size)
 
-    out = _means(fn, {"mulan_tokens": mulan_tokens, "semantic_tokens": semantic}, batch_size)
-    out["loss_shuffled_prefix"] = loss(mulan_tokens[np.random.default_rng(seed).permutation(len(mulan_tokens))])
+    out = means(mulan_tokens)
+    shuffled = mulan_tokens[np.random.default_rng(seed).permutation(len(mulan_tokens))]
+    out["loss_shuffled_prefix"] = means(shuffled)["loss"]
     if caption_tokens is not None:
-        out["loss_caption_prefix"] = loss(caption_tokens)
+        out["loss_caption_prefix"] = means(caption_tokens)["loss"]
     return out
 
 
