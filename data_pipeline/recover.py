@@ -24,11 +24,22 @@ _HOP = 256
 def estimate_tempo(audio: np.ndarray, sample_rate: int) -> float:
     """Tempo in BPM (0.0 when fewer than three beats are found)."""
     env = librosa.onset.onset_strength(y=audio, sr=sample_rate, hop_length=_HOP)
-    bpm = librosa.feature.tempo(onset_envelope=env, sr=sample_rate, hop_length=_HOP, ac_size=4.0)[0]
-    _, beats = librosa.beat.beat_track(onset_envelope=env, sr=sample_rate, hop_length=_HOP, bpm=bpm)
+    return envelope_tempo(env, sample_rate, _HOP)
+
+
+def envelope_tempo(envelope: np.ndarray, sample_rate: int, hop: int) -> float:
+    """`estimate_tempo` on an onset envelope at one frame per `hop` samples (one read from elsewhere than
+    audio, e.g. from semantic tokens): BPM, 0.0 when fewer than three beats are found or the envelope is flat
+    (silence: librosa 0.11's beat trimming would walk past the end of a flat envelope's scores and corrupt
+    memory)."""
+    envelope = np.asarray(envelope)
+    if np.ptp(envelope) <= 1e-6 * np.abs(envelope).max(initial=0.0):
+        return 0.0
+    bpm = librosa.feature.tempo(onset_envelope=envelope, sr=sample_rate, hop_length=hop, ac_size=4.0)[0]
+    _, beats = librosa.beat.beat_track(onset_envelope=envelope, sr=sample_rate, hop_length=hop, bpm=bpm)
     if len(beats) < 3:
         return 0.0
-    times = librosa.frames_to_time(beats, sr=sample_rate, hop_length=_HOP)
+    times = librosa.frames_to_time(beats, sr=sample_rate, hop_length=hop)
     return float(60.0 / np.polyfit(np.arange(len(times)), times, 1)[0])
 
 

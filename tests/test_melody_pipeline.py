@@ -123,6 +123,11 @@ def test_continuation_keeps_the_given_latents(melody):
     assert not np.allclose(out.latents[:, known.shape[1]:], 0)
     prompted = melody.generate_continuation(audio, 0.5, None, steps=2, seed=4)  # prompt from the audio itself
     np.testing.assert_array_equal(prompted.latents[:, : known.shape[1]], np.asarray(known))
+    # The LM alone samples the very tokens the continuation rendered (same seed, same prefix and context).
+    new = prompted.semantic_tokens[:, 30:]
+    np.testing.assert_array_equal(melody.continue_tokens(audio, new.shape[1], seed=4), new)
+    with pytest.raises(UserError, match="num_tokens must be >= 1"):
+        melody.continue_tokens(audio, 0)
 
 
 def test_inpainting_changes_only_the_span(melody):
@@ -314,6 +319,9 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
     t = stages["tempo"]
     assert stages["beat_r2"] <= 0 and t["clips"] >= 0.5 and t["dpd"] == 0, (stages["beat_r2"], t)
     assert t["vae_gan"] <= t["clips"], t
+    # Read from tokens, the collapsed stream and the untrained LM's continuations (read by a regression fitted
+    # on that one token) give a flat envelope: no clip's tempo.
+    assert t["tokens"] == 0 and t["lm_continuation"] == 0 and 0 < t["one_tempo"] <= 1, t
 
     task, rng = DPDTask(melody.configs["dpd"]), np.random.default_rng(0)
     latents = rng.uniform(-1, 1, (8, 160, 16)).astype(np.float32)
@@ -337,6 +345,7 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
     md = markdown(stages)
     assert "| DPD | velocity MSE at π/4, true tokens |" in md and "| MuLan | text → audio recall@5 |" in md
     assert "| DPD | tempo accuracy (±5 %) of the clips' tokens rendered |" in md
+    assert "| semantic LM | tempo accuracy (±5 %) of its 8-s continuations of the clips' first halves" in md
     assert "| semantic LM | held-out cross-entropy, prefixes shuffled across crops |" in md
 
 

@@ -1,13 +1,13 @@
 """The stage-quality table's pure measures (issue 23) against cases whose answer is known: perfect and
-collapsed retrieval, constant and uniform token streams, tokens that do and do not carry a label, a DPD
-trained on latents its tokens determine."""
+collapsed retrieval, constant and uniform token streams, tokens that do and do not carry a label or a beat, a
+DPD trained on latents its tokens determine."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from melody_jax.evaluation.stage_quality import dpd_quality, retrieval_recall, stream_statistics
-from melody_jax.evaluation.token_probe import beat_r2, probe
+from melody_jax.evaluation.token_probe import beat_r2, envelope_reader, probe, token_tempi
 from melody_jax.tasks.dpd import DPDTask, synthetic_batch, token_patterns
 from melody_jax.tasks.sources import split_index
 from melody_jax.training.sharding import activate, rules_from_config
@@ -61,6 +61,33 @@ def test_beat_r2_reads_tokens_that_mark_onsets_and_not_tokens_that_do_not():
     assert beat_r2(tokens, late, 16) > 0.9
     # Measured: -0.13 on an envelope independent of the tokens (more features than the signal holds).
     assert beat_r2(tokens, rng.uniform(0, 4, (24, 50)), 16) < 0.02
+
+
+def beat_streams(bpms, rng: np.random.Generator, frames: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [N, frames], onset envelopes) at 25 tokens a second: token 0 on each beat of row i's tempo
+    bpms[i], filler tokens 1–7 elsewhere; the envelope 1 on the beats over a little noise."""
+    tokens, envelopes = rng.integers(1, 8, (len(bpms), frames)), rng.uniform(0, 0.2, (len(bpms), frames))
+    for row, bpm in enumerate(bpms):
+        beats = np.round(np.arange(0, frames, 25 * 60 / bpm)).astype(int)
+        beats = beats[beats < frames]
+        tokens[row, beats], envelopes[row, beats] = 0, envelopes[row, beats] + 1.0
+    return tokens, envelopes
+
+
+def test_token_tempi_read_the_tempo_of_streams_that_mark_beats():
+    """A reader fitted on streams of other tempi reads new streams' tempo within the evaluation's ±5 %; the
+    same streams without their beat token read as no tempo of theirs."""
+    rng = np.random.default_rng(0)
+    read = envelope_reader(*beat_streams(rng.uniform(60, 180, 24), rng), 8)
+    bpms = np.array([66.0, 84.0, 97.0, 110.0, 128.0, 143.0, 160.0])  # the tracker halves 175 (its prior, as on audio)
+    tokens, _ = beat_streams(bpms, rng)
+    tempi = np.asarray(token_tempi(read, tokens, 24000, 960))
+    # Measured: 67.2, 84.1, 97.9, 110.1, 128.3, 143.4, 160.4.
+    assert np.all(np.abs(tempi / bpms - 1) <= 0.05), tempi
+    unmarked = np.where(tokens == 0, rng.integers(1, 8, tokens.shape), tokens)
+    # Measured: 133–150 BPM whatever the stream's tempo (the tracker's pick on a beatless envelope).
+    slow = np.asarray(token_tempi(read, unmarked[:4], 24000, 960))
+    assert np.all(np.abs(slow / bpms[:4] - 1) > 0.05), slow
 
 
 def test_dpd_row_reads_a_dpd_that_uses_tokens_which_determine_its_latents():

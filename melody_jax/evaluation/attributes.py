@@ -21,7 +21,12 @@ CHECKS = ("tempo", "key", "drums", "instrument")
 
 def tempo_hit(audio: np.ndarray, sample_rate: int, bpm: float) -> bool:
     """Whether the tempo recovered from `audio` lies within TEMPO_TOLERANCE of `bpm`."""
-    return abs(recover.estimate_tempo(audio, sample_rate) / float(bpm) - 1.0) <= TEMPO_TOLERANCE
+    return tempo_matches(recover.estimate_tempo(audio, sample_rate), bpm)
+
+
+def tempo_matches(estimated: float, bpm: float) -> bool:
+    """Whether a tempo `estimated` (in BPM, from audio or from tokens) lies within TEMPO_TOLERANCE of `bpm`."""
+    return abs(estimated / float(bpm) - 1.0) <= TEMPO_TOLERANCE
 
 
 def recovered_hits(audio: np.ndarray, sample_rate: int, asked: Mapping[str, Any]) -> dict[str, bool]:

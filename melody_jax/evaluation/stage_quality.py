@@ -7,8 +7,10 @@ does not follow its prompts, this table says which stage holds it back.
   histograms (`token_probe`), beside the majority share, and how much of the onset envelope (the beat) the
   tokens mark (`token_probe.beat_r2`);
 - tempo down the chain: the share of clips whose tempo (±5 %) is recovered from the clips themselves, their
-  VAE-GAN reconstructions and the DPD's rendering of their own tokens (`MeLoDy.generate_from_tokens`), so a
-  tempo the generated music lacks is traced to the stage that drops it;
+  VAE-GAN reconstructions and the DPD's rendering of their own tokens (`MeLoDy.generate_from_tokens`), and,
+  read from tokens by the beat probe's regression (`token_probe.envelope_reader`), from the clips' tokens and
+  from the semantic LM's continuations of them (`MeLoDy.continue_tokens`), so a tempo the generated music
+  lacks is traced to the stage that drops it;
 - MuLan: text → audio retrieval recall@1 and @5 over the clips' captions, beside chance k / N;
 - semantic LM: held-out cross-entropy (nats per token) on crops cut like its training records (MuLan
   tokens of the crop, then its semantic tokens), beside the unigram entropy of that held-out token
@@ -30,8 +32,9 @@ import numpy as np
 from data_pipeline.captions import tempo_band
 from melody_jax.audio.losses import resolutions
 from melody_jax.audio.metrics import reconstruction_metrics
-from melody_jax.evaluation.attributes import tempo_hit
-from melody_jax.evaluation.token_probe import BEAT_CONTEXT, beat_r2, onset_envelopes, probe
+from melody_jax.evaluation.attributes import tempo_hit, tempo_matches
+from melody_jax.evaluation.token_probe import (BEAT_CONTEXT, beat_r2, envelope_reader, onset_envelopes, probe,
+                                               token_tempi)
 from melody_jax.pipelines.melody import MeLoDy
 from melody_jax.tasks.dpd import EVAL_ANGLE, DPDTask
 from melody_jax.tasks.semantic_lm import SemanticLMTask
@@ -39,6 +42,7 @@ from melody_jax.training.errors import EvaluationError
 from melody_jax.training.sharding import activate
 
 RECALL_AT = (1, 5)
+CONTINUATION_SECONDS = 8.0  # the LM's continuation in the tempo rows: ≥ 8 beats at the slowest synthetic tempo
 # attribute → the label a clip's synthetic attributes give it
 PROBES: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "key (tonic)": lambda a: a["tonic"], "lead": lambda a: a["lead"], "drums": lambda a: a["drums"],
@@ -134,17 +138,29 @@ def dpd_quality(task: DPDTask, params: Any, latents: np.ndarray, tokens: np.ndar
             for name, t in (("true", tokens), ("shuffled", shuffled))}
 
 
-def tempo_chain(melody: MeLoDy, audio: np.ndarray, tokens: np.ndarray, bpm: Sequence[float], seed: int = 0,
-                batch_size: int = 8) -> dict[str, float]:
-    """Tempo accuracy (±5 %) of the clips audio [N, T], of their VAE-GAN reconstructions and of their tokens
-    [N, T'] rendered by the DPD (`generate_from_tokens`, the bundle's sampling settings; the clips trimmed to
-    what it renders)."""
+def tempo_chain(melody: MeLoDy, audio: np.ndarray, tokens: np.ndarray, envelopes: np.ndarray,
+                bpm: Sequence[float], seed: int = 0, batch_size: int = 8) -> dict[str, float]:
+    """Tempo accuracy (±5 %) down the chain, for clips audio [N, T] with their tokens [N, T'] and onset
+    envelopes at the token rate [N, T']: of the clips, of their VAE-GAN reconstructions, of their tokens
+    rendered by the DPD (`generate_from_tokens`, the bundle's sampling settings; the clips trimmed to what it
+    renders), and read from tokens without the DPD (`token_probe.envelope_reader`, fitted on these clips) — of
+    the clips' own tokens and of the semantic LM's continuation of each clip's first half
+    (`continue_tokens`, CONTINUATION_SECONDS, the bundle's sampling settings); beside the share a stream
+    without tempo information scores, one tempo (the clips' median) for every clip."""
     rendered = _rows(lambda t: melody.generate_from_tokens(t, seed=seed).audio, tokens, batch_size)
     audio = audio[:, : rendered.shape[1]]
     recon = _rows(lambda x: melody.vae.decode(melody.vae.encode(x)), audio, batch_size)
-    rate = melody.sample_rate
-    return {name: float(np.mean([tempo_hit(a, rate, b) for a, b in zip(x, bpm)]))
-            for name, x in (("clips", audio), ("vae_gan", recon), ("dpd", rendered))}
+    rate, hop = melody.sample_rate, melody.tokenizer.hop
+    first_half = audio[:, : tokens.shape[1] // 2 * hop]
+    continued = _rows(lambda x: melody.continue_tokens(x, round(CONTINUATION_SECONDS * melody.token_rate),
+                                                       seed=seed), first_half, batch_size)
+    read = envelope_reader(tokens, envelopes, melody.tokenizer.vocab_size)
+    hits = lambda tempi: float(np.mean([tempo_matches(e, b) for e, b in zip(tempi, bpm)]))  # noqa: E731
+    return {**{name: float(np.mean([tempo_hit(a, rate, b) for a, b in zip(x, bpm)]))
+               for name, x in (("clips", audio), ("vae_gan", recon), ("dpd", rendered))},
+            "tokens": hits(token_tempi(read, tokens, rate, hop)),
+            "lm_continuation": hits(token_tempi(read, continued, rate, hop)),
+            "one_tempo": hits([float(np.median(bpm))] * len(bpm))}
 
 
 def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int = 0,
@@ -161,6 +177,7 @@ def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int 
     labelled = all(c.get("attributes") for c in clips)
     with activate(melody.mesh, melody.rules):
         tokens = _rows(melody.tokenizer, audio, batch_size)
+        envelopes = onset_envelopes(audio, melody.sample_rate, hop, tokens.shape[1])
         captions = [c["caption"] for c in clips]
         text = np.asarray(melody.mulan.text_embeddings(captions))
         lm_crops = crops(audio, melody.lm_window * hop)
@@ -173,9 +190,9 @@ def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int 
             "vae_gan": vae_quality(melody.vae, audio, batch_size),
             "tokens": {name: probe(tokens, [label(c["attributes"]) for c in clips], vocab) if labelled else None
                        for name, label in PROBES.items()},
-            "beat_r2": beat_r2(tokens, onset_envelopes(audio, melody.sample_rate, hop, tokens.shape[1]), vocab),
-            "tempo": tempo_chain(melody, audio, tokens, [c["attributes"]["tempo_bpm"] for c in clips], seed,
-                                 batch_size) if labelled else None,
+            "beat_r2": beat_r2(tokens, envelopes, vocab),
+            "tempo": tempo_chain(melody, audio, tokens, envelopes, [c["attributes"]["tempo_bpm"] for c in clips],
+                                 seed, batch_size) if labelled else None,
             "mulan": {f"recall@{k}": r for k, r in retrieval_recall(
                 text, _rows(melody.mulan.audio_embeddings, audio, batch_size)).items()},
             "semantic_lm": {"crops": len(lm_crops), **stream_statistics(lm_semantic, vocab),
@@ -209,7 +226,12 @@ def markdown(table: Mapping[str, Any]) -> str:
         lines += [f"| VAE-GAN | tempo accuracy (±5 %) of reconstructions | {f(t['vae_gan'])} | the clips "
                   f"{f(t['clips'])} |",
                   f"| DPD | tempo accuracy (±5 %) of the clips' tokens rendered | {f(t['dpd'])} | VAE-GAN "
-                  f"reconstructions {f(t['vae_gan'])} |"]
+                  f"reconstructions {f(t['vae_gan'])} |",
+                  f"| tokens | tempo accuracy (±5 %) read from the clips' tokens (no DPD) | {f(t['tokens'])} | the "
+                  f"clips {f(t['clips'])} |",
+                  f"| semantic LM | tempo accuracy (±5 %) of its {CONTINUATION_SECONDS:g}-s continuations of the clips' "
+                  f"first halves, read from tokens | {f(t['lm_continuation'])} | the clips' tokens {f(t['tokens'])}; one "
+                  f"tempo (their median) for all {f(t['one_tempo'])} |"]
     for key, r in table["mulan"].items():
         k = int(key.split("@")[1])
         lines.append(f"| MuLan | text → audio {key} | {f(r)} | chance {f(min(1.0, k / n))} |")

@@ -8,10 +8,12 @@ shape, so the probe beats the majority class.
 A histogram has no time, so the beat gets its own probe (`beat_r2`): how much of the clip's onset strength
 at each token frame a ridge regression reads from the tokens around that frame. Tempo lives in where the
 onsets fall; tokens that do not mark them leave the semantic LM and the DPD nothing to keep a tempo with.
+The same regression, fitted on clips, reads an envelope from any token stream (`envelope_reader`), so the
+tempo of streams no audio was rendered for (the semantic LM's) is measured by the audio's beat tracker.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import librosa
@@ -19,6 +21,8 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_score
 from sklearn.neighbors import NearestCentroid
+
+from data_pipeline.recover import envelope_tempo
 
 FOLDS = 4
 BEAT_CONTEXT = 3  # tokens each side of a frame (± 0.12 s at 25 Hz): an onset marked a token early or late counts
@@ -58,19 +62,50 @@ def onset_envelopes(audio: np.ndarray, sample_rate: int, hop: int, frames: int) 
                                                   hop_length=hop)[:frames] for a in audio])
 
 
+def _windows(tokens: np.ndarray, vocab_size: int, context: int) -> np.ndarray:
+    """float [clips, frames − 2·context, (2·context + 1)·vocab_size]: the one-hot tokens t − context … t + context
+    of each frame t whose whole neighbourhood lies inside its clip."""
+    tokens = np.asarray(tokens)
+    inner = tokens.shape[1] - 2 * context
+    if inner < 1:
+        raise ValueError(f"need clips longer than {2 * context} tokens, got {tokens.shape[1]}")
+    onehot = np.eye(vocab_size)[tokens]
+    return np.concatenate([onehot[:, i:i + inner] for i in range(2 * context + 1)], -1)
+
+
 def beat_r2(tokens: np.ndarray, envelopes: np.ndarray, vocab_size: int, folds: int = FOLDS,
             context: int = BEAT_CONTEXT) -> float:
     """Cross-validated R² of a ridge regression from the one-hot tokens t − context … t + context to
     envelopes[:, t], over the frames t with that whole neighbourhood inside the clip (edges would tell where a
     clip starts, not where its onsets are); folds split clips, not frames. 1: the tokens mark every onset;
     ≤ 0: they tell nothing of where onsets fall."""
-    tokens = np.asarray(tokens)
-    clips, frames = tokens.shape
-    inner = frames - 2 * context
-    if inner < 1:
-        raise ValueError(f"need clips longer than {2 * context} tokens, got {frames}")
-    onehot = np.eye(vocab_size)[tokens]
-    x = np.concatenate([onehot[:, i:i + inner] for i in range(2 * context + 1)], -1).reshape(clips * inner, -1)
+    x = _windows(tokens, vocab_size, context)
+    clips, inner, features = x.shape
     y = np.asarray(envelopes, np.float64)[:, context:context + inner].reshape(-1)
     groups = np.repeat(np.arange(clips), inner)
-    return float(cross_val_score(Ridge(alpha=1.0), x, y, groups=groups, cv=GroupKFold(folds), scoring="r2").mean())
+    return float(cross_val_score(Ridge(alpha=1.0), x.reshape(-1, features), y, groups=groups, cv=GroupKFold(folds),
+                                 scoring="r2").mean())
+
+
+def envelope_reader(tokens: np.ndarray, envelopes: np.ndarray, vocab_size: int,
+                    context: int = BEAT_CONTEXT) -> Callable[[np.ndarray], np.ndarray]:
+    """The ridge regression of `beat_r2`, fitted on all these clips: a function from any token streams
+    int [N, T > 2·context] to their onset envelopes [N, T − 2·context] (non-negative, as onset strength is).
+    It reads where a stream's tokens put onsets, so the tempo of token streams no audio was rendered for (the
+    semantic LM's) can be measured with the same beat tracker as audio (`token_tempi`)."""
+    x = _windows(tokens, vocab_size, context)
+    clips, inner, features = x.shape
+    y = np.asarray(envelopes, np.float64)[:, context:context + inner].reshape(-1)
+    ridge = Ridge(alpha=1.0).fit(x.reshape(-1, features), y)
+
+    def read(streams: np.ndarray) -> np.ndarray:
+        w = _windows(streams, vocab_size, context)
+        return np.maximum(ridge.predict(w.reshape(-1, features)).reshape(w.shape[:2]), 0.0)
+    return read
+
+
+def token_tempi(read: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, sample_rate: int,
+                hop: int) -> list[float]:
+    """The tempo in BPM of each token stream [N, T] (`hop` samples a token), from the onset envelope `read`
+    gives it (`envelope_reader`); 0.0 where the beat tracker finds fewer than three beats."""
+    return [envelope_tempo(e, sample_rate, hop) for e in read(tokens)]

@@ -127,6 +127,21 @@ class MeLoDy(Generator):
         total = audio.shape[1] / self.sample_rate + extra
         return self._run(prefix, len(audio), self.vae.encode(audio), self.tokenizer(audio), total, seed, s)
 
+    def continue_tokens(self, audio: np.ndarray, num_tokens: int, seed: int | Sequence[int] = 0,
+                        **sampling) -> np.ndarray:
+        """The semantic LM alone: int [B, num_tokens] tokens after those of `audio` [B, T], prompted by its
+        MuLan audio tokens — the tokens `generate_continuation` (same seed and settings) would render. What the
+        LM does with a beat, measured before the DPD (`evaluation.stage_quality`)."""
+        s = self._checked(self.settings(None, **sampling))
+        audio = self._check_audio(audio, min_seconds=1 / self.token_rate)
+        audio = audio[:, : audio.shape[1] // self.tokenizer.hop * self.tokenizer.hop]
+        if int(num_tokens) < 1:
+            raise UserError(f"num_tokens must be >= 1, got {num_tokens}")
+        with activate(self.mesh, self.rules):
+            context = np.asarray(self.tokenizer(audio))
+            return np.asarray(self._lm(self.mulan.audio_tokens(audio), context[:, max(0, context.shape[1]
+                                       - self.lm_context):], num_tokens, fold(row_keys(seed, len(audio)), 1), s))
+
     def generate_from_tokens(self, tokens: np.ndarray, seed: int | Sequence[int] = 0, **sampling) -> Result:
         """Semantic tokens int [B, T] → audio, with no MuLan or LM: the DPD (one window, then continuation
         chunks; tokens past the last whole chunk are dropped) and the decoder. Resynthesis: what the DPD makes of
