@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from melody_jax.evaluation.stage_quality import dpd_quality, retrieval_recall, stream_statistics
+from melody_jax.evaluation.stage_quality import dpd_quality, one_tempo_share, retrieval_recall, stream_statistics
 from melody_jax.evaluation.token_probe import beat_r2, envelope_reader, probe, token_tempi
 from melody_jax.tasks.dpd import DPDTask, synthetic_batch, token_patterns
 from melody_jax.tasks.sources import split_index
@@ -88,6 +88,12 @@ def test_token_tempi_read_the_tempo_of_streams_that_mark_beats():
     # Measured: 133–150 BPM whatever the stream's tempo (the tracker's pick on a beatless envelope).
     slow = np.asarray(token_tempi(read, unmarked[:4], 24000, 960))
     assert np.all(np.abs(slow / bpms[:4] - 1) > 0.05), slow
+
+
+def test_one_tempo_share_is_the_most_one_tempo_matches():
+    assert one_tempo_share([100, 102, 104, 150]) == 0.75  # 102 is within 5 % of 100, 102 and 104
+    assert one_tempo_share([60, 120, 180]) == pytest.approx(1 / 3)
+    assert one_tempo_share([90, 96]) == 0.5  # 6.7 % apart: no tempo of theirs matches both
 
 
 def test_dpd_row_reads_a_dpd_that_uses_tokens_which_determine_its_latents():

@@ -145,8 +145,7 @@ def tempo_chain(melody: MeLoDy, audio: np.ndarray, tokens: np.ndarray, envelopes
     rendered by the DPD (`generate_from_tokens`, the bundle's sampling settings; the clips trimmed to what it
     renders), and read from tokens without the DPD (`token_probe.envelope_reader`, fitted on these clips) — of
     the clips' own tokens and of the semantic LM's continuation of each clip's first half
-    (`continue_tokens`, CONTINUATION_SECONDS, the bundle's sampling settings); beside the share a stream
-    without tempo information scores, one tempo (the clips' median) for every clip."""
+    (`continue_tokens`, CONTINUATION_SECONDS, the bundle's sampling settings); beside `one_tempo_share`."""
     rendered = _rows(lambda t: melody.generate_from_tokens(t, seed=seed).audio, tokens, batch_size)
     audio = audio[:, : rendered.shape[1]]
     recon = _rows(lambda x: melody.vae.decode(melody.vae.encode(x)), audio, batch_size)
@@ -160,7 +159,13 @@ def tempo_chain(melody: MeLoDy, audio: np.ndarray, tokens: np.ndarray, envelopes
                for name, x in (("clips", audio), ("vae_gan", recon), ("dpd", rendered))},
             "tokens": hits(token_tempi(read, tokens, rate, hop)),
             "lm_continuation": hits(token_tempi(read, continued, rate, hop)),
-            "one_tempo": hits([float(np.median(bpm))] * len(bpm))}
+            "one_tempo": one_tempo_share(bpm)}
+
+
+def one_tempo_share(bpm: Sequence[float]) -> float:
+    """The largest share of clips that one tempo (one of theirs) matches within ±5 %: what a stream keeping a
+    single tempo, whatever it is asked, scores at best — the tempo rows' no-information reference."""
+    return max(float(np.mean([tempo_matches(c, b) for b in bpm])) for c in bpm)
 
 
 def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int = 0,
@@ -230,8 +235,8 @@ def markdown(table: Mapping[str, Any]) -> str:
                   f"| tokens | tempo accuracy (±5 %) read from the clips' tokens (no DPD) | {f(t['tokens'])} | the "
                   f"clips {f(t['clips'])} |",
                   f"| semantic LM | tempo accuracy (±5 %) of its {CONTINUATION_SECONDS:g}-s continuations of the clips' "
-                  f"first halves, read from tokens | {f(t['lm_continuation'])} | the clips' tokens {f(t['tokens'])}; one "
-                  f"tempo (their median) for all {f(t['one_tempo'])} |"]
+                  f"first halves, read from tokens | {f(t['lm_continuation'])} | the clips' tokens {f(t['tokens'])}; the best "
+                  f"one tempo for all {f(t['one_tempo'])} |"]
     for key, r in table["mulan"].items():
         k = int(key.split("@")[1])
         lines.append(f"| MuLan | text → audio {key} | {f(r)} | chance {f(min(1.0, k / n))} |")
