@@ -30,9 +30,10 @@ import jax
 import numpy as np
 
 from data_pipeline.captions import tempo_band
+from data_pipeline.recover import estimate_tempo
 from melody_jax.audio.losses import resolutions
 from melody_jax.audio.metrics import reconstruction_metrics
-from melody_jax.evaluation.attributes import tempo_hit, tempo_matches
+from melody_jax.evaluation.attributes import tempo_matches
 from melody_jax.evaluation.token_probe import (BEAT_CONTEXT, beat_r2, envelope_reader, onset_envelopes, probe,
                                                token_tempi)
 from melody_jax.pipelines.melody import MeLoDy
@@ -155,7 +156,7 @@ def tempo_chain(melody: MeLoDy, audio: np.ndarray, tokens: np.ndarray, envelopes
                                                        seed=seed), first_half, batch_size)
     read = envelope_reader(tokens, envelopes, melody.tokenizer.vocab_size)
     hits = lambda tempi: float(np.mean([tempo_matches(e, b) for e, b in zip(tempi, bpm)]))  # noqa: E731
-    return {**{name: float(np.mean([tempo_hit(a, rate, b) for a, b in zip(x, bpm)]))
+    return {**{name: hits([estimate_tempo(a, rate) for a in x])
                for name, x in (("clips", audio), ("vae_gan", recon), ("dpd", rendered))},
             "tokens": hits(token_tempi(read, tokens, rate, hop)),
             "lm_continuation": hits(token_tempi(read, continued, rate, hop)),

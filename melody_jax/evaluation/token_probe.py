@@ -73,18 +73,24 @@ def _windows(tokens: np.ndarray, vocab_size: int, context: int) -> np.ndarray:
     return np.concatenate([onehot[:, i:i + inner] for i in range(2 * context + 1)], -1)
 
 
+def _frames(tokens: np.ndarray, envelopes: np.ndarray, vocab_size: int,
+            context: int) -> tuple[np.ndarray, np.ndarray]:
+    """The beat regression's data, clip-major: (`_windows` rows [clips · inner frames, features], the
+    envelopes at those frames)."""
+    x = _windows(tokens, vocab_size, context)
+    y = np.asarray(envelopes, np.float64)[:, context:context + x.shape[1]]
+    return x.reshape(-1, x.shape[-1]), y.reshape(-1)
+
+
 def beat_r2(tokens: np.ndarray, envelopes: np.ndarray, vocab_size: int, folds: int = FOLDS,
             context: int = BEAT_CONTEXT) -> float:
     """Cross-validated R² of a ridge regression from the one-hot tokens t − context … t + context to
     envelopes[:, t], over the frames t with that whole neighbourhood inside the clip (edges would tell where a
     clip starts, not where its onsets are); folds split clips, not frames. 1: the tokens mark every onset;
     ≤ 0: they tell nothing of where onsets fall."""
-    x = _windows(tokens, vocab_size, context)
-    clips, inner, features = x.shape
-    y = np.asarray(envelopes, np.float64)[:, context:context + inner].reshape(-1)
-    groups = np.repeat(np.arange(clips), inner)
-    return float(cross_val_score(Ridge(alpha=1.0), x.reshape(-1, features), y, groups=groups, cv=GroupKFold(folds),
-                                 scoring="r2").mean())
+    x, y = _frames(tokens, envelopes, vocab_size, context)
+    groups = np.repeat(np.arange(len(tokens)), len(y) // len(tokens))
+    return float(cross_val_score(Ridge(alpha=1.0), x, y, groups=groups, cv=GroupKFold(folds), scoring="r2").mean())
 
 
 def envelope_reader(tokens: np.ndarray, envelopes: np.ndarray, vocab_size: int,
@@ -93,14 +99,11 @@ def envelope_reader(tokens: np.ndarray, envelopes: np.ndarray, vocab_size: int,
     int [N, T > 2·context] to their onset envelopes [N, T − 2·context] (non-negative, as onset strength is).
     It reads where a stream's tokens put onsets, so the tempo of token streams no audio was rendered for (the
     semantic LM's) can be measured with the same beat tracker as audio (`token_tempi`)."""
-    x = _windows(tokens, vocab_size, context)
-    clips, inner, features = x.shape
-    y = np.asarray(envelopes, np.float64)[:, context:context + inner].reshape(-1)
-    ridge = Ridge(alpha=1.0).fit(x.reshape(-1, features), y)
+    ridge = Ridge(alpha=1.0).fit(*_frames(tokens, envelopes, vocab_size, context))
 
     def read(streams: np.ndarray) -> np.ndarray:
         w = _windows(streams, vocab_size, context)
-        return np.maximum(ridge.predict(w.reshape(-1, features)).reshape(w.shape[:2]), 0.0)
+        return np.maximum(ridge.predict(w.reshape(-1, w.shape[-1])).reshape(w.shape[:2]), 0.0)
     return read
 
 
