@@ -130,6 +130,23 @@ def test_continuation_keeps_the_given_latents(melody):
         melody.continue_tokens(audio, 0)
 
 
+def test_a_short_prompt_is_seen_whole(melody, monkeypatch):
+    """A prompt of fewer tokens than the LM's context is all context: 8 tokens with a 12-token context are seen
+    whole (a negative slice start once wrapped them to their last 4), and each later window sees the last 12."""
+    audio = np.asarray(melody.generate(["strings"], 0.32, steps=2, seed=3).audio)
+    assert melody.lm_context == 12 and audio.shape[1] == 8 * 960
+    seen = []
+    real = melody_module.continue_tokens
+
+    def spy(model, params, prefix, context, *args, **kwargs):
+        seen.append(context.shape[1])
+        return real(model, params, prefix, context, *args, **kwargs)
+
+    monkeypatch.setattr(melody_module, "continue_tokens", spy)
+    melody.continue_tokens(audio, 6, seed=4)
+    assert seen == [8, 12]  # 4 tokens on the 8 given, then 2 on the last 12
+
+
 def test_inpainting_changes_only_the_span(melody):
     audio = np.asarray(melody.generate(["flute", "guitar"], 1.6, steps=2, seed=1).audio)
     before = np.asarray(melody.vae.encode(audio))

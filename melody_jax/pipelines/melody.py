@@ -139,8 +139,8 @@ class MeLoDy(Generator):
             raise UserError(f"num_tokens must be >= 1, got {num_tokens}")
         with activate(self.mesh, self.rules):
             context = np.asarray(self.tokenizer(audio))
-            return np.asarray(self._lm(self.mulan.audio_tokens(audio), context[:, max(0, context.shape[1]
-                                       - self.lm_context):], num_tokens, fold(row_keys(seed, len(audio)), 1), s))
+            return np.asarray(self._lm(self.mulan.audio_tokens(audio), self._context(context), num_tokens,
+                                       fold(row_keys(seed, len(audio)), 1), s))
 
     def generate_from_tokens(self, tokens: np.ndarray, seed: int | Sequence[int] = 0, **sampling) -> Result:
         """Semantic tokens int [B, T] → audio, with no MuLan or LM: the DPD (one window, then continuation
@@ -201,7 +201,7 @@ class MeLoDy(Generator):
         candidate, or no right context, is the left context alone.
         """
         count, batch = s["inpaint_candidates"], left.shape[0]
-        context = left[:, max(0, left.shape[1] - self.lm_context):]
+        context = self._context(left)
         if count == 1 or right.shape[1] == 0:
             return self._lm(prefix, context, num_new, fold(keys, 1), s)
         repeat = lambda x: jnp.concatenate([jnp.asarray(x)] * count)  # noqa: E731 - candidate-major rows
@@ -213,9 +213,13 @@ class MeLoDy(Generator):
         chosen = np.asarray(jnp.argmax(weights.T + gumbel, axis=1))
         return jnp.asarray(spans.reshape(count, batch, num_new)[chosen, np.arange(batch)])
 
+    def _context(self, tokens: np.ndarray) -> np.ndarray:
+        """The last `lm_context` tokens of `tokens` [B, T] (all of them when fewer): what an LM window sees."""
+        return tokens[:, max(0, tokens.shape[1] - self.lm_context):]
+
     def _log_likelihood(self, prefix, before: np.ndarray, tokens: np.ndarray) -> jax.Array:
         """float32 [B]: log p(tokens | prefix ⊕ the last `lm_context` tokens of `before`) under the LM."""
-        context = jnp.asarray(before[:, max(0, before.shape[1] - self.lm_context):])
+        context = jnp.asarray(self._context(before))
         logits = teacher_forced_logits(self.lm, self.lm_params, jnp.concatenate([prefix, context], axis=1), tokens)
         picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), jnp.asarray(tokens)[..., None], axis=-1)
         return picked[..., 0].sum(axis=1)
@@ -245,7 +249,7 @@ class MeLoDy(Generator):
             stages.set_description("semantic_lm")
             context = np.zeros((batch, 0), np.int32) if tokens0 is None else np.asarray(tokens0)
             new = self._timed(seconds, "semantic_lm", lambda: self._lm(
-                prefix, context[:, max(0, known - self.lm_context):], total - known, fold(keys, 1), s))
+                prefix, self._context(context), total - known, fold(keys, 1), s))
             tokens = np.concatenate([context, np.asarray(new)], axis=1)
             stages.update(1)
             stages.set_description("dpd")
@@ -276,7 +280,6 @@ class MeLoDy(Generator):
         whole windows after them in one `lax.scan`, then a last partial window."""
         sampling = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
         out, have, i = [], np.asarray(context), 0
-        last = lambda: have[:, have.shape[1] - self.lm_context:]  # noqa: E731 - the context a window sees
 
         def add(new) -> None:
             nonlocal have
@@ -289,16 +292,17 @@ class MeLoDy(Generator):
                 add(sample(self.lm, self.lm_params, prefix, min(remaining(), self.lm_window), fold(keys, i),
                            **sampling))
             else:
-                add(continue_tokens(self.lm, self.lm_params, prefix, last(), min(remaining(), self.chunk_tokens),
-                                    fold(keys, i), **sampling))
+                add(continue_tokens(self.lm, self.lm_params, prefix, self._context(have),
+                                    min(remaining(), self.chunk_tokens), fold(keys, i), **sampling))
             i += 1
         whole = remaining() // self.chunk_tokens
         if whole:
-            add(continue_windows(self.lm, self.lm_params, prefix, last(), keys, whole, self.chunk_tokens,
+            add(continue_windows(self.lm, self.lm_params, prefix, self._context(have), keys, whole, self.chunk_tokens,
                                  first_window=i, **sampling))
             i += whole
         if remaining() > 0:
-            add(continue_tokens(self.lm, self.lm_params, prefix, last(), remaining(), fold(keys, i), **sampling))
+            add(continue_tokens(self.lm, self.lm_params, prefix, self._context(have), remaining(), fold(keys, i),
+                                **sampling))
         return jnp.asarray(np.concatenate(out, axis=1) if out else np.zeros((len(context), 0), np.int32))
 
     def _latents(self, z0, tokens: np.ndarray, keys, s: dict[str, Any]) -> jax.Array:
