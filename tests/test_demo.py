@@ -42,11 +42,13 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     assert full["mulan"].train.num_steps == 6000 < 8 * DEMO_STEPS["mulan"]
     get_task(configs["ssl"]).validate()  # the demo's HuBERT changes make a config the SSL task accepts
     assert configs["ssl"].model.objective == "hubert"
-    assert list(configs["ssl"].model.target_features) == ["logmel", "chroma", "flux"]  # flux: tokens mark onsets
+    # flux: tokens mark onsets; onset_age (4 × the weight): they differ at each place inside a beat
+    assert list(configs["ssl"].model.target_features) == ["logmel", "chroma", "flux", "onset_age"]
+    assert list(configs["ssl"].model.target_weights) == [1.0, 1.0, 1.0, 4.0]
     assert demo.workdir_recipe(str(tmp_path / "small"), "demo", 1.0).eval_prompts == 32  # the 32 prompts
     get_task(configs["dpd"]).validate()  # and its DPD changes one the DPD task accepts
     assert configs["dpd"].model.continuation_share == 0.5
-    assert configs["dpd"].sample.temperature == 0.5  # the bundle's LM sampling, stored with the DPD's config
+    assert configs["dpd"].sample.temperature == 0.3  # the bundle's LM sampling, stored with the DPD's config
     # MuLan's text tower: word dropout, and captions three times in four against tag lists
     get_task(configs["mulan"]).validate()
     assert (configs["mulan"].train.word_dropout, configs["mulan"].data.caption_probability) == (0.2, 0.75)
@@ -54,6 +56,7 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     lm = configs["semantic_lm"]
     get_task(lm).validate()
     assert (lm.data.semantic_len, lm.data.text_token_share) == (48, 0.5)
+    assert (lm.model.num_layers, lm.model.embed_dim, lm.model.mlp_dim) == (4, 128, 256)  # copies a beat it is given
     assert lm.data.path.endswith("lm_tokens") and configs["dpd"].data.path.endswith("tokens")
     assert lm.data.path != configs["dpd"].data.path
     # MuLan learns from the captioned dataset, the audio stages from the other

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.fft
 
-from melody_jax.audio.frame_features import NUM_MELS, NUM_MFCC, frame_features
+from melody_jax.audio.frame_features import MAX_ONSET_AGE, NUM_MELS, NUM_MFCC, frame_features
 from melody_jax.models.ssl_loss import hubert_loss, wav2vec2_loss
 from melody_jax.tasks.registry import get_task
 from melody_jax.tasks.ssl import SSLTask
@@ -54,6 +54,25 @@ def test_flux_marks_clicks_not_held_notes():
     onset = flux.mean(-1)  # librosa's onset strength: the band mean
     assert onset[0, 3:].max() < 0.05 and onset[1, 8] > 1.0 and onset[1, 16] > 1.0, (onset[0], onset[1])
     assert (flux[1, 8] > 0.5).mean() > 0.8  # broadband: most bands rise
+
+
+@pytest.mark.parametrize("period", [7, 12, 19])
+def test_onset_age_counts_frames_since_each_click(period):
+    """"onset_age" restarts at 0 on every click of a click track over a held tone and counts the frames after
+    it; before the first click, and on a clip with no onset (the tone alone), it stays at the cap."""
+    t = np.arange(int(3.0 * SR)) / SR
+    tone = 0.3 * np.sin(2 * np.pi * 440.0 * t)
+    clicks = tone.copy()
+    starts = np.arange(5, len(t) // HOP, period)
+    for start in starts:
+        clicks[start * HOP: start * HOP + 120] += np.random.default_rng(int(start)).standard_normal(120)
+    audio = jnp.asarray(np.stack([tone, clicks]).astype(np.float32))
+    age = np.asarray(frame_features(audio, SR, HOP, ("onset_age",)))[..., 0]
+    frames = np.arange(age.shape[1])
+    last = starts[np.searchsorted(starts, frames, side="right") - 1]
+    want = np.where(frames < starts[0], MAX_ONSET_AGE, np.minimum(frames - last, MAX_ONSET_AGE))
+    np.testing.assert_array_equal(age[1], want)
+    np.testing.assert_array_equal(age[0, 3:], MAX_ONSET_AGE)  # the tone's first frames rise from reflect padding
 
 
 def test_hubert_loss_against_numpy():
