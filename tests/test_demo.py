@@ -40,6 +40,7 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     assert ({s: full[s].train.num_steps for s in DEMO_STEPS}
             == {s: STEP_CAPS.get(s, 8 * n) for s, n in DEMO_STEPS.items()})
     assert full["mulan"].train.num_steps == 6000 < 8 * DEMO_STEPS["mulan"]
+    assert full["semantic_lm"].train.num_steps == 12000 < 8 * DEMO_STEPS["semantic_lm"]  # the 4 × 128 LM
     get_task(configs["ssl"]).validate()  # the demo's HuBERT changes make a config the SSL task accepts
     assert configs["ssl"].model.objective == "hubert"
     # flux: tokens mark onsets; onset_age (4 × the weight): they differ at each place inside a beat
