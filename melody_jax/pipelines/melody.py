@@ -139,7 +139,7 @@ class MeLoDy(Generator):
             raise UserError(f"num_tokens must be >= 1, got {num_tokens}")
         with activate(self.mesh, self.rules):
             context = np.asarray(self.tokenizer(audio))
-            return np.asarray(self._lm(self.mulan.audio_tokens(audio), self._context(context), num_tokens,
+            return np.asarray(self._lm(self.mulan.audio_tokens(audio), context, num_tokens,
                                        fold(row_keys(seed, len(audio)), 1), s))
 
     def generate_from_tokens(self, tokens: np.ndarray, seed: int | Sequence[int] = 0, **sampling) -> Result:
@@ -201,7 +201,7 @@ class MeLoDy(Generator):
         candidate, or no right context, is the left context alone.
         """
         count, batch = s["inpaint_candidates"], left.shape[0]
-        context = self._context(left)
+        context = self._context(left)  # repeated per candidate below: only what the LM reads
         if count == 1 or right.shape[1] == 0:
             return self._lm(prefix, context, num_new, fold(keys, 1), s)
         repeat = lambda x: jnp.concatenate([jnp.asarray(x)] * count)  # noqa: E731 - candidate-major rows
@@ -249,7 +249,7 @@ class MeLoDy(Generator):
             stages.set_description("semantic_lm")
             context = np.zeros((batch, 0), np.int32) if tokens0 is None else np.asarray(tokens0)
             new = self._timed(seconds, "semantic_lm", lambda: self._lm(
-                prefix, self._context(context), total - known, fold(keys, 1), s))
+                prefix, context, total - known, fold(keys, 1), s))
             tokens = np.concatenate([context, np.asarray(new)], axis=1)
             stages.update(1)
             stages.set_description("dpd")
