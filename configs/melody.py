@@ -31,19 +31,25 @@ TOKENIZE_STAGES = tuple(s for s in STAGES if s in UPSTREAM["semantic_lm"] + UPST
 
 class Cache(NamedTuple):
     """A cache of records `launch.tokenize` writes for a stage (its training split only), under the demo's
-    root: crops of `seconds`, one every `hop_seconds`, of the clips of `dataset` (see DATASETS)."""
+    root: crops of `seconds`, one every `hop_seconds`, of the clips of `dataset` (see DATASETS), holding the
+    model `fields` the stage reads (`data_pipeline.tokenized.FIELDS`)."""
 
     folder: str
     seconds: float
     hop_seconds: float
     dataset: str
+    fields: tuple[str, ...]
 
 
 # The tiny DPD's window: 0.64 s (160 latent frames, 16 semantic tokens), whole crops. The LM's crops are
 # three of those (48 tokens, one every 0.32 s): 12 tokens of context (0.48 s) cannot carry a beat slower than
 # 125 BPM from one LM step to the next, 44 carry one down to 34 BPM; MuLan's audio tower (2-s windows) also
-# hears more of each crop.
-CACHES = {"dpd": Cache("tokens", 0.64, 0.64, "audio"), "semantic_lm": Cache("lm_tokens", 1.92, 0.32, "captions")}
+# hears more of each crop. (3.84-s crops of 10-s clips kept more beats in continuations, but followed text
+# prompts' tempo less and took the demo to 25 minutes: README "What moved the LM's continuations".) Each cache
+# holds the fields its stage reads: the LM's, no latents.
+CACHES = {"dpd": Cache("tokens", 0.64, 0.64, "audio", ("latents", "semantic_tokens")),
+          "semantic_lm": Cache("lm_tokens", 1.92, 0.32, "captions",
+                               ("semantic_tokens", "mulan_tokens", "mulan_text_tokens"))}
 # The demo's two synthetic datasets (`Recipe`) and the stages reading each directly (the rest read caches, or
 # fit on their upstream stage's dataset). MuLan, its RVQ and the semantic LM learn what captions say, which takes
 # many captions; the VAE-GAN, SSL and DPD do better at the demo's steps on fewer clips (README "Evaluation").

@@ -5,8 +5,9 @@ share of each split (`tfds.split_for_jax_process`), cuts crops of its clips (`Cr
 frozen VAE encoder, SSL + k-means and MuLan + RVQ run as one jitted function on the whole mesh (the
 global batch sharded over every device, each host giving its rows). Each host streams its crops'
 latents, semantic tokens, MuLan audio tokens and the MuLan text tokens of their clip's caption (the
-prefix a prompt gives at sampling time) into its own size-bounded shards (data_pipeline/record_shards.py:
-memory stays flat, a killed job resumes at its last committed shard), and process 0 lists every
+prefix a prompt gives at sampling time), or those of them a cache keeps (`FIELDS`), into its own
+size-bounded shards (data_pipeline/record_shards.py: memory stays flat, a killed job resumes at its
+last committed shard), and process 0 lists every
 shard in the cache folder's manifest once all hosts have finished a split (`data.source=cached`,
 `data.path` the folder, `data.eval_split` a held-out split: melody_jax/tasks/sources.py).
 """
@@ -36,8 +37,18 @@ from melody_jax.training.errors import ConfigError
 from melody_jax.training.sharding import BATCH_AXES, Rules, activate, batch_divisor, host_to_global
 
 CROP_MODES = ("fixed", "sliding", "random")
-# Each record's model fields (besides where its crop came from); a cache started with others is refused.
+# The model fields a record can hold (besides where its crop came from); a cache started with others is refused.
+# The DPD reads latents and semantic tokens, the semantic LM the tokens alone: a cache keeps the fields its stage
+# reads, and the stages' jitted pass computes only those (the LM's cache then runs no VAE encoder and stores no
+# latents, 61 KB a 3.84-s crop at the tiny preset).
 FIELDS = ("latents", "semantic_tokens", "mulan_tokens", "mulan_text_tokens")
+
+
+def checked_fields(fields: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`fields` in FIELDS' order (the same selection is the same cache), or a ConfigError naming FIELDS."""
+    if not fields or not set(fields) <= set(FIELDS):
+        raise ConfigError(f"--fields={','.join(fields)}: need one or more of {', '.join(FIELDS)}")
+    return tuple(f for f in FIELDS if f in fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,28 +123,31 @@ class FrozenStages:
         self.mesh, self.rules = mesh, rules
         self.params = {"vae": self.vae.params, "ssl": self.tokenizer.ssl_params,
                        "centroids": self.tokenizer.centroids, "mulan": self.mulan.params}
-        self._step = jax.jit(self._outputs)
+        self._step = jax.jit(self._outputs, static_argnames="fields")
 
-    def _outputs(self, params: Any, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def _outputs(self, params: Any, inputs: dict[str, jax.Array], fields: tuple[str, ...]) -> dict[str, jax.Array]:
         audio = inputs["audio"]
-        return {"latents": self.vae.encode_fn(params["vae"], audio),
-                "semantic_tokens": self.tokenizer.fn(params["ssl"], params["centroids"], audio),
-                "mulan_tokens": self.mulan.audio_tokens_fn(params["mulan"], audio),
-                "mulan_text_tokens": self.mulan.text_tokens_fn(params["mulan"], inputs["text"], inputs["text_mask"])}
+        fn = {"latents": lambda: self.vae.encode_fn(params["vae"], audio),
+              "semantic_tokens": lambda: self.tokenizer.fn(params["ssl"], params["centroids"], audio),
+              "mulan_tokens": lambda: self.mulan.audio_tokens_fn(params["mulan"], audio),
+              "mulan_text_tokens": lambda: self.mulan.text_tokens_fn(params["mulan"], inputs["text"],
+                                                                     inputs["text_mask"])}
+        return {k: fn[k]() for k in fields}
 
-    def __call__(self, local_audio: np.ndarray, texts: list[str]) -> dict[str, np.ndarray]:
+    def __call__(self, local_audio: np.ndarray, texts: list[str],
+                 fields: tuple[str, ...] = FIELDS) -> dict[str, np.ndarray]:
         """This host's rows: audio [b, crop] and their clips' texts (every host b of them) → this host's rows
-        of each output."""
+        of each of `fields`."""
         text, text_mask = text_tokenize(texts, self.mulan.max_text_length)
         with activate(self.mesh, self.rules):
             inputs = host_to_global({"audio": local_audio, "text": text, "text_mask": text_mask}, self.mesh)
-            out = self._step(self.params, inputs)
+            out = self._step(self.params, inputs, fields=tuple(fields))
             local = multihost_utils.global_array_to_host_local_array(out, self.mesh, PartitionSpec(BATCH_AXES))
         return {k: np.asarray(v) for k, v in local.items()}
 
 
 def _tokenize_split(stages: FrozenStages, data_path: str, split: str, out: str, spec: CropSpec, batch_size: int,
-                    shard_bytes: int, settings: dict[str, Any]) -> int:
+                    shard_bytes: int, settings: dict[str, Any], fields: tuple[str, ...]) -> int:
     """Streams this host's crops of `split` through the stages into its shards; returns its records."""
     rate = stages.vae.sample_rate
     crop = int(round(spec.seconds * rate))
@@ -149,7 +163,7 @@ def _tokenize_split(stages: FrozenStages, data_path: str, split: str, out: str, 
         texts = [""] * local
         for i, (_, _, _, a, text) in enumerate(chunk):
             audio[i], texts[i] = a, text
-        outputs = stages(audio, texts)
+        outputs = stages(audio, texts, fields)
         if chunk:
             where = {"clip_id": np.array([c[1] for c in chunk], np.int64)[:, None],
                      "crop_start": np.array([c[2] for c in chunk], np.int64)[:, None]}
@@ -161,20 +175,23 @@ def _tokenize_split(stages: FrozenStages, data_path: str, split: str, out: str, 
 
 
 def tokenize_dataset(data_path: str, splits: list[str], out: str, stages: FrozenStages, spec: CropSpec,
-                     batch_size: int, *, shard_mb: float = 256.0) -> dict[str, dict[str, Any]]:
+                     batch_size: int, *, shard_mb: float = 256.0,
+                     fields: tuple[str, ...] = FIELDS) -> dict[str, dict[str, Any]]:
     """Runs the frozen stages over each of the prepared dataset's `splits` on their mesh (every host
     calls it alike) and writes every crop's records into shards of about `shard_mb` MB under `out`;
     returns each split's manifest entry. A rerun resumes; a finished split is not redone.
 
-    `batch_size` is the global batch (a multiple of the mesh's devices and of the processes).
+    `batch_size` is the global batch (a multiple of the mesh's devices and of the processes); `fields`, the
+    model fields each record holds (some of FIELDS, in any order).
     """
     spec.check()
+    fields = checked_fields(fields)
     devices = batch_divisor(stages.mesh)
     if batch_size < 1 or batch_size % devices or batch_size % jax.process_count():
         raise ConfigError(f"--batch_size={batch_size} must be a positive multiple of the {devices} devices "
                           f"and {jax.process_count()} processes")
     settings = {"crops": dataclasses.asdict(spec), "processes": jax.process_count(),
-                "data": os.path.abspath(data_path), "stages": stages.dirs, "fields": list(FIELDS)}
+                "data": os.path.abspath(data_path), "stages": stages.dirs, "fields": list(fields)}
     for split in splits:  # before any work: a foreign cache is refused, a finished one returned
         check_settings(out, split, jax.process_index(), settings)
     finished = read_manifest(out).get("splits", {})
@@ -185,15 +202,17 @@ def tokenize_dataset(data_path: str, splits: list[str], out: str, stages: Frozen
     if crop % hops[0] or crop % hops[1]:
         raise ConfigError(f"--crop_seconds={spec.seconds}: {crop} samples is not a whole number of semantic "
                           f"tokens ({hops[0]} samples) and latent frames ({hops[1]} samples)")
-    fields = {"latents": [crop // hops[1], stages.vae.latent_dim], "semantic_tokens": [crop // hops[0]],
+    shapes = {"latents": [crop // hops[1], stages.vae.latent_dim], "semantic_tokens": [crop // hops[0]],
               "mulan_tokens": [stages.mulan.num_tokens], "mulan_text_tokens": [stages.mulan.num_tokens]}
     written = {}
     for split in splits:
-        mine = _tokenize_split(stages, data_path, split, out, spec, batch_size, int(shard_mb * 2**20), settings)
+        mine = _tokenize_split(stages, data_path, split, out, spec, batch_size, int(shard_mb * 2**20), settings,
+                               fields)
         if not multihost_utils.process_allgather(np.array(mine)).sum():
             raise ConfigError(f"--crop_seconds={spec.seconds}: no clip of the {split!r} split is {crop} samples long")
         if jax.process_index() == 0:
-            write_manifest(out, split, jax.process_count(), {"fields": fields, "sample_rate": rate})
+            write_manifest(out, split, jax.process_count(), {"fields": {k: shapes[k] for k in fields},
+                                                             "sample_rate": rate})
         multihost_utils.sync_global_devices(f"tokenize manifest {split}")
         written[split] = read_manifest(out)["splits"][split]
     return written

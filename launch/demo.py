@@ -96,12 +96,12 @@ def tokenize(root: str, datasets: dict[str, str], stage: str) -> None:
     out = os.path.join(root, cache.folder)
     if TRAIN in read_manifest(out).get("splits", {}):
         return
-    print(f"[demo] caching latents and tokens of {cache.seconds:g}-s crops for {stage}", flush=True)
+    print(f"[demo] caching {', '.join(cache.fields)} of {cache.seconds:g}-s crops for {stage}", flush=True)
     dirs = {s: os.path.join(root, s) for s in TOKENIZE_STAGES}
     stages = FrozenStages(dirs, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
     sliding = cache.hop_seconds < cache.seconds
     spec = CropSpec(cache.seconds, "sliding" if sliding else "fixed", hop_seconds=cache.hop_seconds if sliding else 0.0)
-    tokenize_dataset(datasets[cache.dataset], [TRAIN], out, stages, spec, 16)
+    tokenize_dataset(datasets[cache.dataset], [TRAIN], out, stages, spec, 16, fields=cache.fields)
 
 
 def write_report(path: str, recipe: str, log: dict, outputs: list[dict], evaluation: str, stages: str) -> None:

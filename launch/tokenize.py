@@ -29,6 +29,9 @@ _HOP = flags.DEFINE_float("crop_hop_seconds", 5.0, "--crops=sliding: seconds bet
 _PER_CLIP = flags.DEFINE_integer("crops_per_clip", 4, "--crops=random: crops drawn per clip.")
 _SEED = flags.DEFINE_integer("seed", 0, "--crops=random: seed of the draws (with the split and clip id).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Crops per forward pass over all devices (a multiple of them).")
+_FIELDS = flags.DEFINE_list("fields", "latents,semantic_tokens,mulan_tokens,mulan_text_tokens",
+                            "Model fields each record holds: the DPD reads latents and semantic_tokens, the semantic "
+                            "LM semantic_tokens, mulan_tokens and (for data.text_token_share) mulan_text_tokens.")
 _SHARD_MB = flags.DEFINE_float("shard_mb", 256.0, "Size of each host's shard files; a kill loses one at most.")
 _STAGES = {s: flags.DEFINE_string("vae" if s == "vae_gan" else s, None, f"Directory of the {s} stage.")
            for s in TOKENIZE_STAGES}
@@ -44,6 +47,7 @@ def check_arguments() -> tuple[str, list[str]]:
     import tensorflow_datasets as tfds
 
     from data_pipeline.builder import find_prepared
+    from data_pipeline.tokenized import checked_fields
     from melody_jax.pipelines.validation import ArgumentError
 
     try:
@@ -58,6 +62,7 @@ def check_arguments() -> tuple[str, list[str]]:
     crop_spec().check()
     if _BATCH.value < 1:
         raise ArgumentError(f"--batch_size={_BATCH.value} must be >= 1")
+    checked_fields(_FIELDS.value)
     if not _SHARD_MB.value > 0:
         raise ArgumentError(f"--shard_mb={_SHARD_MB.value} must be > 0")
     out = os.path.abspath(_OUT.value)
@@ -93,7 +98,7 @@ def main(argv: list[str]) -> None:
         stages = FrozenStages(dirs, make_mesh({"data": -1}), DEFAULT_RULES)
         start = time.perf_counter()
         written = tokenize_dataset(_DATA.value, splits, out, stages, crop_spec(), _BATCH.value,
-                                   shard_mb=_SHARD_MB.value)
+                                   shard_mb=_SHARD_MB.value, fields=tuple(_FIELDS.value))
         seconds = time.perf_counter() - start
         if jax.process_index() == 0:
             for split, entry in written.items():

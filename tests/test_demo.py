@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from configs.melody import DEMO_STEPS, STEP_CAPS, demo_configs
+from configs.melody import CACHES, DEMO_STEPS, STEP_CAPS, demo_configs
 from launch import demo
 from melody_jax.tasks.registry import get_task
 from melody_jax.training.errors import ConfigError, WorkdirError
@@ -57,6 +57,7 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     lm = configs["semantic_lm"]
     get_task(lm).validate()
     assert (lm.data.semantic_len, lm.data.text_token_share) == (48, 0.5)
+    assert CACHES["semantic_lm"].fields == ("semantic_tokens", "mulan_tokens", "mulan_text_tokens")  # no latents
     assert (lm.model.num_layers, lm.model.embed_dim, lm.model.mlp_dim) == (4, 128, 256)  # copies a beat it is given
     assert lm.data.path.endswith("lm_tokens") and configs["dpd"].data.path.endswith("tokens")
     assert lm.data.path != configs["dpd"].data.path

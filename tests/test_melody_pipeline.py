@@ -28,8 +28,8 @@ from melody_jax.training.sharding import activate
 from tests.bundle_fixture import build_bundle, tiny_configs
 from tests.helpers import run_cli
 
-# Module fixtures train several stages (seen up to ~12 min on 2 cores under a full suite's load):
-# the limit is a hang guard at over twice that, not a benchmark.
+# The bundles are untrained; the file's time is sampling and compiling in the tests (about 5 min alone on
+# 2 cores, up to ~12 min under a full suite's load): the limit is a hang guard at over twice that.
 pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow]
 
 RATE = 24000

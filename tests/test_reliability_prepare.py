@@ -95,6 +95,8 @@ def test_case14_prepare_out_that_is_a_file_or_unwritable_is_one_line(tmp_path):
     ("launch.tokenize", ("--data=/nonexistent", "--out=tokens"), "error: --data: no prepared dataset in "),
     ("launch.tokenize", ("--data={data}", "--crop_seconds=0", "--out=tokens"),
      "error: --crop_seconds=0.0 must be a positive number of seconds"),
+    ("launch.tokenize", ("--data={data}", "--fields=semantic_tokens,chroma", "--out=tokens"),
+     "error: --fields=semantic_tokens,chroma: need one or more of latents, semantic_tokens, mulan_tokens, "),
     ("launch.evaluate", ("--bundle=/nonexistent", "--reference=/nonexistent"), "error: --reference: no prepared"),
 ])  # --out as a folder: check_output_path (test_reliability_cli.py); prepare_data's --out: the test above
 def test_case14_cli_path_mistakes_are_one_line_before_any_work(tmp_path_factory, module, args, message):

@@ -20,7 +20,8 @@ from data_pipeline.audio_io import from_pcm
 from data_pipeline.builder import host_split
 from data_pipeline.record_shards import ShardWriter, read_progress, write_manifest
 from data_pipeline.token_records import Field, RecordIterator, serialized_rows
-from data_pipeline.tokenized import CropSpec, FrozenStages, tokenize_dataset
+from data_pipeline.tokenized import FIELDS, CropSpec, FrozenStages, tokenize_dataset
+from melody_jax.frozen.vae import FrozenVAE
 from melody_jax.tasks.registry import get_task
 from melody_jax.tasks.sources import cache_shards, read_manifest
 from melody_jax.training.errors import ConfigError
@@ -65,14 +66,13 @@ def cache_records(out: str, split: str) -> dict[tuple[int, int], dict[str, np.nd
         for f in rows:
             key = (f["clip_id"].int64_list.value[0], f["crop_start"].int64_list.value[0])
             assert key not in records, f"crop {key} written twice"
-            records[key] = {"latents": np.array(f["latents"].float_list.value, np.float32),
-                            **{k: np.array(f[k].int64_list.value)
-                               for k in ("semantic_tokens", "mulan_tokens", "mulan_text_tokens")}}
+            records[key] = {k: np.array(f[k].float_list.value, np.float32) if k == "latents"
+                            else np.array(f[k].int64_list.value) for k in FIELDS if k in f}
     return records
 
 
-def tokenize(data: str, out, frozen: FrozenStages, spec: CropSpec = SLIDING, splits=("train",)):
-    return tokenize_dataset(data, list(splits), str(out), frozen, spec, 8, shard_mb=0.02)
+def tokenize(data: str, out, frozen: FrozenStages, spec: CropSpec = SLIDING, splits=("train",), fields=FIELDS):
+    return tokenize_dataset(data, list(splits), str(out), frozen, spec, 8, shard_mb=0.02, fields=fields)
 
 
 def test_crop_modes():
@@ -149,6 +149,38 @@ def test_tokenize_streams_shards_and_resumes_after_a_crash(tmp_path, frozen, dat
     assert tokenize(data, out, frozen)["train"] == again["train"]  # finished: a rerun changes nothing
     with pytest.raises(ConfigError, match="started with other settings"):
         tokenize(data, out, frozen, spec=CropSpec(CROP))
+
+
+def test_a_cache_keeps_the_fields_its_stage_reads(tmp_path, frozen, data, monkeypatch):
+    """The semantic LM's cache (configs/melody.py CACHES): the token fields alone, equal to a full cache's, with
+    no VAE encoder in its compiled pass; the DPD's source refuses it in one line, and a cache started with other
+    fields or an unknown field is refused before any work."""
+    def no_encoder(*_):
+        raise AssertionError("the VAE encoder was traced for a cache without latents")
+
+    lm_fields = ("mulan_text_tokens", "semantic_tokens", "mulan_tokens")  # any order: FIELDS' order is kept
+    monkeypatch.setattr(FrozenVAE, "encode_fn", no_encoder)  # the first pass with these fields traces them
+    tokens = tokenize(data, tmp_path / "lm", frozen, fields=lm_fields)
+    monkeypatch.undo()
+    full = tokenize(data, tmp_path / "full", frozen)
+    assert tokens["train"]["fields"] == {"semantic_tokens": [16], "mulan_tokens": [12], "mulan_text_tokens": [12]}
+    assert tokens["train"]["records"] == full["train"]["records"]
+    every, some = cache_records(str(tmp_path / "full"), "train"), cache_records(str(tmp_path / "lm"), "train")
+    assert some.keys() == every.keys()
+    for key, record in some.items():
+        assert set(record) == set(lm_fields)
+        for field, values in record.items():
+            np.testing.assert_array_equal(values, every[key][field])
+
+    config = stage_config("dpd", {"data.source": "cached", "data.path": str(tmp_path / "lm"), "data.eval_split": ""})
+    with pytest.raises(ConfigError, match=r"holds field sizes \{'latents': 0, 'semantic_tokens': 16\}"):
+        get_task(config).train_iterator(make_mesh({"data": -1}))
+    with pytest.raises(ConfigError, match="started with other settings"):
+        tokenize(data, tmp_path / "lm", frozen)
+    for bad in ((), ("latents", "chroma")):
+        with pytest.raises(ConfigError, match=r"^--fields=.*: need one or more of latents, semantic_tokens, "):
+            tokenize(data, tmp_path / "bad", frozen, fields=bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def clip_audio(data: str, split: str) -> dict[int, np.ndarray]:
