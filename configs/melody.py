@@ -44,8 +44,8 @@ class Cache(NamedTuple):
 # The tiny DPD's window: 0.64 s (160 latent frames, 16 semantic tokens), whole crops. The LM's crops are
 # three of those (48 tokens, one every 0.32 s): 12 tokens of context (0.48 s) cannot carry a beat slower than
 # 125 BPM from one LM step to the next, 44 carry one down to 34 BPM; MuLan's audio tower (2-s windows) also
-# hears more of each crop. (3.84-s crops of 10-s clips kept more beats in continuations, but followed text
-# prompts' tempo less and took the demo to 25 minutes: README "What moved the LM's continuations".) Each cache
+# hears more of each crop. (3.84-s crops of 10-s clips kept more beats in continuations, but not more of text
+# prompts' tempo, and took the demo to 25 minutes: README "What moved the LM's continuations".) Each cache
 # holds the fields its stage reads: the LM's, no latents.
 CACHES = {"dpd": Cache("tokens", 0.64, 0.64, "audio", ("latents", "semantic_tokens")),
           "semantic_lm": Cache("lm_tokens", 1.92, 0.32, "captions",
