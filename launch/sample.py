@@ -4,8 +4,8 @@
 (`launch.convert`) — is sampled with audiocraft's modes: `--prompt` (optionally `--melody=FILE` to
 follow its chromagram), `--continue=FILE` (its audio encoded and continued by `--duration` seconds;
 with or without `--prompt`), `--unconditional`. The bundle's stages say which system it holds;
-every sampling flag left out (duration, steps, schedule, CFG, temperature, top-k, top-p; MusicGen's
-`--cfg_beta`, `--two_step_cfg`) takes the bundle's `sample` config.
+every sampling flag left out (duration, steps, schedule, CFG, temperature, top-k, top-p; MeLoDy's
+`--lm_cfg`; MusicGen's `--cfg_beta`, `--two_step_cfg`) takes the bundle's `sample` config.
 
 Writes one WAV (16-bit, the bundle's rate) and one spectrogram PNG per output (`out.wav`, or
 `out_0.wav`, `out_1.wav`, … for a batch), and prints the time per stage and the real-time factor.
@@ -33,6 +33,8 @@ _CANDIDATES = flags.DEFINE_integer("inpaint_candidates", None, "MeLoDy --inpaint
                                                                "kept by the right context (1 = left context only; "
                                                                "default: the bundle's).")
 _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (default: the bundle's).")
+_LM_CFG = flags.DEFINE_float("lm_cfg", None, "MeLoDy: the semantic LM's guidance scale against its null prefix (1 = "
+                                             "off; needs an LM trained with model.cfg_dropout; default: the bundle's).")
 _CFG_BETA = flags.DEFINE_float("cfg_beta", None, "musicgen (melody models): double CFG, text pushed by beta against "
                                                  "the melody (audiocraft's cfg_coef_beta; default: the bundle's).")
 _TWO_STEP_CFG = flags.DEFINE_bool("two_step_cfg", None, "musicgen: run the CFG branches as separate forward passes "
@@ -74,7 +76,7 @@ def check_arguments() -> str:
     if _DURATION.value is not None:
         check_min_duration(check_duration(_DURATION.value, MAX_SECONDS))
     given = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, cfg=_CFG.value, steps=_STEPS.value,
-                 cfg_beta=_CFG_BETA.value, inpaint_candidates=_CANDIDATES.value,
+                 cfg_beta=_CFG_BETA.value, inpaint_candidates=_CANDIDATES.value, lm_cfg=_LM_CFG.value,
                  top_p=None if _TOP_P.value == 0 else _TOP_P.value)  # top_p 0: MusicGen's "top-k instead"
     check_sampling(seed=_SEED.value, count=max(len(_PROMPTS.value), 1), **given)
     return check_output_path(_OUT.value)
@@ -84,7 +86,7 @@ def sampling() -> dict:
     """The sampling flags; None (not given) takes the bundle's."""
     return dict(steps=_STEPS.value, schedule=_SCHEDULE.value, cfg=_CFG.value, temperature=_TEMPERATURE.value,
                 top_k=_TOP_K.value, top_p=_TOP_P.value, cfg_beta=_CFG_BETA.value, two_step_cfg=_TWO_STEP_CFG.value,
-                seed=_SEED.value)
+                lm_cfg=_LM_CFG.value, seed=_SEED.value)
 
 
 def run_musicgen(pipeline, prompts: list[str] | None) -> tuple:

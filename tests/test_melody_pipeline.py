@@ -114,6 +114,37 @@ def test_an_lm_window_longer_than_the_dpd_window_sets_the_lm_context(bundle, tmp
     assert seen == [(36, 15)]  # 40 tokens from scratch, then (100 − 40) / 4 steps on the last 36
 
 
+def test_lm_guidance_contrasts_the_prompt_with_the_null_prefix(bundle, tmp_path, monkeypatch):
+    """An LM trained with prefix dropout has a null prefix: lm_cfg ≠ 1 hands every LM call (the first window
+    and the scanned continuation windows) the null prefix beside the prompt's, with its scale; lm_cfg 1 runs the
+    unguided sampler. (The sampler's guided draws are checked against full forwards in test_semantic_lm.)"""
+    from benchmarks.untrained import init_workdir
+    from melody_jax.models.semantic_lm import NULL_CODE
+    from melody_jax.pipelines.bundle import assemble
+    from melody_jax.training.sharding import DEFAULT_RULES, make_mesh
+
+    stages = os.path.dirname(bundle)
+    init_workdir(tiny_configs(semantic_lm={"model.cfg_dropout": 0.2})["semantic_lm"], str(tmp_path / "semantic_lm"))
+    dirs = {s: str(tmp_path / s) if s == "semantic_lm" else os.path.join(stages, s) for s in read_configs(bundle)}
+    assemble(str(tmp_path / "bundle"), dirs, make_mesh({"data": 1}, jax.devices()[:1]), DEFAULT_RULES)
+    guided = MeLoDy(str(tmp_path / "bundle"), progress=False)
+    assert guided.lm.null_prefix and guided.defaults["lm_cfg"] == 1.0
+    seen = []
+    for name in ("sample", "continue_windows"):
+        def spy(*args, real=getattr(melody_module, name), name=name, **kwargs):
+            null = kwargs.get("null_prefix")
+            seen.append((name, None if null is None else np.unique(null).tolist(), kwargs.get("cfg_scale")))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(melody_module, name, spy)
+    out = guided.generate(["calm piano"], 1.0, steps=2, seed=0, lm_cfg=3.0)
+    assert seen == [("sample", [NULL_CODE], 3.0), ("continue_windows", [NULL_CODE], 3.0)]
+    seen.clear()
+    plain = guided.generate(["calm piano"], 1.0, steps=2, seed=0)
+    assert seen == [("sample", None, None), ("continue_windows", None, None)]
+    assert (out.semantic_tokens != plain.semantic_tokens).any()
+
+
 def test_continuation_keeps_the_given_latents(melody):
     audio = np.asarray(melody.generate(["strings"], 1.2, steps=2, seed=3).audio)
     known = melody.vae.encode(audio[:, : audio.shape[1] // 960 * 960])
@@ -223,6 +254,9 @@ def test_bad_requests_get_one_line_errors(melody):
         melody.inpaint(np.zeros(RATE, np.float32), 0.8, 0.2)
     with pytest.raises(AudioInputError, match="NaN"):
         melody.generate_continuation(np.full(RATE, np.nan, np.float32), 1.0)
+    with pytest.raises(AudioInputError, match=r"^lm_cfg=2.0 needs a semantic LM trained with model.cfg_dropout > 0; "
+                                              r"this bundle's has no null prefix \(use lm_cfg=1\)$"):
+        melody.generate(["x"], 1.0, lm_cfg=2.0)
 
 
 def test_mismatched_bundles_are_refused(bundle, tmp_path):

@@ -83,6 +83,7 @@ def test_guidance_options_are_validated():
 @pytest.mark.parametrize("flag, error", [
     ("--cfg_beta=nan", "error: --cfg_beta must be a finite number, got nan"),
     ("--inpaint_candidates=0", "error: --inpaint_candidates=0 must lie in [1, 64]"),
+    ("--lm_cfg=nan", "error: --lm_cfg must be a finite number, got nan"),
     ("--schedule=cosine", "error: flag --schedule=cosine: value should be one of <paper|uniform>")])
 def test_sample_cli_refuses_bad_guidance_and_schedule_flags(flag, error):
     """Before any bundle is read (the path does not exist): one line, exit 2."""

@@ -34,6 +34,7 @@ GOOD = dict(seed=0, count=1, temperature=1.0, top_k=0, top_p=1.0, cfg=2.5, steps
     ({"top_p": math.nan}, "--top_p must be a finite number, got nan"),
     ({"cfg": -5.0}, "--cfg=-5 must lie in [0, 100]"),
     ({"cfg": 1e30}, "--cfg=1e+30 must lie in [0, 100]"),
+    ({"lm_cfg": -1.0}, "--lm_cfg=-1 must lie in [0, 100]"),
     ({"steps": 0}, "--steps=0 must lie in [1, 1000]"),
 ])
 def test_case5_sampling_arguments_out_of_range_are_one_line(change, message):

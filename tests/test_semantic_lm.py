@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from melody_jax.models.semantic_lm import stream_ids
+from melody_jax.models.semantic_lm import NULL_CODE, stream_ids
 from melody_jax.pipelines.lm_sampling import (continue_tokens, continue_windows, sample, sample_from_logits,
                                               teacher_forced_logits)
 from melody_jax.tasks.semantic_lm import SemanticLMTask, rule_targets, synthetic_tokens
@@ -58,6 +58,10 @@ def test_stream_ids_offset_each_vocabulary():
     codes = jnp.array([[5] * 14])
     ids = stream_ids(codes, jnp.arange(14), num_prefix=12, prefix_codebook_size=1024)
     np.testing.assert_array_equal(ids[0], [1024 * q + 5 for q in range(12)] + [12 * 1024 + 5] * 2)
+    codes = codes.at[0, 3].set(NULL_CODE)  # the null code reads its level's row after the 13 vocabularies
+    ids = stream_ids(codes, jnp.arange(14), num_prefix=12, prefix_codebook_size=1024, null_base=13 * 1024)
+    np.testing.assert_array_equal(ids[0], [1024 * q + 5 if q != 3 else 13 * 1024 + 3 for q in range(12)]
+                                  + [12 * 1024 + 5] * 2)
 
 
 def test_cached_decoding_equals_full_forward(random_model):
@@ -282,6 +286,58 @@ def test_frozen_models_tokenise_audio_inside_the_step(tmp_path, prepared_data):
     with pytest.raises(ConfigError, match=r"k-means has 32 clusters, model.semantic_vocab_size is 64"):
         SemanticLMTask(stage_config("semantic_lm", {"data.source": "frozen_models", "data.path": data,
                                      "model.semantic_vocab_size": 64, **fields})).setup(mesh)
+
+
+def test_prefix_dropout_trains_the_null_prefix():
+    """model.cfg_dropout: that share of the training rows (drawn per row from the step's rng, apart from the text
+    share's draw) read the null prefix, whose 12 table rows only those rows train; evaluation drops nothing."""
+    task = SemanticLMTask(lm_config({"model.cfg_dropout": 0.5}))
+    params = nn.meta.unbox(task.init_params(jax.random.key(0)))
+    assert params["decoder"]["embedding"].shape == (13 * 1024 + 12, 64)
+    mulan, semantic = synthetic_tokens(0, 0, 16, 12, 20, CODES, 4)
+    batch, rng = {"mulan_tokens": mulan, "semantic_tokens": semantic}, jax.random.key(3)
+    loss = jax.jit(task.loss, static_argnames="train")
+    dropped = np.asarray(jax.random.bernoulli(jax.random.fold_in(rng, 1), 0.5, (16, 1)))
+    assert 4 <= dropped.sum() <= 12
+    nulled = {**batch, "mulan_tokens": np.where(dropped, NULL_CODE, mulan)}
+    assert float(loss(params, batch, rng)[0]) == pytest.approx(float(loss(params, nulled, rng, train=False)[0]),
+                                                                rel=1e-6)
+    assert float(loss(params, batch, rng, train=False)[0]) != pytest.approx(float(loss(params, batch, rng)[0]))
+    null_rows = lambda train: jax.grad(lambda p: loss(p, batch, rng, train=train)[0])(params)[  # noqa: E731
+        "decoder"]["embedding"][13 * 1024:]
+    assert float(jnp.abs(null_rows(True)).min()) > 0 and float(jnp.abs(null_rows(False)).max()) == 0
+    with pytest.raises(ConfigError, match=r"cfg_dropout=1.0 must lie in \[0, 1\)"):
+        SemanticLMTask(lm_config({"model.cfg_dropout": 1.0})).validate()
+
+
+def test_guided_sampling_draws_from_the_guided_logits():
+    """With a null prefix, each token is the argmax (temperature 0) of c + (s − 1)(c − u) over the full forwards of
+    the prompted and the null stream, fed the tokens drawn so far; scale 1 is the unguided sampler; the
+    scanned continuation windows guide as the window-by-window calls do."""
+    task = SemanticLMTask(lm_config({"model.cfg_dropout": 0.2}))
+    model, params = task.model, nn.meta.unbox(task.init_params(jax.random.key(1)))
+    mulan, _ = synthetic_tokens(3, 0, 3, 12, 1, CODES, 4)
+    null = np.full_like(mulan, NULL_CODE)
+    guided = np.asarray(sample(model, params, mulan, 6, jax.random.key(0), 0.0, null_prefix=null, cfg_scale=3.0))
+    expected = np.zeros((3, 0), np.int32)
+    for _ in range(6):
+        c, u = (model.apply({"params": params}, np.concatenate([p, expected], 1))[:, -1] for p in (mulan, null))
+        expected = np.concatenate([expected, np.asarray(jnp.argmax(c + 2.0 * (c - u), -1))[:, None]], 1)
+    np.testing.assert_array_equal(guided, expected)
+    plain = np.asarray(sample(model, params, mulan, 6, jax.random.key(0), 0.0))
+    assert (plain != guided).any()  # the random model's two prefixes differ enough to change a greedy token
+    np.testing.assert_array_equal(sample(model, params, mulan, 6, jax.random.key(0), 0.0, null_prefix=null), plain)
+    keys = jax.vmap(jax.random.key)(jnp.arange(3, dtype=jnp.uint32))
+    windows = np.asarray(continue_windows(model, params, mulan, expected, keys, 2, 3, null_prefix=null, cfg_scale=2.0))
+    have = expected
+    for w in range(2):
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, w))(keys)
+        new = np.asarray(continue_tokens(model, params, mulan, have[:, -6:], 3, step_keys, null_prefix=null,
+                                         cfg_scale=2.0))
+        have = np.concatenate([have, new], axis=1)
+    np.testing.assert_array_equal(windows, have[:, 6:])
+    with pytest.raises(ValueError, match=r"null_prefix has shape \(3, 11\), the prefix \(3, 12\)"):
+        sample(model, params, mulan, 6, jax.random.key(0), null_prefix=null[:, 1:], cfg_scale=2.0)
 
 
 def test_continue_windows_equals_window_by_window_calls(random_model):

@@ -144,7 +144,8 @@ def _semantic_lm(config) -> StageModel:
     model = SemanticLM(num_layers=m.num_layers, embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
                        num_prefix=m.num_mulan_tokens, prefix_codebook_size=m.mulan_codebook_size,
                        vocab_size=m.semantic_vocab_size, dtype=jnp.dtype(m.dtype), remat=m.remat,
-                       scan_layers=m.get("scan_layers", False), attention_impl=m.get("attention_impl", "xla"))
+                       scan_layers=m.get("scan_layers", False), attention_impl=m.get("attention_impl", "xla"),
+                       null_prefix=m.get("cfg_dropout", 0.0) > 0)
     length = m.num_mulan_tokens + config.data.semantic_len - 1
     return StageModel(model, lambda rng: model.init(rng, jnp.zeros((1, length), jnp.int32))["params"])
 

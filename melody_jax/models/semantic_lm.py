@@ -5,6 +5,10 @@ each), later positions hold semantic codes. It maps position q < 12 to embedding
 and later positions to 12·1024 + code, so one table holds all 13 vocabularies, and it predicts only
 semantic codes (1024 logits). Because the mapping follows the absolute position (kept in the
 `cache` collection when decoding), samplers feed generated codes straight back in.
+
+With `null_prefix`, the table has one more row per MuLan level, read where a prefix code is NULL_CODE: the
+"no condition" prefix an LM trained with prefix dropout learns to continue, which classifier-free guidance
+at sampling time contrasts with the prompt's (`pipelines.lm_sampling`; audiocraft's condition dropout).
 """
 from __future__ import annotations
 
@@ -16,12 +20,18 @@ from melody_jax.models.transformer import DecoderLM
 NUM_MULAN_TOKENS = 12
 MULAN_CODEBOOK_SIZE = 1024
 SEMANTIC_VOCAB_SIZE = 1024
+NULL_CODE = -1  # a prefix code: this level of the condition is absent (an LM with `null_prefix`)
 
 
-def stream_ids(codes: jnp.ndarray, positions: jnp.ndarray, num_prefix: int, prefix_codebook_size: int) -> jnp.ndarray:
-    """Raw codes [B, T] at absolute positions [T] → ids of the shared embedding table."""
+def stream_ids(codes: jnp.ndarray, positions: jnp.ndarray, num_prefix: int, prefix_codebook_size: int,
+               null_base: int | None = None) -> jnp.ndarray:
+    """Raw codes [B, T] at absolute positions [T] → ids of the shared embedding table; with `null_base`,
+    NULL_CODE at prefix level q → id null_base + q."""
     level = jnp.minimum(positions, num_prefix)  # prefix level q, or num_prefix for semantic codes
-    return (level * prefix_codebook_size)[None, :] + codes
+    ids = (level * prefix_codebook_size)[None, :] + codes
+    if null_base is None:
+        return ids
+    return jnp.where((codes == NULL_CODE) & (positions < num_prefix)[None, :], null_base + level[None, :], ids)
 
 
 class SemanticLM(nn.Module):
@@ -42,6 +52,7 @@ class SemanticLM(nn.Module):
     decode: bool = False
     scan_layers: bool = False  # DecoderLM.scan_layers
     attention_impl: str = "xla"  # Attention.implementation
+    null_prefix: bool = False  # num_prefix more table rows for NULL_CODE (trained by prefix dropout)
 
     @nn.compact
     def __call__(self, codes: jnp.ndarray) -> jnp.ndarray:
@@ -53,9 +64,11 @@ class SemanticLM(nn.Module):
             start = position.value
             if allocated:
                 position.value = start + t
-        ids = stream_ids(codes, start + jnp.arange(t), self.num_prefix, self.prefix_codebook_size)
+        table = self.num_prefix * self.prefix_codebook_size + self.vocab_size
+        ids = stream_ids(codes, start + jnp.arange(t), self.num_prefix, self.prefix_codebook_size,
+                         table if self.null_prefix else None)
         return DecoderLM(
-            vocab_size=self.num_prefix * self.prefix_codebook_size + self.vocab_size,
+            vocab_size=table + self.num_prefix * self.null_prefix,
             output_size=self.vocab_size, num_layers=self.num_layers, embed_dim=self.embed_dim,
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, remat=self.remat,
             decode=self.decode, scan_layers=self.scan_layers,

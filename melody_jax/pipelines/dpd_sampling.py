@@ -25,11 +25,12 @@ from melody_jax.models.dpd import guidance_conditions, velocity_fn
 
 # steps: DPD steps per window (the paper runs 5…20; 10 keeps sampling fast at a small cost in FAD);
 # cfg: the paper's scale; schedule: the paper's angle schedule ("uniform": its ablation);
-# temperature, top_k (0 = off), top_p (1 = off): the semantic LM's; duration: seconds when none is given;
+# temperature, top_k (0 = off), top_p (1 = off): the semantic LM's; lm_cfg: the LM's guidance scale against the
+# null prefix (1 = off; other scales need an LM trained with model.cfg_dropout); duration: seconds when none is given;
 # inpaint_candidates: spans the LM draws per inpainting, one kept by how well the right context follows
 # it (melody.py `MeLoDy.inpaint`; 1 = the left context only) [choice: the paper does not say].
 SAMPLE_DEFAULTS: dict[str, Any] = dict(steps=10, cfg=2.5, schedule="paper", temperature=1.0, top_k=0, top_p=1.0,
-                                       duration=10.0, inpaint_candidates=4)
+                                       lm_cfg=1.0, duration=10.0, inpaint_candidates=4)
 
 
 def sample_defaults(dpd_config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -42,7 +42,7 @@ class Result:
 
 class Generator(abc.ABC):
     """A loaded bundle; the same seed gives the same audio. `**sampling` are the names in
-    `defaults`, besides `duration` (MeLoDy: steps, cfg, schedule, temperature, top_k, top_p;
+    `defaults`, besides `duration` (MeLoDy: steps, cfg, schedule, temperature, top_k, top_p, lm_cfg;
     MusicGen: cfg, temperature, top_k, top_p, cfg_beta, two_step_cfg)."""
 
     name: str  # "melody" | "musicgen": the bundle's kind

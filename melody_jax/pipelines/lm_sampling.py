@@ -1,7 +1,8 @@
 """KV-cache sampling for decoder LMs (DESIGN §4.4, §4.6): one jit per shape, no Python loop per token.
 
 Works for any Linen LM whose `decode=True` clone keeps its KV cache in the `cache` collection and
-whose sampled outputs are its next inputs (`DecoderLM`, `SemanticLM`). The cache is preallocated
+whose sampled outputs are its next inputs (`DecoderLM`, `SemanticLM`). Given an unconditional `null_prefix`, each
+token is drawn from the guided logits u + s·(c − u) of both prefixes run as one batch. The cache is preallocated
 for prefix + new tokens, the prefix is prefilled in one call, and the tokens come from a
 `jax.lax.scan`. Row b draws from keys folded from (key, b, step) — or from its own key — so a row's
 tokens do not depend on the other rows of the batch. Call inside `melody_jax.training.sharding.activate(mesh, rules)` to
@@ -14,7 +15,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+
+from melody_jax.diffusion.guidance import guide
 
 
 def filter_logits(logits: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -100,15 +104,22 @@ def _decode(model: nn.Module, params, prefix: jax.Array, num_tokens: int,
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p", "rules"))
-def _sample(model, params, prefix, key, *, num_tokens, temperature, top_k, top_p, rules):
+def _sample(model, params, prefix, key, null_prefix, cfg_scale, *, num_tokens, temperature, top_k, top_p, rules):
     del rules  # only part of the compilation key
-    row_keys = key if key.ndim else jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(prefix.shape[0]))
+    batch = prefix.shape[0]
+    row_keys = key if key.ndim else jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+    guided = null_prefix is not None
+    if guided:  # the unconditional rows follow the conditional ones in one batch, fed the same tokens
+        prefix = jnp.concatenate([prefix, null_prefix])
 
     def pick(logits, step):
+        if guided:
+            logits = guide(logits[:batch], logits[batch:], cfg_scale)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-        return jax.vmap(lambda k, row: sample_from_logits(k, row, temperature, top_k, top_p))(keys, logits)
+        tokens = jax.vmap(lambda k, row: sample_from_logits(k, row, temperature, top_k, top_p))(keys, logits)
+        return jnp.concatenate([tokens, tokens]) if guided else tokens
 
-    return _decode(model, params, prefix, num_tokens, pick, keep_logits=False)[0]
+    return _decode(model, params, prefix, num_tokens, pick, keep_logits=False)[0][:batch]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "rules"))
@@ -122,37 +133,47 @@ def _active_rules() -> tuple:
 
 
 def sample(model: nn.Module, params, prefix: jax.Array, num_tokens: int, key: jax.Array, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+           top_k: int = 0, top_p: float = 1.0, null_prefix: jax.Array | None = None,
+           cfg_scale: float = 1.0) -> jax.Array:
     """int32 [B, num_tokens] drawn after prefix int32 [B, P]; same key ⇒ same tokens.
 
     `key` is one key (row b draws from fold_in(key, b)) or one key per row, shape [B]: then a row's
-    tokens are the same whatever batch it is sampled in.
+    tokens are the same whatever batch it is sampled in. With `null_prefix` [B, P] (the same stream
+    without its condition), tokens follow the logits guided by `cfg_scale` (a new scale does not recompile).
     """
     if num_tokens < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need num_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
                          f"{num_tokens}, {temperature}, {top_k}, {top_p}")
-    return _sample(model, params, jnp.asarray(prefix, jnp.int32), key, num_tokens=int(num_tokens),
-                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), rules=_active_rules())
+    prefix = jnp.asarray(prefix, jnp.int32)
+    if null_prefix is not None and np.shape(null_prefix) != prefix.shape:
+        raise ValueError(f"null_prefix has shape {np.shape(null_prefix)}, the prefix {prefix.shape}")
+    return _sample(model, params, prefix, key, None if null_prefix is None else jnp.asarray(null_prefix, jnp.int32),
+                   jnp.float32(cfg_scale), num_tokens=int(num_tokens), temperature=float(temperature), top_k=int(top_k),
+                   top_p=float(top_p), rules=_active_rules())
 
 
 def continue_tokens(model: nn.Module, params, prefix: jax.Array, context_tokens: jax.Array, num_new: int,
-                    key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """int32 [B, num_new] following prefix ⊕ context_tokens.
+                    key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    null_prefix: jax.Array | None = None, cfg_scale: float = 1.0) -> jax.Array:
+    """int32 [B, num_new] following prefix ⊕ context_tokens (guided against null_prefix ⊕ context_tokens).
 
     Continuation (DESIGN §4.6): prefix = the 12 MuLan tokens, context = the last T_ST − M_ST semantic
     tokens, num_new = M_ST, so positions stay within the trained length.
     """
-    stream = jnp.concatenate([jnp.asarray(prefix, jnp.int32), jnp.asarray(context_tokens, jnp.int32)], axis=1)
-    return sample(model, params, stream, num_new, key, temperature, top_k, top_p)
+    context = jnp.asarray(context_tokens, jnp.int32)
+    joined = lambda p: jnp.concatenate([jnp.asarray(p, jnp.int32), context], axis=1)  # noqa: E731
+    return sample(model, params, joined(prefix), num_new, key, temperature, top_k, top_p,
+                  None if null_prefix is None else joined(null_prefix), cfg_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_windows", "chunk", "temperature", "top_k", "top_p",
                                              "rules"))
-def _continue_windows(model, params, prefix, context, keys, first_window, *, num_windows, chunk, temperature, top_k,
-                      top_p, rules):
+def _continue_windows(model, params, prefix, context, keys, first_window, null_prefix, cfg_scale, *, num_windows, chunk,
+                      temperature, top_k, top_p, rules):
     def window(ctx, i):
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-        new = _sample(model, params, jnp.concatenate([prefix, ctx], axis=1), step_keys, num_tokens=chunk,
+        joined = lambda p: None if p is None else jnp.concatenate([p, ctx], axis=1)  # noqa: E731
+        new = _sample(model, params, joined(prefix), step_keys, joined(null_prefix), cfg_scale, num_tokens=chunk,
                       temperature=temperature, top_k=top_k, top_p=top_p, rules=rules)
         return jnp.concatenate([ctx, new], axis=1)[:, chunk:], new
 
@@ -162,7 +183,7 @@ def _continue_windows(model, params, prefix, context, keys, first_window, *, num
 
 def continue_windows(model: nn.Module, params, prefix: jax.Array, context_tokens: jax.Array, keys: jax.Array,
                      num_windows: int, chunk: int, first_window: int = 0, temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0) -> jax.Array:
+                     top_p: float = 1.0, null_prefix: jax.Array | None = None, cfg_scale: float = 1.0) -> jax.Array:
     """int32 [B, num_windows · chunk]: `continue_tokens` repeated in one `lax.scan`, window by window.
 
     Window w draws `chunk` tokens after prefix ⊕ the last C tokens (C = context_tokens' length) with
@@ -170,9 +191,10 @@ def continue_windows(model: nn.Module, params, prefix: jax.Array, context_tokens
     """
     if num_windows < 1 or chunk < 1:
         raise ValueError(f"need num_windows >= 1 and chunk >= 1, got {num_windows}, {chunk}")
+    null = None if null_prefix is None else jnp.asarray(null_prefix, jnp.int32)
     return _continue_windows(model, params, jnp.asarray(prefix, jnp.int32), jnp.asarray(context_tokens, jnp.int32),
-                             keys, jnp.int32(first_window), num_windows=int(num_windows), chunk=int(chunk),
-                             temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                             keys, jnp.int32(first_window), null, jnp.float32(cfg_scale), num_windows=int(num_windows),
+                             chunk=int(chunk), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                              rules=_active_rules())
 
 

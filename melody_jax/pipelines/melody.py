@@ -24,6 +24,7 @@ from melody_jax.pipelines.bundle import check_fit, read_configs
 from melody_jax.pipelines.dpd_sampling import (continue_sampled_latents, inpaint_plan, inpaint_sampled_latents,
                                                inpaint_windows, sample_defaults, sample_latents)
 from melody_jax.pipelines.generation import AudioInputError, Generator, Result
+from melody_jax.models.semantic_lm import NULL_CODE
 from melody_jax.pipelines.lm_sampling import continue_tokens, continue_windows, sample, teacher_forced_logits
 from melody_jax.pipelines.stages import frames
 from melody_jax.pipelines.validation import MAX_PROMPT_CHARS, MAX_SECONDS, check_duration, check_prompt
@@ -225,13 +226,16 @@ class MeLoDy(Generator):
         return picked[..., 0].sum(axis=1)
 
     # --- the shared path ------------------------------------------------------------------------
-    @staticmethod
-    def _checked(s: dict[str, Any]) -> dict[str, Any]:
+    def _checked(self, s: dict[str, Any]) -> dict[str, Any]:
         if (s["steps"] < 1 or not math.isfinite(s["cfg"]) or s["schedule"] not in SCHEDULES
-                or s["inpaint_candidates"] < 1):
-            raise AudioInputError(f"need steps >= 1, a finite cfg, a schedule in {SCHEDULES} and inpaint_candidates "
-                                  f">= 1, got steps={s['steps']}, cfg={s['cfg']}, schedule={s['schedule']!r}, "
+                or s["inpaint_candidates"] < 1 or not math.isfinite(s["lm_cfg"])):
+            raise AudioInputError(f"need steps >= 1, a finite cfg and lm_cfg, a schedule in {SCHEDULES} and "
+                                  f"inpaint_candidates >= 1, got steps={s['steps']}, cfg={s['cfg']}, "
+                                  f"lm_cfg={s['lm_cfg']}, schedule={s['schedule']!r}, "
                                   f"inpaint_candidates={s['inpaint_candidates']}")
+        if s["lm_cfg"] != 1 and not self.lm.null_prefix:
+            raise AudioInputError(f"lm_cfg={s['lm_cfg']} needs a semantic LM trained with model.cfg_dropout > 0; "
+                                  "this bundle's has no null prefix (use lm_cfg=1)")
         return s
 
     def _run(self, prefix_fn, batch: int, z0, tokens0, duration: float, seed, s: dict[str, Any]) -> Result:
@@ -279,6 +283,8 @@ class MeLoDy(Generator):
         the first windows one call each (from scratch, or while the context is still short), all
         whole windows after them in one `lax.scan`, then a last partial window."""
         sampling = dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])
+        if s["lm_cfg"] != 1:  # guided against the null prefix, the LM's unconditional branch
+            sampling.update(null_prefix=np.full(np.shape(prefix), NULL_CODE, np.int32), cfg_scale=s["lm_cfg"])
         out, have, i = [], np.asarray(context), 0
 
         def add(new) -> None:

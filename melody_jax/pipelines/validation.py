@@ -106,7 +106,7 @@ def _integer(value: object, name: str) -> int:
 
 def check_sampling(*, seed: object, count: int = 1, temperature: object = None, top_k: object = None,
                    top_p: object = None, cfg: object = None, steps: object = None, cfg_beta: object = None,
-                   inpaint_candidates: object = None) -> None:
+                   inpaint_candidates: object = None, lm_cfg: object = None) -> None:
     """Every sampling argument of `launch.sample` given in its range, before a bundle is loaded.
 
     `count` outputs use seeds seed … seed + count - 1, which must all fit a uint32 key; None means
@@ -122,6 +122,7 @@ def check_sampling(*, seed: object, count: int = 1, temperature: object = None, 
              ("top_p", top_p, _real, lambda v: 0 < v <= 1, "must lie in (0, 1] (1 = off)"),
              ("cfg", cfg, _real, lambda v: 0 <= v <= MAX_CFG, f"must lie in [0, {MAX_CFG:g}]"),
              ("cfg_beta", cfg_beta, _real, lambda v: 0 <= v <= MAX_CFG, f"must lie in [0, {MAX_CFG:g}]"),
+             ("lm_cfg", lm_cfg, _real, lambda v: 0 <= v <= MAX_CFG, f"must lie in [0, {MAX_CFG:g}]"),
              ("steps", steps, _integer, lambda v: 1 <= v <= MAX_STEPS, f"must lie in [1, {MAX_STEPS}]"),
              ("inpaint_candidates", inpaint_candidates, _integer, lambda v: 1 <= v <= MAX_CANDIDATES,
               f"must lie in [1, {MAX_CANDIDATES}]"))

@@ -12,6 +12,8 @@ Data sources (`config.data.source`, melody_jax/tasks/sources.py):
   into MuLan tokens (MuLan audio tower + RVQ) and semantic tokens (SSL Conformer + k-means) inside the
   jitted step by the frozen stages named in `upstream.{ssl,kmeans,mulan,rvq}`, loaded by `setup`
   (their parameters ride along with every batch: `frozen.inputs.FrozenInputs`).
+`model.cfg_dropout` of the training rows see the null prefix instead (`models.semantic_lm.NULL_CODE`), which
+classifier-free guidance contrasts with the prompt's at sampling time.
 `data.text_token_share` of the rows (drawn per row in the step) are conditioned on the MuLan *text* tokens
 of their clip's caption instead of the crop's audio tokens ("cached": the records' `mulan_text_tokens`;
 "frozen_models": the caption run through MuLan's text tower + RVQ in the step). Sampling conditions on
@@ -38,7 +40,7 @@ from melody_jax.frozen.inputs import FrozenInputs
 from melody_jax.frozen.mulan import FrozenMuLan
 from melody_jax.frozen.semantic import SemanticTokenizer
 from melody_jax.frozen.stage_models import build_model
-from melody_jax.models.semantic_lm import SemanticLM
+from melody_jax.models.semantic_lm import NULL_CODE, SemanticLM
 from melody_jax.tasks.mulan import TextAudioIterator
 from melody_jax.tasks.sources import SourcedTask, cache_shards, prepared_audio, stream_seed
 from melody_jax.training.config import positive, require
@@ -105,6 +107,7 @@ class SemanticLMTask(SourcedTask):
             require(m.num_mulan_tokens >= 2, "config.model.num_mulan_tokens must be >= 2 for the synthetic rule")
         elif d.source == "frozen_models":
             require_upstream(c, *FROZEN_STAGES)
+        require(0.0 <= m.cfg_dropout < 1.0, f"config.model.cfg_dropout={m.cfg_dropout} must lie in [0, 1)")
         require(0.0 <= d.text_token_share <= 1.0,
                 f"config.data.text_token_share={d.text_token_share} must be in [0, 1]")
         require(d.text_token_share == 0.0 or d.source in ("cached", "frozen_models"),
@@ -151,6 +154,10 @@ class SemanticLMTask(SourcedTask):
         if text_tokens is not None:  # that share of the rows, drawn here, are conditioned on their caption
             text = jax.random.bernoulli(rng, self.config.data.text_token_share, (semantic.shape[0], 1))
             mulan_tokens = jnp.where(text, text_tokens, mulan_tokens)
+        dropout = self.config.model.cfg_dropout
+        if train and dropout > 0:  # its own key: the text rows are drawn as without dropout
+            null = jax.random.bernoulli(jax.random.fold_in(rng, 1), dropout, (semantic.shape[0], 1))
+            mulan_tokens = jnp.where(null, NULL_CODE, mulan_tokens)
         stream = jnp.concatenate([mulan_tokens, semantic], axis=1)
         # logits at position p predict stream[p + 1]: the last MuLan position predicts the first semantic token
         logits = self.model.apply({"params": params}, stream[:, :-1])[:, self.config.model.num_mulan_tokens - 1:]
