@@ -338,6 +338,8 @@ def test_guided_sampling_draws_from_the_guided_logits():
     np.testing.assert_array_equal(windows, have[:, 6:])
     with pytest.raises(ValueError, match=r"null_prefix has shape \(3, 11\), the prefix \(3, 12\)"):
         sample(model, params, mulan, 6, jax.random.key(0), null_prefix=null[:, 1:], cfg_scale=2.0)
+    with pytest.raises(ValueError, match=r"this LM has no null prefix to guide against"):
+        sample(SemanticLMTask(lm_config()).model, params, mulan, 6, jax.random.key(0), null_prefix=null)
 
 
 def test_continue_windows_equals_window_by_window_calls(random_model):

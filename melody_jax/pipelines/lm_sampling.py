@@ -147,6 +147,8 @@ def sample(model: nn.Module, params, prefix: jax.Array, num_tokens: int, key: ja
     prefix = jnp.asarray(prefix, jnp.int32)
     if null_prefix is not None and np.shape(null_prefix) != prefix.shape:
         raise ValueError(f"null_prefix has shape {np.shape(null_prefix)}, the prefix {prefix.shape}")
+    if null_prefix is not None and getattr(model, "null_prefix", True) is False:  # its null codes would alias others
+        raise ValueError("this LM has no null prefix to guide against (train it with model.cfg_dropout > 0)")
     return _sample(model, params, prefix, key, None if null_prefix is None else jnp.asarray(null_prefix, jnp.int32),
                    jnp.float32(cfg_scale), num_tokens=int(num_tokens), temperature=float(temperature), top_k=int(top_k),
                    top_p=float(top_p), rules=_active_rules())
