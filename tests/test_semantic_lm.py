@@ -340,6 +340,8 @@ def test_guided_sampling_draws_from_the_guided_logits():
         sample(model, params, mulan, 6, jax.random.key(0), null_prefix=null[:, 1:], cfg_scale=2.0)
     with pytest.raises(ValueError, match=r"this LM has no null prefix to guide against"):
         sample(SemanticLMTask(lm_config()).model, params, mulan, 6, jax.random.key(0), null_prefix=null)
+    with pytest.raises(ValueError, match=r"this LM has no null prefix to guide against"):
+        continue_windows(SemanticLMTask(lm_config()).model, params, mulan, expected, keys, 2, 3, null_prefix=null)
 
 
 def test_continue_windows_equals_window_by_window_calls(random_model):

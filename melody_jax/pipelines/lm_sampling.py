@@ -132,6 +132,17 @@ def _active_rules() -> tuple:
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in nn.get_logical_axis_rules())
 
 
+def _checked_null(model: nn.Module, prefix: jax.Array, null_prefix: jax.Array | None) -> jax.Array | None:
+    """The unconditional prefix as int32, refused where it cannot stand beside `prefix` for this model."""
+    if null_prefix is None:
+        return None
+    if np.shape(null_prefix) != prefix.shape:
+        raise ValueError(f"null_prefix has shape {np.shape(null_prefix)}, the prefix {prefix.shape}")
+    if getattr(model, "null_prefix", True) is False:  # its null codes would alias other codes
+        raise ValueError("this LM has no null prefix to guide against (train it with model.cfg_dropout > 0)")
+    return jnp.asarray(null_prefix, jnp.int32)
+
+
 def sample(model: nn.Module, params, prefix: jax.Array, num_tokens: int, key: jax.Array, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, null_prefix: jax.Array | None = None,
            cfg_scale: float = 1.0) -> jax.Array:
@@ -145,13 +156,9 @@ def sample(model: nn.Module, params, prefix: jax.Array, num_tokens: int, key: ja
         raise ValueError(f"need num_tokens >= 1, temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
                          f"{num_tokens}, {temperature}, {top_k}, {top_p}")
     prefix = jnp.asarray(prefix, jnp.int32)
-    if null_prefix is not None and np.shape(null_prefix) != prefix.shape:
-        raise ValueError(f"null_prefix has shape {np.shape(null_prefix)}, the prefix {prefix.shape}")
-    if null_prefix is not None and getattr(model, "null_prefix", True) is False:  # its null codes would alias others
-        raise ValueError("this LM has no null prefix to guide against (train it with model.cfg_dropout > 0)")
-    return _sample(model, params, prefix, key, None if null_prefix is None else jnp.asarray(null_prefix, jnp.int32),
-                   jnp.float32(cfg_scale), num_tokens=int(num_tokens), temperature=float(temperature), top_k=int(top_k),
-                   top_p=float(top_p), rules=_active_rules())
+    return _sample(model, params, prefix, key, _checked_null(model, prefix, null_prefix), jnp.float32(cfg_scale),
+                   num_tokens=int(num_tokens), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                   rules=_active_rules())
 
 
 def continue_tokens(model: nn.Module, params, prefix: jax.Array, context_tokens: jax.Array, num_new: int,
@@ -193,11 +200,11 @@ def continue_windows(model: nn.Module, params, prefix: jax.Array, context_tokens
     """
     if num_windows < 1 or chunk < 1:
         raise ValueError(f"need num_windows >= 1 and chunk >= 1, got {num_windows}, {chunk}")
-    null = None if null_prefix is None else jnp.asarray(null_prefix, jnp.int32)
-    return _continue_windows(model, params, jnp.asarray(prefix, jnp.int32), jnp.asarray(context_tokens, jnp.int32),
-                             keys, jnp.int32(first_window), null, jnp.float32(cfg_scale), num_windows=int(num_windows),
-                             chunk=int(chunk), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                             rules=_active_rules())
+    prefix = jnp.asarray(prefix, jnp.int32)
+    return _continue_windows(model, params, prefix, jnp.asarray(context_tokens, jnp.int32), keys,
+                             jnp.int32(first_window), _checked_null(model, prefix, null_prefix), jnp.float32(cfg_scale),
+                             num_windows=int(num_windows), chunk=int(chunk), temperature=float(temperature),
+                             top_k=int(top_k), top_p=float(top_p), rules=_active_rules())
 
 
 def teacher_forced_logits(model: nn.Module, params, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
