@@ -30,6 +30,10 @@ def get_config(arg: str | None = None):
     c.model.n_mels = 64 if tiny else 128
     c.model.patch_frames = 4 if tiny else 16
     c.model.patch_mels = 16
+    # "semitone": n_mels log-frequency bands a semitone apart from fmin (their lowest centre), which a key needs
+    # (models/mulan.py FREQUENCY_SCALES); "mel" is the paper's log-mel (fmin: its lower edge)
+    c.model.frequency_scale = "mel"
+    c.model.fmin = 0.0
     c.model.max_text_length = 128 if tiny else 256  # bytes, including the leading [CLS]
     c.model.remat = preset == "paper"
     c.model.scan_layers = False  # True: each tower's blocks as one nn.scan (other param names)

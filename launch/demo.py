@@ -150,7 +150,7 @@ def main(argv: list[str]) -> None:
         prepare(PrepareSettings(source="synthetic", num_clips=recipe.caption_clips, clip_seconds=4.0,
                                 val_fraction=0.15, seed=CAPTIONS_SEED), captions, progress=False)
         datasets = {"audio": data, "captions": captions}
-        configs = demo_configs(datasets, root, recipe.steps_scale)
+        configs = demo_configs(datasets, root, recipe.steps_scale, recipe.changes)
         log: dict = {}
         for name in STAGES:
             if configs[name].data.source == "cached":

@@ -16,7 +16,7 @@ from melody_jax.audio.losses import (
     multi_scale_mel_loss,
     resolutions,
 )
-from melody_jax.audio.mel import log_mel_spectrogram, mel_filterbank, mel_spectrogram
+from melody_jax.audio.mel import log_mel_spectrogram, mel_filterbank, mel_spectrogram, semitone_filterbank
 from melody_jax.audio.stft import hann_window, magnitude, num_frames, stft
 from tests.helpers import RECORDED_MUSIC
 
@@ -103,6 +103,27 @@ def test_mel_filterbank_matches_librosa(kwargs):
     err = _rel_err(ours, ref)
     assert ours.shape == ref.shape
     assert err < 1e-6, f"filterbank max |err| / max |ref| = {err:.2e} >= 1e-6"
+
+
+def test_semitone_bands_put_each_pitch_in_its_own_band():
+    fb = semitone_filterbank(SR, 2048, 60, 220.0)
+    assert fb.shape == (1025, 60) and not fb.flags.writeable
+    assert (fb > 0).sum(0).min() >= 2  # every band, the narrowest included, reads FFT bins
+    t = np.arange(2048) / SR
+    for k in (0, 1, 12, 19, 59):  # A3, A#3, A4, E5, the top band
+        tone = np.sin(2 * np.pi * 220.0 * 2 ** (k / 12) * t) * np.hanning(2048)
+        bands = np.abs(np.fft.rfft(tone)) ** 2 @ fb
+        assert np.argmax(bands) == k
+        assert np.sort(bands)[-2] < 0.6 * bands[k]  # a semitone away reads less: the bands resolve a key
+    # a mel filterbank of as many bands merges A3 and A#3 (the reason MuLan's key needs this scale)
+    mel = mel_filterbank(SR, 2048, 60)
+    peaks = [np.argmax(np.abs(np.fft.rfft(np.sin(2 * np.pi * f * t) * np.hanning(2048))) ** 2 @ mel)
+             for f in (220.0, 220.0 * 2 ** (1 / 12))]
+    assert peaks[0] == peaks[1]
+    with pytest.raises(ValueError, match="narrower than half the lowest band"):
+        semitone_filterbank(SR, 2048, 60, 100.0)  # FFT bins of 11.7 Hz, a lowest band 11.6 Hz wide
+    with pytest.raises(ValueError, match="below Nyquist"):
+        semitone_filterbank(SR, 2048, 72, 220.0)  # 6 octaves from A3 end at 14 kHz
 
 
 @pytest.mark.parametrize("signal", sorted(SIGNALS))

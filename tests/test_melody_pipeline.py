@@ -354,6 +354,10 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
         text = melody.mulan.text_embeddings([c["caption"] for c in clips])
         recall = retrieval_recall(np.asarray(text), np.asarray(melody.mulan.audio_embeddings(audio)))
     assert stages["mulan"] == {"recall@1": recall[1], "recall@5": recall[5]} and recall[5] >= recall[1]
+    # what the text tower keeps of a caption: the token probes on text embeddings of 256 synthetic captions
+    # (the key over the 125 that name theirs), whatever the tower
+    text = stages["mulan_text"]
+    assert set(text) == set(stages["tokens"]) and text["key (tonic)"]["clips"] == 125 and text["lead"]["clips"] == 256
     lm, dpd = stages["semantic_lm"], stages["dpd"]
     # The untrained SSL tower + k-means put every frame in one cluster: the table reads a collapsed stream
     # (one token of 32, each repeating its predecessor), the untrained LM's loss stays near log 32 = 3.47
@@ -395,6 +399,7 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
     assert unheard["loss"] == unheard["loss_shuffled_prefix"] == unheard["loss_caption_prefix"], unheard
     md = markdown(stages)
     assert "| DPD | velocity MSE at π/4, true tokens |" in md and "| MuLan | text → audio recall@5 |" in md
+    assert "| MuLan | key (tonic) probe accuracy on text embeddings of synthetic captions |" in md
     assert "| DPD | tempo accuracy (±5 %) of the clips' tokens rendered |" in md
     assert "| semantic LM | tempo accuracy (±5 %) of its 8-s continuations of the clips' first halves" in md
     assert "| semantic LM | held-out cross-entropy, prefixes shuffled across crops |" in md

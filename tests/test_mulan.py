@@ -15,6 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipeline.builder import read_clips
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
+from melody_jax.audio.mel import log_mel_spectrogram
+from melody_jax.frozen.stage_models import mulan_model
 from melody_jax.models.mulan import contrastive_loss, dequantize, embed_text, mulan_tokens, similarity
 from melody_jax.tasks.mulan import MuLanTask
 from melody_jax.frozen.loader import load_stage
@@ -102,6 +104,33 @@ def test_similarity_scale_and_mcc():
 def test_bad_config_is_one_line_error():
     with pytest.raises(ConfigError, match="patch_mels"):
         MuLanTask(stage_config("mulan", {"data.path": "x", "model.patch_mels": 24})).validate()
+    with pytest.raises(ConfigError, match="frequency_scale='bark' must be one of"):
+        MuLanTask(stage_config("mulan", {"data.path": "x", "model.frequency_scale": "bark"})).validate()
+    semitone = {"data.path": "x", "model.frequency_scale": "semitone", "model.fmin": 220.0, "model.n_mels": 60,
+                "model.patch_mels": 12}
+    with pytest.raises(ConfigError, match="n_fft=512's bins narrower than half the lowest band"):
+        MuLanTask(stage_config("mulan", semitone)).validate()  # the tiny preset's 47-Hz bins
+    with pytest.raises(ConfigError, match=r"top edge \(14080 Hz\) below Nyquist"):
+        MuLanTask(stage_config("mulan", {**semitone, "model.n_fft": 2048, "model.n_mels": 72})).validate()
+    MuLanTask(stage_config("mulan", {**semitone, "model.n_fft": 2048})).validate()
+
+
+def test_semitone_patches_are_octaves_of_log_semitone_bands():
+    """`frequency_scale="semitone"`: 60 bands from A3 in 12-band patches are five octaves, each patch one
+    octave's pitch classes over patch_frames frames; the mel default is the log-mel of before."""
+    c = stage_config("mulan", {"model.frequency_scale": "semitone", "model.fmin": 220.0, "model.n_fft": 2048,
+                               "model.n_mels": 60, "model.patch_mels": 12}).model
+    model = mulan_model(c, 24000)
+    t = np.arange(24000) / 24000
+    tones = jnp.asarray(np.stack([np.sin(2 * np.pi * 440.0 * 2 ** (k / 12) * t) for k in (0, 3)]), jnp.float32)
+    p, _ = model.init_with_output(jax.random.key(0), tones, method=model.patches)
+    assert p.shape == (2, (1 + 24000 // c.hop_length) // c.patch_frames, 5, c.patch_frames * 12)
+    octave = np.asarray(p[:, 3, 1]).reshape(2, c.patch_frames, 12).mean(1)  # A4's octave, one patch mid-clip
+    assert list(octave.argmax(-1)) == [0, 3]  # A and C: pitch class k is the patch's k-th band
+    mel = mulan_model(stage_config("mulan").model, 24000)
+    want = (log_mel_spectrogram(tones, 24000, 512, 256, 64) + 5.0) / 4.0
+    first, _ = mel.init_with_output(jax.random.key(0), tones, method=mel.patches)
+    np.testing.assert_array_equal(np.asarray(first)[:, 0, 0], np.asarray(want)[:, :4, :16].reshape(2, 64))
     with pytest.raises(ConfigError, match="num_quantizers"):
         RVQTask(stage_config("rvq", {"upstream.mulan": "x", "train.num_steps": 3})).validate()
 

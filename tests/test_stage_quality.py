@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from melody_jax.evaluation.stage_quality import dpd_quality, one_tempo_share, retrieval_recall, stream_statistics
+from data_pipeline.synthetic import synthetic_prompts
+from melody_jax.evaluation.attributes import named
+from melody_jax.evaluation.stage_quality import (dpd_quality, one_tempo_share, retrieval_recall, stream_statistics,
+                                                 text_probes)
 from melody_jax.evaluation.token_probe import beat_r2, envelope_reader, probe, token_tempi
 from melody_jax.tasks.dpd import DPDTask, synthetic_batch, token_patterns
 from melody_jax.tasks.sources import split_index
@@ -49,6 +52,25 @@ def test_probe_reads_labels_tokens_carry_and_not_those_they_do_not():
     few = np.array([0] * 6 + [1] * 5 + [2] * 3)  # class 2 has fewer than 4 members: left out
     assert probe(rng.integers(0, 32, (14, 40)), few, 32)["clips"] == 11
     assert probe(rng.integers(0, 32, (14, 40)), np.array([0] * 11 + [1] * 3), 32) is None
+
+
+def test_text_probes_read_what_a_text_tower_keeps_and_the_key_where_captions_name_it():
+    prompts = synthetic_prompts(256, 3)
+    names_key = [named(t, a)["key"] for t, a in prompts]
+    assert 0.3 < np.mean(names_key) < 0.8  # measured 0.49: the others name a mode ("minor-key tune") or no key
+    rng = np.random.default_rng(0)
+
+    def hears_the_key(texts):  # a tower whose embedding holds a named key and drums, nothing else
+        a = {t: at for t, at in prompts}
+        return np.stack([np.concatenate([np.eye(12)[a[t]["tonic"]] * named(t, a[t])["key"], [a[t]["drums"]],
+                                         rng.normal(0, 0.01, 4)]) for t in texts])
+
+    probes = text_probes(hears_the_key, prompts)
+    assert probes["key (tonic)"]["clips"] <= sum(names_key)  # the captions naming a key (classes of < 4 left out)
+    assert probes["key (tonic)"]["accuracy"] == 1.0 and probes["drums"]["accuracy"] == 1.0
+    assert probes["lead"]["accuracy"] < probes["lead"]["majority"] + 0.15  # measured: not carried, near chance
+    deaf = text_probes(lambda texts: rng.normal(size=(len(texts), 16)), prompts)
+    assert deaf["key (tonic)"]["accuracy"] < deaf["key (tonic)"]["majority"] + 0.1
 
 
 def test_beat_r2_reads_tokens_that_mark_onsets_and_not_tokens_that_do_not():

@@ -60,18 +60,43 @@ def mel_filterbank(
     if norm not in ("slaney", None):
         raise ValueError(f"norm must be 'slaney' or None, got {norm!r}")
     fmax = sample_rate / 2.0 if fmax is None else fmax
-    fft_freqs = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
     edges = mel_to_hz(np.linspace(hz_to_mel(fmin, htk), hz_to_mel(fmax, htk), n_mels + 2), htk)
+    return _triangles(sample_rate, n_fft, edges, norm == "slaney")
+
+
+def _triangles(sample_rate: int, n_fft: int, edges: np.ndarray, area_norm: bool) -> np.ndarray:
+    """float32 [n_fft // 2 + 1, len(edges) − 2], read-only: filter k rises from edges[k] to 1 at edges[k + 1]
+    and falls to edges[k + 2]; `area_norm` divides it by its bandwidth."""
+    fft_freqs = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
     widths = np.diff(edges)
     ramps = edges[:, None] - fft_freqs[None, :]
     rising = -ramps[:-2] / widths[:-1, None]
     falling = ramps[2:] / widths[1:, None]
     weights = np.maximum(0.0, np.minimum(rising, falling))
-    if norm == "slaney":
+    if area_norm:
         weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
     out = np.ascontiguousarray(weights.T, dtype=np.float32)
     out.setflags(write=False)
     return out
+
+
+def semitone_resolved(sample_rate: int, n_fft: int, fmin: float) -> bool:
+    """Whether an FFT bin lies strictly inside the lowest semitone filter centred at `fmin` (and so inside
+    every higher one, which are wider)."""
+    return fmin * (2 ** (1 / 12) - 2 ** (-1 / 12)) > 2 * sample_rate / n_fft
+
+
+@functools.lru_cache(maxsize=None)
+def semitone_filterbank(sample_rate: int, n_fft: int, n_bins: int, fmin: float) -> np.ndarray:
+    """Triangular filters `float32 [n_fft // 2 + 1, n_bins]` centred a semitone apart from `fmin` (librosa's
+    constant-Q meaning: the lowest centre), each reaching its neighbours' centres, area-normalised: a
+    log-frequency spectrogram, where a pitch class is every 12th band (the input of key classifiers such as
+    Korzeniowski & Widmer 2017, where a mel scale merges neighbouring semitones below ~1 kHz). Read-only."""
+    top = fmin * 2 ** (n_bins / 12)
+    if not semitone_resolved(sample_rate, n_fft, fmin) or top > sample_rate / 2:
+        raise ValueError(f"{n_bins} semitone bands from {fmin:g} Hz need FFT bins narrower than half the lowest "
+                         f"band and a top edge ({top:.0f} Hz) below Nyquist ({sample_rate / 2:g} Hz); n_fft={n_fft}")
+    return _triangles(sample_rate, n_fft, fmin * 2 ** ((np.arange(n_bins + 2) - 1) / 12), True)
 
 
 def mel_spectrogram(

@@ -5,9 +5,13 @@ Tempo, key and drums use the classical estimators of `data_pipeline.recover` (th
 check the synthetic dataset itself). The lead instrument is read by a nearest-centroid classifier on
 musicnn embeddings, fitted on reference clips whose lead is known; its leave-one-out accuracy on the
 reference is reported as the ceiling that generated audio is compared with.
+
+Every prompt is checked on every attribute, named or not; `named` says which a prompt's text states outright
+(its key, its BPM), so the share over just those prompts can be read beside the whole one.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +31,13 @@ def tempo_hit(audio: np.ndarray, sample_rate: int, bpm: float) -> bool:
 def tempo_matches(estimated: float, bpm: float) -> bool:
     """Whether a tempo `estimated` (in BPM, from audio or from tokens) lies within TEMPO_TOLERANCE of `bpm`."""
     return abs(estimated / float(bpm) - 1.0) <= TEMPO_TOLERANCE
+
+
+def named(text: str, asked: Mapping[str, Any]) -> dict[str, bool]:
+    """Whether a prompt names its key ("… in F# minor …"; many synthetic captions say only "minor-key" or nothing)
+    and its tempo in BPM ("… 124 BPM", "around 164 beats per minute"; others say "fast" or nothing)."""
+    return {"key": "key" in asked and f"{asked['key']} {asked['mode']}" in text,
+            "tempo": re.search(rf"\b{int(asked['tempo_bpm'])}\b", text) is not None}
 
 
 def recovered_hits(audio: np.ndarray, sample_rate: int, asked: Mapping[str, Any]) -> dict[str, bool]:
@@ -55,9 +66,25 @@ def leave_one_out_predictions(x: np.ndarray, labels: Sequence[str]) -> list[str]
             for i in range(len(labels))]
 
 
+def hits(audio: Sequence[np.ndarray], sample_rate: int, asked: Sequence[Mapping[str, Any]],
+         instruments: Sequence[str]) -> list[dict[str, bool]]:
+    """Per clip, whether its recovered tempo, key, drums and (given) instrument match what was asked."""
+    return [{**recovered_hits(a, sample_rate, want), "instrument": got == want["lead"]}
+            for a, want, got in zip(audio, asked, instruments)]
+
+
 def accuracy(audio: Sequence[np.ndarray], sample_rate: int, asked: Sequence[Mapping[str, Any]],
              instruments: Sequence[str]) -> dict[str, float]:
     """Share of clips whose recovered tempo, key, drums and (given) instrument match what was asked."""
-    rows = [{**recovered_hits(a, sample_rate, want), "instrument": got == want["lead"]}
-            for a, want, got in zip(audio, asked, instruments)]
+    rows = hits(audio, sample_rate, asked, instruments)
     return {check: float(np.mean([r[check] for r in rows])) for check in CHECKS}
+
+
+def named_accuracy(rows: Sequence[Mapping[str, bool]], texts: Sequence[str],
+                   asked: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For the key and the tempo, the share of `hits` rows right over the prompts that name it (None if none do)."""
+    out = {}
+    for check in ("key", "tempo"):
+        picked = [r[check] for r, t, a in zip(rows, texts, asked) if named(t, a)[check]]
+        out[check] = {"accuracy": float(np.mean(picked)) if picked else None, "prompts": len(picked)}
+    return out

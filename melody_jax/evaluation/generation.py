@@ -145,8 +145,10 @@ def evaluate(pipeline: Generator, prompts: Sequence[Prompt], reference: Sequence
         rows = [i for i, _ in asked]
         gen_instruments = attributes.nearest_centroid(ref_clip_emb[ref_rows], leads, gen_clip_emb[rows])
         ref_instruments = attributes.leave_one_out_predictions(ref_clip_emb[ref_rows], leads)
+        gen_hits = attributes.hits([generated[i] for i in rows], sr, [a for _, a in asked], gen_instruments)
         report["attributes"] = {
-            "generated": attributes.accuracy([generated[i] for i in rows], sr, [a for _, a in asked], gen_instruments),
+            "generated": {check: float(np.mean([h[check] for h in gen_hits])) for check in attributes.CHECKS},
+            "generated_named": attributes.named_accuracy(gen_hits, [texts[i] for i in rows], [a for _, a in asked]),
             "reference": attributes.accuracy([ref_audio[i] for i in ref_rows], sr,
                                              [reference[i]["attributes"] for i in ref_rows], ref_instruments),
             "checked_prompts": len(rows), "checked_reference": len(ref_rows),
@@ -176,6 +178,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     if attrs:
         for check in attributes.CHECKS:
             lines.append(f"| {check} accuracy | {f(attrs['generated'][check])} | {f(attrs['reference'][check])} |")
+        for check, n in attrs["generated_named"].items():
+            lines.append(f"| {check} accuracy, the {n['prompts']} prompts naming it | {f(n['accuracy'])} | |")
         lines.append("")
         classes = attrs["instrument_classes"]
         lines.append(f"Instrument: nearest-centroid on musicnn embeddings over {', '.join(classes)} "

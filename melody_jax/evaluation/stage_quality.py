@@ -11,7 +11,9 @@ does not follow its prompts, this table says which stage holds it back.
   read from tokens by the beat probe's regression (`token_probe.envelope_reader`), from the clips' tokens and
   from the semantic LM's continuations of them (`MeLoDy.continue_tokens`), so a tempo the generated music
   lacks is traced to the stage that drops it;
-- MuLan: text → audio retrieval recall@1 and @5 over the clips' captions, beside chance k / N;
+- MuLan: text → audio retrieval recall@1 and @5 over the clips' captions, beside chance k / N, and what its text
+  tower keeps of a caption: the token probes on the text embeddings of synthetic captions (`text_probes`), so a
+  key the prompt names but the LM's prefix never carries reads as MuLan's loss;
 - semantic LM: held-out cross-entropy (nats per token) on crops cut like its training records (MuLan
   tokens of the crop, then its semantic tokens), beside the unigram entropy of that held-out token
   stream — with the share of the vocabulary it uses and of tokens that repeat their predecessor, so a
@@ -31,11 +33,12 @@ import numpy as np
 
 from data_pipeline.captions import tempo_band
 from data_pipeline.recover import estimate_tempo
+from data_pipeline.synthetic import synthetic_prompts
 from melody_jax.audio.losses import resolutions
 from melody_jax.audio.metrics import reconstruction_metrics
-from melody_jax.evaluation.attributes import tempo_matches
-from melody_jax.evaluation.token_probe import (BEAT_CONTEXT, beat_r2, envelope_reader, onset_envelopes, probe,
-                                               token_tempi)
+from melody_jax.evaluation.attributes import named, tempo_matches
+from melody_jax.evaluation.token_probe import (BEAT_CONTEXT, beat_r2, envelope_reader, feature_probe, onset_envelopes,
+                                               probe, token_tempi)
 from melody_jax.pipelines.melody import MeLoDy
 from melody_jax.tasks.dpd import EVAL_ANGLE, DPDTask
 from melody_jax.tasks.semantic_lm import SemanticLMTask
@@ -48,6 +51,20 @@ CONTINUATION_SECONDS = 8.0  # the LM's continuation in the tempo rows: ≥ 8 bea
 PROBES: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "key (tonic)": lambda a: a["tonic"], "lead": lambda a: a["lead"], "drums": lambda a: a["drums"],
     "tempo band": lambda a: tempo_band(a["tempo_bpm"])}
+
+TEXT_PROMPTS, TEXT_SEED = 256, 3  # the text probes' synthetic captions (text only): another seed than any dataset's
+
+
+def text_probes(text_embeddings: Callable[[list[str]], Any],
+                prompts: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any] | None]:
+    """The token probes (`PROBES`, `token_probe.feature_probe`) on the text embeddings of synthetic captions:
+    what MuLan's text tower keeps of what a prompt says. The key counts over the captions that name theirs."""
+    emb = np.asarray(text_embeddings([t for t, _ in prompts]))
+    out = {}
+    for name, label in PROBES.items():
+        rows = [i for i, (t, a) in enumerate(prompts) if name != "key (tonic)" or named(t, a)["key"]]
+        out[name] = feature_probe(emb[rows], [label(prompts[i][1]) for i in rows])
+    return out
 
 
 def _rows(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -201,6 +218,7 @@ def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int 
                                  seed, batch_size) if labelled else None,
             "mulan": {f"recall@{k}": r for k, r in retrieval_recall(
                 text, _rows(melody.mulan.audio_embeddings, audio, batch_size)).items()},
+            "mulan_text": text_probes(melody.mulan.text_embeddings, synthetic_prompts(TEXT_PROMPTS, TEXT_SEED)),
             "semantic_lm": {"crops": len(lm_crops), **stream_statistics(lm_semantic, vocab),
                             **lm_quality(SemanticLMTask(lm_config), melody.lm_params, mulan_tokens, lm_semantic,
                                          caption_tokens, seed, batch_size)},
@@ -241,6 +259,11 @@ def markdown(table: Mapping[str, Any]) -> str:
     for key, r in table["mulan"].items():
         k = int(key.split("@")[1])
         lines.append(f"| MuLan | text → audio {key} | {f(r)} | chance {f(min(1.0, k / n))} |")
+    for name, p in table["mulan_text"].items():
+        which = "captions naming it" if name == "key (tonic)" else "captions"
+        against = "< 2 classes of ≥ 4 captions" if p is None else f"majority {f(p['majority'])} ({p['clips']} {which})"
+        lines.append(f"| MuLan | {name} probe accuracy on text embeddings of synthetic captions | {f(p and p['accuracy'])} "
+                     f"| {against} |")
     lines += [f"| semantic LM | held-out cross-entropy (nats/token) | {f(lm['loss'])} | unigram entropy "
               f"{f(lm['entropy_nats'])} |",
               f"| semantic LM | held-out cross-entropy, prefixes shuffled across crops | "

@@ -35,24 +35,33 @@ def histograms(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.sqrt(hist / hist.sum(1, keepdims=True))
 
 
+def _accuracy(features: np.ndarray, labels: Sequence[Any], folds: int) -> float:
+    """Nearest-centroid on rows of features, `folds`-fold stratified cross-validation (fixed shuffle)."""
+    split = StratifiedKFold(folds, shuffle=True, random_state=0)
+    return float(cross_val_score(NearestCentroid(), features, np.asarray(labels), cv=split).mean())
+
+
 def probe_accuracy(tokens: np.ndarray, labels: Sequence[Any], vocab_size: int, folds: int = FOLDS) -> float:
     """Nearest-centroid on token histograms, `folds`-fold stratified cross-validation (fixed shuffle)."""
-    split = StratifiedKFold(folds, shuffle=True, random_state=0)
-    scores = cross_val_score(NearestCentroid(), histograms(tokens, vocab_size), np.asarray(labels), cv=split)
-    return float(scores.mean())
+    return _accuracy(histograms(tokens, vocab_size), labels, folds)
 
 
-def probe(tokens: np.ndarray, labels: Sequence[Any], vocab_size: int, folds: int = FOLDS) -> dict[str, Any] | None:
-    """`probe_accuracy` over the clips whose class has at least `folds` members (every fold then sees
-    each class), beside the majority share of those clips; None where fewer than two classes remain."""
+def feature_probe(features: np.ndarray, labels: Sequence[Any], folds: int = FOLDS) -> dict[str, Any] | None:
+    """The nearest-centroid probe over the rows whose class has at least `folds` members (every fold then sees
+    each class), beside the majority share of those rows; None where fewer than two classes remain."""
     labels = np.asarray([str(x) for x in labels])
     names, counts = np.unique(labels, return_counts=True)
     kept = np.isin(labels, names[counts >= folds])
     if len(names[counts >= folds]) < 2:
         return None
-    return {"accuracy": probe_accuracy(np.asarray(tokens)[kept], labels[kept], vocab_size, folds),
+    return {"accuracy": _accuracy(np.asarray(features)[kept], labels[kept], folds),
             "majority": float(counts[counts >= folds].max() / kept.sum()), "clips": int(kept.sum()),
             "classes": int((counts >= folds).sum())}
+
+
+def probe(tokens: np.ndarray, labels: Sequence[Any], vocab_size: int, folds: int = FOLDS) -> dict[str, Any] | None:
+    """`feature_probe` on the clips' token histograms."""
+    return feature_probe(histograms(tokens, vocab_size), labels, folds)
 
 
 def onset_envelopes(audio: np.ndarray, sample_rate: int, hop: int, frames: int) -> np.ndarray:

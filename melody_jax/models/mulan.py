@@ -2,8 +2,8 @@
 
 No pretrained AST/BERT can be downloaded here, so both towers are small pre-norm transformer
 encoders trained from scratch [choice]:
-- audio: log-mel → (patch_frames × patch_mels) patches → linear → + a learned embedding of the
-  patch's mel band → bidirectional rotary attention over the patches (rotary position = the patch's
+- audio: log-mel (or log semitone bands: `frequency_scale`) → (patch_frames × patch_mels) patches → linear →
+  + a learned embedding of the patch's band → bidirectional rotary attention over the patches (rotary position = the patch's
   time index, so any clip length works) → mean pool → projection (AST-like);
 - text: byte tokens (`melody_jax.text.byte_tokenizer`) → embedding → encoder with a padding mask →
   masked mean pool → projection.
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from melody_jax.audio.mel import log_mel_spectrogram
+from melody_jax.audio.mel import log_mel_spectrogram, semitone_filterbank
+from melody_jax.audio.stft import magnitude, stft
 from melody_jax.nn.attention import Attention, padding_mask
 from melody_jax.nn.init import dense
 from melody_jax.nn.mlp import GeluMLP
@@ -31,6 +32,11 @@ from melody_jax.text.byte_tokenizer import VOCAB_SIZE
 MAX_LOG_SCALE = math.log(100.0)  # CLIP's clip: logits at most 100 × cosine
 INIT_LOG_SCALE = math.log(1.0 / 0.07)
 LOG_MEL_SHIFT, LOG_MEL_SCALE = 5.0, 4.0  # natural-log mel ∈ [log 1e-5, ~3] → roughly unit range
+LOG_FLOOR = 1e-5
+# "mel": n_mels mel bands from fmin (the lower edge). "semitone": n_mels bands a semitone apart, the lowest centred
+# at fmin (audio.mel.semitone_filterbank): the mel scale merges neighbouring semitones below ~1 kHz, so a tower
+# hearing mel bands cannot tell a key, and its text tower then has nothing to tie "in D minor" to.
+FREQUENCY_SCALES = ("mel", "semitone")
 
 
 class EncoderBlock(nn.Module):
@@ -97,6 +103,8 @@ class MuLan(nn.Module):
     num_heads: int
     mlp_dim: int
     out_dim: int = 128
+    frequency_scale: str = "mel"  # FREQUENCY_SCALES
+    fmin: float = 0.0
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False  # Encoder.scan_layers, both towers
@@ -115,9 +123,15 @@ class MuLan(nn.Module):
             nn.initializers.constant(INIT_LOG_SCALE), ()), ())
 
     def patches(self, audio: jax.Array) -> jax.Array:
-        """audio [B, T] → normalised log-mel patches [B, time patches, bands, patch_frames · patch_mels]."""
-        mel = log_mel_spectrogram(audio.astype(jnp.float32), self.sample_rate, self.n_fft, self.hop_length,
-                                  self.n_mels)
+        """audio [B, T] → normalised log-band patches [B, time patches, band groups, patch_frames · patch_mels]."""
+        audio = audio.astype(jnp.float32)
+        if self.frequency_scale == "semitone":
+            power = jnp.square(magnitude(stft(audio, self.n_fft, self.hop_length)))
+            filters = semitone_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin)
+            mel = jnp.log(jnp.maximum(power @ filters, LOG_FLOOR))
+        else:
+            mel = log_mel_spectrogram(audio, self.sample_rate, self.n_fft, self.hop_length, self.n_mels,
+                                      fmin=self.fmin, floor=LOG_FLOOR)
         mel = (mel + LOG_MEL_SHIFT) / LOG_MEL_SCALE
         b, frames, _ = mel.shape
         t, f = frames // self.patch_frames, self.n_mels // self.patch_mels
