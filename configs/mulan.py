@@ -47,6 +47,9 @@ def get_config(arg: str | None = None):
     # Word dropout on the training texts (audiocraft's T5 conditioner; tasks/musicgen_conditions.word_dropout):
     # each word of a caption or tag list dropped with this probability. Off in every preset; the demo sets it.
     c.train.word_dropout = 0.0
+    # Key-swapped captions (melody_jax/text/key_swap.py) as extra negatives of each audio row: the key is the only
+    # difference, so the towers must hear it (not in the paper; NegCLIP's hard negatives). Off in every preset.
+    c.train.key_negatives = False
     c.data.eval_split = "validation"  # "" = no evaluation; needs prepare_data --val_fraction > 0
 
     set_fields(c, SIZES[preset])

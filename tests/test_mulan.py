@@ -22,6 +22,7 @@ from melody_jax.tasks.mulan import MuLanTask
 from melody_jax.frozen.loader import load_stage
 from melody_jax.tasks.rvq import RVQTask, clip_embeddings
 from melody_jax.text.byte_tokenizer import VOCAB_SIZE, decode, to_utf8, tokenize
+from melody_jax.text.key_swap import KEY, swap_key
 from melody_jax.training.errors import ConfigError
 from melody_jax.tasks.registry import get_task
 from melody_jax.training.loop import train
@@ -92,6 +93,30 @@ def test_contrastive_loss_is_global_on_8_devices():
     lse = lambda x: np.log(np.exp(x - x.max(1, keepdims=True)).sum(1)) + x.max(1)  # noqa: E731
     want = 0.5 * ((lse(logits_np) - np.diag(logits_np)).mean() + (lse(logits_np.T) - np.diag(logits_np)).mean())
     assert abs(float(one_device[1]) - want) < 1e-4
+
+
+def test_key_swap_changes_the_key_alone_to_each_of_the_others():
+    rng = np.random.default_rng(0)
+    text = "A dark organ piece in Db major at 170 BPM"
+    swaps = {swap_key(text, rng) for _ in range(600)}
+    keys = {KEY.search(t).group(0) for t in swaps}
+    assert len(keys) == 23 and "C# major" not in keys and "Db major" not in keys  # Db = C#: the other 23 keys
+    assert all(t.startswith("A dark organ piece in ") and t.endswith(" at 170 BPM") for t in swaps)
+    assert swap_key("lo-fi, piano, G# minor, 80 bpm", rng).startswith("lo-fi, piano, ")
+    for none in ("A dark minor-key tune", "a minor change of plans", "piano, 80 bpm"):
+        assert swap_key(none, rng) is None
+
+
+def test_contrastive_loss_scores_each_audio_row_against_the_valid_negatives_too():
+    text, audio, scale = jnp.eye(4, 8), jnp.eye(4, 8), jnp.log(10.0)
+    plain, logits = contrastive_loss(text, audio, scale)
+    left_out, _ = contrastive_loss(text, audio, scale, (jnp.ones((4, 8)) / jnp.sqrt(8.0), jnp.zeros(4, bool)))
+    assert float(left_out) == pytest.approx(float(plain))  # no valid negative: the plain loss
+    # each row's negative is its own text: its audio → text row gains one more column as high as the positive
+    loss, _ = contrastive_loss(text, audio, scale, (text, jnp.ones(4, bool)))
+    row = jnp.concatenate([logits.T, logits.T], -1)
+    want = 0.5 * (float(plain) + float(jnp.mean(jax.nn.logsumexp(row, -1) - jnp.diagonal(logits))))
+    assert float(loss) == pytest.approx(want, rel=1e-6) and float(loss) > float(plain)
 
 
 def test_similarity_scale_and_mcc():
@@ -209,6 +234,30 @@ def test_word_dropout_thins_the_training_texts_only(trained):
     config.train.word_dropout = 1.0
     with pytest.raises(ConfigError, match="word_dropout"):
         MuLanTask(config).validate()
+
+
+@pytest.mark.learning
+def test_key_negatives_pair_each_training_text_naming_a_key_with_its_key_swapped(trained):
+    """train.key_negatives: every training text that names a key gets a negative that differs from it in the key
+    alone; texts naming none get none, and evaluation batches have no negatives."""
+    config = trained["task"].config.copy_and_resolve_references()
+    config.train.key_negatives = True
+    task = MuLanTask(config)
+    batch = next(task.batches(trained["mesh"], "train"))
+    texts, negatives = ([decode(r) for r in np.asarray(batch[k])] for k in ("text_tokens", "negative_tokens"))
+    has = np.asarray(batch["has_negative"])
+    assert 0 < has.sum() < len(has)  # synthetic captions and tag lists name their key about half the time
+    for text, negative, h in zip(texts, negatives, has):
+        if not h:  # no key, or one cut off at max_text_length (the negative would be the positive)
+            assert KEY.search(text) is None and negative in ("", text)
+            continue
+        want, got = KEY.search(text), KEY.search(negative)
+        if want is None or got is None:  # a key cut at max_text_length: the texts differ in what is left of it
+            assert negative != text
+            continue
+        assert got.group(0) != want.group(0)
+        assert (text[:want.start()], text[want.end():]) == (negative[:got.start()], negative[got.end():])
+    assert "negative_tokens" not in next(task.batches(trained["mesh"], "validation"))
 
 
 @pytest.mark.learning

@@ -31,6 +31,7 @@ from melody_jax.text.byte_tokenizer import VOCAB_SIZE
 
 MAX_LOG_SCALE = math.log(100.0)  # CLIP's clip: logits at most 100 × cosine
 INIT_LOG_SCALE = math.log(1.0 / 0.07)
+NEG_LOGIT = -1e9  # a left-out negative's logit
 LOG_MEL_SHIFT, LOG_MEL_SCALE = 5.0, 4.0  # natural-log mel ∈ [log 1e-5, ~3] → roughly unit range
 LOG_FLOOR = 1e-5
 # "mel": n_mels mel bands from fmin (the lower edge). "semitone": n_mels bands a semitone apart, the lowest centred
@@ -186,12 +187,20 @@ def similarity(text_emb: jax.Array, audio_emb: jax.Array, log_scale: jax.Array) 
     return jnp.exp(log_scale) * sims
 
 
-def contrastive_loss(text_emb: jax.Array, audio_emb: jax.Array, log_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(symmetric InfoNCE, [B, B] logits): row i's positive is column i, both directions averaged."""
+def contrastive_loss(text_emb: jax.Array, audio_emb: jax.Array, log_scale: jax.Array,
+                     negatives: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+    """(symmetric InfoNCE, [B, B] logits): row i's positive is column i, both directions averaged.
+    `negatives` (text embeddings [N, D], valid [N]): more texts every audio row is scored against, in the audio →
+    text direction (NegCLIP's hard negatives); invalid ones are left out."""
     logits = similarity(text_emb, audio_emb, log_scale)
     labels = jnp.arange(logits.shape[0])
+    audio_logits = logits.T
+    if negatives is not None:
+        emb, valid = negatives
+        extra = similarity(emb, audio_emb, log_scale).T
+        audio_logits = jnp.concatenate([audio_logits, jnp.where(valid[None, :], extra, NEG_LOGIT)], -1)
     loss = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+                  + optax.softmax_cross_entropy_with_integer_labels(audio_logits, labels).mean())
     return loss, logits
 
 

@@ -22,6 +22,7 @@ from melody_jax.models.mulan import FREQUENCY_SCALES, MuLan, contrastive_loss
 from melody_jax.tasks.musicgen_conditions import word_dropout
 from melody_jax.tasks.sources import TRAIN, SourcedTask, prepared_audio, stream_seed
 from melody_jax.text.byte_tokenizer import tokenize
+from melody_jax.text.key_swap import swap_key
 from melody_jax.training.config import positive, require
 from melody_jax.training.sharding import host_to_global, process_rows
 from melody_jax.training.task import Batch
@@ -40,15 +41,19 @@ class TextAudioIterator:
     the target crop or another segment of its clip — which join the batch as global arrays too.
     `augment` (optional) maps (picked texts, captions, tags, rng) of this host's rows to the texts to
     tokenize — e.g. MusicGen's text augmentation — with an rng of (seed, batch index, first row).
+    `negatives` (optional) maps those texts and an rng to one negative text per row or None (e.g. MuLan's
+    key-swapped captions): the batch then holds `negative_tokens`, `negative_mask` and `has_negative`.
     """
 
     def __init__(self, audio: AudioBatchIterator, mesh: jax.sharding.Mesh, *, seed: int, global_batch_size: int,
                  caption_probability: float, max_text_length: int,
                  features: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
-                 augment: Callable[..., list[str]] | None = None, feature_audio: str = "audio"):
+                 augment: Callable[..., list[str]] | None = None, feature_audio: str = "audio",
+                 negatives: Callable[[list[str], np.random.Generator], list[str | None]] | None = None):
         self.audio, self.mesh, self.seed = audio, mesh, seed
         self.batch_size, self.p, self.max_length = global_batch_size, caption_probability, max_text_length
         self.features, self.augment, self.feature_audio = features, augment, feature_audio
+        self.negatives = negatives
         self.index = 0
 
     def __iter__(self):
@@ -62,9 +67,15 @@ class TextAudioIterator:
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.index, rows.start, 1])
             texts = self.augment(texts, local["caption"], local["tags"], rng)
-        self.index += 1
         tokens, mask = tokenize(texts, self.max_length)
         extra = self.features(local[self.feature_audio]) if self.features is not None else {}
+        if self.negatives is not None:
+            negatives = self.negatives(texts, np.random.default_rng([self.seed, self.index, rows.start, 2]))
+            neg_tokens, extra["negative_mask"] = tokenize([n or "" for n in negatives], self.max_length)
+            # a negative whose change lies past max_text_length would be its positive
+            extra["has_negative"] = np.asarray([n is not None for n in negatives]) & (neg_tokens != tokens).any(-1)
+            extra["negative_tokens"] = neg_tokens
+        self.index += 1
         return host_to_global({"audio": local["audio"], "mask": local["mask"], "text_tokens": tokens, "text_mask": mask,
                                **extra}, self.mesh)
 
@@ -120,7 +131,11 @@ class MuLanTask(SourcedTask):
     def loss(self, params, batch: Batch, rng: jax.Array, train: bool = True):
         audio_emb, text_emb, log_scale = self.model.apply(
             {"params": params}, batch["audio"], batch["text_tokens"], batch["text_mask"], batch.get("mask"))
-        loss, logits = contrastive_loss(text_emb, audio_emb, log_scale)
+        negatives = None
+        if "negative_tokens" in batch:
+            negatives = (self.model.apply({"params": params}, batch["negative_tokens"], batch["negative_mask"],
+                                          method=MuLan.embed_text), batch["has_negative"])
+        loss, logits = contrastive_loss(text_emb, audio_emb, log_scale, negatives)
         accuracy = (logits.argmax(-1) == jnp.arange(logits.shape[0])).mean()
         return loss, {"accuracy": accuracy, "logit_scale": jnp.exp(log_scale),
                       "mcc": mulan_cycle_consistency(text_emb, audio_emb)}
@@ -131,7 +146,12 @@ class MuLanTask(SourcedTask):
         def augment(texts, captions, tags, rng):
             return [word_dropout(t, c.train.word_dropout, rng) for t in texts]
 
+        def negatives(texts, rng):
+            return [swap_key(t, rng) for t in texts]
+
+        train = split == TRAIN
         return TextAudioIterator(prepared_audio(c, mesh, split, with_text=True), mesh,
                                  seed=stream_seed(c.seed, split), global_batch_size=c.train.batch_size,
                                  caption_probability=c.data.caption_probability,
-                                 max_text_length=c.model.max_text_length, augment=augment if split == TRAIN else None)
+                                 max_text_length=c.model.max_text_length, augment=augment if train else None,
+                                 negatives=negatives if train and c.train.key_negatives else None)
