@@ -128,7 +128,8 @@ def upstream_overrides(stage: str, workdirs: Mapping[str, str]) -> dict[str, str
 
 
 def demo_configs(datasets: Mapping[str, str], root: str, steps_scale: float = 1.0,
-                 recipe_changes: Mapping[str, Mapping[str, object]] | None = None) -> dict[str, ml_collections.ConfigDict]:
+                 recipe_changes: Mapping[str, Mapping[str, object]] | None = None
+                 ) -> dict[str, ml_collections.ConfigDict]:
     """The demo's seven configs: tiny presets with `DEMO_CHANGES` then a recipe's `recipe_changes`, the stages of
     DATASETS on the prepared datasets `datasets` names, k-means and RVQ reading the SSL and MuLan runs under `root`,
     the LM and the DPD reading the records cached there (no held-out records: the demo evaluates the bundle, not

@@ -80,12 +80,6 @@ def _triangles(sample_rate: int, n_fft: int, edges: np.ndarray, area_norm: bool)
     return out
 
 
-def semitone_resolved(sample_rate: int, n_fft: int, fmin: float) -> bool:
-    """Whether an FFT bin lies strictly inside the lowest semitone filter centred at `fmin` (and so inside
-    every higher one, which are wider)."""
-    return fmin * (2 ** (1 / 12) - 2 ** (-1 / 12)) > 2 * sample_rate / n_fft
-
-
 @functools.lru_cache(maxsize=None)
 def semitone_filterbank(sample_rate: int, n_fft: int, n_bins: int, fmin: float) -> np.ndarray:
     """Triangular filters `float32 [n_fft // 2 + 1, n_bins]` centred a semitone apart from `fmin` (librosa's
@@ -93,9 +87,10 @@ def semitone_filterbank(sample_rate: int, n_fft: int, n_bins: int, fmin: float) 
     log-frequency spectrogram, where a pitch class is every 12th band (the input of key classifiers such as
     Korzeniowski & Widmer 2017, where a mel scale merges neighbouring semitones below ~1 kHz). Read-only."""
     top = fmin * 2 ** (n_bins / 12)
-    if not semitone_resolved(sample_rate, n_fft, fmin) or top > sample_rate / 2:
-        raise ValueError(f"{n_bins} semitone bands from {fmin:g} Hz need FFT bins narrower than half the lowest "
-                         f"band and a top edge ({top:.0f} Hz) below Nyquist ({sample_rate / 2:g} Hz); n_fft={n_fft}")
+    resolved = fmin * (2 ** (1 / 12) - 2 ** (-1 / 12)) > 2 * sample_rate / n_fft  # ≥ 2 bins in the lowest band
+    if not resolved or top > sample_rate / 2:
+        raise ValueError(f"{n_bins} semitone bands from fmin={fmin:g} Hz need n_fft={n_fft}'s bins narrower than half "
+                         f"the lowest band and a top edge ({top:.0f} Hz) below Nyquist ({sample_rate / 2:g} Hz)")
     return _triangles(sample_rate, n_fft, fmin * 2 ** ((np.arange(n_bins + 2) - 1) / 12), True)
 
 

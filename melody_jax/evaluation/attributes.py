@@ -73,11 +73,15 @@ def hits(audio: Sequence[np.ndarray], sample_rate: int, asked: Sequence[Mapping[
             for a, want, got in zip(audio, asked, instruments)]
 
 
+def shares(rows: Sequence[Mapping[str, bool]]) -> dict[str, float]:
+    """The share of `hits` rows right on each check."""
+    return {check: float(np.mean([r[check] for r in rows])) for check in CHECKS}
+
+
 def accuracy(audio: Sequence[np.ndarray], sample_rate: int, asked: Sequence[Mapping[str, Any]],
              instruments: Sequence[str]) -> dict[str, float]:
     """Share of clips whose recovered tempo, key, drums and (given) instrument match what was asked."""
-    rows = hits(audio, sample_rate, asked, instruments)
-    return {check: float(np.mean([r[check] for r in rows])) for check in CHECKS}
+    return shares(hits(audio, sample_rate, asked, instruments))
 
 
 def named_accuracy(rows: Sequence[Mapping[str, bool]], texts: Sequence[str],

@@ -147,7 +147,7 @@ def evaluate(pipeline: Generator, prompts: Sequence[Prompt], reference: Sequence
         ref_instruments = attributes.leave_one_out_predictions(ref_clip_emb[ref_rows], leads)
         gen_hits = attributes.hits([generated[i] for i in rows], sr, [a for _, a in asked], gen_instruments)
         report["attributes"] = {
-            "generated": {check: float(np.mean([h[check] for h in gen_hits])) for check in attributes.CHECKS},
+            "generated": attributes.shares(gen_hits),
             "generated_named": attributes.named_accuracy(gen_hits, [texts[i] for i in rows], [a for _, a in asked]),
             "reference": attributes.accuracy([ref_audio[i] for i in ref_rows], sr,
                                              [reference[i]["attributes"] for i in ref_rows], ref_instruments),

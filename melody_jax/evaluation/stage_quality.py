@@ -261,9 +261,10 @@ def markdown(table: Mapping[str, Any]) -> str:
         lines.append(f"| MuLan | text → audio {key} | {f(r)} | chance {f(min(1.0, k / n))} |")
     for name, p in table["mulan_text"].items():
         which = "captions naming it" if name == "key (tonic)" else "captions"
-        against = "< 2 classes of ≥ 4 captions" if p is None else f"majority {f(p['majority'])} ({p['clips']} {which})"
-        lines.append(f"| MuLan | {name} probe accuracy on text embeddings of synthetic captions | {f(p and p['accuracy'])} "
-                     f"| {against} |")
+        against = ("< 2 classes of ≥ 4 captions" if p is None else
+                   f"majority {f(p['majority'])} ({p['clips']} {which})")
+        lines.append(f"| MuLan | {name} probe accuracy on text embeddings of synthetic captions | "
+                     f"{f(p and p['accuracy'])} | {against} |")
     lines += [f"| semantic LM | held-out cross-entropy (nats/token) | {f(lm['loss'])} | unigram entropy "
               f"{f(lm['entropy_nats'])} |",
               f"| semantic LM | held-out cross-entropy, prefixes shuffled across crops | "

@@ -2,9 +2,9 @@
 
 No pretrained AST/BERT can be downloaded here, so both towers are small pre-norm transformer
 encoders trained from scratch [choice]:
-- audio: log-mel (or log semitone bands: `frequency_scale`) → (patch_frames × patch_mels) patches → linear →
-  + a learned embedding of the patch's band → bidirectional rotary attention over the patches (rotary position = the patch's
-  time index, so any clip length works) → mean pool → projection (AST-like);
+- audio: log-mel (or log semitone bands: `frequency_scale`) → (patch_frames × patch_mels) patches → linear
+  → + a learned embedding of the patch's band → bidirectional rotary attention over the patches (rotary
+  position = the patch's time index, so any clip length works) → mean pool → projection (AST-like);
 - text: byte tokens (`melody_jax.text.byte_tokenizer`) → embedding → encoder with a padding mask →
   masked mean pool → projection.
 Training is the symmetric InfoNCE of CLIP/MuLan over the global batch with a learned temperature.

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline.input import AudioBatchIterator
-from melody_jax.audio.mel import semitone_resolved
+from melody_jax.audio.mel import semitone_filterbank
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models.mulan import FREQUENCY_SCALES, MuLan, contrastive_loss
@@ -24,6 +24,7 @@ from melody_jax.tasks.sources import TRAIN, SourcedTask, prepared_audio, stream_
 from melody_jax.text.byte_tokenizer import tokenize
 from melody_jax.text.key_swap import swap_key
 from melody_jax.training.config import positive, require
+from melody_jax.training.errors import ConfigError
 from melody_jax.training.sharding import host_to_global, process_rows
 from melody_jax.training.task import Batch
 
@@ -101,10 +102,10 @@ class MuLanTask(SourcedTask):
         require(m.frequency_scale in FREQUENCY_SCALES,
                 f"config.model.frequency_scale={m.frequency_scale!r} must be one of {FREQUENCY_SCALES}")
         if m.frequency_scale == "semitone":
-            top = m.fmin * 2 ** (m.n_mels / 12)
-            require(semitone_resolved(d.sample_rate, m.n_fft, m.fmin) and top <= d.sample_rate / 2,
-                    f"config.model: {m.n_mels} semitone bands from fmin={m.fmin:g} Hz need n_fft={m.n_fft}'s bins "
-                    f"narrower than half the lowest band and a top edge ({top:.0f} Hz) below Nyquist")
+            try:
+                semitone_filterbank(d.sample_rate, m.n_fft, m.n_mels, m.fmin)
+            except ValueError as e:
+                raise ConfigError(f"config.model: {e}") from None
         require(m.n_mels % m.patch_mels == 0,
                 f"config.model.patch_mels={m.patch_mels} does not divide n_mels={m.n_mels}")
         require(m.embed_dim % m.num_heads == 0 and (m.embed_dim // m.num_heads) % 2 == 0,
