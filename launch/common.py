@@ -19,7 +19,22 @@ def quiet_library_logs() -> None:
     drop the rest: every save failure also reaches the Checkpointer, which reports it in one line."""
     handler = logging.get_absl_handler()
     handler.addFilter(lambda r: r.levelno == py_logging.WARNING or "/orbax/" not in r.pathname)
+    handler.addFilter(_not_orbax_task_leftover)
     sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+
+
+def _not_orbax_task_leftover(record: py_logging.LogRecord) -> bool:
+    """A failed restore reads arrays concurrently; the first failure is raised (and reported in one line)
+    while the others' asyncio tasks are left, and when one is collected asyncio logs `Task exception was
+    never retrieved` with its traceback. Only those whose traceback passes through Orbax are dropped."""
+    if record.name != "asyncio" or not str(record.msg).startswith("Task exception was never retrieved"):
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        if "/orbax/" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return True
 
 
 def _without_closed_loop_noise(hook: Callable) -> Callable:
