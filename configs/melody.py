@@ -56,8 +56,8 @@ CACHES = {"dpd": Cache("tokens", 0.64, 0.64, "audio", ("latents", "semantic_toke
 DATASETS = {"audio": ("vae_gan", "ssl"), "captions": ("mulan",)}
 # The demo's steps per stage at steps_scale 1 (k-means and RVQ fit: their steps are iterations/levels).
 DEMO_STEPS = {"vae_gan": 500, "ssl": 400, "mulan": 1500, "semantic_lm": 3000, "dpd": 2400}
-# Steps no recipe exceeds: at × 8, MuLan's (0.13–0.18 s a step on 2 cores) would take 27–37 minutes of the 2-hour
-# recipe, the 4 × 128 LM's (0.08 s) 32 minutes.
+# Steps no recipe exceeds: at × 8, MuLan's (on 2 cores 0.11 s a step on mel bands, 0.17 s on the 2-hour recipe's
+# semitone bands) would take 22–34 minutes of the 2-hour recipe, the 4 × 128 LM's (0.07 s) 28 minutes.
 STEP_CAPS = {"mulan": 6000, "semantic_lm": 12000}
 # The demo's changes to the tiny presets beyond data and steps (README "Evaluation", measured on the demo's
 # stage table): HuBERT (group-norm front end, no feature penalty) on log-mel, chroma and flux target codebooks.
