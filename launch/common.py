@@ -5,6 +5,7 @@ import logging as py_logging
 import os
 import runpy
 import sys
+import traceback
 from collections.abc import Callable
 
 import ml_collections
@@ -17,24 +18,20 @@ def quiet_library_logs() -> None:
     """Orbax logs every save at INFO through absl, and each failure of an async save as an ERROR
     with a traceback from every thread it passed (a full disk: a hundred of them). Keep its warnings;
     drop the rest: every save failure also reaches the Checkpointer, which reports it in one line."""
-    handler = logging.get_absl_handler()
-    handler.addFilter(lambda r: r.levelno == py_logging.WARNING or "/orbax/" not in r.pathname)
-    handler.addFilter(_not_orbax_task_leftover)
+    logging.get_absl_handler().addFilter(_not_orbax_noise)
     sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
 
 
-def _not_orbax_task_leftover(record: py_logging.LogRecord) -> bool:
-    """A failed restore reads arrays concurrently; the first failure is raised (and reported in one line)
-    while the others' asyncio tasks are left, and when one is collected asyncio logs `Task exception was
-    never retrieved` with its traceback. Only those whose traceback passes through Orbax are dropped."""
-    if record.name != "asyncio" or not str(record.msg).startswith("Task exception was never retrieved"):
+def _not_orbax_noise(record: py_logging.LogRecord) -> bool:
+    """False for a record below or above WARNING that Orbax logs or whose exception was raised inside Orbax: a
+    failed restore reads arrays concurrently, raises the first failure and leaves the other reads' asyncio tasks,
+    and when one is collected asyncio logs `Task exception was never retrieved` with its traceback."""
+    if record.levelno == py_logging.WARNING:
         return True
-    tb = record.exc_info[2] if record.exc_info else None
-    while tb is not None:
-        if "/orbax/" in tb.tb_frame.f_code.co_filename:
-            return False
-        tb = tb.tb_next
-    return True
+    files = [record.pathname]
+    if record.exc_info and record.exc_info[2] is not None:
+        files += [frame.f_code.co_filename for frame, _ in traceback.walk_tb(record.exc_info[2])]
+    return not any("/orbax/" in f for f in files)
 
 
 def _without_closed_loop_noise(hook: Callable) -> Callable:

@@ -172,14 +172,14 @@ def test_asyncio_leftovers_of_orbax_reads_are_dropped_and_others_kept(filename, 
     import asyncio
     import gc
 
-    from launch.common import _not_orbax_task_leftover
+    from launch.common import _not_orbax_noise
 
     scope: dict = {}
     exec(compile("async def read():\n    raise ValueError('NOT_FOUND')\n", filename, "exec"), scope)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    handler.addFilter(_not_orbax_task_leftover)
+    handler.addFilter(_not_orbax_noise)
     logging.getLogger("asyncio").addHandler(handler)
     try:
         loop = asyncio.new_event_loop()
