@@ -102,6 +102,11 @@ def test_nearest_centroid_on_separated_points():
     labels = ["a"] * 10 + ["b"] * 10
     assert attributes.leave_one_out_predictions(x, labels) == labels
     assert attributes.nearest_centroid(x, labels, np.array([[0.1, 3.0, 0.0], [4.0, 0.2, 0.1]])) == ["b", "a"]
+    # queries made from the rows (a resynthesis each): row i's query is read by centroids without row i
+    swapped = np.concatenate([x[10:], x[:10]])  # every "a" row's query looks like a "b" row, and back
+    assert attributes.leave_one_out_predictions(x, labels, swapped) == labels[10:] + labels[:10]
+    lone = np.concatenate([x[:10], [[0.0, 0.0, 5.0]]])  # a class of one: without its row, it has no centroid
+    assert attributes.leave_one_out_predictions(lone, labels[:10] + ["c"], lone) == labels[:10] + ["a"]
 
 
 def test_prompt_sources(tmp_path):

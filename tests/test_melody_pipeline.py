@@ -371,9 +371,16 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
     # One token for every frame marks no onset, and the untrained DPD renders no beat. Measured on these 1.92-s
     # clips: tempo from the clips 0.5, from the untrained VAE-GAN's reconstructions 0.375 (its random convs pass
     # the loudness envelope the beat tracker reads), from the rendered tokens 0.
-    t = stages["tempo"]
-    assert stages["beat_r2"] <= 0 and t["clips"] >= 0.5 and t["dpd"] == 0, (stages["beat_r2"], t)
-    assert t["vae_gan"] <= t["clips"], t
+    t, chain = stages["tempo"], stages["chain"]
+    assert list(chain) == ["clips", "vae_gan", "dpd", "audio_prompt", "text"]
+    assert stages["beat_r2"] <= 0 and chain["clips"]["tempo"] >= 0.5 and chain["dpd"]["tempo"] == 0, (stages, chain)
+    assert chain["vae_gan"]["tempo"] <= chain["clips"]["tempo"], chain
+    # Down the chain, the evaluation's other checks and its FAD. Measured: the clips' key 0.875 and drums 1.0, the
+    # untrained stages' audio key 0 and drums 0.125 (none reads as drums), and musicnn FAD 68–81 from the untrained
+    # stages against the clips' own halves' 33 (4 clips a half).
+    assert chain["clips"]["key"] >= 0.75 and chain["clips"]["drums"] == 1.0, chain
+    for name in ("vae_gan", "dpd", "audio_prompt", "text"):
+        assert chain[name]["key"] < 0.5 and chain[name]["fad_musicnn"] > chain["clips"]["fad_musicnn"] + 10, chain
     # Read from tokens, the collapsed stream and the untrained LM's continuations (read by a regression fitted
     # on that one token) give a flat envelope: no clip's tempo.
     assert t["tokens"] == 0 and t["lm_continuation"] == 0 and t["one_tempo"] >= 1 / len(clips), t
@@ -400,7 +407,8 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
     md = markdown(stages)
     assert "| DPD | velocity MSE at π/4, true tokens |" in md and "| MuLan | text → audio recall@5 |" in md
     assert "| MuLan | key (tonic) probe accuracy on text embeddings of synthetic captions |" in md
-    assert "| DPD | tempo accuracy (±5 %) of the clips' tokens rendered |" in md
+    assert "| tokens | tempo accuracy (±5 %) read from the clips' tokens (no DPD) |" in md
+    assert "| DPD renders of the clips' tokens | 0.000 |" in md and "| the clips |" in md
     assert "| semantic LM | tempo accuracy (±5 %) of its 8-s continuations of the clips' first halves" in md
     assert "| semantic LM | held-out cross-entropy, prefixes shuffled across crops |" in md
 

@@ -112,6 +112,23 @@ def test_config_errors_name_the_field():
             VAEGANTask(stage_config("vae_gan", {"data.path": "x", **overrides})).validate()
 
 
+def test_log_mel_term_adds_hifigans_mel_l1_to_the_reconstruction_loss():
+    """loss.log_mel (0 in every preset: the paper's loss) adds that weight times the log-mel L1 of
+    `audio.metrics.log_mel_distance`, the table's measure, and logs it; a negative weight is refused."""
+    from melody_jax.audio.metrics import log_mel_distance
+
+    audio = generate_clip(0, 0.4, 24000).audio[None, :9600].astype(np.float32)
+    plain, weighted = (VAEGANTask(stage_config("vae_gan", {"data.path": "x", "loss.log_mel": w})) for w in (0.0, 2.0))
+    params = nn.meta.unbox(plain.init_generator(jax.random.key(0)))["params"]
+    (fake, _, loss, metrics, _), (_, _, loss2, metrics2, _) = (
+        t.reconstruct(params, None, {"audio": jnp.asarray(audio)}, jax.random.key(1), False) for t in (plain, weighted))
+    want = float(log_mel_distance(fake, jnp.asarray(audio), 24000))
+    assert "log_mel_l1" not in metrics and float(metrics2["log_mel_l1"]) == pytest.approx(want, rel=1e-5)
+    assert float(loss2) - float(loss) == pytest.approx(2.0 * want, rel=1e-4) and want > 0.1
+    with pytest.raises(ConfigError, match="loss.log_mel"):
+        VAEGANTask(stage_config("vae_gan", {"data.path": "x", "loss.log_mel": -1.0})).validate()
+
+
 # --- the stage through the loop ------------------------------------------------------------------
 def stage(data, overrides=None):
     fields = {"data.path": data, "train.num_steps": STEPS, "train.eval_every": STEPS // 2,

@@ -60,9 +60,11 @@ def nearest_centroid(train: np.ndarray, labels: Sequence[str], queries: np.ndarr
     return [classes[i] for i in np.argmax(_unit(queries) @ centroids.T, axis=1)]
 
 
-def leave_one_out_predictions(x: np.ndarray, labels: Sequence[str]) -> list[str]:
-    """Each row's nearest-centroid label from centroids fitted without that row."""
-    return [nearest_centroid(np.delete(x, i, 0), [l for j, l in enumerate(labels) if j != i], x[i: i + 1])[0]
+def leave_one_out_predictions(x: np.ndarray, labels: Sequence[str], queries: np.ndarray | None = None) -> list[str]:
+    """Row i's nearest-centroid label from centroids of x [N, D] fitted without row i: of x itself, or of
+    queries [N, D] made from x's rows (a clip's resynthesis is read without the clip it came from)."""
+    queries = x if queries is None else queries
+    return [nearest_centroid(np.delete(x, i, 0), [l for j, l in enumerate(labels) if j != i], queries[i: i + 1])[0]
             for i in range(len(labels))]
 
 

@@ -6,11 +6,12 @@ does not follow its prompts, this table says which stage holds it back.
 - semantic tokens: nearest-centroid probes of key, lead, drums and tempo band on the clips' token
   histograms (`token_probe`), beside the majority share, and how much of the onset envelope (the beat) the
   tokens mark (`token_probe.beat_r2`);
-- tempo down the chain: the share of clips whose tempo (±5 %) is recovered from the clips themselves, their
-  VAE-GAN reconstructions and the DPD's rendering of their own tokens (`MeLoDy.generate_from_tokens`), and,
-  read from tokens by the beat probe's regression (`token_probe.envelope_reader`), from the clips' tokens and
-  from the semantic LM's continuations of them (`MeLoDy.continue_tokens`), so a tempo the generated music
-  lacks is traced to the stage that drops it;
+- down the chain (`audio_chain`): the evaluation's own checks (tempo, key, drums, instrument) and musicnn FAD
+  of the clips, their VAE-GAN reconstructions, the DPD's rendering of their own tokens, music generated from their
+  MuLan audio tokens and from their captions, each against the clip's attributes — so an attribute or a distance
+  the generated music misses is traced to the first stage that loses it; and tempo read from tokens by the beat
+  probe's regression (`token_probe.envelope_reader`), of the clips' tokens and of the semantic LM's continuations
+  of them (`MeLoDy.continue_tokens`), the LM apart from the DPD;
 - MuLan: text → audio retrieval recall@1 and @5 over the clips' captions, beside chance k / N, and what its text
   tower keeps of a caption: the token probes on the text embeddings of synthetic captions (`text_probes`), so a
   key the prompt names but the LM's prefix never carries reads as MuLan's loss;
@@ -32,11 +33,12 @@ import jax
 import numpy as np
 
 from data_pipeline.captions import tempo_band
-from data_pipeline.recover import estimate_tempo
 from data_pipeline.synthetic import synthetic_prompts
 from melody_jax.audio.losses import resolutions
 from melody_jax.audio.metrics import reconstruction_metrics
-from melody_jax.evaluation.attributes import named, tempo_matches
+from melody_jax.evaluation.attributes import accuracy, leave_one_out_predictions, named, tempo_matches
+from melody_jax.evaluation.fad import frechet_audio_distance
+from melody_jax.evaluation.musicnn import musicnn_features
 from melody_jax.evaluation.token_probe import (BEAT_CONTEXT, beat_r2, envelope_reader, feature_probe, onset_envelopes,
                                                probe, token_tempi)
 from melody_jax.pipelines.melody import MeLoDy
@@ -67,9 +69,15 @@ def text_probes(text_embeddings: Callable[[list[str]], Any],
     return out
 
 
+def _batched(fn: Callable[[Any, int], Any], x: Any, batch_size: int) -> np.ndarray:
+    """fn(rows, index of the first row) over batches of rows of x, outputs concatenated (at most two shapes: one
+    compile for the tail); a sampler seeded with seed + index draws new noise for each batch."""
+    return np.concatenate([np.asarray(fn(x[i:i + batch_size], i)) for i in range(0, len(x), batch_size)])
+
+
 def _rows(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int) -> np.ndarray:
-    """fn over batches of rows of x, outputs concatenated (at most two shapes: one compile for the tail)."""
-    return np.concatenate([np.asarray(fn(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+    """fn over batches of rows of x, outputs concatenated."""
+    return _batched(lambda rows, _: fn(rows), x, batch_size)
 
 
 def _means(fn: Callable[[int, dict[str, np.ndarray]], Mapping[str, Any]], arrays: Mapping[str, np.ndarray],
@@ -156,28 +164,61 @@ def dpd_quality(task: DPDTask, params: Any, latents: np.ndarray, tokens: np.ndar
             for name, t in (("true", tokens), ("shuffled", shuffled))}
 
 
-def tempo_chain(melody: MeLoDy, audio: np.ndarray, tokens: np.ndarray, envelopes: np.ndarray,
+# audio down the chain (`audio_chain`), each source one stage further from the clip than the one before
+CHAIN = {"clips": "the clips", "vae_gan": "VAE-GAN reconstructions", "dpd": "DPD renders of the clips' tokens",
+         "audio_prompt": "generated from the clips' MuLan audio tokens (LM, DPD)",
+         "text": "generated from the clips' captions (MuLan text tower, LM, DPD)"}
+
+
+def audio_chain(melody: MeLoDy, audio: np.ndarray, tokens: np.ndarray, clips: Sequence[Mapping[str, Any]],
+                seed: int = 0, batch_size: int = 8) -> dict[str, dict[str, float]]:
+    """The evaluation's checks (tempo ±5 %, key and mode, drums, lead instrument: `evaluation.attributes`) and
+    its musicnn FAD, down the chain (`CHAIN`), each source checked against its clip's own attributes: the clips
+    audio [N, T], their VAE-GAN reconstructions, their tokens [N, T'] rendered by the DPD (`generate_from_tokens`),
+    music generated from their MuLan audio tokens (`generate_from_audio_prompt`: no text tower) and from their
+    captions (`generate`: the text path), each as long as the DPD's render, at the bundle's sampling settings.
+    Instrument: nearest centroid on the clips' musicnn embeddings without the clip a row came from. FAD: a
+    source's rows of the first half of the clips against the clips' second half, so the clips' own row is the
+    floor at that count. A stage that loses an attribute shows as the first row where it falls."""
+    rendered = _batched(lambda t, i: melody.generate_from_tokens(t, seed=seed + i).audio, tokens, batch_size)
+    n, seconds = rendered.shape[1], rendered.shape[1] / melody.sample_rate
+    audio = audio[:, :n]
+    captions = np.asarray([c["caption"] for c in clips], object)
+    sources = {
+        "clips": audio, "vae_gan": _rows(lambda x: melody.vae.decode(melody.vae.encode(x)), audio, batch_size),
+        "dpd": rendered,
+        "audio_prompt": _batched(lambda x, i: melody.generate_from_audio_prompt(x, seconds, seed=seed + i).audio,
+                                 audio, batch_size),
+        "text": _batched(lambda c, i: melody.generate(list(c), seconds, seed=seed + i).audio, captions, batch_size)}
+    sources = {name: x[:, :n] for name, x in sources.items()}
+    features = musicnn_features([row for x in sources.values() for row in x], melody.sample_rate)
+    embeddings, owner = features.clip_embeddings(), features.clip_of_patch
+    count, asked = len(audio), [c["attributes"] for c in clips]
+    leads = [a["lead"] for a in asked]
+    second_half = features.embeddings[(owner >= count // 2) & (owner < count)]
+    out = {}
+    for k, (name, x) in enumerate(sources.items()):
+        instruments = leave_one_out_predictions(embeddings[:count], leads, embeddings[k * count:(k + 1) * count])
+        first_half = features.embeddings[(owner >= k * count) & (owner < k * count + count // 2)]
+        out[name] = {**accuracy(list(x), melody.sample_rate, asked, instruments),
+                     "fad_musicnn": frechet_audio_distance(first_half, second_half)}
+    return out
+
+
+def token_tempo(melody: MeLoDy, audio: np.ndarray, tokens: np.ndarray, envelopes: np.ndarray,
                 bpm: Sequence[float], seed: int = 0, batch_size: int = 8) -> dict[str, float]:
-    """Tempo accuracy (±5 %) down the chain, for clips audio [N, T] with their tokens [N, T'] and onset
-    envelopes at the token rate [N, T']: of the clips, of their VAE-GAN reconstructions, of their tokens
-    rendered by the DPD (`generate_from_tokens`, the bundle's sampling settings; the clips trimmed to what it
-    renders), and read from tokens without the DPD (`token_probe.envelope_reader`, fitted on these clips) — of
-    the clips' own tokens and of the semantic LM's continuation of each clip's first half
-    (`continue_tokens`, CONTINUATION_SECONDS, the bundle's sampling settings); beside `one_tempo_share`."""
-    rendered = _rows(lambda t: melody.generate_from_tokens(t, seed=seed).audio, tokens, batch_size)
-    audio = audio[:, : rendered.shape[1]]
-    recon = _rows(lambda x: melody.vae.decode(melody.vae.encode(x)), audio, batch_size)
+    """Tempo accuracy (±5 %) read from tokens without the DPD (`token_probe.envelope_reader`, fitted on the clips'
+    tokens [N, T'] and onset envelopes at the token rate [N, T']): of the clips' own tokens and of the semantic
+    LM's continuation of each clip's first half (`continue_tokens`, CONTINUATION_SECONDS, the bundle's sampling
+    settings); beside `one_tempo_share`."""
     rate, hop = melody.sample_rate, melody.tokenizer.hop
     first_half = audio[:, : tokens.shape[1] // 2 * hop]
     continued = _rows(lambda x: melody.continue_tokens(x, round(CONTINUATION_SECONDS * melody.token_rate),
                                                        seed=seed), first_half, batch_size)
     read = envelope_reader(tokens, envelopes, melody.tokenizer.vocab_size)
     hits = lambda tempi: float(np.mean([tempo_matches(e, b) for e, b in zip(tempi, bpm)]))  # noqa: E731
-    return {**{name: hits([estimate_tempo(a, rate) for a in x])
-               for name, x in (("clips", audio), ("vae_gan", recon), ("dpd", rendered))},
-            "tokens": hits(token_tempi(read, tokens, rate, hop)),
-            "lm_continuation": hits(token_tempi(read, continued, rate, hop)),
-            "one_tempo": one_tempo_share(bpm)}
+    return {"tokens": hits(token_tempi(read, tokens, rate, hop)),
+            "lm_continuation": hits(token_tempi(read, continued, rate, hop)), "one_tempo": one_tempo_share(bpm)}
 
 
 def one_tempo_share(bpm: Sequence[float]) -> float:
@@ -214,7 +255,8 @@ def stage_quality(melody: MeLoDy, clips: Sequence[Mapping[str, Any]], seed: int 
             "tokens": {name: probe(tokens, [label(c["attributes"]) for c in clips], vocab) if labelled else None
                        for name, label in PROBES.items()},
             "beat_r2": beat_r2(tokens, envelopes, vocab),
-            "tempo": tempo_chain(melody, audio, tokens, envelopes, [c["attributes"]["tempo_bpm"] for c in clips],
+            "chain": audio_chain(melody, audio, tokens, clips, seed, batch_size) if labelled else None,
+            "tempo": token_tempo(melody, audio, tokens, envelopes, [c["attributes"]["tempo_bpm"] for c in clips],
                                  seed, batch_size) if labelled else None,
             "mulan": {f"recall@{k}": r for k, r in retrieval_recall(
                 text, _rows(melody.mulan.audio_embeddings, audio, batch_size)).items()},
@@ -245,14 +287,10 @@ def markdown(table: Mapping[str, Any]) -> str:
         lines.append(f"| tokens | {name} probe accuracy | {f(p and p['accuracy'])} | {against} |")
     lines.append(f"| tokens | onset envelope R² (the beat; ridge on tokens t ± {BEAT_CONTEXT}) | "
                  f"{f(table['beat_r2'])} | 1 = every onset marked, ≤ 0 = none |")
-    t = table["tempo"]
+    t, chain = table["tempo"], table["chain"]
     if t is not None:
-        lines += [f"| VAE-GAN | tempo accuracy (±5 %) of reconstructions | {f(t['vae_gan'])} | the clips "
-                  f"{f(t['clips'])} |",
-                  f"| DPD | tempo accuracy (±5 %) of the clips' tokens rendered | {f(t['dpd'])} | VAE-GAN "
-                  f"reconstructions {f(t['vae_gan'])} |",
-                  f"| tokens | tempo accuracy (±5 %) read from the clips' tokens (no DPD) | {f(t['tokens'])} | the "
-                  f"clips {f(t['clips'])} |",
+        lines += [f"| tokens | tempo accuracy (±5 %) read from the clips' tokens (no DPD) | {f(t['tokens'])} | the "
+                  f"clips {f(chain['clips']['tempo'])} |",
                   f"| semantic LM | tempo accuracy (±5 %) of its {CONTINUATION_SECONDS:g}-s continuations of the clips' "
                   f"first halves, read from tokens | {f(t['lm_continuation'])} | the clips' tokens {f(t['tokens'])}; the best "
                   f"one tempo for all {f(t['one_tempo'])} |"]
@@ -279,4 +317,11 @@ def markdown(table: Mapping[str, Any]) -> str:
                                                                                "si_snri_db_quarter_pi")):
         lines.append(f"| DPD | {measure}, true tokens | {f(dpd['true'][key])} | shuffled tokens "
                      f"{f(dpd['shuffled'][key])} |")
+    if chain is not None:
+        lines += ["", "Down the chain: the evaluation's checks, each source against its clip's own attributes "
+                  "(instrument: nearest centroid on the clips' musicnn embeddings without the clip it came from); "
+                  "musicnn FAD of the source's first half of the clips against the clips' second half.", "",
+                  "| audio | tempo | key | drums | instrument | musicnn FAD |", "|---|---|---|---|---|---|"]
+        lines += [f"| {CHAIN[name]} | {f(c['tempo'])} | {f(c['key'])} | {f(c['drums'])} | {f(c['instrument'])} | "
+                  f"{f(c['fad_musicnn'])}{' (the floor)' if name == 'clips' else ''} |" for name, c in chain.items()]
     return "\n".join(lines) + "\n"

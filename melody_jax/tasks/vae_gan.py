@@ -1,4 +1,5 @@
-"""VAE-GAN stage (DESIGN §4.1, §7): 50·MR-STFT + 20·feature matching + 1·LSGAN + 5e-3·KL.
+"""VAE-GAN stage (DESIGN §4.1, §7): 50·MR-STFT + 20·feature matching + 1·LSGAN + 5e-3·KL
+(+ `loss.log_mel` · HiFi-GAN's log-mel L1, 0 in every preset).
 
 Data: random crops of a prepared dataset (`config.data.path`) at 24 kHz; evaluation: the
 `data.eval_split` crops reconstructed from the posterior mean, scored by MR-STFT distance (the
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from melody_jax.audio.losses import mr_stft_l1, resolutions
-from melody_jax.audio.metrics import reconstruction_metrics
+from melody_jax.audio.metrics import log_mel_distance, reconstruction_metrics
 from melody_jax.frozen.stage_models import build_model
 from melody_jax.models import vae_gan
 from melody_jax.tasks.gan import GANTask
@@ -30,7 +31,7 @@ class VAEGANTask(GANTask):
         m, d = c.model, c.data
         self.validate_gan()
         positive(c, "model.latent_dim", "model.latent_scale", "data.sample_rate", "data.crop_seconds")
-        non_negative(c, "loss.mr_stft", "loss.feature_matching", "loss.adversarial", "loss.kl")
+        non_negative(c, "loss.mr_stft", "loss.feature_matching", "loss.adversarial", "loss.kl", "loss.log_mel")
         for part in ("encoder", "decoder"):
             p = m[part]
             require(len(p.rates) == len(p.channels) == len(p.kernels),
@@ -74,7 +75,11 @@ class VAEGANTask(GANTask):
         metrics = {"mr_stft": mr_stft, "kl": kl,
                    "clip_fraction": vae_gan.clip_fraction(post.mean, model.latent_scale),
                    "posterior_std": jnp.mean(jnp.exp(0.5 * post.logvar))}
-        return fake, real, w.mr_stft * mr_stft + w.kl * kl, metrics, None
+        loss = w.mr_stft * mr_stft + w.kl * kl
+        if w.log_mel:
+            metrics["log_mel_l1"] = log_mel_distance(fake, real, self.config.data.sample_rate)
+            loss = loss + w.log_mel * metrics["log_mel_l1"]
+        return fake, real, loss, metrics, None
 
     def eval_step(self, params: Any, batch: Batch, rng: jax.Array) -> Metrics:
         real = batch["audio"]
