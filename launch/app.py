@@ -41,7 +41,8 @@ MODES = {"melody": ("text", "continue the clip", "inpaint a span of the clip", "
          "musicgen": ("text", "text + the clip as melody")}
 TEXT, CONTINUE, INPAINT, AUDIO_PROMPT = MODES["melody"]
 MELODY = MODES["musicgen"][1]
-MELODY_ONLY = ("steps", "schedule", "top_p")  # the page's controls that only MeLoDy reads
+MELODY_ONLY = ("steps", "schedule", "top_p", "lm_cfg", "inpaint_candidates")  # the page's controls only MeLoDy reads
+MAX_CANDIDATES = 16  # inpainting spans the semantic LM may draw per request (each costs a span of LM steps)
 
 
 class AppInputError(UserError, ValueError):
@@ -81,8 +82,7 @@ def _number(value: object, name: str, low: float, high: float, integer: bool = F
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """The sampling controls of the page, checked; `steps`, `schedule`, `top_p` are MeLoDy's only (None:
-    MusicGen's request, which leaves them to its bundle)."""
+    """The sampling controls of the page, checked; MELODY_ONLY's are None in MusicGen's request."""
 
     seed: int
     cfg: float
@@ -91,17 +91,23 @@ class Sampling:
     steps: int | None = None
     schedule: str | None = None
     top_p: float | None = None
+    lm_cfg: float | None = None
+    inpaint_candidates: int | None = None
 
 
 def check_sampling(seed: object, cfg: object, top_k: object, temperature: object, steps: object = None,
-                   schedule: object = None, top_p: object = None) -> Sampling:
+                   schedule: object = None, top_p: object = None, lm_cfg: object = None,
+                   inpaint_candidates: object = None) -> Sampling:
     if schedule not in (None, *SCHEDULES):
         raise AppInputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     return Sampling(seed=_number(seed, "seed", 0, 2**31 - 1, integer=True), cfg=_number(cfg, "CFG scale", 0, 100),
                     top_k=_number(top_k, "top-k", 0, 1 << 20, integer=True),
                     temperature=_number(temperature, "temperature", 1e-3, 100),
                     steps=None if steps is None else _number(steps, "DPD steps", 1, 1000, integer=True),
-                    schedule=schedule, top_p=None if top_p is None else _number(top_p, "top-p", 1e-3, 1.0))
+                    schedule=schedule, top_p=None if top_p is None else _number(top_p, "top-p", 1e-3, 1.0),
+                    lm_cfg=None if lm_cfg is None else _number(lm_cfg, "LM CFG scale", 0, 100),
+                    inpaint_candidates=None if inpaint_candidates is None else _number(
+                        inpaint_candidates, "inpainting candidates", 1, MAX_CANDIDATES, integer=True))
 
 
 def read_clip(path: str | None, sample_rate: int, max_seconds: float) -> np.ndarray:
@@ -184,7 +190,8 @@ def load_models(bundles: Sequence[str]) -> dict[str, Model]:
 
 def parse_request(models: dict[str, Model], max_seconds: float, model: object, mode: object, prompt: object,
                   duration: object, seed: object, steps: object, schedule: object, cfg: object, top_k: object,
-                  top_p: object, temperature: object, clip_path: str | None, start: object, end: object) -> Request:
+                  top_p: object, temperature: object, clip_path: str | None, start: object, end: object,
+                  lm_cfg: object = None, inpaint_candidates: object = None) -> Request:
     """A page's fields → a checked Request (the clip decoded), or AppInputError naming what is wrong."""
     if model not in models:
         raise AppInputError(f"choose a model, one of: {', '.join(models)}")
@@ -196,7 +203,7 @@ def parse_request(models: dict[str, Model], max_seconds: float, model: object, m
     if m.kind == "musicgen":
         sampling = check_sampling(seed, cfg, top_k, temperature)
     else:
-        sampling = check_sampling(seed, cfg, top_k, temperature, steps, schedule, top_p)
+        sampling = check_sampling(seed, cfg, top_k, temperature, steps, schedule, top_p, lm_cfg, inpaint_candidates)
     clip, span = None, None
     if mode != TEXT:
         clip = read_clip(clip_path, m.pipeline.sample_rate, max_seconds)
@@ -217,7 +224,7 @@ def run(model: Model, requests: Sequence[Request]):
                                        melody=r.clip if r.mode == MELODY else None)
     melody = model.pipeline
     common = dict(steps=s.steps, cfg=s.cfg, schedule=s.schedule, temperature=s.temperature, top_k=s.top_k,
-                  top_p=s.top_p)
+                  top_p=s.top_p, lm_cfg=s.lm_cfg)
     prompts = [r.prompt] if r.prompt else None
     if r.mode == TEXT:
         return melody.generate([q.prompt for q in requests], r.duration, seed=[q.sampling.seed for q in requests],
@@ -227,7 +234,8 @@ def run(model: Model, requests: Sequence[Request]):
     if r.mode == CONTINUE:
         return melody.generate_continuation(r.clip, r.duration, prompts, seed=s.seed, **common)
     if r.mode == INPAINT:
-        return melody.inpaint(r.clip, *r.span, prompts, seed=s.seed, **common)
+        return melody.inpaint(r.clip, *r.span, prompts, seed=s.seed, inpaint_candidates=s.inpaint_candidates,
+                              **common)
     return melody.generate_from_audio_prompt(r.clip, r.duration, seed=s.seed, **common)
 
 
@@ -354,6 +362,9 @@ def build_page(models: dict[str, Model], max_seconds: float, max_batch: int):
                 with gr.Row(visible=first.kind == "melody") as span_row:
                     start = gr.Number(value=1.0, label="inpaint from (s)", elem_id="span_start")
                     end = gr.Number(value=2.0, label="inpaint to (s)", elem_id="span_end")
+                    candidates = gr.Number(value=defaults.get("inpaint_candidates"), precision=0,
+                                           label="inpainting candidates (spans drawn, one kept)",
+                                           elem_id="inpaint_candidates")
                 with gr.Accordion("sampling", open=True):
                     with gr.Row():
                         cfg = gr.Number(value=defaults["cfg"], label="CFG scale", elem_id="cfg")
@@ -368,6 +379,8 @@ def build_page(models: dict[str, Model], max_seconds: float, max_batch: int):
                                             elem_id="schedule")
                         top_p = gr.Slider(0.01, 1.0, value=defaults.get("top_p"), step=0.01, label="top-p (semantic LM)",
                                           elem_id="top_p")
+                        lm_cfg = gr.Number(value=defaults.get("lm_cfg"), label="LM CFG scale (1: off)",
+                                           elem_id="lm_cfg")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 error = gr.Markdown("", elem_id="error")
@@ -383,19 +396,19 @@ def build_page(models: dict[str, Model], max_seconds: float, max_batch: int):
                     gr.update(visible=m.kind == "melody"), d["cfg"], d["temperature"], d["top_k"],
                     *(gr.update(value=d[name]) if name in d else gr.update() for name in MELODY_ONLY))
 
-        model.change(on_model, model, [mode, span_row, melody_row, cfg, temperature, top_k, steps, schedule, top_p],
-                     queue=False)
+        model.change(on_model, model, [mode, span_row, melody_row, cfg, temperature, top_k, steps, schedule, top_p,
+                                       lm_cfg, candidates], queue=False)
         inputs = [model, mode, prompt, duration, seed, steps, schedule, cfg, top_k, top_p, temperature, clip,
-                  start, end]
+                  start, end, lm_cfg, candidates]
 
         batcher = Batcher(lambda fields, progress: serve_batch(models, max_seconds, out_dir, fields, progress),
                           max_batch)
 
         # named parameters: Gradio finds a Progress default among positional parameters only
         def generate(model, mode, prompt, duration, seed, steps, schedule, cfg, top_k, top_p, temperature, clip,
-                     start, end, progress=gr.Progress(track_tqdm=True)):  # the pipelines' tqdm bars show here
+                     start, end, lm_cfg, candidates, progress=gr.Progress(track_tqdm=True)):  # tqdm bars show here
             return batcher((model, mode, prompt, duration, seed, steps, schedule, cfg, top_k, top_p, temperature,
-                            clip, start, end), progress)
+                            clip, start, end, lm_cfg, candidates), progress)
 
         # up to max_batch requests wait in the batcher at once; Gradio's queue holds the rest
         button.click(generate, inputs, [audio, spectrogram, stats, error], concurrency_limit=max_batch,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from launch.app import (CONTINUE, INPAINT, MELODY, TEXT, AppInputError, Batcher, Model, Request, check_sampling,
-                        check_seconds, check_span, check_text, parse_request, read_clip, serve_batch)
+from launch.app import (CONTINUE, INPAINT, MAX_CANDIDATES, MELODY, TEXT, AppInputError, Batcher, Model, Request,
+                        check_sampling, check_seconds, check_span, check_text, parse_request, read_clip, serve_batch)
 from melody_jax.pipelines.bundle import bundle_kind
 from melody_jax.pipelines.validation import MAX_PROMPT_CHARS
 from melody_jax.training.errors import BundleError
@@ -64,11 +64,17 @@ def test_prompt_duration_and_sampling_checks():
         with pytest.raises(AppInputError, match=message):
             check_seconds(bad, MAX_SECONDS)
     s = check_sampling(3, 2.5, 0, 1.0, 4, "uniform", 0.9)
-    assert (s.seed, s.steps, s.schedule, s.top_p) == (3, 4, "uniform", 0.9)
+    assert (s.seed, s.steps, s.schedule, s.top_p, s.lm_cfg, s.inpaint_candidates) == (3, 4, "uniform", 0.9, None, None)
+    s = check_sampling(3, 2.5, 0, 1.0, 4, "uniform", 0.9, 3, 8)
+    assert (s.lm_cfg, s.inpaint_candidates) == (3.0, 8)
     for args, message in (((1.5, 2.5, 0, 1.0), "seed must be a whole number"), ((0, 2.5, -1, 1.0), "top-k"),
                           ((0, float("inf"), 0, 1.0), "CFG scale"), ((0, 2.5, 0, 0.0), "temperature"),
                           ((0, 2.5, 0, 1.0, 0), "DPD steps"), ((0, 2.5, 0, 1.0, 4, "fast"), "schedule"),
-                          ((0, 2.5, 0, 1.0, 4, "paper", 1.5), "top-p")):
+                          ((0, 2.5, 0, 1.0, 4, "paper", 1.5), "top-p"),
+                          ((0, 2.5, 0, 1.0, 4, "paper", 1.0, -1), "LM CFG scale"),
+                          ((0, 2.5, 0, 1.0, 4, "paper", 1.0, 1.0, 0), "inpainting candidates"),
+                          ((0, 2.5, 0, 1.0, 4, "paper", 1.0, 1.0, 2.5), "inpainting candidates"),
+                          ((0, 2.5, 0, 1.0, 4, "paper", 1.0, 1.0, MAX_CANDIDATES + 1), "inpainting candidates")):
         with pytest.raises(AppInputError, match=message):
             check_sampling(*args)
 
@@ -106,6 +112,10 @@ class _Recorder:
         audio = np.stack([np.full(int(round(duration * RATE)), 0.01 * s, np.float32) for s in seed])
         return Result(audio, RATE, {"dpd": 0.5}, {"dpd": kwargs["steps"]})
 
+    def inpaint(self, audio, start, end, prompts, seed, **kwargs):
+        self.calls.append((prompts, [seed], {"span": (start, end), **kwargs}))
+        return self.generate([""], len(audio) / RATE, [seed], **kwargs)
+
 
 def test_requests_that_arrive_together_share_one_batch(tmp_path):
     """Equal settings → one pipeline call with each request's seed; a bad request is its own error line."""
@@ -125,6 +135,30 @@ def test_requests_that_arrive_together_share_one_batch(tmp_path):
         np.testing.assert_allclose(audio, 0.01 * seed)  # each request got its own row back
     assert "one batch of 2 requests" in out[0][2] and "one batch" not in out[2][2]
     assert out[3][:3] == (None, None, "") and "longer than the maximum of 8 s" in out[3][3]
+
+
+def test_lm_guidance_and_inpainting_candidates_reach_the_pipeline(tmp_path):
+    """The page's LM CFG scale and candidate count are the pipeline's `lm_cfg` and `inpaint_candidates`; requests
+    differing in the scale are not batched together; MusicGen's requests carry neither."""
+    pipe = _Recorder()
+    models = {"m": Model("m", "melody", pipe), "g": Model("g", "musicgen", _Recorder())}
+    wav = str(tmp_path / "clip.wav")
+    sf.write(wav, np.zeros(2 * RATE), RATE)
+
+    def fields(prompt, lm_cfg, mode=TEXT, candidates=4):
+        return ["m", mode, prompt, 1.0, 0, 4, "paper", 2.5, 0, 1.0, 1.0, wav, 0.5, 1.0, lm_cfg, candidates]
+
+    out = serve_batch(models, MAX_SECONDS, str(tmp_path),
+                      [fields("piano", 3.0), fields("drums", 3.0), fields("bells", 1.0),
+                       fields("", 2.0, INPAINT, candidates=7), fields("x", 2.0, INPAINT, candidates=0)])
+    assert [(c[0], c[2]["lm_cfg"]) for c in pipe.calls[:3]] == [(["piano", "drums"], 3.0), (["bells"], 1.0),
+                                                                   (None, 2.0)]
+    assert pipe.calls[2][2]["inpaint_candidates"] == 7 and pipe.calls[2][2]["span"] == (0.5, 1.0)
+    assert [o[3] for o in out[:4]] == [""] * 4
+    assert out[4][3] == "error: inpainting candidates must be a whole number in [1, 16], got 0"
+    req = parse_request(models, MAX_SECONDS, "g", TEXT, "piano", 1.0, 0, 4, "paper", 2.5, 0, 1.0, 1.0, None, None,
+                        None, 3.0, 7)
+    assert (req.sampling.lm_cfg, req.sampling.inpaint_candidates, req.sampling.steps) == (None, None, None)
 
 
 def test_batcher_runs_what_arrived_during_a_run_as_the_next_batch():
@@ -237,7 +271,7 @@ def browser():
         d.quit()
 
 
-def _fill(browser, url: str, prompt: str, duration: str, steps: str | None = None) -> None:
+def _fill(browser, url: str, prompt: str, duration: str, steps: str | None = None, lm_cfg: str | None = None) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -245,7 +279,8 @@ def _fill(browser, url: str, prompt: str, duration: str, steps: str | None = Non
     browser.get(url)
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt textarea"))
     browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(prompt)
-    for selector, value in (("#duration input", duration), ("#steps input[type=number]", steps)):
+    for selector, value in (("#duration input", duration), ("#steps input[type=number]", steps),
+                            ("#lm_cfg input", lm_cfg)):
         if value is not None:
             field = browser.find_element(By.CSS_SELECTOR, selector)
             field.send_keys(Keys.CONTROL, "a")
@@ -282,7 +317,7 @@ def test_page_generates_audio_of_the_requested_length(server, browser):
     assert browser.find_element(By.CSS_SELECTOR, "#spectrogram img").get_attribute("src")
 
 
-def test_page_shows_the_error_for_a_too_long_duration_and_a_non_audio_upload(server, browser, tmp_path):
+def test_page_shows_one_error_line_for_a_long_duration_lm_guidance_it_lacks_and_non_audio(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -291,6 +326,11 @@ def test_page_shows_the_error_for_a_too_long_duration_and_a_non_audio_upload(ser
     assert _error_text(browser) == "error: duration=60 s is longer than the maximum of 8 s"
     assert not browser.find_elements(By.CSS_SELECTOR, "#output_audio a[download]")
     assert "Traceback" not in browser.page_source
+
+    # LM guidance asked of a bundle whose semantic LM never trained on the null prefix
+    _fill(browser, server, "drums, fast", "1", steps="2", lm_cfg="2")
+    WebDriverWait(browser, 240).until(_error_text)
+    assert _error_text(browser).startswith("error: lm_cfg=2.0 needs a semantic LM trained with model.cfg_dropout > 0")
 
     # continuation of an uploaded file that is not audio
     browser.get(server)
