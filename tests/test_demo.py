@@ -41,7 +41,7 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
             == {s: STEP_CAPS.get(s, 8 * n) for s, n in DEMO_STEPS.items()})
     assert full["mulan"].train.num_steps == 6000 < 8 * DEMO_STEPS["mulan"]
     assert full["semantic_lm"].train.num_steps == 12000 < 8 * DEMO_STEPS["semantic_lm"]  # the 4 × 128 LM
-    # the 2-hour recipe's own changes: the SSL weighs chroma as onset age, MuLan hears semitone bands
+    # the 2-hour recipe's own changes: the SSL weighs chroma as onset age, MuLan hears semitone bands, a wider DPD
     assert recipe.changes is LONG_CHANGES and not RECIPES["demo"].changes
     long = demo_configs({"audio": "a", "captions": "c"}, root, 8.0, recipe.changes)
     get_task(long["ssl"]).validate()
@@ -50,7 +50,13 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     assert (long["mulan"].model.frequency_scale, long["mulan"].model.n_mels, long["mulan"].model.fmin) == (
         "semitone", 60, 220.0)
     assert configs["mulan"].model.frequency_scale == "mel" and full["mulan"].model.n_mels == 64
-    assert long["dpd"].to_dict() == full["dpd"].to_dict()  # the other stages are the demo's
+    # its DPD twice tiny's width, else the demo's; the other stages are the demo's
+    get_task(long["dpd"]).validate()
+    assert (long["dpd"].model.hidden_dim, long["dpd"].model.mlp_dim, long["dpd"].model.num_heads) == (64, 128, 4)
+    assert full["dpd"].model.hidden_dim == 32
+    narrow = {**long["dpd"].to_dict(), "model": {**long["dpd"].model.to_dict(), **full["dpd"].model.to_dict()}}
+    assert narrow == full["dpd"].to_dict()
+    assert long["semantic_lm"].to_dict() == full["semantic_lm"].to_dict()
     get_task(configs["ssl"]).validate()  # the demo's HuBERT changes make a config the SSL task accepts
     assert configs["ssl"].model.objective == "hubert"
     # flux: tokens mark onsets; onset_age (4 × the weight): they differ at each place inside a beat
