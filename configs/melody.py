@@ -109,11 +109,14 @@ class Recipe(NamedTuple):
 # patches, so that its towers can tie a caption's key to the audio (on mel bands neither tower reads the key). Its
 # DPD is twice tiny's width: rendering true tokens it keeps the key in 0.41 of held-out clips instead of 0.22, and
 # the evaluation's musicnn FAD falls from 60.5 to 49.1, instrument rises from 0.16 to 0.25 (32 min alone, not 21).
+# Its MuLan also hears the onset envelope's autocorrelation (`tempo_lags`, 1.37 s): its embeddings then name a
+# clip's tempo within 5 % in 0.44 of held-out clips instead of 0.16, its captions' in 0.49 instead of 0.19, and the
+# evaluation's tempo rises to 0.56 (drums fall from 0.91 to 0.84).
 LONG_CHANGES: dict[str, dict] = {
     "ssl": {"model.target_weights": "[1.0, 4.0, 1.0, 4.0]"},
     "dpd": {"model.hidden_dim": 64, "model.mlp_dim": 128, "model.num_heads": 4},
     "mulan": {"model.frequency_scale": "semitone", "model.fmin": 220.0, "model.n_fft": 2048, "model.n_mels": 60,
-              "model.patch_mels": 12},
+              "model.patch_mels": 12, "model.tempo_lags": 128},
 }
 RECIPES = {"demo": Recipe(clips=96, caption_clips=768, steps_scale=1.0, eval_prompts=32),
            "2h": Recipe(clips=384, caption_clips=1536, steps_scale=8.0, eval_prompts=32, changes=LONG_CHANGES)}

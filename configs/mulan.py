@@ -34,6 +34,9 @@ def get_config(arg: str | None = None):
     # (models/mulan.py FREQUENCY_SCALES); "mel" is the paper's log-mel (fmin: its lower edge)
     c.model.frequency_scale = "mel"
     c.model.fmin = 0.0
+    # > 0: the audio tower also hears the autocorrelation of the onset envelope at lags 1..tempo_lags STFT frames
+    # (not in the paper; models/mulan.py): 2-s windows of 43-ms patches do not place a beat's period to 5 %
+    c.model.tempo_lags = 0
     c.model.max_text_length = 128 if tiny else 256  # bytes, including the leading [CLS]
     c.model.remat = preset == "paper"
     c.model.scan_layers = False  # True: each tower's blocks as one nn.scan (other param names)

@@ -41,15 +41,17 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
             == {s: STEP_CAPS.get(s, 8 * n) for s, n in DEMO_STEPS.items()})
     assert full["mulan"].train.num_steps == 6000 < 8 * DEMO_STEPS["mulan"]
     assert full["semantic_lm"].train.num_steps == 12000 < 8 * DEMO_STEPS["semantic_lm"]  # the 4 × 128 LM
-    # the 2-hour recipe's own changes: the SSL weighs chroma as onset age, MuLan hears semitone bands, a wider DPD
+    # the 2-hour recipe's own changes: the SSL weighs chroma as onset age, MuLan hears semitone bands and the
+    # beat, a wider DPD
     assert recipe.changes is LONG_CHANGES and not RECIPES["demo"].changes
     long = demo_configs({"audio": "a", "captions": "c"}, root, 8.0, recipe.changes)
     get_task(long["ssl"]).validate()
     get_task(long["mulan"]).validate()
     assert list(long["ssl"].model.target_weights) == [1.0, 4.0, 1.0, 4.0]
-    assert (long["mulan"].model.frequency_scale, long["mulan"].model.n_mels, long["mulan"].model.fmin) == (
-        "semitone", 60, 220.0)
+    assert (long["mulan"].model.frequency_scale, long["mulan"].model.n_mels, long["mulan"].model.fmin,
+            long["mulan"].model.tempo_lags) == ("semitone", 60, 220.0, 128)
     assert configs["mulan"].model.frequency_scale == "mel" and full["mulan"].model.n_mels == 64
+    assert configs["mulan"].model.tempo_lags == 0
     # its DPD twice tiny's width, else the demo's; the other stages are the demo's
     get_task(long["dpd"]).validate()
     assert (long["dpd"].model.hidden_dim, long["dpd"].model.mlp_dim, long["dpd"].model.num_heads) == (64, 128, 4)

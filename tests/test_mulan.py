@@ -17,7 +17,8 @@ from data_pipeline.builder import read_clips
 from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.audio.mel import log_mel_spectrogram
 from melody_jax.frozen.stage_models import mulan_model
-from melody_jax.models.mulan import contrastive_loss, dequantize, embed_text, mulan_tokens, similarity
+from melody_jax.models.mulan import (MuLan, contrastive_loss, dequantize, embed_text, mulan_tokens,
+                                     onset_autocorrelation, similarity, valid_frames)
 from melody_jax.tasks.mulan import MuLanTask
 from melody_jax.frozen.loader import load_stage
 from melody_jax.tasks.rvq import RVQTask, clip_embeddings
@@ -138,6 +139,32 @@ def test_bad_config_is_one_line_error():
     with pytest.raises(ConfigError, match=r"top edge \(14080 Hz\) below Nyquist"):
         MuLanTask(stage_config("mulan", {**semitone, "model.n_fft": 2048, "model.n_mels": 72})).validate()
     MuLanTask(stage_config("mulan", {**semitone, "model.n_fft": 2048})).validate()
+    with pytest.raises(ConfigError, match=r"tempo_lags=188 must lie in \[0, 188\)"):  # 2 s at hop 256: 188 frames
+        MuLanTask(stage_config("mulan", {"data.path": "x", "model.tempo_lags": 188})).validate()
+    MuLanTask(stage_config("mulan", {"data.path": "x", "model.tempo_lags": 128})).validate()
+
+
+def test_tempo_lags_show_the_beat_period_and_ignore_padding():
+    """`tempo_lags`: the onset autocorrelation of a click train peaks at its period (to a frame), and a padded
+    clip's embedding reads only its real samples: zeros or noise in the padding give the same vector."""
+    c = stage_config("mulan", {"model.tempo_lags": 128}).model
+    model = mulan_model(c, 24000)
+    t = np.arange(48000) / 24000
+    noise = np.random.default_rng(0).normal(size=t.size)
+    clicks = np.stack([(np.mod(t, 60 / bpm) < 0.01) * noise for bpm in (70, 95, 120, 150, 175)])
+    params = model.init(jax.random.key(0), jnp.zeros((1, 48000)), method=MuLan.embed_audio)
+    mel = model.apply(params, jnp.asarray(clicks, jnp.float32), method=MuLan.bands)
+    ac = np.asarray(onset_autocorrelation(mel, jnp.ones(mel.shape[:2], bool), 128))
+    peak = 20 + ac[:, 19:].argmax(-1)  # lag of the strongest peak from lag 20 (0.21 s) on
+    np.testing.assert_allclose(peak, 60 / np.array([70, 95, 120, 150, 175]) * 24000 / c.hop_length, atol=1.0)
+    real = 30000
+    mask = jnp.asarray(np.arange(48000) < real)[None].repeat(2, 0)
+    zeros, loud = (np.where(np.arange(48000) < real, clicks[2], fill) for fill in (0.0, 3.0 * noise))
+    emb = model.apply(params, jnp.asarray(np.stack([zeros, loud]), jnp.float32), mask, method=MuLan.embed_audio)
+    np.testing.assert_allclose(np.asarray(emb[0]), np.asarray(emb[1]), atol=1e-5)
+    padded = onset_autocorrelation(model.apply(params, jnp.asarray(loud[None], jnp.float32), method=MuLan.bands),
+                                   valid_frames(model, mask[:1], mel.shape[1], 1), 128)
+    assert 20 + int(np.asarray(padded)[0, 19:].argmax()) == round(0.5 * 24000 / c.hop_length)
 
 
 def test_semitone_patches_are_octaves_of_log_semitone_bands():
@@ -148,13 +175,13 @@ def test_semitone_patches_are_octaves_of_log_semitone_bands():
     model = mulan_model(c, 24000)
     t = np.arange(24000) / 24000
     tones = jnp.asarray(np.stack([np.sin(2 * np.pi * 440.0 * 2 ** (k / 12) * t) for k in (0, 3)]), jnp.float32)
-    p, _ = model.init_with_output(jax.random.key(0), tones, method=model.patches)
+    p, _ = model.init_with_output(jax.random.key(0), tones, method=lambda m, a: m.patches(m.bands(a)))
     assert p.shape == (2, (1 + 24000 // c.hop_length) // c.patch_frames, 5, c.patch_frames * 12)
     octave = np.asarray(p[:, 3, 1]).reshape(2, c.patch_frames, 12).mean(1)  # A4's octave, one patch mid-clip
     assert list(octave.argmax(-1)) == [0, 3]  # A and C: pitch class k is the patch's k-th band
     mel = mulan_model(stage_config("mulan").model, 24000)
     want = (log_mel_spectrogram(tones, 24000, 512, 256, 64) + 5.0) / 4.0
-    first, _ = mel.init_with_output(jax.random.key(0), tones, method=mel.patches)
+    first, _ = mel.init_with_output(jax.random.key(0), tones, method=lambda m, a: m.patches(m.bands(a)))
     np.testing.assert_array_equal(np.asarray(first)[:, 0, 0], np.asarray(want)[:, :4, :16].reshape(2, 64))
     with pytest.raises(ConfigError, match="num_quantizers"):
         RVQTask(stage_config("rvq", {"upstream.mulan": "x", "train.num_steps": 3})).validate()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from melody_jax.frozen.checks import need
 from melody_jax.frozen.loader import load_stage
-from melody_jax.models.mulan import MuLan, l2_normalize, mulan_tokens, valid_patches
+from melody_jax.models.mulan import MuLan, l2_normalize, mulan_tokens, valid_frames
 from melody_jax.text.byte_tokenizer import tokenize as text_tokenize
 from melody_jax.training.sharding import Rules
 
@@ -61,7 +61,7 @@ class FrozenMuLan:
         emb = emb.reshape(b, n, emb.shape[-1])
         if masks is None:
             return l2_normalize(emb.mean(1))
-        weight = valid_patches(self.model, masks, 1)[:, 0].reshape(b, n).astype(jnp.float32)
+        weight = valid_frames(self.model, masks, 1, self.model.patch_frames)[:, 0].reshape(b, n).astype(jnp.float32)
         weight = jnp.where(weight.any(-1, keepdims=True), weight, 1.0)[..., None]
         return l2_normalize((emb * weight).sum(1) / weight.sum(1))
 

@@ -113,6 +113,9 @@ class MuLanTask(SourcedTask):
         frames = 1 + self.crop_samples // m.hop_length
         require(frames >= m.patch_frames, f"config.data.crop_seconds={d.crop_seconds} gives {frames} frames, "
                                           f"fewer than model.patch_frames={m.patch_frames}")
+        tempo_lags = m.get("tempo_lags", 0)
+        require(0 <= tempo_lags < frames, f"config.model.tempo_lags={tempo_lags} must lie in [0, {frames}): "
+                                          f"lags of a crop of {frames} frames")
         require(0.0 <= d.caption_probability <= 1.0,
                 f"config.data.caption_probability={d.caption_probability} must lie in [0, 1]")
         require(m.dtype in ("float32", "bfloat16"), f"config.model.dtype={m.dtype!r} must be float32 or bfloat16")
