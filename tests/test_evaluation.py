@@ -9,7 +9,7 @@ from data_pipeline.synthetic import generate_clip, synthetic_prompts
 from melody_jax.evaluation import attributes
 from melody_jax.evaluation.fad import embedding_stats, frechet_audio_distance, frechet_distance
 from melody_jax.evaluation.generation import read_prompts
-from melody_jax.evaluation.musicnn import log_mel_patches, musicnn_features
+from melody_jax.evaluation.musicnn import failure, log_mel_patches, musicnn_features
 from melody_jax.training.errors import EvaluationError
 
 SR = 16000
@@ -70,6 +70,16 @@ def test_musicnn_runs_its_pretrained_tagger(clips):
 def test_a_missing_musicnn_checkpoint_is_a_clear_error(clips):
     with pytest.raises(EvaluationError, match="musicnn failed: .*no musicnn checkpoint for 'MSD_musicnn_big'"):
         musicnn_features([clips[0].audio], 24000, model="MSD_musicnn_big")
+
+
+def test_a_killed_musicnn_process_names_its_signal():
+    """An out-of-memory kill ends stderr mid-traceback: the error names the signal, not that last line."""
+    cut = "Traceback (most recent call last):\n    logits = tf.compat.v1.layers.dense(inputs=dense_dropout,"
+    assert failure(-9, cut) == ("musicnn failed: its process was killed by signal SIGKILL "
+                                "(by the system: out of memory?)")
+    assert failure(-15, cut) == "musicnn failed: its process was killed by signal SIGTERM"
+    assert failure(1, "warning\nValueError: no checkpoint\n\n") == "musicnn failed: ValueError: no checkpoint"
+    assert failure(3, "") == "musicnn failed: exit code 3"
 
 
 def test_attribute_checks_recover_what_synthetic_clips_were_drawn_with(clips):

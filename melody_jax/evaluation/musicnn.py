@@ -11,6 +11,7 @@ a bare `except` and then verified, so it can never silently run with random weig
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,20 @@ def log_mel_patches(audio: np.ndarray) -> np.ndarray:
     return np.stack([mel[i: i + n] for i in range(0, mel.shape[0] - n + 1, n)])
 
 
+def failure(returncode: int, stderr: str) -> str:
+    """One line for a failed musicnn process: the signal that killed it (its stderr then ends mid-traceback, so
+    its last line says nothing), else its last stderr line."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        hint = " (by the system: out of memory?)" if returncode == -signal.SIGKILL else ""
+        return f"musicnn failed: its process was killed by signal {name}{hint}"
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return f"musicnn failed: {lines[-1] if lines else f'exit code {returncode}'}"
+
+
 def musicnn_features(clips: list[np.ndarray], sample_rate: int, model: str = MODEL,
                      timeout_s: float = 1800.0) -> MusicnnFeatures:
     """Embeddings and tags of mono clips at `sample_rate`, computed in a separate TensorFlow process."""
@@ -73,8 +88,7 @@ def musicnn_features(clips: list[np.ndarray], sample_rate: int, model: str = MOD
         done = subprocess.run([sys.executable, "-m", "melody_jax.evaluation.musicnn", src, dst], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            raise EvaluationError(f"musicnn failed: {lines[-1] if lines else 'exit code ' + str(done.returncode)}")
+            raise EvaluationError(failure(done.returncode, done.stderr))
         with np.load(dst) as out:
             patch_tags, embeddings, labels = out["tags"], out["embeddings"], [str(x) for x in out["labels"]]
     owner_all = np.concatenate(owner)
