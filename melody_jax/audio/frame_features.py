@@ -22,7 +22,7 @@ import numpy as np
 
 from melody_jax.audio.chroma import NUM_CHROMA
 from melody_jax.audio.mel import mel_filterbank
-from melody_jax.audio.stft import magnitude, stft
+from melody_jax.audio.stft import magnitude, spectral_flux, stft
 
 FEATURES = ("logmel", "mfcc", "chroma", "flux", "onset_age")
 NUM_MELS, NUM_MFCC = 64, 20
@@ -67,7 +67,7 @@ def frame_features(audio: jax.Array, sample_rate: int, hop: int, names: tuple[st
     power = jnp.square(magnitude(stft(audio, n_fft, hop)))[..., :frames, :]
     logmel = jnp.log(jnp.maximum(power @ mel_filterbank(sample_rate, n_fft, NUM_MELS), 1e-8))
     chroma = power @ chroma_filters(sample_rate, n_fft)
-    flux = jnp.maximum(jnp.diff(logmel, axis=-2, prepend=logmel[..., :1, :]), 0.0)
+    flux = spectral_flux(logmel)
     parts = {"logmel": logmel, "mfcc": logmel @ dct_matrix(NUM_MELS, NUM_MFCC),
              "chroma": chroma / jnp.maximum(chroma.max(-1, keepdims=True), 1e-8),  # max-normalised, as librosa
              "flux": flux, "onset_age": onset_age(flux)}

@@ -84,3 +84,8 @@ def magnitude(spec: jax.Array, eps: float = 1e-12) -> jax.Array:
     """|spec| with a floor under the square root, so gradients stay finite at silent bins."""
     power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
     return jnp.sqrt(jnp.maximum(power, eps))
+
+
+def spectral_flux(log_bands: jax.Array) -> jax.Array:
+    """[..., frames, bands] log power → its half-wave rectified rise from the previous frame (0 at the first)."""
+    return jnp.maximum(jnp.diff(log_bands, axis=-2, prepend=log_bands[..., :1, :]), 0.0)

@@ -21,7 +21,7 @@ import optax
 from flax import linen as nn
 
 from melody_jax.audio.mel import log_mel_spectrogram, semitone_filterbank
-from melody_jax.audio.stft import magnitude, stft
+from melody_jax.audio.stft import magnitude, spectral_flux, stft
 from melody_jax.nn.attention import Attention, padding_mask
 from melody_jax.nn.init import dense
 from melody_jax.nn.mlp import GeluMLP
@@ -197,7 +197,7 @@ def onset_autocorrelation(bands: jax.Array, valid: jax.Array, lags: int) -> jax.
     band-mean spectral flux (the onset envelope beat trackers follow) at lags 1..lags frames, over the valid
     frames, centred and divided by its lag-0 value, so a beat's period shows as a peak whatever the level."""
     w = valid.astype(jnp.float32)
-    flux = jnp.maximum(jnp.diff(bands.astype(jnp.float32), axis=1, prepend=bands[:, :1]), 0.0).mean(-1) * w
+    flux = spectral_flux(bands.astype(jnp.float32)).mean(-1) * w
     count = jnp.maximum(w.sum(-1, keepdims=True), 1.0)
     envelope = (flux - flux.sum(-1, keepdims=True) / count) * w
     n = 2 * envelope.shape[1]  # zero-padded: a linear, not circular, correlation
