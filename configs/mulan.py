@@ -37,6 +37,9 @@ def get_config(arg: str | None = None):
     # > 0: the audio tower also hears the autocorrelation of the onset envelope at lags 1..tempo_lags STFT frames
     # (not in the paper; models/mulan.py): 2-s windows of 43-ms patches do not place a beat's period to 5 %
     c.model.tempo_lags = 0
+    # True (semitone bands): the audio tower also hears the clip's pitch-class profile (not in the paper;
+    # models/mulan.py), a statistic of the whole clip where a key lives and no patch holds
+    c.model.chroma_profile = False
     c.model.max_text_length = 128 if tiny else 256  # bytes, including the leading [CLS]
     c.model.remat = preset == "paper"
     c.model.scan_layers = False  # True: each tower's blocks as one nn.scan (other param names)

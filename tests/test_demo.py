@@ -49,9 +49,9 @@ def test_a_recipe_scales_the_steps_and_its_workdir_refuses_another(tmp_path):
     get_task(long["mulan"]).validate()
     assert list(long["ssl"].model.target_weights) == [1.0, 4.0, 1.0, 4.0]
     assert (long["mulan"].model.frequency_scale, long["mulan"].model.n_mels, long["mulan"].model.fmin,
-            long["mulan"].model.tempo_lags) == ("semitone", 60, 220.0, 128)
+            long["mulan"].model.tempo_lags, long["mulan"].model.chroma_profile) == ("semitone", 60, 220.0, 128, False)
     assert configs["mulan"].model.frequency_scale == "mel" and full["mulan"].model.n_mels == 64
-    assert configs["mulan"].model.tempo_lags == 0
+    assert configs["mulan"].model.tempo_lags == 0 and not configs["mulan"].model.chroma_profile
     # its DPD twice tiny's width, else the demo's; the other stages are the demo's
     get_task(long["dpd"]).validate()
     assert (long["dpd"].model.hidden_dim, long["dpd"].model.mlp_dim, long["dpd"].model.num_heads) == (64, 128, 4)

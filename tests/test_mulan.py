@@ -18,7 +18,7 @@ from melody_jax.evaluation.mcc import mulan_cycle_consistency
 from melody_jax.audio.mel import log_mel_spectrogram
 from melody_jax.frozen.stage_models import mulan_model
 from melody_jax.models.mulan import (MuLan, contrastive_loss, dequantize, embed_text, mulan_tokens,
-                                     onset_autocorrelation, similarity, valid_frames)
+                                     onset_autocorrelation, pitch_class_profile, similarity, valid_frames)
 from melody_jax.tasks.mulan import MuLanTask
 from melody_jax.frozen.loader import load_stage
 from melody_jax.tasks.rvq import RVQTask, clip_embeddings
@@ -142,6 +142,12 @@ def test_bad_config_is_one_line_error():
     with pytest.raises(ConfigError, match=r"tempo_lags=188 must lie in \[0, 188\)"):  # 2 s at hop 256: 188 frames
         MuLanTask(stage_config("mulan", {"data.path": "x", "model.tempo_lags": 188})).validate()
     MuLanTask(stage_config("mulan", {"data.path": "x", "model.tempo_lags": 128})).validate()
+    with pytest.raises(ConfigError, match="chroma_profile needs frequency_scale='semitone'.*not 'mel' and 64"):
+        MuLanTask(stage_config("mulan", {"data.path": "x", "model.chroma_profile": True})).validate()
+    with pytest.raises(ConfigError, match="chroma_profile needs .* not 'semitone' and 66"):
+        MuLanTask(stage_config("mulan", {**semitone, "model.n_fft": 2048, "model.n_mels": 66,
+                                         "model.patch_mels": 6, "model.chroma_profile": True})).validate()
+    MuLanTask(stage_config("mulan", {**semitone, "model.n_fft": 2048, "model.chroma_profile": True})).validate()
 
 
 def test_tempo_lags_show_the_beat_period_and_ignore_padding():
@@ -165,6 +171,34 @@ def test_tempo_lags_show_the_beat_period_and_ignore_padding():
     padded = onset_autocorrelation(model.apply(params, jnp.asarray(loud[None], jnp.float32), method=MuLan.bands),
                                    valid_frames(model, mask[:1], mel.shape[1], 1), 128)
     assert 20 + int(np.asarray(padded)[0, 19:].argmax()) == round(0.5 * 24000 / c.hop_length)
+
+
+def test_chroma_profile_names_a_chord_and_ignores_level_and_padding():
+    """`chroma_profile`: a major triad's three pitch classes lead its profile whatever its root; the profile does
+    not change with the level; a padded clip's embedding reads only its real samples."""
+    c = stage_config("mulan", {"model.frequency_scale": "semitone", "model.fmin": 220.0, "model.n_fft": 2048,
+                               "model.n_mels": 60, "model.patch_mels": 12, "model.chroma_profile": True}).model
+    model = mulan_model(c, 24000)
+    t = np.arange(48000) / 24000
+    roots = np.array([0, 2, 5, 7, 11])  # semitones above A3, the lowest band: class k is k semitones above A
+
+    def triad(root):
+        return sum(np.sin(2 * np.pi * 220.0 * 2 ** ((root + k) / 12) * o * t) for k in (0, 4, 7) for o in (1, 2, 4))
+
+    clips = jnp.asarray(0.1 * np.stack([triad(r) for r in roots]), jnp.float32)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 48000)), method=MuLan.embed_audio)
+    everywhere = jnp.ones((len(roots), 1 + 48000 // c.hop_length), bool)
+    profile = pitch_class_profile(model.apply(params, clips, method=MuLan.bands), everywhere)
+    top = np.sort(np.argsort(np.asarray(profile), -1)[:, -3:], -1)
+    np.testing.assert_array_equal(top, np.sort((roots[:, None] + [0, 4, 7]) % 12, -1))
+    louder = pitch_class_profile(model.apply(params, 3.0 * clips, method=MuLan.bands), everywhere)
+    np.testing.assert_allclose(np.asarray(louder), np.asarray(profile), atol=1e-3)
+    real = 30000
+    mask = jnp.asarray(np.arange(48000) < real)[None].repeat(2, 0)
+    noise = np.random.default_rng(0).normal(size=t.size)
+    zeros, loud = (np.where(np.arange(48000) < real, clips[0], fill) for fill in (0.0, noise))
+    emb = model.apply(params, jnp.asarray(np.stack([zeros, loud]), jnp.float32), mask, method=MuLan.embed_audio)
+    np.testing.assert_allclose(np.asarray(emb[0]), np.asarray(emb[1]), atol=1e-5)
 
 
 def test_semitone_patches_are_octaves_of_log_semitone_bands():

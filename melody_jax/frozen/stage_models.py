@@ -117,8 +117,8 @@ def mulan_model(model_config, sample_rate: int) -> MuLan:
                  patch_frames=m.patch_frames, patch_mels=m.patch_mels, audio_layers=m.audio_layers,
                  text_layers=m.text_layers, embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
                  out_dim=m.out_dim, frequency_scale=m.get("frequency_scale", "mel"), fmin=m.get("fmin", 0.0),
-                 tempo_lags=m.get("tempo_lags", 0), dtype=jnp.dtype(m.dtype), remat=m.remat,
-                 scan_layers=m.get("scan_layers", False))
+                 tempo_lags=m.get("tempo_lags", 0), chroma_profile=m.get("chroma_profile", False),
+                 dtype=jnp.dtype(m.dtype), remat=m.remat, scan_layers=m.get("scan_layers", False))
 
 
 def _mulan(config) -> StageModel:

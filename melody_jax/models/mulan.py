@@ -4,8 +4,9 @@ No pretrained AST/BERT can be downloaded here, so both towers are small pre-norm
 encoders trained from scratch [choice]:
 - audio: log-mel (or log semitone bands: `frequency_scale`) → (patch_frames × patch_mels) patches → linear
   → + a learned embedding of the patch's band (+ with `tempo_lags`, a projection of the clip's onset
-  autocorrelation) → bidirectional rotary attention over the patches (rotary position = the patch's time index,
-  so any clip length works) → mean pool → projection (AST-like);
+  autocorrelation; + with `chroma_profile`, one of its pitch-class profile) → bidirectional rotary attention over
+  the patches (rotary position = the patch's time index, so any clip length works) → mean pool → projection
+  (AST-like);
 - text: byte tokens (`melody_jax.text.byte_tokenizer`) → embedding → encoder with a padding mask →
   masked mean pool → projection.
 Training is the symmetric InfoNCE of CLIP/MuLan over the global batch with a learned temperature.
@@ -111,6 +112,11 @@ class MuLan(nn.Module):
     # frames (not in the paper). Patches of patch_frames frames place a beat only to a patch; the autocorrelation
     # places its period to a frame (at hop 256 and 24 kHz, 120 BPM is 47 frames: 5 % is 2.3 of them).
     tempo_lags: int = 0
+    # True (semitone bands only): every patch also gets a projection of the clip's pitch-class profile, its log bands
+    # averaged over real frames and octaves, standardised over the 12 classes (not in the paper). A key is a
+    # statistic of the whole clip that no single patch holds; with a linear projection, a caption's similarity to the
+    # clip can correlate the profile with a learned key template, as a Krumhansl-Schmuckler key finder does.
+    chroma_profile: bool = False
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False  # Encoder.scan_layers, both towers
@@ -127,6 +133,8 @@ class MuLan(nn.Module):
             nn.initializers.normal(1.0), ("vocab", "embed")), (VOCAB_SIZE, self.embed_dim))
         if self.tempo_lags:
             self.tempo_proj = dense(self.embed_dim, (None, "embed"), self.dtype, use_bias=True)
+        if self.chroma_profile:
+            self.chroma_proj = dense(self.embed_dim, (None, "embed"), self.dtype, use_bias=True)
         self.log_scale = self.param("log_scale", nn.with_logical_partitioning(
             nn.initializers.constant(INIT_LOG_SCALE), ()), ())
 
@@ -159,9 +167,11 @@ class MuLan(nn.Module):
         p = self.patches(mel)
         b, t, f, _ = p.shape
         x = self.patch_proj(p) + self.band_embedding.astype(self.dtype)
+        frames = jnp.ones(mel.shape[:2], bool) if mask is None else valid_frames(self, mask, mel.shape[1], 1)
         if self.tempo_lags:
-            frames = jnp.ones(mel.shape[:2], bool) if mask is None else valid_frames(self, mask, mel.shape[1], 1)
             x = x + self.tempo_proj(onset_autocorrelation(mel, frames, self.tempo_lags))[:, None, None, :]
+        if self.chroma_profile:
+            x = x + self.chroma_proj(pitch_class_profile(mel, frames))[:, None, None, :]
         x = nn.with_logical_constraint(x.reshape(b, t * f, self.embed_dim), ("batch", "length", "embed"))
         positions = jnp.repeat(jnp.arange(t), f)
         valid = jnp.ones((b, t), bool)
@@ -204,6 +214,18 @@ def onset_autocorrelation(bands: jax.Array, valid: jax.Array, lags: int) -> jax.
     spectrum = jnp.fft.rfft(envelope, n)
     ac = jnp.fft.irfft(spectrum * jnp.conj(spectrum), n)
     return ac[:, 1: lags + 1] / jnp.maximum(ac[:, :1], 1e-8)
+
+
+def pitch_class_profile(bands: jax.Array, valid: jax.Array) -> jax.Array:
+    """The tower's semitone bands [B, frames, 12·k] and valid frames [B, frames] → [B, 12]: the log of each pitch
+    class's power summed over the valid frames and the k octaves (class i: every 12th band from band i), standardised
+    over the classes, so a transposition by s semitones rolls it by s whatever the level. Power, not the log bands'
+    mean: a band a tone leaks into weighs its leaked power, not a log step above the floor."""
+    power = jnp.exp(bands.astype(jnp.float32) * LOG_MEL_SCALE - LOG_MEL_SHIFT) * valid.astype(jnp.float32)[..., None]
+    total = power.sum(1)
+    profile = jnp.log(total.reshape(total.shape[0], -1, 12).sum(1) + LOG_FLOOR)
+    profile = profile - profile.mean(-1, keepdims=True)
+    return profile / jnp.sqrt(jnp.mean(jnp.square(profile), -1, keepdims=True) + 1e-6)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -116,6 +116,9 @@ class MuLanTask(SourcedTask):
         tempo_lags = m.get("tempo_lags", 0)
         require(0 <= tempo_lags < frames, f"config.model.tempo_lags={tempo_lags} must lie in [0, {frames}): "
                                           f"lags of a crop of {frames} frames")
+        require(not m.get("chroma_profile", False) or (m.frequency_scale == "semitone" and m.n_mels % 12 == 0),
+                f"config.model.chroma_profile needs frequency_scale='semitone' and n_mels a multiple of 12 (whole "
+                f"octaves), not {m.frequency_scale!r} and {m.n_mels}")
         require(0.0 <= d.caption_probability <= 1.0,
                 f"config.data.caption_probability={d.caption_probability} must lie in [0, 1]")
         require(m.dtype in ("float32", "bfloat16"), f"config.model.dtype={m.dtype!r} must be float32 or bfloat16")
