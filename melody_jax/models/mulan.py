@@ -112,10 +112,11 @@ class MuLan(nn.Module):
     # frames (not in the paper). Patches of patch_frames frames place a beat only to a patch; the autocorrelation
     # places its period to a frame (at hop 256 and 24 kHz, 120 BPM is 47 frames: 5 % is 2.3 of them).
     tempo_lags: int = 0
-    # True (semitone bands only): every patch also gets a projection of the clip's pitch-class profile, its log bands
-    # averaged over real frames and octaves, standardised over the 12 classes (not in the paper). A key is a
-    # statistic of the whole clip that no single patch holds; with a linear projection, a caption's similarity to the
-    # clip can correlate the profile with a learned key template, as a Krumhansl-Schmuckler key finder does.
+    # True (semitone bands only): every patch also gets a projection of the clip's pitch-class profile, the log of
+    # each class's power over the real frames and octaves, standardised over the 12 classes (not in the paper). A
+    # key is a statistic of the whole clip that no single patch holds; with a linear projection, a caption's
+    # similarity to the clip can correlate the profile with a learned key template, as a Krumhansl-Schmuckler key
+    # finder does.
     chroma_profile: bool = False
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
