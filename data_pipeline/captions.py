@@ -6,6 +6,8 @@ carries every attribute, so each clip is paired with both (MuLan trains on eithe
 """
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +38,28 @@ TEMPLATES = (
     "{dynamics} {mood} music: {lead} and {accomp}{drums}, {tempo_tag}",
     "{lead} melody, {accomp} chords{bass}{drums}; {genre}, {key} {mode}, {bpm} bpm",
 )
+
+
+def _fields(template: str) -> set[str]:
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regex: its literal text, any text (maybe none) for each field."""
+    return re.compile("".join(re.escape(text) + ("(.*)" if field else "")
+                              for text, field, _, _ in string.Formatter().parse(template)))
+
+
+# The templates that name neither the drums nor every instrument: only the first ("a calm piano piece in …"), which
+# names the lead alone. Drums are drawn apart from every word it writes, so its captions leave them to chance (0.55).
+_SILENT_ON_DRUMS = tuple(_pattern(t) for t in TEMPLATES if not _fields(t) & {"drums", "instruments"})
+
+
+def says_drums(caption: str) -> bool:
+    """Whether a caption says if drums play: every template but `_SILENT_ON_DRUMS` names them when they do (so
+    leaving them out says they do not), and any text naming them says so. Free text is taken at its word."""
+    text = caption[:1].lower() + caption[1:]  # `describe` capitalises half the captions
+    return "drum" in text.lower() or not any(p.fullmatch(text) for p in _SILENT_ON_DRUMS)
 
 
 def tempo_band(bpm: float) -> str:

@@ -91,18 +91,21 @@ def test_attribute_checks_recover_what_synthetic_clips_were_drawn_with(clips):
     assert miss["drums"] == 0.0 and miss["instrument"] == 0.0 and miss["tempo"] <= 0.25, miss
 
 
-def test_named_reads_the_key_and_the_bpm_a_prompt_states():
+def test_named_reads_the_key_the_bpm_and_the_drums_a_prompt_states():
     asked = {"key": "F#", "mode": "minor", "tempo_bpm": 124}
-    assert attributes.named("A dark organ piece in F# minor at 124 BPM", asked) == {"key": True, "tempo": True}
-    assert attributes.named("Dark minor-key tune on organ, fast tempo", asked) == {"key": False, "tempo": False}
-    assert attributes.named("around 1240 beats per minute in F# major", asked) == {"key": False, "tempo": False}
-    prompts = synthetic_prompts(32, 1234)  # the evaluation's: 16 name their key, 26 their BPM
+    assert attributes.named("A dark organ piece in F# minor at 124 BPM", asked) == {"key": True, "tempo": True,
+                                                                                     "drums": False}
+    assert attributes.named("Dark minor-key tune on organ, fast tempo", asked) == {"key": False, "tempo": False,
+                                                                                    "drums": True}
+    assert attributes.named("around 1240 beats per minute in F# major", asked)["tempo"] is False
+    prompts = synthetic_prompts(32, 1234)  # the evaluation's: 16 name their key, 26 their BPM, 26 say if drums play
     names = [attributes.named(t, a) for t, a in prompts]
-    assert (sum(n["key"] for n in names), sum(n["tempo"] for n in names)) == (16, 26)
-    rows = [{"key": i % 2 == 0, "tempo": True} for i in range(32)]
+    assert [sum(n[c] for n in names) for c in ("key", "tempo", "drums")] == [16, 26, 26]
+    rows = [{"key": i % 2 == 0, "tempo": True, "drums": i % 4 == 0} for i in range(32)]
     shares = attributes.named_accuracy(rows, [t for t, _ in prompts], [a for _, a in prompts])
-    want_key = np.mean([r["key"] for r, n in zip(rows, names) if n["key"]])
-    assert shares == {"key": {"accuracy": want_key, "prompts": 16}, "tempo": {"accuracy": 1.0, "prompts": 26}}
+    want = {c: np.mean([r[c] for r, n in zip(rows, names) if n[c]]) for c in ("key", "drums")}
+    assert shares == {"key": {"accuracy": want["key"], "prompts": 16}, "tempo": {"accuracy": 1.0, "prompts": 26},
+                      "drums": {"accuracy": want["drums"], "prompts": 26}}
     assert attributes.named_accuracy(rows[:1], ["calm"], [asked])["key"] == {"accuracy": None, "prompts": 0}
 
 
@@ -158,6 +161,6 @@ def test_launch_evaluate_scores_a_musicgen_bundle(tmp_path):
     assert fad["patches_generated"] == 4 and fad["generated"] > 2 * fad["reference_halves"] > 0, fad
     assert report["fad_mulan"]["generated"] is None and report["mcc"] == {"generated": None, "reference": None}
     assert report["attributes"]["checked_prompts"] == 4
-    assert set(report["attributes"]["generated_named"]) == {"key", "tempo"}
+    assert set(report["attributes"]["generated_named"]) == {"key", "tempo", "drums"}
     table = (tmp_path / "eval.md").read_text()
     assert table.startswith("musicgen: 4 prompts × 3 s") and "| MuLan cycle consistency (higher is better) | n/a |" in table

@@ -355,9 +355,10 @@ def test_stage_quality_table_reads_each_stage(melody, prepared_data):
         recall = retrieval_recall(np.asarray(text), np.asarray(melody.mulan.audio_embeddings(audio)))
     assert stages["mulan"] == {"recall@1": recall[1], "recall@5": recall[5]} and recall[5] >= recall[1]
     # what the text tower keeps of a caption: the token probes on text embeddings of 256 synthetic captions
-    # (the key over the 125 that name theirs), whatever the tower
+    # (the key over the 125 that name theirs, drums over the 229 that say whether they play), whatever the tower
     text = stages["mulan_text"]
     assert set(text) == set(stages["tokens"]) and text["key (tonic)"]["clips"] == 125 and text["lead"]["clips"] == 256
+    assert text["drums"]["clips"] == 229
     lm, dpd = stages["semantic_lm"], stages["dpd"]
     # The untrained SSL tower + k-means put every frame in one cluster: the table reads a collapsed stream
     # (one token of 32, each repeating its predecessor), the untrained LM's loss stays near log 32 = 3.47

@@ -67,6 +67,7 @@ def test_text_probes_read_what_a_text_tower_keeps_and_the_key_where_captions_nam
 
     probes = text_probes(hears_the_key, prompts)
     assert probes["key (tonic)"]["clips"] <= sum(names_key)  # the captions naming a key (classes of < 4 left out)
+    assert probes["drums"]["clips"] == sum(named(t, a)["drums"] for t, a in prompts) < len(prompts)
     assert probes["key (tonic)"]["accuracy"] == 1.0 and probes["drums"]["accuracy"] == 1.0
     assert probes["lead"]["accuracy"] < probes["lead"]["majority"] + 0.15  # measured: not carried, near chance
     deaf = text_probes(lambda texts: rng.normal(size=(len(texts), 16)), prompts)

@@ -6,8 +6,9 @@ check the synthetic dataset itself). The lead instrument is read by a nearest-ce
 musicnn embeddings, fitted on reference clips whose lead is known; its leave-one-out accuracy on the
 reference is reported as the ceiling that generated audio is compared with.
 
-Every prompt is checked on every attribute, named or not; `named` says which a prompt's text states outright
-(its key, its BPM), so the share over just those prompts can be read beside the whole one.
+Every prompt is checked on every attribute, named or not; `named` says which a prompt's text states (its key, its
+BPM, whether drums play), so the share over just those prompts can be read beside the whole one: a prompt silent on an
+attribute the synthetic data draws apart from its words can only be guessed.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import recover
+from data_pipeline.captions import says_drums
 
 TEMPO_TOLERANCE = 0.05  # relative; the synthetic data's own check (tests/test_data_synthetic.py)
 CHECKS = ("tempo", "key", "drums", "instrument")
@@ -34,10 +36,12 @@ def tempo_matches(estimated: float, bpm: float) -> bool:
 
 
 def named(text: str, asked: Mapping[str, Any]) -> dict[str, bool]:
-    """Whether a prompt names its key ("… in F# minor …"; many synthetic captions say only "minor-key" or nothing)
-    and its tempo in BPM ("… 124 BPM", "around 164 beats per minute"; others say "fast" or nothing)."""
+    """Whether a prompt names its key ("… in F# minor …"; many synthetic captions say only "minor-key" or nothing),
+    its tempo in BPM ("… 124 BPM", "around 164 beats per minute"; others say "fast" or nothing) and whether drums
+    play (`data_pipeline.captions.says_drums`: one synthetic template in eight names only the lead)."""
     return {"key": "key" in asked and f"{asked['key']} {asked['mode']}" in text,
-            "tempo": re.search(rf"\b{int(asked['tempo_bpm'])}\b", text) is not None}
+            "tempo": re.search(rf"\b{int(asked['tempo_bpm'])}\b", text) is not None,
+            "drums": says_drums(text)}
 
 
 def recovered_hits(audio: np.ndarray, sample_rate: int, asked: Mapping[str, Any]) -> dict[str, bool]:
@@ -88,9 +92,10 @@ def accuracy(audio: Sequence[np.ndarray], sample_rate: int, asked: Sequence[Mapp
 
 def named_accuracy(rows: Sequence[Mapping[str, bool]], texts: Sequence[str],
                    asked: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """For the key and the tempo, the share of `hits` rows right over the prompts that name it (None if none do)."""
+    """For the key, the tempo and the drums, the share of `hits` rows right over the prompts that name it (None if
+    none do)."""
     out = {}
-    for check in ("key", "tempo"):
+    for check in ("key", "tempo", "drums"):
         picked = [r[check] for r, t, a in zip(rows, texts, asked) if named(t, a)[check]]
         out[check] = {"accuracy": float(np.mean(picked)) if picked else None, "prompts": len(picked)}
     return out

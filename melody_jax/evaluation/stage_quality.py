@@ -54,17 +54,20 @@ PROBES: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "key (tonic)": lambda a: a["tonic"], "lead": lambda a: a["lead"], "drums": lambda a: a["drums"],
     "tempo band": lambda a: tempo_band(a["tempo_bpm"])}
 
+NAMED = {"key (tonic)": "key", "drums": "drums"}  # the probes read over the captions that say their attribute
 TEXT_PROMPTS, TEXT_SEED = 256, 3  # the text probes' synthetic captions (text only): another seed than any dataset's
 
 
 def text_probes(text_embeddings: Callable[[list[str]], Any],
                 prompts: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any] | None]:
     """The token probes (`PROBES`, `token_probe.feature_probe`) on the text embeddings of synthetic captions:
-    what MuLan's text tower keeps of what a prompt says. The key counts over the captions that name theirs."""
+    what MuLan's text tower keeps of what a prompt says. The key and the drums count over the captions that say them
+    (`attributes.named`)."""
     emb = np.asarray(text_embeddings([t for t, _ in prompts]))
     out = {}
     for name, label in PROBES.items():
-        rows = [i for i, (t, a) in enumerate(prompts) if name != "key (tonic)" or named(t, a)["key"]]
+        said = NAMED.get(name)
+        rows = [i for i, (t, a) in enumerate(prompts) if said is None or named(t, a)[said]]
         out[name] = feature_probe(emb[rows], [label(prompts[i][1]) for i in rows])
     return out
 
@@ -298,7 +301,7 @@ def markdown(table: Mapping[str, Any]) -> str:
         k = int(key.split("@")[1])
         lines.append(f"| MuLan | text → audio {key} | {f(r)} | chance {f(min(1.0, k / n))} |")
     for name, p in table["mulan_text"].items():
-        which = "captions naming it" if name == "key (tonic)" else "captions"
+        which = "captions naming it" if name in NAMED else "captions"
         against = ("< 2 classes of ≥ 4 captions" if p is None else
                    f"majority {f(p['majority'])} ({p['clips']} {which})")
         lines.append(f"| MuLan | {name} probe accuracy on text embeddings of synthetic captions | "
