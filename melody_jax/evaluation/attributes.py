@@ -94,8 +94,9 @@ def named_accuracy(rows: Sequence[Mapping[str, bool]], texts: Sequence[str],
                    asked: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """For the key, the tempo and the drums, the share of `hits` rows right over the prompts that name it (None if
     none do)."""
+    names = [named(t, a) for t, a in zip(texts, asked)]
     out = {}
     for check in ("key", "tempo", "drums"):
-        picked = [r[check] for r, t, a in zip(rows, texts, asked) if named(t, a)[check]]
+        picked = [r[check] for r, n in zip(rows, names) if n[check]]
         out[check] = {"accuracy": float(np.mean(picked)) if picked else None, "prompts": len(picked)}
     return out
