@@ -59,6 +59,7 @@ def get_config(arg: str | None = None):
     # regenerates a chunk training noised; paper/base take "tokens" (610, 630, 630, 630).
     c.model.chunk_edges = "tokens" if reference else "even"
     c.model.cfg_dropout = 0.1  # [paper]
+    c.model.input_scale = 1.0  # the network diffuses input_scale · latents [paper: 1; see melody_jax/tasks/dpd.py]
     c.model.continuation_share = 0.0
     # paper/base train on real data: validation refuses them until data.path names the cache folder.
     c.data.source = "cached" if reference else "synthetic"

@@ -13,10 +13,14 @@ B, L, D = 2, 12, 3
 ATOL = 2e-5  # float32 rotations over up to 20 steps
 
 
-def oracle(z_noisy, delta, cond):
-    """The true velocity at the current angle, from the clean latent and the noise the sampler drew."""
+def oracle(z_noisy, delta, cond, scale=1.0):
+    """The true velocity at the current angle, from the clean latent and the noise the sampler drew, for a
+    network that diffuses scale · z."""
     z_true, eps = cond
-    return angles.velocity(z_true, eps, delta)
+    return angles.velocity(scale * z_true, eps, delta)
+
+
+SCALES = [1.0, 5.8]  # the paper's, and the 2-hour recipe's DPD (latents of std 0.17 to unit variance)
 
 
 def toy_velocity(z_noisy, delta, cond):
@@ -29,13 +33,24 @@ def clean(seed, shape=(B, L, D)):
     return jax.random.uniform(jax.random.key(seed), shape, minval=-0.9, maxval=0.9)
 
 
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("schedule", ["paper", "uniform"])
 @pytest.mark.parametrize("num_steps", [1, 4, 20])
-def test_generate_with_oracle_recovers_data(schedule, num_steps):
+def test_generate_with_oracle_recovers_data(schedule, num_steps, scale):
     key, z = jax.random.key(3), clean(0)
     eps = jax.random.normal(key, z.shape)
-    out = samplers.generate(oracle, key, (z, eps), z.shape, num_steps=num_steps, schedule=schedule)
+    out = samplers.generate(functools.partial(oracle, scale=scale), key, (z, eps), z.shape, num_steps=num_steps,
+                            schedule=schedule, scale=scale)
     np.testing.assert_allclose(out, z, rtol=0, atol=ATOL)
+
+
+def test_scale_is_the_space_the_noise_starts_in():
+    """Sampled at another scale than its network's, the oracle's data is not recovered: the loop's start is
+    unit noise in the scaled space, not in the latents'."""
+    key, z = jax.random.key(3), clean(0)
+    eps = jax.random.normal(key, z.shape)
+    out = samplers.generate(functools.partial(oracle, scale=5.8), key, (z, eps), z.shape, num_steps=4)
+    assert float(jnp.abs(out - z).max()) > 0.1
 
 
 def test_generate_clips_to_unit_range():
@@ -43,13 +58,15 @@ def test_generate_clips_to_unit_range():
     assert float(out.max()) == 1.0 and float(out.min()) >= -1.0
 
 
+@pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("schedule", ["paper", "uniform"])
-def test_inpaint_keeps_outside_and_oracle_fills_inside(schedule):
+def test_inpaint_keeps_outside_and_oracle_fills_inside(schedule, scale):
     key, z = jax.random.key(5), clean(1)
     mask = jnp.zeros((B, L), bool).at[0, 3:7].set(True).at[1, 8:].set(True)
     damaged = jnp.where(mask[..., None], 7.0, z)  # the region's content must not leak in
     eps = jax.random.normal(key, z.shape)
-    out = samplers.inpaint(oracle, key, damaged, mask, (z, eps), num_steps=6, schedule=schedule)
+    out = samplers.inpaint(functools.partial(oracle, scale=scale), key, damaged, mask, (z, eps), num_steps=6,
+                           schedule=schedule, scale=scale)
     np.testing.assert_array_equal(np.where(mask[..., None], 0, out), np.where(mask[..., None], 0, z))
     np.testing.assert_allclose(out, z, rtol=0, atol=ATOL)
     # A 1-D mask applies to every example; outside stays bit-exact with any model.
@@ -58,13 +75,15 @@ def test_inpaint_keeps_outside_and_oracle_fills_inside(schedule):
     assert not np.allclose(out[:, :4], z[:, :4], atol=1e-3)
 
 
-def test_continue_window_context_unchanged_and_oracle_exact():
+@pytest.mark.parametrize("scale", SCALES)
+def test_continue_window_context_unchanged_and_oracle_exact(scale):
     key, window, chunk = jax.random.key(9), clean(2), 4
     new_true = clean(3, (B, chunk, D))
     eps_new = jax.random.normal(key, (B, chunk, D))
     z_true = jnp.concatenate([window[:, chunk:], new_true], axis=1)
     eps = jnp.concatenate([jnp.zeros((B, L - chunk, D)), eps_new], axis=1)
-    out = samplers.continue_window(oracle, key, window, (z_true, eps), chunk_length=chunk, num_steps=5)
+    out = samplers.continue_window(functools.partial(oracle, scale=scale), key, window, (z_true, eps),
+                                   chunk_length=chunk, num_steps=5, scale=scale)
     np.testing.assert_array_equal(out[:, : L - chunk], window[:, chunk:])
     np.testing.assert_allclose(out[:, L - chunk :], new_true, rtol=0, atol=ATOL)
 

@@ -5,6 +5,8 @@ All three are one masked denoising loop: frames where `mask` is true are denoise
 runs inside `jax.lax.scan`, so a sampler is pure and compiles to one XLA program; the model is
 a `velocity_fn(z_noisy, delta, cond)` (see `guidance.VelocityFn`, which also adds CFG). To jit,
 close over the model's params inside the jitted function, or pass `velocity_fn` as static.
+Latents go in and come out in the VAE's units; with `scale` the loop runs on scale · z, the space a
+velocity network trained with that input scale diffuses (unit-variance noise there).
 """
 from __future__ import annotations
 
@@ -41,23 +43,25 @@ def _denoise(
     cond: Any,
     num_steps: int,
     schedule: Schedule,
+    scale: float,
 ) -> jax.Array:
     """Denoises the frames of z [B, L, D] where mask [B, L] is true; the rest stay `known`.
 
-    The generated frames are clipped to [−1, 1] (the VAE's latent range); known frames come
-    back bit-for-bit.
+    The loop runs on scale · z; the generated frames come back in VAE units clipped to [−1, 1] (its
+    latent range), known frames bit-for-bit.
     """
     deltas, omegas = sampling_angles(num_steps, schedule)
     frame_mask = mask[..., None]
+    known_scaled = known * scale
 
     def step(z: jax.Array, angles: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         delta_t, omega_t = angles
         delta = jnp.where(mask, delta_t, 0.0)
         v_hat = velocity_fn(z, delta, cond).astype(z.dtype)
-        return jnp.where(frame_mask, angle_step(z, v_hat, omega_t), known), None
+        return jnp.where(frame_mask, angle_step(z, v_hat, omega_t), known_scaled), None
 
-    z, _ = jax.lax.scan(step, z, (jnp.asarray(deltas), jnp.asarray(omegas)))
-    return jnp.where(frame_mask, jnp.clip(z, -1.0, 1.0), known)
+    z, _ = jax.lax.scan(step, z * scale, (jnp.asarray(deltas), jnp.asarray(omegas)))
+    return jnp.where(frame_mask, jnp.clip(z / scale, -1.0, 1.0), known)
 
 
 def generate(
@@ -68,11 +72,12 @@ def generate(
     *,
     num_steps: int,
     schedule: Schedule = "paper",
+    scale: float = 1.0,
 ) -> jax.Array:
-    """Samples latents [B, L, D] from z_{π/2} = ε = noise_like(key, shape) (key: one, or one per row)."""
-    noise = noise_like(key, shape)
+    """Samples latents [B, L, D] from scale · z_{π/2} = ε = noise_like(key, shape) (key: one, or one per row)."""
+    noise = noise_like(key, shape) / scale
     mask = jnp.ones(shape[:2], bool)
-    return _denoise(velocity_fn, noise, jnp.zeros_like(noise), mask, cond, num_steps, schedule)
+    return _denoise(velocity_fn, noise, jnp.zeros_like(noise), mask, cond, num_steps, schedule, scale)
 
 
 def inpaint(
@@ -84,15 +89,16 @@ def inpaint(
     *,
     num_steps: int,
     schedule: Schedule = "paper",
+    scale: float = 1.0,
 ) -> jax.Array:
     """Fills the frames of z [B, L, D] where mask ([B, L] or [L], bool) is true, keeps the rest.
 
-    The region starts from ε = noise_like(key, z.shape) at angle π/2.
+    The region starts from ε = noise_like(key, z.shape) at angle π/2 (in the scaled space).
     """
     mask = jnp.broadcast_to(mask, z.shape[:2])
-    noise = noise_like(key, z.shape, z.dtype)
+    noise = noise_like(key, z.shape, z.dtype) / scale
     start = jnp.where(mask[..., None], noise, z)
-    return _denoise(velocity_fn, start, z, mask, cond, num_steps, schedule)
+    return _denoise(velocity_fn, start, z, mask, cond, num_steps, schedule, scale)
 
 
 def continuation_chunk_length(length: int, num_chunks: int) -> int:
@@ -109,6 +115,7 @@ def continue_window(
     chunk_length: int,
     num_steps: int,
     schedule: Schedule = "paper",
+    scale: float = 1.0,
 ) -> jax.Array:
     """One step of Algorithm 2: drops the first `chunk_length` frames of window [B, L, D],
     appends as many new frames (from ε = noise_like(key, [B, chunk_length, D])) and
@@ -117,10 +124,10 @@ def continue_window(
     batch, length, dim = window.shape
     if not 0 < chunk_length < length:
         raise ValueError(f"chunk_length must be in (0, {length}), got {chunk_length}")
-    noise = noise_like(key, (batch, chunk_length, dim), window.dtype)
+    noise = noise_like(key, (batch, chunk_length, dim), window.dtype) / scale
     start = jnp.concatenate([window[:, chunk_length:], noise], axis=1)
     mask = jnp.broadcast_to(jnp.arange(length) >= length - chunk_length, (batch, length))
-    return _denoise(velocity_fn, start, start, mask, cond, num_steps, schedule)
+    return _denoise(velocity_fn, start, start, mask, cond, num_steps, schedule, scale)
 
 
 def continue_latents(
@@ -133,6 +140,7 @@ def continue_latents(
     chunk_length: int,
     num_steps: int,
     schedule: Schedule = "paper",
+    scale: float = 1.0,
 ) -> jax.Array:
     """Extends latents z [B, L0, D] by N·chunk_length frames, for any N ("infinite" continuation).
 
@@ -149,7 +157,7 @@ def continue_latents(
         step_key, cond = inputs
         window = continue_window(
             velocity_fn, step_key, window, cond,
-            chunk_length=chunk_length, num_steps=num_steps, schedule=schedule,
+            chunk_length=chunk_length, num_steps=num_steps, schedule=schedule, scale=scale,
         )
         return window, window[:, -chunk_length:]
 

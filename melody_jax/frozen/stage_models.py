@@ -159,7 +159,7 @@ def _dpd(config) -> StageModel:
                 num_heads=m.num_heads, roformer_layers=m.roformer_layers, mlp_dim=m.mlp_dim,
                 angle_dim=m.angle_dim, vocab_size=m.vocab_size, align_tokens=m.align_tokens,
                 parallel_sru=m.parallel_sru, remat=m.remat, dtype=jnp.dtype(m.dtype),
-                scan_layers=m.get("scan_layers", False))
+                scan_layers=m.get("scan_layers", False), input_scale=m.get("input_scale", 1.0))
 
     return StageModel(model, lambda rng: dpd_params(model, config, rng))
 

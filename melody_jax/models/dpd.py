@@ -196,6 +196,8 @@ class DPD(nn.Module):
     remat: bool = False
     dtype: Any = jnp.float32
     scan_layers: bool = False  # the blocks as one nn.scan (coarse paths switched by K_MS), Roformers nested
+    # The network diffuses input_scale · z (VAE latents z): a gain read by the task and the samplers, not the layers
+    input_scale: float = 1.0
 
     def resolved_merge_lengths(self) -> tuple[int, ...]:
         merge = self.merge_lengths or default_merge_lengths(self.segment_length, self.num_blocks)

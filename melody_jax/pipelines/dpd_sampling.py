@@ -47,7 +47,8 @@ def sample_latents(
     """Text-to-music's diffusion half: latents [B, length, latent] in [-1, 1] from semantic tokens."""
     vfn = classifier_free_guidance(velocity_fn(model, {"params": params}), cfg_scale)
     shape = (tokens.shape[0], length, model.latent_dim)
-    return generate(vfn, key, guidance_conditions(tokens), shape, num_steps=num_steps, schedule=schedule)
+    return generate(vfn, key, guidance_conditions(tokens), shape, num_steps=num_steps, schedule=schedule,
+                    scale=model.input_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "window_length", "chunk_length", "num_steps", "schedule"))
@@ -60,7 +61,7 @@ def continue_sampled_latents(
     vfn = classifier_free_guidance(velocity_fn(model, {"params": params}), cfg_scale)
     conds = jax.vmap(guidance_conditions)(window_tokens)
     return continue_latents(vfn, key, z, conds, window_length=window_length, chunk_length=chunk_length,
-                            num_steps=num_steps, schedule=schedule)
+                            num_steps=num_steps, schedule=schedule, scale=model.input_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "schedule"))
@@ -70,7 +71,8 @@ def inpaint_sampled_latents(
 ) -> jax.Array:
     """Fills the frames of z [B, L, latent] where mask [B, L] is true; the others come back unchanged."""
     vfn = classifier_free_guidance(velocity_fn(model, {"params": params}), cfg_scale)
-    return inpaint(vfn, key, z, mask, guidance_conditions(tokens), num_steps=num_steps, schedule=schedule)
+    return inpaint(vfn, key, z, mask, guidance_conditions(tokens), num_steps=num_steps, schedule=schedule,
+                   scale=model.input_scale)
 
 
 def inpaint_plan(num_tokens: int, start: int, end: int, window: int, chunk: int) -> np.ndarray:
@@ -113,7 +115,8 @@ def inpaint_windows(
         frame = first * fpt + jnp.arange(length)
         mask = (frame >= new * fpt) & (frame < end * fpt)
         cond = guidance_conditions(jax.lax.dynamic_slice_in_dim(tokens, first, window_tokens, axis=1))
-        out = inpaint(vfn, step_key, window, mask, cond, num_steps=num_steps, schedule=schedule)
+        out = inpaint(vfn, step_key, window, mask, cond, num_steps=num_steps, schedule=schedule,
+                      scale=model.input_scale)
         return jax.lax.dynamic_update_slice_in_dim(z, out, first * fpt, axis=1), None
 
     z, _ = jax.lax.scan(step, z, (plan[:, 0], plan[:, 1], plan[:, 2], split_keys(key, plan.shape[0])))

@@ -10,8 +10,13 @@ and phase per example) is added; the sum is clipped to [-1, 1] like real latents
 pure function of (seed, split, batch index) — the held-out split is a stream of its own, the pattern
 table shared — so the iterator's position is one integer.
 
+The network diffuses `model.input_scale` · latents (1 = the paper). VAE-GAN latents lie in [-1, 1] with a
+spread far below the noise's (std 0.17 in the 2-hour recipe: a signal-to-noise ratio of one at δ ≈ 0.17), which
+latent diffusion models scale to unit variance; at the 2-hour recipe's size both 5.8 (unit variance) and 0.5
+sampled worse than 1 (README "Evaluation").
+
 Evaluation adds the paper's architecture-ablation measures at one fixed angle δ = π/4: velocity
-MSE and the SI-SNR improvement of ẑ = predict_clean(z_δ, v̂, δ) over z_δ.
+MSE (in the scaled space) and the SI-SNR improvement of ẑ = predict_clean(z_δ, v̂, δ) over z_δ.
 """
 from __future__ import annotations
 
@@ -102,9 +107,9 @@ class DPDTask(SourcedTask):
     def validate(self) -> None:
         m, d = self.config.model, self.config.data
         self.check_data()
-        positive(self.config, "model.latent_dim", "model.hidden_dim", "model.num_blocks", "model.segment_length",
-                 "model.num_heads", "model.roformer_layers", "model.mlp_dim", "model.angle_dim",
-                 "model.vocab_size", "model.num_chunks", "data.latent_length", "data.token_length")
+        positive(self.config, "model.latent_dim", "model.input_scale", "model.hidden_dim", "model.num_blocks",
+                 "model.segment_length", "model.num_heads", "model.roformer_layers", "model.mlp_dim",
+                 "model.angle_dim", "model.vocab_size", "model.num_chunks", "data.latent_length", "data.token_length")
         non_negative(self.config, "data.pattern_scale", "data.drift_scale")
         require(m.hidden_dim % m.num_heads == 0,
                 f"config.model.num_heads={m.num_heads} does not divide hidden_dim={m.hidden_dim}")
@@ -146,8 +151,8 @@ class DPDTask(SourcedTask):
     def loss(self, params: Any, batch: Batch, rng: jax.Array, train: bool = True) -> tuple[jax.Array, Metrics]:
         noise_key, drop_key = jax.random.split(rng)
         m = self.config.model
-        noisy = multi_chunk_noising(noise_key, batch["latents"], m.num_chunks, training_chunk_length(self.config),
-                                    m.continuation_share if train else 0.0)
+        noisy = multi_chunk_noising(noise_key, batch["latents"] * m.input_scale, m.num_chunks,
+                                    training_chunk_length(self.config), m.continuation_share if train else 0.0)
         uncond = None
         if train and m.cfg_dropout > 0:
             uncond = jax.random.bernoulli(drop_key, m.cfg_dropout, (batch["semantic_tokens"].shape[0],))
@@ -160,7 +165,7 @@ class DPDTask(SourcedTask):
 
     def fixed_angle_metrics(self, params: Any, batch: Batch, rng: jax.Array, angle: float) -> Metrics:
         """Velocity MSE and SI-SNR improvement (dB) of ẑ over z_δ, every frame at `angle`, conditional."""
-        z = batch["latents"]
+        z = batch["latents"] * self.config.model.input_scale
         eps = jax.random.normal(rng, z.shape, z.dtype)
         delta = jnp.full(z.shape[:2], angle, jnp.float32)
         z_delta = add_noise(z, eps, delta)
