@@ -64,10 +64,11 @@ def text_probes(text_embeddings: Callable[[list[str]], Any],
     what MuLan's text tower keeps of what a prompt says. The key and the drums count over the captions that say them
     (`attributes.named`)."""
     emb = np.asarray(text_embeddings([t for t, _ in prompts]))
+    names = [named(t, a) for t, a in prompts]
     out = {}
     for name, label in PROBES.items():
         said = NAMED.get(name)
-        rows = [i for i, (t, a) in enumerate(prompts) if said is None or named(t, a)[said]]
+        rows = [i for i, n in enumerate(names) if said is None or n[said]]
         out[name] = feature_probe(emb[rows], [label(prompts[i][1]) for i in rows])
     return out
 
